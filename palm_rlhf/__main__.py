@@ -1,0 +1,3 @@
+from palm_rlhf.cli.main import main
+
+raise SystemExit(main())

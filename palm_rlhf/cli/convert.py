@@ -1,0 +1,40 @@
+"""`palm-rlhf convert`: palm-rlhf-pytorch checkpoints -> a save_pretrained directory."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+EXAMPLES = """examples:
+  palm-rlhf convert palm.pt converted/                 # guess the format from the gains
+  palm-rlhf convert palm.pt converted/ --from 0.8      # palm-rlhf-pytorch 0.8.x
+  palm-rlhf convert encoder.pt out/ --non-causal
+"""
+
+
+def register(sub) -> None:
+    p = sub.add_parser("convert", help="convert a palm-rlhf-pytorch state dict into a checkpoint directory",
+                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("source", type=Path, help="a .pt or .safetensors state dict saved by palm-rlhf-pytorch")
+    p.add_argument("out", type=Path, help="output directory (config.json + model.safetensors)")
+    p.add_argument("--from", dest="source_format", choices=["auto", "0.8", "seed"], default="auto",
+                   help="0.8: LayerNorm gains stored as offsets from 1; seed: absolute gains (default: guess)")
+    p.add_argument("--non-causal", action="store_true", help="the model was built with causal=False")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..model import PaLM
+    from ..model.checkpoint import load_into, load_state_dict_file
+    from ..model.convert import convert_state_dict, infer_config
+
+    state = convert_state_dict(load_state_dict_file(args.source), args.source_format)
+    config = infer_config(state, causal=not args.non_causal)
+    scopes = config.pop("finetune_scopes")
+    model = PaLM(**config)
+    for scope, r in scopes.items():
+        model.add_finetune_params(scope, lora_r=r)
+    load_into(model, state, source=str(args.source))
+    model.save_pretrained(args.out)
+    print(f"wrote {args.out} ({model.num_parameters():,} parameters, scopes: {list(scopes) or 'none'})")
+    return 0

@@ -1,0 +1,69 @@
+"""`palm-rlhf <command>`: parse arguments, run, map exceptions to exit codes.
+
+Each command lives in its own module in this package and exposes
+`register(subparsers)`, which adds a sub-parser and sets `func=run`.
+The CLI is the only place that prints for humans or exits.
+
+Exit codes: 0 ok, 1 unexpected internal error, 2 bad input/config/data/checkpoint
+(a `PalmRLHFError`), 3 training stopped by a failure (NaN loss), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from importlib import import_module
+
+from ..errors import PalmRLHFError, TrainingError
+
+# one module per command (or command group), in the order `--help` lists them
+COMMAND_MODULES = [
+    "quickstart",
+    "convert",
+]
+
+EXIT_OK, EXIT_INTERNAL, EXIT_USER, EXIT_TRAINING, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="palm-rlhf",
+        description="Train PaLM language models and align them with human feedback.",
+        epilog="Run `palm-rlhf COMMAND --help` for a command's options and examples.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    parser.add_argument("--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    for name in COMMAND_MODULES:
+        import_module(f"palm_rlhf.cli.{name}").register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+                        format="%(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_USER
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except PalmRLHFError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_TRAINING if isinstance(e, TrainingError) else EXIT_USER
+    except Exception as e:  # noqa: BLE001 - last-resort mapping to an exit code
+        if args.debug:
+            raise
+        print(f"internal error: {type(e).__name__}: {e} (re-run with --debug for the traceback)", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

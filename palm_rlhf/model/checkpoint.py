@@ -1,0 +1,199 @@
+"""Checkpoint files that cannot run code: safetensors, or `.pt` read with weights_only.
+
+Layout of a `save_pretrained` directory:
+
+    config.json          PaLM constructor arguments + finetune scopes and their ranks
+    model.safetensors    every persistent tensor except the tied `to_logits.weight`
+
+Adapters (one LoRA scope) are saved alone by `save_adapter` as a small
+safetensors file whose metadata records the scope name and rank.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..errors import CheckpointError
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+FORMAT_VERSION = 1
+TIED_KEYS = ("to_logits.weight",)
+
+
+# ---------------------------------------------------------------- atomic writes
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_save_tensors(tensors: dict, path: Path, metadata: dict | None = None) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ---------------------------------------------------------------- reading
+
+
+def load_state_dict_file(path: Path, map_location="cpu") -> dict:
+    """Read a state dict from `.safetensors` or `.pt`/`.bin` (weights_only=True)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory; use PaLM.from_pretrained({str(path)!r})")
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path), device=str(map_location))
+        state = torch.load(str(path), map_location=map_location, weights_only=True)
+    except (SafetensorError, RuntimeError, EOFError, ValueError, OSError) as e:
+        raise CheckpointError(f"{path}: cannot read checkpoint (truncated or corrupt?): {e}") from e
+    except Exception as e:  # pickle.UnpicklingError for files that would run code
+        raise CheckpointError(f"{path}: refused to load: {e}. Only plain tensors are accepted; "
+                              f"re-save it as safetensors") from e
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: expected a dict of tensors (a state_dict)")
+    return state
+
+
+def load_into(model: nn.Module, state: dict, source: str = "state dict", strict: bool = True) -> None:
+    """`load_state_dict` that names missing, unexpected and wrongly-shaped keys."""
+    state = dict(state)
+    for key in TIED_KEYS:  # tied weights may be stored once or twice
+        if key not in state and hasattr(model, "token_emb") and "token_emb.weight" in state:
+            state[key] = state["token_emb.weight"]
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+             for k in own if k in state and state[k].shape != own[k].shape]
+    if wrong or (strict and (missing or unexpected)):
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {', '.join(missing[:12])}{' ...' if len(missing) > 12 else ''}")
+        if unexpected:
+            parts.append(f"unexpected keys: {', '.join(unexpected[:12])}{' ...' if len(unexpected) > 12 else ''}")
+        if wrong:
+            parts.append(f"wrong shapes: {'; '.join(wrong[:12])}")
+        hint = ""
+        if any(k.startswith("finetune_modules.") for k in unexpected):
+            hint = " (the file has LoRA scopes: add them with add_finetune_params first)"
+        raise CheckpointError(f"{source} does not match the model{hint}: " + " | ".join(parts))
+    model.load_state_dict(state, strict=strict)
+
+
+# ---------------------------------------------------------------- save_pretrained / from_pretrained
+
+
+def _persistent_state(model: nn.Module) -> dict:
+    return {k: v for k, v in model.state_dict().items() if k not in TIED_KEYS}
+
+
+def save_pretrained(model, directory) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = dict(model.config)
+    config["finetune_scopes"] = dict(model.finetune_scope_ranks)
+    config["format_version"] = FORMAT_VERSION
+    config["layernorm_gain"] = "absolute"
+    atomic_save_tensors(_persistent_state(model), directory / WEIGHTS_NAME, metadata={"format": "pt"})
+    atomic_write_bytes(directory / CONFIG_NAME, json.dumps(config, indent=2).encode())
+    return directory
+
+
+def read_config(directory) -> dict:
+    path = Path(directory) / CONFIG_NAME
+    if not path.exists():
+        raise CheckpointError(f"{directory}: no {CONFIG_NAME}; is this a directory written by save_pretrained?")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+
+
+def from_pretrained(cls, directory, map_location="cpu", **overrides):
+    directory = Path(directory)
+    config = read_config(directory)
+    scopes = config.pop("finetune_scopes", {}) or {}
+    for key in ("format_version", "layernorm_gain"):
+        config.pop(key, None)
+    config.update(overrides)
+    try:
+        model = cls(**config)
+    except TypeError as e:
+        raise CheckpointError(f"{directory / CONFIG_NAME}: {e}") from e
+    for scope, r in scopes.items():
+        model.add_finetune_params(scope, lora_r=r)
+    load_into(model, load_state_dict_file(directory / WEIGHTS_NAME), source=str(directory / WEIGHTS_NAME))
+    return model.to(map_location)
+
+
+# ---------------------------------------------------------------- adapters
+
+
+def save_adapter(model, scope: str, path) -> Path:
+    """Save one LoRA scope alone (a small file, no base weights)."""
+    model._require_scope(scope)
+    prefix = f"finetune_modules.{scope}."
+    tensors = {k[len(prefix):]: v for k, v in model.state_dict().items() if k.startswith(prefix)}
+    meta = {"scope": scope, "lora_r": str(model.finetune_scope_ranks[scope]),
+            "dim": str(model.dim), "depth": str(len(model.layers))}
+    path = Path(path)
+    atomic_save_tensors(tensors, path, metadata=meta)
+    return path
+
+
+def load_adapter(model, path, scope: str | None = None) -> str:
+    """Load an adapter file into `model`, creating the scope (default: the saved name)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such adapter file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: cannot read adapter (truncated or corrupt?): {e}") from e
+    if "lora_r" not in meta:
+        raise CheckpointError(f"{path}: not an adapter file (no lora_r metadata); write it with save_adapter")
+    scope = scope or meta.get("scope", "default")
+    if scope in model.finetune_modules:
+        model.remove_finetune_params(scope)
+    model.add_finetune_params(scope, lora_r=int(meta["lora_r"]))
+    try:
+        load_into(model.finetune_modules[scope], load_state_dict_file(path), source=str(path))
+    except CheckpointError:
+        model.remove_finetune_params(scope)
+        raise
+    return scope

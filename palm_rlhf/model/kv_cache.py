@@ -1,0 +1,66 @@
+"""A small key/value cache for multi-query attention (one K/V head per layer).
+
+Allocated once for (batch, max_len); it never grows. With MQA the cache is
+2 * depth * batch * max_len * dim_head values: for dim_head 64, depth 6,
+batch 8 and 2048 positions that is 12.6 MB in fp32.
+
+Prompts of different lengths are *left-padded*: row r's first `pad[r]` slots
+are padding, so every row writes its next token into the same slot and a
+decode step is one batched matmul. Positions are explicit: slot t of row r
+holds position t - pad[r].
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class KVCache(nn.Module):
+    def __init__(self, depth: int, batch: int, max_len: int, dim_head: int, *, device=None,
+                 dtype=torch.float32, pad: Tensor | None = None):
+        super().__init__()
+        self.max_len = max_len
+        self.register_buffer("k", torch.zeros(depth, batch, max_len, dim_head, device=device, dtype=dtype),
+                             persistent=False)
+        self.register_buffer("v", torch.zeros(depth, batch, max_len, dim_head, device=device, dtype=dtype),
+                             persistent=False)
+        pad = torch.zeros(batch, dtype=torch.long, device=device) if pad is None else pad.to(device)
+        self.register_buffer("pad", pad, persistent=False)  # (b,) left-padding per row
+        self.length = 0  # slots filled so far (shared by all rows)
+        # xpos centre: fixed for the cache's lifetime (see RotaryEmbedding)
+        self.center = max_len // 2
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+    def reset(self, pad: Tensor | None = None) -> None:
+        self.length = 0
+        if pad is not None:
+            self.pad.copy_(pad)
+
+    def positions(self, n: int) -> Tensor:
+        """Positions of the next n slots for every row: (b, n)."""
+        slots = torch.arange(self.length, self.length + n, device=self.k.device)
+        return slots[None, :] - self.pad[:, None]
+
+    def attention_mask(self, n: int) -> Tensor:
+        """Which cached slots each of the next n queries may see: (b, 1, n, length + n)."""
+        end = self.length + n
+        slots = torch.arange(end, device=self.k.device)
+        query_slots = torch.arange(self.length, end, device=self.k.device)
+        causal = slots[None, :] <= query_slots[:, None]  # (n, j)
+        not_pad = slots[None, :] >= self.pad[:, None]  # (b, j)
+        return (causal[None] & not_pad[:, None, :])[:, None]  # (b, 1, n, j)
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write k, v (b, n, d) at the current offset; return all slots so far (b, j, d)."""
+        n = k.shape[1]
+        end = self.length + n
+        self.k[layer, :, self.length:end] = k
+        self.v[layer, :, self.length:end] = v
+        return self.k[layer, :, :end], self.v[layer, :, :end]
+
+    def advance(self, n: int) -> None:
+        self.length += n

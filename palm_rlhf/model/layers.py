@@ -1,0 +1,266 @@
+"""The building blocks of PaLM (Chowdhery et al. 2022, https://arxiv.org/abs/2204.02311).
+
+Module and parameter names follow the seed package exactly so that its
+state dicts load with ``strict=True``: ``layers.{i}.fn.norm.gamma``,
+``layers.{i}.fn.fused_attn_ff_proj.weight``, ``layers.{i}.fn.ff_out.2.weight``, ...
+
+Shapes: b batch, h query heads, n query length, j key length, d head dim.
+Multi-query attention (Shazeer 2019, https://arxiv.org/abs/1911.02150): one
+key/value head shared by all query heads, so K and V are (b, j, d).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .lora import LoRA  # noqa: F401  (re-exported for seed-style imports)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm without a learned bias (PaLM).
+
+    The gain is stored as itself (init 1), as in the seed. palm-rlhf-pytorch
+    0.8.x stores it as an offset from 1; `palm_rlhf.model.convert` translates.
+    `beta` is a persistent zero buffer only so the seed's key names load.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.ones(dim))
+        self.register_buffer("beta", torch.zeros(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.layer_norm(x, x.shape[-1:], self.gamma, self.beta)
+
+
+class Residual(nn.Module):
+    def __init__(self, fn: nn.Module):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: Tensor, **kwargs) -> Tensor:
+        y = self.fn(x, **kwargs)
+        if not (x.requires_grad or y.requires_grad):
+            return x.add_(y)  # inference: reuse the residual stream's memory
+        return x + y
+
+
+class SwiGLU(nn.Module):
+    """SwiGLU gating (Shazeer 2020, https://arxiv.org/abs/2002.05202)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        x, gate = x.chunk(2, dim=-1)
+        return F.silu(gate) * x
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary embeddings (Su et al., https://arxiv.org/abs/2104.09864) with xpos
+    decay (Sun et al., https://arxiv.org/abs/2212.10554).
+
+    xpos scales queries by s**((i - c) / base) and keys by s**(-(j - c) / base),
+    so a query-key product is scaled by s**((i - j) / base): the centre `c`
+    cancels. The seed centres on the current length (c = n // 2); a KV cache
+    instead fixes c once per cache (c = max_len // 2), so cached and uncached
+    attention agree while the exponents stay within +-max_len / (2 * base),
+    which keeps the factors far from fp32/bf16 underflow. The tables are always
+    built in fp32 and cast to the activations' dtype afterwards.
+    """
+
+    def __init__(self, dim: int, scale_base: float = 512, use_xpos: bool = True):
+        super().__init__()
+        inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2).float() / dim))
+        self.register_buffer("inv_freq", inv_freq)
+        self.use_xpos = use_xpos
+        self.scale_base = scale_base
+        scale = (torch.arange(0, dim, 2) + 0.4 * dim) / (1.4 * dim)
+        self.register_buffer("scale", scale)
+
+    def forward(self, seq_len: int, device=None):
+        """Seed-compatible: (freqs (n, d), xpos scale (n, d) or ones(1))."""
+        device = device if device is not None else self.inv_freq.device
+        t = torch.arange(seq_len, device=device, dtype=torch.float32)
+        freqs = torch.outer(t, self.inv_freq.float())
+        freqs = torch.cat((freqs, freqs), dim=-1)
+        if not self.use_xpos:
+            return freqs, torch.ones(1, device=device)
+        power = (t - (seq_len // 2)) / self.scale_base
+        scale = self.scale.float() ** power.unsqueeze(-1)
+        return freqs, torch.cat((scale, scale), dim=-1)
+
+    def tables(self, positions: Tensor, center: float, dtype: torch.dtype):
+        """Fused rotation tables for arbitrary positions.
+
+        positions: (..., n) integer or float positions.
+        Returns (q_cos, q_sin, k_cos, k_sin), each (..., n, d), already multiplied
+        by the xpos scale (queries) or its inverse (keys).
+        """
+        t = positions.to(torch.float32)
+        freqs = t.unsqueeze(-1) * self.inv_freq.float()  # (..., n, d/2)
+        freqs = torch.cat((freqs, freqs), dim=-1)  # (..., n, d)
+        cos, sin = freqs.cos(), freqs.sin()
+        if not self.use_xpos:
+            cos, sin = cos.to(dtype), sin.to(dtype)
+            return cos, sin, cos, sin
+        power = (t - center) / self.scale_base
+        scale = self.scale.float() ** power.unsqueeze(-1)
+        scale = torch.cat((scale, scale), dim=-1)
+        q_cos, q_sin = cos * scale, sin * scale
+        k_cos, k_sin = cos / scale, sin / scale
+        return tuple(x.to(dtype) for x in (q_cos, q_sin, k_cos, k_sin))
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary_pos_emb(pos: Tensor, t: Tensor, scale=1.0) -> Tensor:
+    """Seed-compatible rotary application."""
+    return (t * pos.cos() * scale) + (rotate_half(t) * pos.sin() * scale)
+
+
+def apply_rotary_tables(t: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    return t * cos + rotate_half(t) * sin
+
+
+class Attention(nn.Module):
+    """Multi-query attention kernel: q (b, h, n, d), k and v (b, j, d).
+
+    `use_flash_attn=True` calls `F.scaled_dot_product_attention` on every device
+    (CPU, CUDA, MPS); otherwise the explicit math below runs. Both use the
+    scale 1/sqrt(d), as the seed does (its `qk_scale` argument is stored but
+    never used; we keep that behaviour so its checkpoints give the same logits).
+    """
+
+    def __init__(self, dropout: float = 0.0, causal: bool = False, use_flash_attn: bool = False):
+        super().__init__()
+        self.dropout = dropout
+        self.attn_dropout = nn.Dropout(dropout)
+        self.causal = causal
+        self.use_flash_attn = use_flash_attn
+        self.register_buffer("mask", None, persistent=False)
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, attn_mask: Tensor | None = None,
+                is_causal: bool | None = None) -> Tensor:
+        """mask: key padding (b, j) bool, True = attend (seed argument).
+        attn_mask: full boolean mask broadcastable to (b, h, n, j), True = attend.
+        is_causal: defaults to `self.causal` (only valid when n == j).
+        """
+        is_causal = self.causal if is_causal is None else is_causal
+        if mask is not None:
+            key_mask = mask[:, None, None, :]  # (b, 1, 1, j)
+            attn_mask = key_mask if attn_mask is None else attn_mask & key_mask
+        if attn_mask is not None and is_causal:
+            n, j = q.shape[-2], k.shape[-2]
+            causal = torch.ones(n, j, dtype=torch.bool, device=q.device).tril(j - n)
+            attn_mask, is_causal = attn_mask & causal, False
+        if self.use_flash_attn:
+            return self._sdpa(q, k, v, attn_mask, is_causal)
+        return self._math(q, k, v, attn_mask, is_causal)
+
+    def _sdpa(self, q, k, v, attn_mask, is_causal):
+        b, h, n, d = q.shape
+        dropout_p = self.dropout if self.training else 0.0
+        if n == 1 or (attn_mask is None and not is_causal):
+            # every query head shares one k/v head: fold heads into the query axis
+            # (b, h*n, d) and skip the (b, h, j, d) expansion entirely
+            mask = None if attn_mask is None else attn_mask.expand(b, h, n, -1).reshape(b, 1, h * n, -1)
+            out = F.scaled_dot_product_attention(
+                q.reshape(b, 1, h * n, d), k[:, None], v[:, None], attn_mask=mask, dropout_p=dropout_p
+            )
+            return out.view(b, h, n, d)
+        k = k[:, None].expand(b, h, -1, d)  # (b, h, j, d) view, no copy
+        v = v[:, None].expand(b, h, -1, d)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal)
+
+    def _math(self, q, k, v, attn_mask, is_causal):
+        scale = q.shape[-1] ** -0.5
+        sim = torch.einsum("b h i d, b j d -> b h i j", q, k) * scale
+        neg = -torch.finfo(sim.dtype).max
+        if attn_mask is not None:
+            sim = sim.masked_fill(~attn_mask, neg)
+        if is_causal:
+            n, j = sim.shape[-2:]
+            causal = torch.ones(n, j, dtype=torch.bool, device=q.device).triu(j - n + 1)
+            sim = sim.masked_fill(causal, neg)
+        attn = self.attn_dropout(sim.softmax(dim=-1))
+        return torch.einsum("b h i j, b j d -> b h i d", attn, v)
+
+
+class ParallelTransformerBlock(nn.Module):
+    """Attention and feedforward computed in parallel from one fused projection
+    (GPT-J; PaLM section 2): y = Attn(LN(x)) + FF(LN(x)).
+    """
+
+    def __init__(self, dim, dim_head=64, causal=True, heads=8, qk_rmsnorm=False, qk_scale=8, ff_mult=4,
+                 attn_dropout=0.0, ff_dropout=0.0, use_xpos=True, xpos_scale_base=512, flash_attn=False):
+        super().__init__()
+        self.norm = LayerNorm(dim)
+        attn_inner_dim = dim_head * heads
+        ff_inner_dim = dim * ff_mult
+        self.fused_dims = (attn_inner_dim, dim_head, dim_head, ff_inner_dim * 2)
+        self.qk_rmsnorm = qk_rmsnorm
+        if qk_rmsnorm:
+            self.q_scale = nn.Parameter(torch.ones(dim_head))
+            self.k_scale = nn.Parameter(torch.ones(dim_head))
+        self.attend = Attention(causal=causal, dropout=attn_dropout, use_flash_attn=flash_attn)
+        self.heads = heads
+        self.scale = (dim_head**-0.5) if not qk_rmsnorm else qk_scale
+        self.causal = causal
+        self.rotary_emb = RotaryEmbedding(dim_head, scale_base=xpos_scale_base, use_xpos=use_xpos and causal)
+        self.fused_attn_ff_proj = nn.Linear(dim, sum(self.fused_dims), bias=False)
+        self.flash_attn = flash_attn
+        self.attn_out = nn.Linear(attn_inner_dim, dim, bias=False)
+        self.attn_dropout = nn.Dropout(attn_dropout)
+        self.flash_attn_dropout = attn_dropout
+        self.ff_out = nn.Sequential(SwiGLU(), nn.Dropout(ff_dropout), nn.Linear(ff_inner_dim, dim, bias=False))
+
+    def forward(self, x: Tensor, mask: Tensor | None = None, finetune_modules=None, rotary=None, kv_cache=None,
+                layer_index: int = 0, attn_mask: Tensor | None = None) -> Tensor:
+        """x (b, n, dim) -> (b, n, dim), the residual branch only.
+
+        rotary: (q_cos, q_sin, k_cos, k_sin) from `RotaryEmbedding.tables`; when
+        omitted, positions 0..n-1 centred at n // 2 (the seed's convention).
+        kv_cache: a `KVCache`; new keys/values are written at its current offset
+        and attention runs over everything cached so far (`attn_mask` decides
+        which of those slots each query may see).
+        """
+        b, n, _ = x.shape
+        x = self.norm(x)
+        q, k, v, ff = self.fused_attn_ff_proj(x).split(self.fused_dims, dim=-1)
+
+        lora_o = None
+        if finetune_modules is not None:
+            lora_q, lora_k, lora_v, lora_o = finetune_modules
+            q = q + lora_q(x)
+            k = k + lora_k(x)
+            v = v + lora_v(x)
+
+        q = q.view(b, n, self.heads, -1).transpose(1, 2)  # (b, h, n, d)
+
+        if self.qk_rmsnorm:
+            q = F.normalize(q, dim=-1) * self.q_scale
+            k = F.normalize(k, dim=-1) * self.k_scale
+
+        if rotary is None:
+            positions = torch.arange(n, device=x.device)
+            rotary = self.rotary_emb.tables(positions, n // 2, q.dtype)
+        q_cos, q_sin, k_cos, k_sin = rotary
+        # q tables broadcast over heads: (n, d) or (b, 1, n, d)
+        q = apply_rotary_tables(q, q_cos, q_sin)
+        k = apply_rotary_tables(k, k_cos.squeeze(-3) if k_cos.ndim == 4 else k_cos,
+                                k_sin.squeeze(-3) if k_sin.ndim == 4 else k_sin)  # (b, n, d)
+
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer_index, k, v)  # (b, j, d)
+            out = self.attend(q, k, v, attn_mask=attn_mask, is_causal=False)
+        else:
+            out = self.attend(q, k, v, mask=mask, attn_mask=attn_mask)
+
+        out = out.transpose(1, 2).reshape(b, n, -1)  # (b, n, h*d)
+        attn_out = self.attn_out(out)
+        if lora_o is not None:
+            attn_out = attn_out + lora_o(out)
+        return attn_out + self.ff_out(ff)
