@@ -105,8 +105,10 @@ def filter_top_p(logits: Tensor, p: float) -> Tensor:
         return logits
     sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
     cum = sorted_logits.softmax(-1).cumsum(-1)
-    # a token is dropped when the tokens ranked before it already reach p
+    # a token is dropped when the tokens ranked before it already reach p;
+    # the top token is always kept (so p -> 0 means greedy, never an empty set)
     drop_sorted = (cum - sorted_logits.softmax(-1)) >= p
+    drop_sorted[..., 0] = False
     drop = drop_sorted.scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
 
@@ -139,13 +141,22 @@ def top_p(logits: Tensor, thres: float = 0.9) -> Tensor:
     """Legacy (seed) semantics: keeps the nucleus of mass (1 - thres).
 
     `thres=0.9` keeps a nucleus of 0.1, the inverse of the usual meaning. Prefer
-    `SamplingConfig(top_p=...)` / `filter_top_p`.
+    `SamplingConfig(top_p=...)` / `filter_top_p`. As in the seed, a token is kept
+    while the mass ranked before it is <= 1 - thres (ties at the boundary keep
+    one more token than `filter_top_p`), and the top token is always kept.
     """
-    return filter_top_p(logits, 1.0 - thres)
+    sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+    mass_before = sorted_logits.softmax(-1).cumsum(-1)
+    mass_before = F.pad(mass_before[..., :-1], (1, 0), value=0.0)  # exclusive cumsum
+    drop_sorted = mass_before > (1 - thres)
+    drop_sorted[..., 0] = False
+    drop = drop_sorted.scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
 
 
 def gumbel_sample(logits: Tensor, temperature: float = 1.0, dim: int = -1, generator=None) -> Tensor:
     """Sample from softmax(logits / temperature) with the Gumbel-max trick."""
     noise = torch.empty_like(logits, dtype=torch.float32).uniform_(0, 1, generator=generator)
-    gumbel = -torch.log(-torch.log(noise.clamp(min=1e-20)).clamp(min=1e-20))
+    exp_noise = (-torch.log(noise.clamp(min=1e-20))).clamp(min=1e-20)  # Exp(1), never 0
+    gumbel = -torch.log(exp_noise)
     return ((logits / max(temperature, 1e-10)) + gumbel).argmax(dim=dim)

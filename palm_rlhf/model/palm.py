@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError, InputError
+from ..ops import gumbel_sample, top_k
 from .kv_cache import KVCache
 from .layers import ParallelTransformerBlock, Residual, LayerNorm
 from .lora import LoRA
@@ -294,6 +295,81 @@ class PaLM(nn.Module):
         if last_only:
             h = h[:, -1]
         return self.to_logits(h)
+
+    # ------------------------------------------------------------------ seed-compatible generation
+
+    @torch.no_grad()
+    def generate(self, seq_len, prompt=None, temperature=1.0, filter_logits_fn=top_k, filter_thres=0.9,
+                 pad_value=0.0, eos_token=None, return_seq_without_prompt=True, use_tqdm=False, **forward_kwargs):
+        """The seed's `generate`, KV-cached: sample until the sequence is `seq_len`
+        tokens long *including* the prompt (at least one new token).
+
+        `filter_logits_fn(logits, thres=filter_thres)` keeps the seed's legacy
+        filters (`palm_rlhf.ops.top_k` keeps a *fraction* of the vocabulary).
+        `forward_kwargs` may hold `finetune_scope` / `disable_lora`. Unlike the
+        seed, each row is padded with `pad_value` after its own `eos_token` (the
+        seed left post-EOS tokens in place until every row had finished), and
+        only generated tokens count as EOS, not the prompt's. Decoding stops once
+        every row has produced `eos_token`. For batching, log-probs, stop
+        sequences and streaming use `palm_rlhf.generation`.
+        """
+        unknown = set(forward_kwargs) - {"finetune_scope", "disable_lora"}
+        if unknown:
+            raise InputError(f"generate() got unsupported keyword(s) {sorted(unknown)}; "
+                             f"only finetune_scope and disable_lora are passed to the model")
+        scope = dict(finetune_scope=forward_kwargs.get("finetune_scope"),
+                     disable_lora=forward_kwargs.get("disable_lora", False))
+        if prompt is None:
+            prompt = torch.randint(0, self.num_tokens, (1, 1), device=self.device)
+            return_seq_without_prompt = False
+        if not isinstance(prompt, Tensor) or prompt.ndim == 0:
+            raise InputError("prompt must be a tensor of token ids of shape (n,) or (batch, n)")
+        lead = prompt.shape[:-1]
+        prompt = prompt.reshape(-1, prompt.shape[-1])  # (b, n): any leading dims, as the seed's pack
+        self._check_tokens(prompt)
+        b, n = prompt.shape
+        steps = max(1, seq_len - n)
+
+        was_training = self.training
+        self.eval()
+        try:
+            out = self._generate_loop(prompt, steps, temperature, filter_logits_fn, filter_thres, pad_value,
+                                      eos_token, use_tqdm, scope)
+        finally:
+            self.train(was_training)
+        out = out.reshape(*lead, out.shape[-1])
+        return out[..., n:] if return_seq_without_prompt else out
+
+    def _generate_loop(self, prompt, steps, temperature, filter_logits_fn, filter_thres, pad_value, eos_token,
+                       use_tqdm, scope) -> Tensor:
+        b, n = prompt.shape
+        out = torch.cat([prompt, prompt.new_zeros(b, steps)], dim=-1)  # (b, n + steps) preallocated
+        done = torch.zeros(b, dtype=torch.bool, device=prompt.device)
+        # a bidirectional model has no KV cache: recompute the prefix every step, as the seed does
+        cache = self.new_kv_cache(b, n + steps - 1) if self.causal else None
+        logits = self.forward_cached(prompt, cache, **scope) if cache is not None else None
+        iterator = range(steps)
+        if use_tqdm:
+            from tqdm.auto import tqdm  # a core dependency; only imported when asked for
+
+            iterator = tqdm(iterator)
+        end = n
+        for t in iterator:
+            if cache is None:
+                logits = self.logits(out[:, :end], **scope)[:, -1]
+            if filter_logits_fn is not None:
+                logits = filter_logits_fn(logits, thres=filter_thres)
+            sample = gumbel_sample(logits, temperature=temperature)  # (b,)
+            sample = sample.masked_fill(done, int(pad_value))
+            out[:, end] = sample
+            end += 1
+            if eos_token is not None:
+                done = done | (sample == eos_token)
+                if bool(done.all()):
+                    break
+            if cache is not None and t < steps - 1:
+                logits = self.forward_cached(sample[:, None], cache, **scope)
+        return out[:, :end]
 
     # ------------------------------------------------------------------ sizes
 

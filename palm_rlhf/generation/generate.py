@@ -1,0 +1,205 @@
+"""Batched, KV-cached generation: `generate` for rollouts, `stream` for interactive use.
+
+One prefill runs all (left-padded) prompts through the model and fills the
+cache; then each decode step feeds one token per row. Rows that finish (EOS or
+a stop sequence) keep decoding in lock-step, since a batched matmul costs the same,
+but their outputs are overwritten with padding and masked out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import Tensor
+
+from ..errors import InputError
+from .config import SamplingConfig
+from .prompts import pack_prompts
+from .sampling import process_logits, sample, token_log_probs
+
+PAD_ID = 0
+
+
+@dataclass
+class GenerationOutput:
+    """New tokens only (no prompt), right-padded with 0.
+
+    tokens (b, T) long; log_probs (b, T) fp32, the log-probability of each token
+    under the sampling distribution it was drawn from (see
+    `palm_rlhf.generation.sampling`), 0 at padding; lengths (b,) new tokens per
+    row (including a final EOS / stop sequence); mask (b, T) bool, True on real
+    tokens; stop_reasons: "eos" | "stop_sequence" | "max_new_tokens" per row;
+    prompt_lengths (b,). T is the longest row's length.
+    """
+
+    tokens: Tensor
+    log_probs: Tensor
+    lengths: Tensor
+    mask: Tensor
+    stop_reasons: list[str]
+    prompt_lengths: Tensor
+
+    def sequences(self) -> list[list[int]]:
+        """Each row's new tokens as a Python list (padding dropped)."""
+        return [row[:n].tolist() for row, n in zip(self.tokens, self.lengths.tolist())]
+
+
+class _Decode:
+    """State of one batched decode: output buffers plus the step iterator."""
+
+    def __init__(self, model, ids: Tensor, lengths: Tensor, config: SamplingConfig, generator,
+                 finetune_scope, disable_lora):
+        b, n = ids.shape
+        T = config.max_new_tokens
+        device = ids.device
+        self.model, self.config, self.generator = model, config, generator
+        self.scope = dict(finetune_scope=finetune_scope, disable_lora=disable_lora)
+        self.ids, self.prompt_lengths = ids, lengths
+        self.tokens = torch.zeros(b, T, dtype=torch.long, device=device)
+        self.log_probs = torch.zeros(b, T, dtype=torch.float32, device=device)
+        self.finished = torch.zeros(b, dtype=torch.bool, device=device)
+        self.lengths = torch.zeros(b, dtype=torch.long, device=device)
+        self.reasons = ["max_new_tokens"] * b
+        self.steps = 0
+        self.seen = None
+        if config.repetition_penalty != 1.0:
+            real = torch.arange(n, device=device)[None, :] >= (n - lengths)[:, None]  # (b, n) not padding
+            self.seen = torch.zeros(b, model.num_tokens, dtype=torch.bool, device=device)
+            self.seen.scatter_(1, ids, real)
+            # scatter_ writes the last value per index; padding id 0 may have overwritten a real 0
+            self.seen[:, PAD_ID] = (ids.eq(PAD_ID) & real).any(-1)
+        # the last sampled token is never fed back, so n + T - 1 slots suffice
+        self.cache = model.new_kv_cache(b, n + T - 1, pad=n - lengths)
+        self.stops = [torch.tensor(s, dtype=torch.long, device=device) for s in config.stop_sequences]
+
+    def __iter__(self) -> Iterator[Tensor]:
+        """Yield each step's tokens (b,) (0 for rows already finished)."""
+        config, T = self.config, self.config.max_new_tokens
+        logits = self.model.forward_cached(self.ids, self.cache, **self.scope)  # (b, V)
+        for t in range(T):
+            logits = process_logits(logits, config, self.seen)
+            tok = sample(logits, config.greedy, self.generator)  # (b,)
+            logp = token_log_probs(logits, tok)
+            alive = ~self.finished
+            tok = tok.masked_fill(self.finished, PAD_ID)
+            self.tokens[:, t] = tok
+            self.log_probs[:, t] = logp.masked_fill(self.finished, 0.0)
+            self.lengths += alive.long()
+            self.steps = t + 1
+            if self.seen is not None:
+                self.seen.scatter_(1, tok[:, None], alive[:, None] | self.seen.gather(1, tok[:, None]))
+            self._update_finished(t, tok, alive)
+            yield tok
+            if t == T - 1 or bool(self.finished.all()):
+                return
+            logits = self.model.forward_cached(tok[:, None], self.cache, **self.scope)
+
+    def _update_finished(self, t: int, tok: Tensor, alive: Tensor) -> None:
+        newly = torch.zeros_like(alive)
+        if self.config.eos_token is not None:
+            hit = alive & tok.eq(self.config.eos_token)
+            self._mark(hit, "eos")
+            newly |= hit
+        for stop in self.stops:
+            L = stop.numel()
+            if t + 1 < L:
+                continue
+            hit = alive & ~newly & self.tokens[:, t + 1 - L: t + 1].eq(stop).all(-1)
+            self._mark(hit, "stop_sequence")
+            newly |= hit
+        self.finished |= newly
+
+    def _mark(self, hit: Tensor, reason: str) -> None:
+        if bool(hit.any()):
+            for i in hit.nonzero().flatten().tolist():
+                self.reasons[i] = reason
+
+    def output(self) -> GenerationOutput:
+        T = int(self.lengths.max()) if self.steps else 0
+        mask = torch.arange(T, device=self.tokens.device)[None, :] < self.lengths[:, None]
+        # clone: tensors made under inference_mode cannot be saved for backward later
+        return GenerationOutput(tokens=self.tokens[:, :T].clone(), log_probs=self.log_probs[:, :T].clone(),
+                                lengths=self.lengths.clone(), mask=mask.clone(), stop_reasons=list(self.reasons),
+                                prompt_lengths=self.prompt_lengths.clone())
+
+
+def _check_model(model) -> None:
+    if not getattr(model, "causal", True):
+        raise InputError("generation needs a causal PaLM (causal=True); this model is bidirectional")
+
+
+def _make_generator(config: SamplingConfig, generator, device):
+    if generator is not None or config.seed is None:
+        return generator
+    return torch.Generator(device=device).manual_seed(config.seed)
+
+
+@contextlib.contextmanager
+def _eval_mode(model):
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def _start(model, prompts, config, lengths, finetune_scope, disable_lora, generator) -> _Decode:
+    if not isinstance(config, SamplingConfig):
+        raise InputError(f"config must be a SamplingConfig, got {type(config).__name__}")
+    _check_model(model)
+    if finetune_scope is not None and not disable_lora:
+        model._require_scope(finetune_scope)
+    device = model.token_emb.weight.device
+    ids, lens = pack_prompts(prompts, lengths, num_tokens=model.num_tokens, device=device)
+    generator = _make_generator(config, generator, device)
+    return _Decode(model, ids, lens, config, generator, finetune_scope, disable_lora)
+
+
+def generate(model, prompts, config: SamplingConfig | None = None, *, lengths=None, finetune_scope=None,
+             disable_lora: bool = False, generator: torch.Generator | None = None) -> GenerationOutput:
+    """Continue each prompt; returns the new tokens and their log-probs.
+
+    prompts: list of 1-D LongTensors (any lengths), or a right-padded (b, n)
+    tensor with `lengths` (b,). A batch gives the same tokens as each prompt alone.
+    """
+    config = config or SamplingConfig()
+    with _eval_mode(model):
+        decode = _start(model, prompts, config, lengths, finetune_scope, disable_lora, generator)
+        for _ in decode:
+            pass
+        out = decode.output()
+    return out
+
+
+def stream(model, prompt, config: SamplingConfig | None = None, *, finetune_scope=None, disable_lora: bool = False,
+           generator: torch.Generator | None = None) -> Iterator[int]:
+    """Yield the new token ids of one prompt as they are produced (EOS / stop
+    sequence included, then the iterator ends)."""
+    config = config or SamplingConfig()
+    if isinstance(prompt, Tensor) and prompt.ndim == 2:
+        if prompt.shape[0] != 1:
+            raise InputError(f"stream() takes one prompt; got a batch of {prompt.shape[0]} (use generate())")
+        prompt = prompt[0]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            decode = _start(model, [prompt], config, None, finetune_scope, disable_lora, generator)
+        steps = iter(decode)
+        while True:
+            # inference mode only around each step: the caller's code between
+            # yields runs in its own autograd state
+            with torch.inference_mode():
+                tok = next(steps, None)
+            if tok is None:
+                return
+            yield int(tok[0])
+            if bool(decode.finished[0]):
+                return
+    finally:
+        model.train(was_training)
