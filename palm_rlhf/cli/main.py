@@ -21,6 +21,7 @@ from ..errors import PalmRLHFError, TrainingError
 COMMAND_MODULES = [
     "quickstart",
     "convert",
+    "feedback",
 ]
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USER, EXIT_TRAINING, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
