@@ -109,6 +109,8 @@ class PaLM(nn.Module):
         for module in self.layers.modules():
             if isinstance(module, nn.Dropout):
                 module.p = dropout
+            elif hasattr(module, "use_flash_attn"):
+                module.dropout = dropout  # Attention's SDPA path reads this float, not an nn.Dropout
         return self
 
     # ------------------------------------------------------------------ LoRA finetune scopes

@@ -174,3 +174,13 @@ def test_bad_arguments_raise():
     x, mask, plens = _batch()
     with pytest.raises(InputError, match="not both"):
         rm(x, prompt_mask=mask, prompt_lengths=plens)
+
+
+def test_dropout_reaches_both_attention_paths_of_the_copy():
+    """set_dropout on the private copy updates nn.Dropout modules and the SDPA (flash) float."""
+    palm = PaLM(**CFG, flash_attn=True)
+    rm = RewardModel(palm, dropout=0.25)
+    attn = [m for m in rm.palm.modules() if hasattr(m, "use_flash_attn")]
+    assert attn and all(m.dropout == 0.25 for m in attn)
+    assert all(m.p == 0.25 for m in rm.palm.layers.modules() if isinstance(m, torch.nn.Dropout))
+    assert all(m.dropout == 0.0 for m in palm.modules() if hasattr(m, "use_flash_attn"))
