@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from ..errors import InputError
+from ..model.decode import Decoder
 from .config import SamplingConfig
 from .prompts import pack_prompts
 from .sampling import process_logits, sample, token_log_probs
@@ -73,6 +74,7 @@ class _Decode:
             self.seen[:, PAD_ID] = (ids.eq(PAD_ID) & real).any(-1)
         # the last sampled token is never fed back, so n + T - 1 slots suffice
         self.cache = model.new_kv_cache(b, n + T - 1, pad=n - lengths)
+        self.decoder = None
         self.stops = [torch.tensor(s, dtype=torch.long, device=device) for s in config.stop_sequences]
 
     def __iter__(self) -> Iterator[Tensor]:
@@ -95,7 +97,9 @@ class _Decode:
             yield tok
             if t == T - 1 or bool(self.finished.all()):
                 return
-            logits = self.model.forward_cached(tok[:, None], self.cache, **self.scope)
+            if self.decoder is None:
+                self.decoder = Decoder(self.model, self.cache, **self.scope)
+            logits = self.decoder.step(tok)
 
     def _update_finished(self, t: int, tok: Tensor, alive: Tensor) -> None:
         newly = torch.zeros_like(alive)

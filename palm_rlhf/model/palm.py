@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError, InputError
 from ..ops import gumbel_sample, top_k
+from .decode import Decoder
 from .kv_cache import KVCache
 from .layers import ParallelTransformerBlock, Residual, LayerNorm
 from .lora import LoRA
@@ -355,6 +356,7 @@ class PaLM(nn.Module):
             from tqdm.auto import tqdm  # a core dependency; only imported when asked for
 
             iterator = tqdm(iterator)
+        decoder = Decoder(self, cache, **scope) if cache is not None else None
         end = n
         for t in iterator:
             if cache is None:
@@ -370,7 +372,7 @@ class PaLM(nn.Module):
                 if bool(done.all()):
                     break
             if cache is not None and t < steps - 1:
-                logits = self.forward_cached(sample[:, None], cache, **scope)
+                logits = decoder.step(sample)
         return out[:, :end]
 
     # ------------------------------------------------------------------ sizes

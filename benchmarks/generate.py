@@ -1,0 +1,120 @@
+"""Generation throughput: ours vs the seed package vs Hugging Face Llama.
+
+    python benchmarks/generate.py                       # everything (several minutes)
+    python benchmarks/generate.py --systems ours llama  # skip the slow seed package
+    python benchmarks/generate.py --batches 1 --dtypes fp32 --repeats 5
+
+Config (issue 3): dim 384, depth 6, heads 6, dim_head 64, vocab 256, random
+weights; 64-token prompts, 256 new tokens, sampling at temperature 1 with no
+filters. All systems run in one process, interleaved (ours, seed, llama, ours,
+...), and the median of the repeats is reported with ratios. Llama is
+`transformers.LlamaForCausalLM` of matched size: hidden 384, 6 layers, 6 heads
+with one key/value head (multi-query, like PaLM), SwiGLU width 1536, tied
+embeddings, its own KV cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+DIM, DEPTH, HEADS, DIM_HEAD, VOCAB = 384, 6, 6, 64, 256
+PROMPT, NEW = 64, 256
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def build_ours(dtype, compile_step=False):
+    from palm_rlhf.generation import SamplingConfig, generate
+    from palm_rlhf.model import PaLM
+
+    model = PaLM(dim=DIM, num_tokens=VOCAB, depth=DEPTH, heads=HEADS, dim_head=DIM_HEAD).to(dtype).eval()
+    config = SamplingConfig(max_new_tokens=NEW, temperature=1.0)
+
+    def run(prompts, new_tokens=NEW):
+        cfg = config if new_tokens == NEW else SamplingConfig(max_new_tokens=new_tokens)
+        out = generate(model, prompts, cfg)
+        assert out.tokens.shape[1] == new_tokens
+    return run
+
+
+def build_seed(dtype):
+    from palm_rlhf_pytorch import PaLM as SeedPaLM
+
+    model = SeedPaLM(dim=DIM, num_tokens=VOCAB, depth=DEPTH, heads=HEADS, dim_head=DIM_HEAD).to(dtype).eval()
+
+    def run(prompts, new_tokens=NEW):
+        out = model.generate(PROMPT + new_tokens, prompts, temperature=1.0, filter_logits_fn=None)
+        assert out.shape[1] == new_tokens
+    return run
+
+
+def build_llama(dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=DIM, intermediate_size=4 * DIM, num_hidden_layers=DEPTH,
+                      num_attention_heads=HEADS, num_key_value_heads=1, head_dim=DIM_HEAD,
+                      max_position_embeddings=2048, tie_word_embeddings=True, bos_token_id=None,
+                      eos_token_id=None, pad_token_id=0)
+    model = LlamaForCausalLM(cfg).to(dtype).eval()
+
+    def run(prompts, new_tokens=NEW):
+        with torch.inference_mode():
+            out = model.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=True,
+                                 temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=new_tokens,
+                                 min_new_tokens=new_tokens, use_cache=True, pad_token_id=0)
+        assert out.shape[1] == PROMPT + new_tokens
+    return run
+
+
+BUILDERS = {"ours": build_ours, "seed": build_seed, "llama": build_llama}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--systems", nargs="+", default=["ours", "seed", "llama"], choices=list(BUILDERS))
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    import transformers  # noqa: F401  (import cost outside the timings)
+
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, prompt {PROMPT}, new tokens {NEW}")
+    results = {}
+    for dtype_name in args.dtypes:
+        torch.manual_seed(0)
+        runners = {name: BUILDERS[name](DTYPES[dtype_name]) for name in args.systems}
+        for batch in args.batches:
+            prompts = torch.randint(1, VOCAB, (batch, PROMPT))
+            for run in runners.values():
+                run(prompts, new_tokens=8)  # warm-up: allocator, kernels, lazy imports
+            times = {name: [] for name in runners}
+            for _ in range(args.repeats):
+                for name, run in runners.items():  # interleaved
+                    start = time.perf_counter()
+                    run(prompts)
+                    times[name].append(time.perf_counter() - start)
+            for name, ts in times.items():
+                results[(dtype_name, batch, name)] = batch * NEW / statistics.median(ts)
+            line = ", ".join(f"{n} {results[(dtype_name, batch, n)]:.0f}" for n in runners)
+            print(f"{dtype_name} batch {batch}: tok/s (median of {args.repeats}): {line}", flush=True)
+
+    print("\n| dtype | batch | " + " | ".join(f"{n} tok/s" for n in args.systems) + " | "
+          + " | ".join(f"ours / {n}" for n in args.systems if n != "ours") + " |")
+    print("| --- " * (2 + len(args.systems) + len(args.systems) - 1) + "|")
+    for dtype_name in args.dtypes:
+        for batch in args.batches:
+            row = [results[(dtype_name, batch, n)] for n in args.systems]
+            cells = [f"{v:.0f}" for v in row]
+            if "ours" in args.systems:
+                ours = results[(dtype_name, batch, "ours")]
+                cells += [f"{ours / results[(dtype_name, batch, n)]:.2f}x" for n in args.systems if n != "ours"]
+            print(f"| {dtype_name} | {batch} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
