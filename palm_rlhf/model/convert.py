@@ -55,7 +55,8 @@ def guess_gain_convention(state: dict) -> str:
     """'offset' (0.8.x) when the LayerNorm gains sit near 0, else 'absolute'."""
     gains = [v.float().mean().item() for k, v in state.items() if is_gain_key(k)]
     if not gains:
-        raise CheckpointError("no LayerNorm gains (…norm.gamma) in this state dict")
+        raise CheckpointError("no LayerNorm gains (keys ending in 'norm.gamma') in this state dict: not a PaLM "
+                              "state dict? Expected keys like 'token_emb.weight' and 'layers.0.fn.norm.gamma'")
     return "offset" if sum(gains) / len(gains) < 0.5 else "absolute"
 
 
