@@ -17,7 +17,7 @@ SECURITY_HEADERS = [
      b"default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
      b"form-action 'self'; base-uri 'none'; frame-ancestors 'none'"),
     (b"x-content-type-options", b"nosniff"),
-    (b"referrer-policy", b"no-referrer"),
+    (b"referrer-policy", b"same-origin"),  # "no-referrer" makes Chrome send Origin: null on form posts
     (b"x-frame-options", b"DENY"),
     (b"cache-control", b"no-store"),
 ]

@@ -1,0 +1,112 @@
+"""Fixtures for the feedback app: fake pair source, raters, an in-process app, a real server."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).parent
+ROOT = HERE.parent.parent
+_spec = importlib.util.spec_from_file_location("fake_feedback_server", HERE / "fake_feedback_server.py")
+fake_server = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(fake_server)
+FakePairSource = fake_server.FakePairSource
+
+# fixed, long-enough tokens: tests are readable and the raters file format is exercised
+TOKENS = {"alice": "alice-token-0123456789", "bob": "bob-token-0123456789ab"}
+
+
+def write_raters(path: Path, names) -> dict[str, str]:
+    """Write a raters file for `names`; returns {name: token}."""
+    tokens = {n: TOKENS.get(n, f"{n}-token-{'x' * 16}") for n in names}
+    path.write_text("".join(f"{n} {t}\n" for n, t in tokens.items()))
+    return tokens
+
+
+@pytest.fixture
+def raters_file(tmp_path):
+    path = tmp_path / "raters.txt"
+    write_raters(path, ["alice", "bob"])
+    return path
+
+
+@dataclass
+class Server:
+    url: str
+    proc: subprocess.Popen
+    args: list
+
+    def kill(self, sig=signal.SIGKILL) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        self.proc.wait(timeout=20)
+
+
+def start_server(db: Path, raters: Path, *extra: str, timeout: float = 60.0) -> Server:
+    """Start fake_feedback_server.py on a free loopback port; wait for its URL line."""
+    args = [sys.executable, str(HERE / "fake_feedback_server.py"), "--db", str(db), "--raters", str(raters), *extra]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env)
+    lines: list[str] = []
+    got_url = threading.Event()
+
+    def read():
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("URL "):
+                got_url.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    if not got_url.wait(timeout):
+        proc.kill()
+        raise RuntimeError("feedback server did not start:\n" + "".join(lines))
+    url = next(l for l in lines if l.startswith("URL "))[4:].strip().rstrip("/")
+    _wait_healthy(url, proc, lines)
+    return Server(url=url, proc=proc, args=args)
+
+
+def _wait_healthy(url: str, proc, lines, timeout: float = 30.0) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError("feedback server exited:\n" + "".join(lines))
+        try:
+            if httpx.get(url + "/healthz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("feedback server never answered /healthz:\n" + "".join(lines))
+
+
+@pytest.fixture
+def server_factory():
+    """start_server(...) with every started server stopped at teardown."""
+    started: list[Server] = []
+
+    def factory(*args, **kwargs) -> Server:
+        server = start_server(*args, **kwargs)
+        started.append(server)
+        return server
+
+    yield factory
+    for server in started:
+        if server.proc.poll() is None:
+            server.proc.terminate()
+            try:
+                server.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                server.proc.kill()
+                server.proc.wait(timeout=15)
