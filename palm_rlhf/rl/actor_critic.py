@@ -1,0 +1,139 @@
+"""`ActorCritic`: the policy (actor LoRA scope) and the value function (critic LoRA
+scope + a scalar value head) on one PaLM, with the seed's constructor.
+
+Unlike the seed, the critic shares the actor's frozen base weights when both use
+LoRA (the seed deep-copied the whole PaLM), and values are per token: the value of
+the state before response token j is read from the hidden state that predicts j.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections import namedtuple
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+from ..model.palm import PaLM
+from .rollout import PackedSequences, gather_positions, response_log_probs
+
+log = logging.getLogger(__name__)
+
+PPOActionCriticReturn = namedtuple("PPOActionCriticReturn",
+                                   ["actions", "sequence", "mask", "prompt_mask", "action_logits", "values"])
+
+
+class ActorCritic(nn.Module):
+    def __init__(self, palm: PaLM, critic: PaLM | None = None, pooled_values: bool = False, actor_lora: bool = True,
+                 critic_lora: bool = True, actor_lora_r: int = 8, critic_lora_r: int = 8,
+                 actor_lora_scope: str = "actor", critic_lora_scope: str = "critic", actor_dropout: float = 0.0,
+                 critic_dropout: float = 0.0, critic_dim_out: int = 6):
+        super().__init__()
+        if not isinstance(palm, PaLM):
+            raise ConfigError(f"ActorCritic(palm=...) needs a palm_rlhf PaLM, got {type(palm).__name__}")
+        if critic is not None and not isinstance(critic, PaLM):
+            raise ConfigError(f"ActorCritic(critic=...) must be a PaLM or None, got {type(critic).__name__} "
+                              f"(an ImplicitPRM critic is not supported by the PPO trainer)")
+        if pooled_values:
+            log.warning("ActorCritic(pooled_values=True): values are per token here (GAE needs them); "
+                        "the flag is accepted for compatibility and has no effect")
+        if critic_dim_out != 6 and critic_dim_out != 1:
+            log.warning("ActorCritic(critic_dim_out=%s): the value head is a scalar regressor trained with the "
+                        "clipped value loss; critic_dim_out is accepted for compatibility only", critic_dim_out)
+        if actor_dropout or critic_dropout:
+            log.warning("dropout during RL makes the PPO ratio differ from 1 on unchanged weights; "
+                        "actor_dropout/critic_dropout = 0 is recommended")
+        self.actor_palm = palm
+        self.actor_lora, self.critic_lora = bool(actor_lora), bool(critic_lora)
+        self.actor_lora_scope = actor_lora_scope if actor_lora else None
+        self.critic_lora_scope = critic_lora_scope if critic_lora else None
+        if critic is None:
+            # LoRA critic: share the base (frozen under LoRA); a fully trained critic needs its own copy
+            critic = palm if critic_lora and actor_lora else copy.deepcopy(palm)
+        self.critic = critic
+        self.critic_shares_base = critic is palm
+        palm.set_dropout(actor_dropout)
+        if not self.critic_shares_base:
+            critic.set_dropout(critic_dropout)
+        if self.actor_lora and actor_lora_scope not in palm.finetune_modules:
+            palm.add_finetune_params(actor_lora_scope, lora_r=actor_lora_r)
+        if self.critic_lora and critic_lora_scope not in critic.finetune_modules:
+            critic.add_finetune_params(critic_lora_scope, lora_r=critic_lora_r)
+        if self.actor_lora:
+            # LoRA trains only the adapters: freezing the base skips its weight gradients in backward
+            for p in palm.palm_parameters():
+                p.requires_grad_(False)
+        if self.critic_lora and not self.critic_shares_base:
+            for p in critic.palm_parameters():
+                p.requires_grad_(False)
+        self.value_head = nn.Linear(palm.dim, 1)
+        # small initial values: the critic starts predicting ~0 and learns the scale of the returns
+        nn.init.normal_(self.value_head.weight, std=1e-3)
+        nn.init.zeros_(self.value_head.bias)
+        self.value_head.to(palm.token_emb.weight.device)
+
+    # ------------------------------------------------------------------ parameters (seed names)
+
+    def actor_parameters(self) -> list[nn.Parameter]:
+        if not self.actor_lora:
+            return list(self.actor_palm.palm_parameters())
+        return list(self.actor_palm.finetune_parameters(self.actor_lora_scope))
+
+    def critic_parameters(self) -> list[nn.Parameter]:
+        head = list(self.value_head.parameters())
+        if not self.critic_lora:
+            return list(self.critic.palm_parameters()) + head
+        return list(self.critic.finetune_parameters(self.critic_lora_scope)) + head
+
+    def trainable_state(self) -> dict[str, Tensor]:
+        """Only what PPO changes: the actor and critic adapters (or full weights) and the value head."""
+        state = {f"value_head.{k}": v for k, v in self.value_head.state_dict().items()}
+        for prefix, model, scope in (("actor", self.actor_palm, self.actor_lora_scope),
+                                     ("critic", self.critic, self.critic_lora_scope)):
+            if scope is not None:
+                sub = model.finetune_modules[scope].state_dict()
+            elif prefix == "critic" and self.critic_shares_base:
+                continue
+            else:
+                sub = model.state_dict()
+            state.update({f"{prefix}.{k}": v for k, v in sub.items()})
+        return state
+
+    def load_trainable_state(self, state: dict[str, Tensor]) -> None:
+        self.value_head.load_state_dict({k[len("value_head."):]: v for k, v in state.items()
+                                         if k.startswith("value_head.")})
+        for prefix, model, scope in (("actor", self.actor_palm, self.actor_lora_scope),
+                                     ("critic", self.critic, self.critic_lora_scope)):
+            sub = {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}
+            if not sub:
+                continue
+            target = model.finetune_modules[scope] if scope is not None else model
+            target.load_state_dict(sub)
+
+    # ------------------------------------------------------------------ RL forward passes
+
+    def log_probs(self, packed: PackedSequences, temperature: float = 1.0, with_entropy: bool = False):
+        """Per-token log-probs (b, T) of the responses under the actor (+ entropy (b, T))."""
+        return response_log_probs(self.actor_palm, packed, finetune_scope=self.actor_lora_scope,
+                                  temperature=temperature, with_entropy=with_entropy)
+
+    def values(self, packed: PackedSequences) -> Tensor:
+        """Per-token values (b, T), 0 on padding."""
+        hidden = self.critic._hidden(packed.inputs, self.critic_lora_scope, False)  # (b, L-1, d)
+        v = self.value_head(gather_positions(hidden, packed.index)).squeeze(-1).float()  # (b, T)
+        return v.masked_fill(~packed.mask, 0.0)
+
+    # ------------------------------------------------------------------ seed surface
+
+    def forward(self, x: Tensor, mask: Tensor | None = None, return_values: bool = True):
+        """Seed-compatible: action logits (b, n, V) and per-position values (b, n) (or None)."""
+        logits = self.actor_palm(x, finetune_scope=self.actor_lora_scope)
+        if not return_values:
+            return logits, None
+        embeds = self.critic.embed(x, finetune_scope=self.critic_lora_scope)
+        return logits, self.value_head(embeds).squeeze(-1)
+
+
+__all__ = ["ActorCritic", "PPOActionCriticReturn"]

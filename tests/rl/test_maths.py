@@ -1,0 +1,185 @@
+"""RL maths against numbers worked by hand (each docstring shows the arithmetic)."""
+
+import math
+
+import pytest
+import torch
+
+from palm_rlhf.errors import ConfigError, InputError
+from palm_rlhf.ops import masked_whiten
+from palm_rlhf.rl.advantages import explained_variance, gae, group_advantages, kl_shaped_rewards, whiten
+from palm_rlhf.rl.kl import AdaptiveKLController, FixedKLController, kl_per_token, negative_kl_is_significant
+from palm_rlhf.rl.losses import aggregate, clipped_value_loss, ppo_policy_terms, preference_loss
+
+
+def test_gae_stops_at_eos_and_ignores_padding():
+    """gamma 0.9, lambda 0.5, row of 2 real tokens then padding (whose r=5, V=9 must not matter):
+    t=1 (last): delta = 1 + 0 - 0.2 = 0.8, A1 = 0.8
+    t=0: delta = 0 + 0.9*0.2 - 0.5 = -0.32, A0 = -0.32 + 0.9*0.5*0.8 = 0.04
+    returns = A + V = [0.54, 1.0, 0]."""
+    r = torch.tensor([[0.0, 1.0, 5.0]])
+    v = torch.tensor([[0.5, 0.2, 9.0]])
+    m = torch.tensor([[True, True, False]])
+    adv, ret = gae(r, v, m, gamma=0.9, lam=0.5)
+    torch.testing.assert_close(adv, torch.tensor([[0.04, 0.8, 0.0]]))
+    torch.testing.assert_close(ret, torch.tensor([[0.54, 1.0, 0.0]]))
+
+
+def test_gae_gamma_lambda_one_is_reward_to_go_minus_value():
+    """gamma = lambda = 1: A_t = sum_{k>=t} r_k - V_t. r=[1,2,3], V=[1,1,1] -> A=[5,4,2]."""
+    adv, ret = gae(torch.tensor([[1.0, 2.0, 3.0]]), torch.ones(1, 3), torch.ones(1, 3, dtype=torch.bool), 1.0, 1.0)
+    torch.testing.assert_close(adv, torch.tensor([[5.0, 4.0, 2.0]]))
+    torch.testing.assert_close(ret, torch.tensor([[6.0, 5.0, 3.0]]))
+
+
+def test_kl_shaped_rewards_put_score_on_last_real_token():
+    """coef 0.5, kl [0.1, -0.2, (pad) 0.3], score 2: r = [-0.05, 0.1 + 2, 0] = [-0.05, 2.1, 0].
+    A second row with no tokens gets nothing."""
+    kl = torch.tensor([[0.1, -0.2, 0.3], [0.4, 0.4, 0.4]])
+    m = torch.tensor([[True, True, False], [False, False, False]])
+    r = kl_shaped_rewards(torch.tensor([2.0, 7.0]), kl, m, kl_coef=0.5)
+    torch.testing.assert_close(r, torch.tensor([[-0.05, 2.1, 0.0], [0.0, 0.0, 0.0]]))
+
+
+def test_kl_estimators():
+    """logp = -1, ref = -2: d = 1; k1 = 1; k2 = 0.5; k3 = e^-1 + 1 - 1 = 0.36788.
+    Equal log-probs give 0 for all three."""
+    logp, ref = torch.tensor([-1.0, -3.0]), torch.tensor([-2.0, -3.0])
+    torch.testing.assert_close(kl_per_token(logp, ref, "k1"), torch.tensor([1.0, 0.0]))
+    torch.testing.assert_close(kl_per_token(logp, ref, "k2"), torch.tensor([0.5, 0.0]))
+    torch.testing.assert_close(kl_per_token(logp, ref, "k3"), torch.tensor([math.exp(-1), 0.0]))
+    with pytest.raises(ConfigError, match="k1"):
+        kl_per_token(logp, ref, "k9")
+
+
+def test_kl_controllers():
+    """Adaptive: value 0.1, target 6, horizon 10000, kl 9 -> error clip(9/6 - 1) = clip(0.5) = 0.2,
+    1000 samples: 0.1 * (1 + 0.2 * 1000 / 10000) = 0.102. kl 3 -> error -0.5 -> -0.2:
+    0.102 * (1 - 0.02) = 0.09996. Fixed never moves."""
+    ctl = AdaptiveKLController(0.1, target=6.0, horizon=10000)
+    assert ctl.update(9.0, 1000) == pytest.approx(0.102)
+    assert ctl.update(3.0, 1000) == pytest.approx(0.09996)
+    restored = AdaptiveKLController()
+    restored.load_state_dict(ctl.state_dict())
+    assert restored == ctl
+    assert FixedKLController(0.3).update(100.0, 10) == 0.3
+
+
+def test_negative_kl_warning_needs_significance():
+    m = torch.ones(1, 100, dtype=torch.bool)
+    noisy = torch.randn(1, 100, generator=torch.Generator().manual_seed(0)) * 0.1
+    assert not negative_kl_is_significant(noisy - noisy.mean(), m)
+    assert negative_kl_is_significant(noisy - noisy.mean() - 0.5, m)
+
+
+def test_whiten_equals_ops_and_respects_mask():
+    """The distributed-ready whiten equals ops.masked_whiten on one process.
+    Values [1, 3] (+ padding 100): mean 2, unbiased var 2 -> [-1/sqrt2, 1/sqrt2, 0]."""
+    x = torch.tensor([[1.0, 3.0, 100.0]])
+    m = torch.tensor([[True, True, False]])
+    torch.testing.assert_close(whiten(x, m), masked_whiten(x, m))
+    s = 1 / math.sqrt(2)
+    torch.testing.assert_close(whiten(x, m), torch.tensor([[-s, s, 0.0]]), atol=1e-6, rtol=0)
+    # shift_mean=False keeps the mean: [-s + 2, s + 2, 0]
+    torch.testing.assert_close(whiten(x, m, shift_mean=False), torch.tensor([[2 - s, 2 + s, 0.0]]), atol=1e-6,
+                               rtol=0)
+
+
+def test_whiten_with_reduce_sum_equals_whole_batch():
+    """Two halves with a summing 'all-reduce' give the statistics of the whole batch."""
+    g = torch.Generator().manual_seed(1)
+    x, m = torch.randn(4, 5, generator=g), torch.rand(4, 5, generator=g) > 0.3
+    halves = [(x[:2], m[:2]), (x[2:], m[2:])]
+    partial_sums = []
+
+    def reduce_sum_for(rank):
+        def reduce_sum(t):
+            # both ranks' contributions to this statistic, computed from the other half
+            other_x, other_m = halves[1 - rank]
+            partial_sums.append(t)
+            return t + _stat_like(t, other_x, other_m)
+        return reduce_sum
+
+    def _stat_like(t, ox, om):
+        from palm_rlhf.rl.advantages import global_masked_mean_var
+        if t.numel() == 2:  # (sum, count)
+            return torch.stack([ox.double().masked_fill(~om, 0).sum(), om.sum().double()])
+        mean, _, _ = global_masked_mean_var(x, m)
+        return ((ox.double() - mean) ** 2).masked_fill(~om, 0).sum()
+
+    out0 = whiten(halves[0][0], halves[0][1], reduce_sum=reduce_sum_for(0))
+    torch.testing.assert_close(out0, masked_whiten(x, m)[:2])
+
+
+def test_group_advantages():
+    """Groups of 3: [1, 2, 3] has mean 2, unbiased std 1 -> [-1, 0, 1]; [5, 5, 5] has no variance
+    -> [0, 0, 0] and is counted. Without std scaling (Dr. GRPO) the first group is also [-1, 0, 1]
+    and [1, 3, 8] would give [-3, -1, 4]."""
+    adv, zero = group_advantages(torch.tensor([1.0, 2.0, 3.0, 5.0, 5.0, 5.0]), 3)
+    torch.testing.assert_close(adv, torch.tensor([-1.0, 0.0, 1.0, 0.0, 0.0, 0.0]), atol=1e-5, rtol=0)
+    assert zero == 1
+    adv, zero = group_advantages(torch.tensor([1.0, 3.0, 8.0]), 3, scale_by_std=False)
+    torch.testing.assert_close(adv, torch.tensor([-3.0, -1.0, 4.0]))
+    assert zero == 0
+    with pytest.raises(InputError, match="multiple of group_size"):
+        group_advantages(torch.ones(5), 3)
+
+
+def test_aggregation_modes():
+    """x = [[1, 2, pad], [3, pad, pad]]:
+    token_mean = (1 + 2 + 3) / 3 = 2; seq_mean = (1.5 + 3) / 2 = 2.25;
+    seq_sum_norm (max_len 4) = (3/4 + 3/4) / 2 = 0.75; denominator 6 -> 6 / 6 = 1."""
+    x = torch.tensor([[1.0, 2.0, 50.0], [3.0, 60.0, 70.0]])
+    m = torch.tensor([[True, True, False], [True, False, False]])
+    assert float(aggregate(x, m, "token_mean")) == pytest.approx(2.0)
+    assert float(aggregate(x, m, "seq_mean")) == pytest.approx(2.25)
+    assert float(aggregate(x, m, "seq_sum_norm", max_len=4)) == pytest.approx(0.75)
+    assert float(aggregate(x, m, "token_mean", denominator=6)) == pytest.approx(1.0)
+    assert float(aggregate(x, torch.zeros_like(m), "token_mean")) == 0.0  # empty: 0, not NaN
+
+
+def test_ppo_policy_terms_clip_both_sides():
+    """eps 0.2. Token 1: A = 1, ratio 1.5: max(-1.5, -1.2) = -1.2 (clipped).
+    Token 2: A = -1, ratio 0.5: max(0.5, 0.8) = 0.8 (clipped). Token 3: A = 2, ratio 1: -2.
+    approx-KL (k3 of old/new): ratio - 1 - log ratio: 0.5 - ln 1.5 = 0.09453; -0.5 - ln 0.5 = 0.19315."""
+    logp = torch.log(torch.tensor([[1.5, 0.5, 1.0]]))
+    terms = ppo_policy_terms(logp, torch.zeros(1, 3), torch.tensor([[1.0, -1.0, 2.0]]), torch.ones(1, 3, dtype=torch.bool))
+    torch.testing.assert_close(terms.loss, torch.tensor([[-1.2, 0.8, -2.0]]))
+    assert terms.clipped.tolist() == [[True, True, False]]
+    torch.testing.assert_close(terms.approx_kl, torch.tensor([[0.5 - math.log(1.5), -0.5 - math.log(0.5), 0.0]]))
+
+
+def test_clipped_value_loss():
+    """V 1.0, old 0.5, R 2, c 0.2: err (1 - 2)^2 = 1; V_clip = 0.7, (0.7 - 2)^2 = 1.69 -> 0.5 * 1.69 = 0.845.
+    Without clipping: 0.5 * 1 = 0.5."""
+    args = torch.tensor([[1.0]]), torch.tensor([[0.5]]), torch.tensor([[2.0]]), torch.ones(1, 1, dtype=torch.bool)
+    loss, clipped = clipped_value_loss(*args, clip_range=0.2)
+    assert float(loss) == pytest.approx(0.845) and bool(clipped)
+    loss, _ = clipped_value_loss(*args, clip_range=None)
+    assert float(loss) == pytest.approx(0.5)
+
+
+def test_dpo_and_ipo_losses():
+    """policy chosen -1, rejected -2; reference both -1.5; beta 0.5:
+    h = (-1 + 1.5) - (-2 + 1.5) = 1; DPO loss = -log sigmoid(0.5) = log(1 + e^-0.5) = 0.474077;
+    implicit rewards 0.5 * 0.5 = 0.25 and 0.5 * -0.5 = -0.25 (accuracy 1, margin 0.5);
+    IPO: (1 - 1 / (2 * 0.5))^2 = 0."""
+    args = [torch.tensor([v]) for v in (-1.0, -2.0, -1.5, -1.5)]
+    out = preference_loss(*args, beta=0.5)
+    assert float(out.loss) == pytest.approx(math.log1p(math.exp(-0.5)))
+    metrics = out.metrics()
+    assert metrics["chosen_reward"] == pytest.approx(0.25) and metrics["rejected_reward"] == pytest.approx(-0.25)
+    assert metrics["reward_accuracy"] == 1.0 and metrics["reward_margin"] == pytest.approx(0.5)
+    assert float(preference_loss(*args, beta=0.5, loss_type="ipo").loss) == pytest.approx(0.0)
+    # label smoothing 0.1: 0.9 * 0.474077 + 0.1 * log(1 + e^0.5) = 0.42667 + 0.09741 = 0.52408
+    smooth = preference_loss(*args, beta=0.5, label_smoothing=0.1)
+    assert float(smooth.loss) == pytest.approx(0.9 * math.log1p(math.exp(-0.5)) + 0.1 * math.log1p(math.exp(0.5)))
+
+
+def test_explained_variance():
+    """returns [1, 2, 3], values = returns -> 1; values = 0 -> 1 - var(r)/var(r) = 0; constant returns -> 0."""
+    r = torch.tensor([[1.0, 2.0, 3.0]])
+    m = torch.ones(1, 3, dtype=torch.bool)
+    assert float(explained_variance(r, r, m)) == pytest.approx(1.0)
+    assert float(explained_variance(torch.zeros_like(r), r, m)) == pytest.approx(0.0)
+    assert float(explained_variance(r, torch.ones_like(r), m)) == 0.0
