@@ -93,8 +93,8 @@ def test_learns_a_known_preference_rule_and_its_opposite(tmp_path, base):
     write_preferences(tmp_path / "val.jsonl", held_out)
     results = {}
     for name in ("train", "swapped"):
-        trainer = RewardTrainer(_config(base, tmp_path / f"{name}.jsonl", tmp_path / name, max_steps=60,
-                                        batch_size=16, lr=3e-3, val_data=tmp_path / "val.jsonl", eval_every=60),
+        trainer = RewardTrainer(_config(base, tmp_path / f"{name}.jsonl", tmp_path / name, max_steps=150,
+                                        batch_size=16, lr=3e-3, val_data=tmp_path / "val.jsonl", eval_every=150),
                                 tokenizer=Bytes()).setup()
         trainer.train()
         rc, rr = score_records(RewardModel.from_pretrained(tmp_path / name / "final"), Bytes(), held_out)
