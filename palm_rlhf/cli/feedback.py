@@ -64,7 +64,12 @@ def run(args) -> int:
 
 def run_serve(args) -> int:
     from ..errors import ConfigError
-    from ..feedback.app import create_app
+
+    try:
+        from ..feedback.app import create_app
+    except ImportError as e:
+        raise ConfigError(f"the web app needs the `web` extra ({e.name} is missing): "
+                          "pip install 'palm-rlhf[web]'") from e
     from ..feedback.auth import make_token, read_raters
     from ..feedback.pairs import ModelPairSource, PairQueue, load_checkpoint, read_prompts
     from ..feedback.server import bind, is_loopback, serve
