@@ -1,0 +1,156 @@
+"""Atomic, resumable training checkpoints: one directory per step plus a `latest` pointer.
+
+Layout (under `run_dir/checkpoints/`):
+
+    step_00000100/
+        state.pt             trainer state: optimizer, scheduler, step, RNG states, data position,
+                             resolved config ... (read back with torch.load(weights_only=True))
+        config.json          \\ the model as a `save_pretrained` directory, so
+        model.safetensors    /  PaLM.from_pretrained(step_dir) loads it directly
+        tokenizer.json ...   the tokenizer, so a checkpoint always decodes correctly
+    latest                   text file naming the newest complete step directory
+
+A checkpoint is written into a hidden temporary directory which is renamed into place only
+when every file is on disk; `latest` is then replaced atomically. A crash mid-save therefore
+leaves at worst an orphaned temporary directory (removed on the next start), never a broken
+`latest`. Older step directories beyond `keep_last` are deleted after the new one is published.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..errors import CheckpointError
+from ..model.checkpoint import atomic_save_tensors, atomic_write_bytes
+from .seed import rng_state, set_rng_state  # noqa: F401 - re-exported: checkpoints carry RNG states
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CheckpointManager", "rng_state", "set_rng_state", "STATE_NAME"]
+
+STATE_NAME = "state.pt"
+LATEST_NAME = "latest"
+_PREFIX = "step_"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class CheckpointManager:
+    """Save / find / load step checkpoints of one run. Only the main process writes."""
+
+    def __init__(self, run_dir, keep_last: int = 3, is_main: bool = True, subdir: str = "checkpoints"):
+        if keep_last < 1:
+            raise CheckpointError(f"keep_last={keep_last}: keep at least one checkpoint")
+        self.dir = Path(run_dir) / subdir
+        self.keep_last = keep_last
+        self.is_main = is_main
+        if is_main and self.dir.is_dir():
+            for orphan in self.dir.glob(".tmp-*"):  # left by a crash mid-save
+                shutil.rmtree(orphan, ignore_errors=True)
+
+    # ------------------------------------------------------------------ writing
+
+    def save(self, step: int, state: dict, *, model=None, tokenizer=None) -> Path | None:
+        """Write `step_XXXXXXXX/` atomically and point `latest` at it; returns its path (None off rank 0).
+
+        `model` is anything with `save_pretrained(dir)` (PaLM, RewardModel) or a plain dict of
+        tensors (e.g. a gathered FSDP state dict), stored as `model.safetensors`.
+        """
+        if not self.is_main:
+            return None
+        final = self.dir / f"{_PREFIX}{step:08d}"
+        tmp = self.dir / f".tmp-{final.name}-{os.getpid()}"
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            if model is not None:
+                if isinstance(model, dict):
+                    atomic_save_tensors(model, tmp / "model.safetensors", metadata={"format": "pt"})
+                else:
+                    model.save_pretrained(tmp)
+            if tokenizer is not None:
+                tokenizer.save(tmp)
+            buf = io.BytesIO()
+            torch.save(state, buf)
+            atomic_write_bytes(tmp / STATE_NAME, buf.getvalue())
+            _fsync_dir(tmp)
+            trash = None
+            if final.exists():  # re-saving a step (e.g. after resume): move the old one aside first
+                trash = self.dir / f".tmp-old-{final.name}-{os.getpid()}"
+                os.replace(final, trash)
+            os.replace(tmp, final)
+            _fsync_dir(self.dir)
+            atomic_write_bytes(self.dir / LATEST_NAME, final.name.encode())
+            if trash is not None:
+                shutil.rmtree(trash, ignore_errors=True)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(f"cannot write checkpoint {final}: {e}; check free space and permissions "
+                                  f"of {self.dir}") from e
+        self._prune(keep=final)
+        log.info("saved checkpoint %s", final)
+        return final
+
+    def _prune(self, keep: Path) -> None:
+        steps = self.list()
+        for old in steps[: max(0, len(steps) - self.keep_last)]:
+            if old != keep:
+                shutil.rmtree(old, ignore_errors=True)
+
+    # ------------------------------------------------------------------ reading
+
+    def list(self) -> list[Path]:
+        """Complete step directories, oldest first."""
+        if not self.dir.is_dir():
+            return []
+        return sorted(p for p in self.dir.glob(f"{_PREFIX}*") if (p / STATE_NAME).is_file())
+
+    def latest(self) -> Path | None:
+        """The directory `latest` names; if that is missing, the newest complete step directory."""
+        pointer = self.dir / LATEST_NAME
+        if pointer.is_file():
+            try:
+                candidate = self.dir / pointer.read_text().strip()
+            except OSError:
+                candidate = None
+            if candidate is not None and (candidate / STATE_NAME).is_file():
+                return candidate
+            log.warning("%s names a missing checkpoint; using the newest complete one", pointer)
+        steps = self.list()
+        return steps[-1] if steps else None
+
+    def load(self, path=None, map_location="cpu") -> dict:
+        """The trainer state of `path` (a step directory; default: latest). Adds `dir` to it."""
+        directory = Path(path) if path is not None else self.latest()
+        if directory is None:
+            raise CheckpointError(f"no checkpoint in {self.dir}; train first or pass the right run directory")
+        file = directory / STATE_NAME
+        if not file.is_file():
+            raise CheckpointError(f"{directory}: no {STATE_NAME}; is this a step directory of a training run?")
+        try:
+            state = torch.load(file, map_location=map_location, weights_only=True)
+        except Exception as e:  # noqa: BLE001 - truncated file, or pickled code we refuse to run
+            raise CheckpointError(f"{file}: cannot read ({e}); delete {directory} to fall back to an "
+                                  f"older checkpoint") from e
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{file}: expected a dict of trainer state")
+        state["dir"] = str(directory)
+        return state

@@ -1,0 +1,191 @@
+"""Config dataclasses from YAML presets plus dotted `key=value` overrides.
+
+    cfg = load_config(PretrainConfig, "configs/pretrain/tiny.yaml", ["optim.lr=1e-3", "model.depth=2"])
+
+Nested dataclass fields are addressed with dots (`optim.lr`). Values are parsed as YAML
+(`true`, `1e-3`, `[1, 2]`) and then coerced to the declared field type, so `out_dir=123`
+stays a string and `lr=1e-3` (which YAML 1.1 reads as a string) becomes a float. An unknown
+key raises `ConfigError` listing the valid keys. Validation itself lives in each dataclass's
+`__post_init__`, which runs once when the object is built here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+from ..errors import ConfigError
+
+__all__ = ["load_config", "config_to_dict", "config_from_dict", "config_keys"]
+
+
+def _field_types(cls) -> dict[str, Any]:
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # noqa: BLE001 - unresolvable forward refs: fall back to the raw annotations
+        hints = {}
+    return {f.name: hints.get(f.name, f.type) for f in dataclasses.fields(cls)}
+
+
+def _is_dataclass_type(tp) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def config_keys(cls, prefix: str = "") -> list[str]:
+    """Every dotted key `cls` accepts, nested dataclasses flattened (`optim.lr`)."""
+    keys = []
+    for name, tp in _field_types(cls).items():
+        if _is_dataclass_type(tp):
+            keys.extend(config_keys(tp, f"{prefix}{name}."))
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def _coerce(key: str, value, tp):
+    """Turn a YAML-parsed value into the declared type, or raise ConfigError naming `key`."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        tp = inner[0] if len(inner) == 1 else Any
+        origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any or tp is None:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise ConfigError(f"{key}={value!r}: must be true or false")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r}: must be an integer")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}={value!r}: must be an integer")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r}: must be a number")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}={value!r}: must be a number") from None
+    if tp is str:
+        if value is None:
+            return ""
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key}={value!r}: must be a string")
+        return str(value)
+    if origin in (tuple, list):
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip()] if value.strip() else []
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}={value!r}: must be a list")
+        item_tp = args[0] if args and (origin is list or (len(args) == 2 and args[1] is Ellipsis)) else None
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(args) != len(value):
+                raise ConfigError(f"{key}={value!r}: must have {len(args)} items")
+            items = [_coerce(f"{key}[{i}]", v, t) for i, (v, t) in enumerate(zip(value, args))]
+        else:
+            items = [_coerce(f"{key}[{i}]", v, item_tp) if item_tp else v for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else list(items)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}={value!r}: must be a mapping")
+        return dict(value)
+    return value
+
+
+def config_from_dict(cls, values: dict, prefix: str = ""):
+    """Build (and so validate) `cls` from a nested dict; unknown keys raise ConfigError."""
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping of fields, got {values!r}")
+    types = _field_types(cls)
+    unknown = sorted(set(values) - set(types))
+    if unknown:
+        raise ConfigError(f"unknown config key {prefix + unknown[0]!r}; valid keys: {', '.join(config_keys(cls, prefix))}")
+    kwargs = {}
+    for name, value in values.items():
+        tp = types[name]
+        if _is_dataclass_type(tp):
+            kwargs[name] = value if isinstance(value, tp) else config_from_dict(tp, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(prefix + name, value, tp)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a missing required field
+        raise ConfigError(f"{prefix or cls.__name__}: {e}") from None
+
+
+def config_to_dict(config) -> dict:
+    """A plain nested dict (tuples as lists) that YAML/JSON can store and `config_from_dict` reads back."""
+    def plain(v):
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+    return plain(dataclasses.asdict(config))
+
+
+def _set_dotted(values: dict, cls, key: str, raw: str) -> None:
+    parts = key.split(".")
+    valid = config_keys(cls)
+    node, node_cls = values, cls
+    for i, part in enumerate(parts):
+        types = _field_types(node_cls)
+        if part not in types:
+            raise ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(valid)}")
+        if i == len(parts) - 1:
+            if _is_dataclass_type(types[part]):
+                raise ConfigError(f"{key} is a group; set one of its keys, e.g. {key}.{config_keys(types[part])[0]}")
+            node[part] = yaml.safe_load(raw) if raw.strip() else ""
+            return
+        if not _is_dataclass_type(types[part]):
+            raise ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(valid)}")
+        sub = node.get(part)
+        if not isinstance(sub, dict):
+            sub = {} if sub is None else sub
+            if not isinstance(sub, dict):
+                raise ConfigError(f"{'.'.join(parts[:i + 1])}: expected a mapping in the YAML file")
+            node[part] = sub
+        node, node_cls = sub, types[part]
+
+
+def load_config(cls, path: str | Path | None = None, overrides: Iterable[str] = ()):
+    """YAML file (optional) + dotted `key=value` overrides -> a validated `cls` instance."""
+    values: dict = {}
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"--config {path}: no such file")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+            raise ConfigError(f"--config {path}: cannot read YAML ({e})") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"--config {path}: expected a mapping of config fields at the top level")
+    for item in overrides or ():
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: write it as key=value (e.g. optim.lr=1e-3)")
+        key, raw = item.split("=", 1)
+        _set_dotted(values, cls, key.strip(), raw)
+    return config_from_dict(cls, values)

@@ -1,0 +1,125 @@
+"""Optimizers and the learning-rate schedule every trainer uses.
+
+* `param_groups`: weight decay on matrices (ndim >= 2: projections, embeddings, LoRA factors),
+  none on vectors (norm gains, biases), as in GPT-2/nanoGPT: decaying a norm gain towards 0
+  only fights the normalisation.
+* `Lion` (Chen et al. 2023, https://arxiv.org/abs/2302.06675): sign of an interpolated momentum,
+  one state tensor per parameter instead of AdamW's two.
+* `warmup_cosine`: linear warmup to the peak lr, cosine decay to `min_lr_ratio * lr` at `max_steps`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+
+__all__ = ["OptimConfig", "param_groups", "Lion", "build_optimizer", "warmup_cosine", "build_scheduler"]
+
+OPTIMIZERS = ("adamw", "lion")
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"            # adamw | lion
+    lr: float = 3e-4               # peak learning rate (Lion wants ~3-10x smaller than AdamW)
+    weight_decay: float = 0.1      # applied to matrices only
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1      # the cosine ends at lr * min_lr_ratio
+    clip_grad_norm: float = 1.0    # 0 disables clipping
+
+    def __post_init__(self):
+        if self.name not in OPTIMIZERS:
+            raise ConfigError(f"optim.name={self.name!r}: use one of {', '.join(OPTIMIZERS)}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"optim.lr={self.lr!r}: must be a positive number")
+        if self.weight_decay < 0:
+            raise ConfigError(f"optim.weight_decay={self.weight_decay!r}: must be >= 0")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"optim.{name}={getattr(self, name)!r}: must be in [0, 1)")
+        if self.eps <= 0:
+            raise ConfigError(f"optim.eps={self.eps!r}: must be > 0")
+        if isinstance(self.warmup_steps, bool) or self.warmup_steps < 0:
+            raise ConfigError(f"optim.warmup_steps={self.warmup_steps!r}: must be >= 0")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"optim.min_lr_ratio={self.min_lr_ratio!r}: must be in [0, 1]")
+        if self.clip_grad_norm < 0:
+            raise ConfigError(f"optim.clip_grad_norm={self.clip_grad_norm!r}: must be >= 0 (0 disables)")
+
+
+def param_groups(named_params: Iterable[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
+    """Split trainable parameters into a decayed group (ndim >= 2) and a non-decayed one."""
+    decay, no_decay = [], []
+    for _, p in named_params:
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+class Lion(torch.optim.Optimizer):
+    """Lion: update = sign(beta1 * m + (1 - beta1) * g); m <- beta2 * m + (1 - beta2) * g."""
+
+    def __init__(self, params, lr: float = 1e-4, betas=(0.9, 0.99), weight_decay: float = 0.0):
+        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["exp_avg"] = torch.zeros_like(p)
+                m = state["exp_avg"]
+                p.mul_(1 - group["lr"] * group["weight_decay"])  # decoupled weight decay
+                update = m.mul(beta1).add_(p.grad, alpha=1 - beta1).sign_()
+                p.add_(update, alpha=-group["lr"])
+                m.mul_(beta2).add_(p.grad, alpha=1 - beta2)
+        return loss
+
+
+def build_optimizer(model_or_named, config: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW or Lion over decay/no-decay groups of a module (or of `(name, param)` pairs)."""
+    named = model_or_named.named_parameters() if isinstance(model_or_named, nn.Module) else model_or_named
+    groups = param_groups(named, config.weight_decay)
+    if not groups:
+        raise ConfigError("no trainable parameters: nothing to optimize (did you freeze everything?)")
+    if config.name == "lion":
+        return Lion(groups, lr=config.lr, betas=(config.beta1, config.beta2))
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), eps=config.eps)
+
+
+def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float = 0.1) -> float:
+    """LR multiplier for optimizer step `step` (0-based): linear warmup, then cosine to min_lr_ratio.
+
+    warmup_steps=2, max_steps=6, min 0.1: steps 0..5 -> 0.5, 1.0, 1.0, 0.775, 0.325, 0.1.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    decay_steps = max(1, max_steps - 1 - warmup_steps)
+    t = min(1.0, (step - warmup_steps) / decay_steps)
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config: OptimConfig, max_steps: int):
+    """A LambdaLR applying `warmup_cosine`; its state_dict is all resume needs."""
+    def schedule(step: int) -> float:
+        return warmup_cosine(step, config.warmup_steps, max_steps, config.min_lr_ratio)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)

@@ -1,0 +1,56 @@
+"""Decay groups, the warmup+cosine schedule and Lion, against hand-computed numbers."""
+
+import pytest
+import torch
+
+from palm_rlhf.errors import ConfigError
+from palm_rlhf.runtime.optim import Lion, OptimConfig, build_optimizer, build_scheduler, param_groups, warmup_cosine
+
+
+def test_warmup_cosine_by_hand():
+    """warmup 2, max 6, min 0.1: 0.5, 1.0, then 0.1 + 0.9 * (1 + cos(pi * t)) / 2 for t = 0, 1/3, 2/3, 1
+    = 1.0, 0.775, 0.325, 0.1."""
+    got = [warmup_cosine(s, 2, 6, 0.1) for s in range(6)]
+    assert got == pytest.approx([0.5, 1.0, 1.0, 0.775, 0.325, 0.1])
+    assert warmup_cosine(100, 2, 6, 0.1) == pytest.approx(0.1)  # stays at the floor past max_steps
+
+
+def test_scheduler_follows_the_multiplier():
+    p = torch.nn.Parameter(torch.zeros(2, 2))
+    opt = build_optimizer([("w", p)], OptimConfig(lr=1.0, warmup_steps=2, min_lr_ratio=0.1))
+    sched = build_scheduler(opt, OptimConfig(lr=1.0, warmup_steps=2, min_lr_ratio=0.1), max_steps=6)
+    lrs = []
+    for _ in range(6):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([0.5, 1.0, 1.0, 0.775, 0.325, 0.1])
+
+
+def test_decay_only_on_matrices():
+    lin, norm = torch.nn.Linear(3, 4), torch.nn.LayerNorm(4)
+    frozen = torch.nn.Parameter(torch.zeros(5, 5), requires_grad=False)
+    named = list(lin.named_parameters()) + list(norm.named_parameters()) + [("frozen", frozen)]
+    decay, no_decay = param_groups(named, 0.1)
+    assert [p.shape for p in decay["params"]] == [torch.Size([4, 3])] and decay["weight_decay"] == 0.1
+    assert len(no_decay["params"]) == 3 and no_decay["weight_decay"] == 0.0  # bias, norm weight, norm bias
+
+
+def test_lion_step_by_hand():
+    """m0 = 0, g = (0.5, -2), beta1 0.9: update = sign(0.1 g) = (1, -1); lr 0.1, wd 0.5:
+    p = (1, 1) * (1 - 0.05) - 0.1 * (1, -1) = (0.85, 1.05); m = 0.01 * g = (0.005, -0.02)."""
+    p = torch.nn.Parameter(torch.tensor([1.0, 1.0]))
+    opt = Lion([p], lr=0.1, betas=(0.9, 0.99), weight_decay=0.5)
+    p.grad = torch.tensor([0.5, -2.0])
+    opt.step()
+    assert p.detach().tolist() == pytest.approx([0.85, 1.05])
+    assert opt.state[p]["exp_avg"].tolist() == pytest.approx([0.005, -0.02])
+
+
+def test_optim_config_validation():
+    with pytest.raises(ConfigError, match="optim.lr"):
+        OptimConfig(lr=0)
+    with pytest.raises(ConfigError, match="optim.beta2"):
+        OptimConfig(beta2=1.0)
+    with pytest.raises(ConfigError, match="no trainable parameters"):
+        build_optimizer([("w", torch.nn.Parameter(torch.zeros(2), requires_grad=False))], OptimConfig())
