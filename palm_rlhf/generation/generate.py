@@ -124,7 +124,7 @@ class _Decode:
     def output(self) -> GenerationOutput:
         T = int(self.lengths.max()) if self.steps else 0
         mask = torch.arange(T, device=self.tokens.device)[None, :] < self.lengths[:, None]
-        # clone: tensors made under inference_mode cannot be saved for backward later
+        # clone (outside inference mode): inference tensors cannot be saved for backward later
         return GenerationOutput(tokens=self.tokens[:, :T].clone(), log_probs=self.log_probs[:, :T].clone(),
                                 lengths=self.lengths.clone(), mask=mask.clone(), stop_reasons=list(self.reasons),
                                 prompt_lengths=self.prompt_lengths.clone())
@@ -176,8 +176,7 @@ def generate(model, prompts, config: SamplingConfig | None = None, *, lengths=No
         decode = _start(model, prompts, config, lengths, finetune_scope, disable_lora, generator)
         for _ in decode:
             pass
-        out = decode.output()
-    return out
+    return decode.output()  # outside inference mode: its clones are ordinary tensors
 
 
 def stream(model, prompt, config: SamplingConfig | None = None, *, finetune_scope=None, disable_lora: bool = False,

@@ -1,0 +1,209 @@
+"""`generate` / `stream` / `PaLM.generate`: batching, stopping, log-probs, seeds, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from palm_rlhf.errors import ConfigError, InputError
+from palm_rlhf.generation import SamplingConfig, generate, process_logits, stream
+from palm_rlhf.model import PaLM
+
+V = 64
+
+
+def tiny(seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = dict(dim=32, num_tokens=V, depth=2, heads=2, dim_head=16)
+    cfg.update(kw)
+    return PaLM(**cfg).eval()
+
+
+def prompts(*lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, V, (n,), generator=g) for n in lengths]
+
+
+GREEDY = SamplingConfig(max_new_tokens=24, temperature=0)
+
+
+@pytest.mark.parametrize("flash_attn", [False, True])
+def test_batch_of_different_lengths_equals_each_prompt_alone(flash_attn):
+    model = tiny(flash_attn=flash_attn)
+    ps = prompts(3, 9, 1, 6)
+    out = generate(model, ps, GREEDY)
+    for i, p in enumerate(ps):
+        alone = generate(model, [p], GREEDY)
+        assert torch.equal(out.tokens[i], alone.tokens[0])
+        torch.testing.assert_close(out.log_probs[i], alone.log_probs[0], atol=1e-5, rtol=0)
+    assert out.prompt_lengths.tolist() == [3, 9, 1, 6]
+
+
+def test_padded_tensor_with_lengths_equals_list_of_prompts():
+    model = tiny()
+    ps = prompts(4, 7)
+    padded = torch.zeros(2, 7, dtype=torch.long)
+    padded[0, :4], padded[1] = ps[0], ps[1]  # right-padded
+    a = generate(model, ps, GREEDY)
+    b = generate(model, padded, GREEDY, lengths=torch.tensor([4, 7]))
+    assert torch.equal(a.tokens, b.tokens)
+
+
+def test_eos_stops_one_row_and_pads_after_it_while_others_continue():
+    model = tiny(seed=3)
+    ps = prompts(5, 5, seed=3)
+    free = generate(model, ps, SamplingConfig(max_new_tokens=24, seed=0))
+    # an EOS id that row 0 emits (first at step k) and row 1 never emits; the noise for
+    # every row is drawn each step, so row 1's draws do not depend on row 0 stopping
+    row0, row1 = free.tokens[0].tolist(), free.tokens[1].tolist()
+    eos = next(t for t in row0[1:] if t not in row1)
+    k = row0.index(eos)
+    out = generate(model, ps, SamplingConfig(max_new_tokens=24, seed=0, eos_token=eos))
+    assert out.stop_reasons == ["eos", "max_new_tokens"]
+    assert out.lengths.tolist() == [k + 1, 24]
+    assert out.tokens[0, : k + 1].tolist() == row0[: k + 1]  # EOS included
+    assert out.tokens[0, k + 1:].eq(0).all() and not out.mask[0, k + 1:].any()
+    assert out.log_probs[0, k + 1:].eq(0).all()
+    assert torch.equal(out.tokens[1], free.tokens[1])  # the other row is unaffected
+
+
+def test_stop_sequence_ends_the_row_after_the_sequence():
+    model = tiny(seed=4)
+    ps = prompts(6, seed=4)
+    free = generate(model, ps, SamplingConfig(max_new_tokens=30, temperature=1.0, seed=1))
+    row = free.tokens[0].tolist()
+    stop = row[10:12]
+    first = next(i for i in range(len(row) - 1) if row[i: i + 2] == stop)
+    out = generate(model, ps, SamplingConfig(max_new_tokens=30, temperature=1.0, seed=1,
+                                             stop_sequences=[stop, [V - 1] * 5]))
+    assert out.stop_reasons == ["stop_sequence"]
+    assert out.sequences() == [row[: first + 2]]
+    assert out.tokens.shape == (1, first + 2)  # trimmed to the longest row
+
+
+def test_max_new_tokens_bounds_every_row():
+    out = generate(tiny(), prompts(2, 5), SamplingConfig(max_new_tokens=7, seed=0))
+    assert out.tokens.shape == (2, 7) and out.lengths.tolist() == [7, 7] and out.mask.all()
+    assert out.stop_reasons == ["max_new_tokens"] * 2
+
+
+def test_same_seed_same_output_and_generator_argument():
+    model, ps = tiny(), prompts(3, 4)
+    cfg = SamplingConfig(max_new_tokens=20, top_k=10, seed=123)
+    a, b = generate(model, ps, cfg), generate(model, ps, cfg)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.log_probs, b.log_probs)
+    c = generate(model, ps, SamplingConfig(max_new_tokens=20, top_k=10), generator=torch.Generator().manual_seed(123))
+    assert torch.equal(a.tokens, c.tokens)
+    d = generate(model, ps, SamplingConfig(max_new_tokens=20, top_k=10, seed=124))
+    assert not torch.equal(a.tokens, d.tokens)
+
+
+@pytest.mark.parametrize("cfg", [
+    SamplingConfig(max_new_tokens=12, temperature=0.7, top_k=5, seed=0),
+    SamplingConfig(max_new_tokens=12, temperature=1.3, top_p=0.8, min_p=0.05, seed=1),
+    SamplingConfig(max_new_tokens=12, temperature=0.9, repetition_penalty=1.5, seed=2),
+])
+def test_log_probs_are_of_the_sampling_distribution(cfg):
+    """Recompute each token's log-prob from a full forward pass: log_softmax of the
+    logits after repetition penalty (prompt + earlier tokens), temperature and filters."""
+    model = tiny(seed=5)
+    p = prompts(5, seed=5)[0]
+    out = generate(model, [p], cfg)
+    seq = torch.cat([p, out.tokens[0]])
+    with torch.no_grad():
+        logits = model.logits(seq[None])[0]  # (n + T, V)
+    for t in range(out.tokens.shape[1]):
+        pos = len(p) + t - 1
+        seen = torch.zeros(1, V, dtype=torch.bool)
+        seen[0, seq[: pos + 1]] = True
+        processed = process_logits(logits[pos][None], cfg, seen)
+        expected = processed.log_softmax(-1)[0, out.tokens[0, t]]
+        assert torch.isfinite(expected)  # the drawn token survived the filters
+        torch.testing.assert_close(out.log_probs[0, t], expected, atol=1e-4, rtol=0)
+
+
+def test_stream_yields_the_same_tokens_as_generate():
+    model, p = tiny(), prompts(4)[0]
+    cfg = SamplingConfig(max_new_tokens=15, seed=9, eos_token=None)
+    assert list(stream(model, p, cfg)) == generate(model, [p], cfg).sequences()[0]
+    eos_cfg = SamplingConfig(max_new_tokens=15, temperature=0, eos_token=generate(model, [p], GREEDY).tokens[0, 2].item())
+    streamed = list(stream(model, p, eos_cfg))
+    assert streamed == generate(model, [p], eos_cfg).sequences()[0] and streamed[-1] == eos_cfg.eos_token
+
+
+def test_outputs_are_usable_by_autograd_and_training_mode_is_restored():
+    model = tiny().train()
+    out = generate(model, prompts(3), SamplingConfig(max_new_tokens=4, seed=0))
+    assert model.training
+    loss = model.logits(out.tokens).sum()  # embedding saves the ids for backward
+    loss.backward()
+
+
+@pytest.mark.parametrize("bad, match", [
+    ([torch.tensor([], dtype=torch.long)], "empty"),
+    ([torch.tensor([1, V])], f"token id {V}"),
+    ([torch.tensor([-1, 2])], "token id -1"),
+    ([torch.tensor([1.0, 2.0])], "dtype"),
+    ([], "no prompts"),
+])
+def test_bad_prompts_raise_clear_errors(bad, match):
+    with pytest.raises(InputError, match=match):
+        generate(tiny(), bad, GREEDY)
+
+
+def test_bad_lengths_and_config_raise():
+    model = tiny()
+    with pytest.raises(InputError, match="lengths"):
+        generate(model, torch.ones(2, 3, dtype=torch.long), GREEDY, lengths=torch.tensor([0, 3]))
+    with pytest.raises(ConfigError, match="max_new_tokens"):
+        generate(model, prompts(2), SamplingConfig(max_new_tokens=0))
+    with pytest.raises(ConfigError, match="top_p"):
+        SamplingConfig(top_p=0)
+    with pytest.raises(InputError, match="causal"):
+        generate(tiny(causal=False), prompts(2), GREEDY)
+    with pytest.raises(ConfigError, match="finetune scope"):
+        generate(model, prompts(2), GREEDY, finetune_scope="missing")
+
+
+# ---------------------------------------------------------------- seed-compatible PaLM.generate
+
+
+def test_palm_generate_matches_seed_package_greedy():
+    seed_pkg = pytest.importorskip("palm_rlhf_pytorch")
+    from palm_rlhf.model.convert import ours_to_v08
+
+    model = tiny(seed=6)
+    ref = seed_pkg.PaLM(dim=32, num_tokens=V, depth=2, heads=2, dim_head=16)
+    ref.load_state_dict(ours_to_v08(model.state_dict()))
+    prompt = torch.randint(1, V, (3, 7))
+    ours = model.generate(40, prompt, temperature=0.0)  # default legacy filter top_k(thres=0.9)
+    theirs = ref.generate(40, prompt, temperature=0.0)
+    assert ours.shape == (3, 33)  # seq_len includes the prompt
+    assert torch.equal(ours, theirs)
+
+
+def test_palm_generate_seed_conventions():
+    model = tiny()
+    assert model.generate(10).shape == (1, 10)  # no prompt: random start token, whole sequence returned
+    p = torch.randint(1, V, (5,))
+    assert model.generate(8, p).shape == (3,)  # 1-D prompt -> 1-D output
+    assert model.generate(4, p).shape == (1,)  # at least one new token
+    full = model.generate(8, p[None], return_seq_without_prompt=False, filter_logits_fn=None)
+    assert torch.equal(full[0, :5], p)
+
+
+def test_palm_generate_pads_each_row_after_its_eos_and_passes_lora_scope():
+    model = tiny(seed=3)
+    model.add_finetune_params("sft")
+    prompt = torch.stack(prompts(5, 5, seed=3))
+    torch.manual_seed(0)
+    free = model.generate(29, prompt, filter_logits_fn=None, finetune_scope="sft")
+    row0, row1 = free[0].tolist(), free[1].tolist()
+    eos = next(t for t in row0[1:] if t not in row1)
+    k = row0.index(eos)
+    torch.manual_seed(0)
+    out = model.generate(29, prompt, filter_logits_fn=None, eos_token=eos, pad_value=0, finetune_scope="sft")
+    assert out[0, : k + 1].tolist() == row0[: k + 1] and out[0, k + 1:].eq(0).all()
+    assert torch.equal(out[1], free[1])
+    with pytest.raises(InputError, match="unsupported"):
+        model.generate(8, prompt, extra_embed=None)
