@@ -90,7 +90,7 @@ def run_serve(args) -> int:
         raters = {token: "local"}
         print(f"no --raters file: sign in as 'local' with token {token}")
     checkpoints = [load_checkpoint(d) for d in args.checkpoint]
-    eos = getattr(checkpoints[0].tokenizer, "eos_id", None)
+    eos = checkpoints[0].tokenizer.eos_id  # 0 for every palm-rlhf tokenizer
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                               top_k=args.top_k, eos_token=eos)
     store = FeedbackStore(args.db, seed=args.seed)

@@ -66,34 +66,21 @@ def load_checkpoint(directory) -> LoadedCheckpoint:
                               "save_pretrained (or `palm-rlhf convert`) to --checkpoint")
     model = PaLM.from_pretrained(directory).eval()
     tokenizer = _tokenizer_for(directory)
-    vocab = getattr(tokenizer, "vocab_size", None)
-    if vocab is not None and vocab > model.config["num_tokens"]:
-        raise CheckpointError(f"{directory}: tokenizer has {vocab} tokens but the model only "
-                              f"{model.config['num_tokens']}; save the matching tokenizer with the model")
+    vocab, num_tokens = tokenizer.vocab_size, model.config["num_tokens"]
+    if vocab > num_tokens:
+        raise CheckpointError(f"{directory}: tokenizer has {vocab} tokens but the model only {num_tokens}; "
+                              "save the matching tokenizer with the model")
+    if vocab < num_tokens:
+        log.warning("%s: the model has %d tokens but its tokenizer %d; sampled ids >= %d are left out of "
+                    "the text raters see", directory, num_tokens, vocab, vocab)
     return LoadedCheckpoint(identity=checkpoint_identity(directory), model=model, tokenizer=tokenizer)
 
 
 def _tokenizer_for(directory: Path):
-    try:
-        from ..data.tokenizer import ByteTokenizer, load_tokenizer
-    except ImportError:  # the data package's tokenizers are optional here; bytes are the default
-        return _Utf8Bytes()
-    try:
-        return load_tokenizer(directory)
-    except (FileNotFoundError, CheckpointError, OSError, ValueError):
-        return ByteTokenizer()
+    from ..data.tokenizer import CONFIG_NAME, ByteTokenizer, load_tokenizer
 
-
-class _Utf8Bytes:
-    """UTF-8 bytes as token ids (what `ByteTokenizer` does), for trees without data.tokenizer."""
-
-    vocab_size, eos_id = 256, 0
-
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
-
-    def decode(self, ids) -> str:
-        return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
+    # a saved tokenizer that cannot be read is an error (DataError), not a silent fallback
+    return load_tokenizer(directory) if (directory / CONFIG_NAME).is_file() else ByteTokenizer()
 
 
 class ModelPairSource:
@@ -119,13 +106,12 @@ class ModelPairSource:
         generator = torch.Generator().manual_seed(self._rng.getrandbits(63))
         with torch.no_grad():
             out = generate(ckpt.model, [prompt_ids] * n, self.sampling, generator=generator)
-        eos = getattr(ckpt.tokenizer, "eos_id", None)
+        eos, vocab = ckpt.tokenizer.eos_id, ckpt.tokenizer.vocab_size
         texts = []
-        for row, length in zip(out.tokens.tolist(), out.lengths.tolist()):
-            row = row[:length]
-            if eos is not None and row and row[-1] == eos:
+        for row in out.sequences():
+            if row and row[-1] == eos:
                 row = row[:-1]  # the stop token is not part of the text a rater reads
-            texts.append(ckpt.tokenizer.decode(row))
+            texts.append(ckpt.tokenizer.decode([i for i in row if i < vocab]))
         return texts
 
     def make_pair(self, prompt: str) -> PairDraft:

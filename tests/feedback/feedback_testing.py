@@ -1,8 +1,10 @@
-"""Fixtures for the feedback app: fake pair source, raters, an in-process app, a real server."""
+"""Helpers for the feedback tests: fake pair source, raters files, a real server subprocess.
+
+(A uniquely named module, not conftest.py, so `from feedback_testing import ...` can never pick
+up another directory's helpers.)"""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import signal
 import subprocess
@@ -12,13 +14,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
 HERE = Path(__file__).parent
 ROOT = HERE.parent.parent
-_spec = importlib.util.spec_from_file_location("fake_feedback_server", HERE / "fake_feedback_server.py")
-fake_server = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(fake_server)
+sys.path.insert(0, str(HERE))
+import fake_feedback_server as fake_server  # noqa: E402  (also run as a script by start_server)
+
 FakePairSource = fake_server.FakePairSource
 
 # fixed, long-enough tokens: tests are readable and the raters file format is exercised
@@ -30,13 +30,6 @@ def write_raters(path: Path, names) -> dict[str, str]:
     tokens = {n: TOKENS.get(n, f"{n}-token-{'x' * 16}") for n in names}
     path.write_text("".join(f"{n} {t}\n" for n, t in tokens.items()))
     return tokens
-
-
-@pytest.fixture
-def raters_file(tmp_path):
-    path = tmp_path / "raters.txt"
-    write_raters(path, ["alice", "bob"])
-    return path
 
 
 @dataclass
@@ -89,24 +82,3 @@ def _wait_healthy(url: str, proc, lines, timeout: float = 30.0) -> None:
         time.sleep(0.1)
     proc.kill()
     raise RuntimeError("feedback server never answered /healthz:\n" + "".join(lines))
-
-
-@pytest.fixture
-def server_factory():
-    """start_server(...) with every started server stopped at teardown."""
-    started: list[Server] = []
-
-    def factory(*args, **kwargs) -> Server:
-        server = start_server(*args, **kwargs)
-        started.append(server)
-        return server
-
-    yield factory
-    for server in started:
-        if server.proc.poll() is None:
-            server.proc.terminate()
-            try:
-                server.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                server.proc.kill()
-                server.proc.wait(timeout=15)

@@ -7,7 +7,7 @@ import re
 import time
 
 import pytest
-from conftest import FakePairSource, TOKENS, fake_server, write_raters
+from feedback_testing import FakePairSource, TOKENS, fake_server, write_raters
 from starlette.testclient import TestClient
 
 from palm_rlhf.feedback.app import SESSION_COOKIE, create_app

@@ -14,7 +14,7 @@ import threading
 import httpx
 import pytest
 import torch
-from conftest import ROOT, write_raters
+from feedback_testing import ROOT, write_raters
 
 from palm_rlhf.cli.main import main
 from palm_rlhf.data.preferences import PairwiseRecord, read_preferences

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from conftest import write_raters
+from feedback_testing import write_raters
 
 
 def judge_loop(url: str, token: str, n: int, acknowledged: list, errors: list, stop: threading.Event | None = None):
