@@ -1,0 +1,85 @@
+"""GRPO trainer: `palm-rlhf grpo --config configs/rl/grpo.yaml [key=value ...]`.
+
+No critic: each prompt is sampled `group_size` times and the group's scores
+give the advantages (`palm_rlhf.rl.grpo`). `prompts_per_step` counts distinct
+prompts, so a step collects prompts_per_step * group_size responses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import ConfigError
+from ..model.checkpoint import load_adapter
+from ..rl.grpo import GRPOHyperparams, grpo_loss, grpo_prepare
+from .rl_base import RLRunConfig, RLTrainerBase
+
+
+@dataclass
+class GRPOConfig(RLRunConfig):
+    out_dir: str = "runs/grpo"
+    group_size: int = 8
+    clip_eps: float = 0.2
+    clip_eps_high: float | None = None
+    kl_coef: float = 0.04
+    scale_by_std: bool = True
+    aggregation: str = "seq_mean"        # seq_mean (GRPO) | token_mean (DAPO) | seq_sum_norm (Dr. GRPO)
+    ent_coef: float = 0.0
+    actor_scope: str = "actor"
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.hyperparams()
+
+    def hyperparams(self) -> GRPOHyperparams:
+        return GRPOHyperparams(group_size=self.group_size, clip_eps=self.clip_eps, clip_eps_high=self.clip_eps_high,
+                               kl_coef=self.kl_coef, scale_by_std=self.scale_by_std, aggregation=self.aggregation,
+                               ent_coef=self.ent_coef)
+
+
+class GRPOTrainer(RLTrainerBase):
+    name = "grpo"
+
+    def _build(self) -> None:
+        c = self.config
+        self.hp = c.hyperparams()
+        if self.dist.world > 1 and (c.prompts_per_step * c.group_size) % self.dist.world:
+            raise ConfigError(f"prompts_per_step * group_size = {c.prompts_per_step * c.group_size} must divide "
+                              f"evenly over {self.dist.world} ranks")
+        self.actor_scope = c.actor_scope
+        if self.actor_scope not in self.model.finetune_modules:
+            self.model.add_finetune_params(self.actor_scope, lora_r=c.lora_r)
+        if c.actor_adapter:
+            load_adapter(self.model, c.actor_adapter, scope=self.actor_scope)
+        for p in self.model.palm_parameters():
+            p.requires_grad_(False)
+
+    def _expand_prompts(self, rows):
+        # group by group: rows i*G .. i*G+G-1 share prompt i (a rank holds whole groups when G | rows/rank)
+        return [p for p in rows for _ in range(self.config.group_size)]
+
+    def _parameters(self):
+        return list(self.model.finetune_parameters(self.actor_scope))
+
+    def _prepare(self, rollout) -> dict:
+        return grpo_prepare(rollout, self.hp)
+
+    def _denominator(self, mb):
+        if self.hp.aggregation == "token_mean":
+            return super()._denominator(mb)
+        return float(self.dist.reduce_sum(torch.tensor(float(len(mb))))) / self.dist.world
+
+    def _loss(self, mb, denominator):
+        return grpo_loss(self.model, self.actor_scope, mb, self.hp, self.temperature, self.config.max_new_tokens,
+                         denominator)
+
+    def _trainable_state(self):
+        return dict(self.model.finetune_modules[self.actor_scope].state_dict())
+
+    def _load_trainable_state(self, state):
+        self.model.finetune_modules[self.actor_scope].load_state_dict(state)
+
+
+__all__ = ["GRPOConfig", "GRPOTrainer"]

@@ -1,0 +1,102 @@
+"""PPO trainer: `palm-rlhf ppo --config configs/rl/ppo.yaml [key=value ...]`.
+
+    trainer = PPOTrainer(PPOConfig(model="runs/sft", prompts="prompts.txt", reward_model="runs/rm"))
+    trainer.setup().train()
+
+The loop lives in `rl_base`; this file adds the critic, the KL controller, and the
+PPO prepare/loss from `palm_rlhf.rl.ppo`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import ConfigError
+from ..model.checkpoint import load_adapter
+from ..rl.actor_critic import ActorCritic
+from ..rl.kl import make_kl_controller
+from ..rl.ppo import PPOHyperparams, ppo_loss, ppo_prepare
+from .rl_base import RLRunConfig, RLTrainerBase
+
+
+@dataclass
+class PPOConfig(RLRunConfig):
+    out_dir: str = "runs/ppo"
+    critic_lr: float = 1e-4
+    kl_coef: float = 0.05                # initial (or fixed) coefficient of the k1 penalty in the reward
+    kl_target: float | None = None       # set to use the adaptive controller (target KL per sequence)
+    kl_horizon: int = 10000
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip_eps: float = 0.2
+    value_clip: float | None = 0.2
+    vf_coef: float = 0.5
+    ent_coef: float = 0.0
+    whiten_rewards: bool = False
+    whiten_advantages: bool = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.critic_lr <= 0:
+            raise ConfigError(f"critic_lr={self.critic_lr} must be > 0")
+        self.hyperparams()  # validates the PPO fields
+        make_kl_controller(self.kl_coef, self.kl_target, self.kl_horizon)
+
+    def hyperparams(self) -> PPOHyperparams:
+        return PPOHyperparams(gamma=self.gamma, lam=self.lam, clip_eps=self.clip_eps, value_clip=self.value_clip,
+                              vf_coef=self.vf_coef, ent_coef=self.ent_coef, whiten_rewards=self.whiten_rewards,
+                              whiten_advantages=self.whiten_advantages)
+
+
+class PPOTrainer(RLTrainerBase):
+    name = "ppo"
+
+    def _build(self) -> None:
+        c = self.config
+        self.hp = c.hyperparams()
+        self.actor_critic = ActorCritic(self.model, actor_lora_r=c.lora_r, critic_lora_r=c.lora_r)
+        self.actor_scope = self.actor_critic.actor_lora_scope
+        if c.actor_adapter:
+            load_adapter(self.model, c.actor_adapter, scope=self.actor_scope)
+        self.kl_ctl = make_kl_controller(c.kl_coef, c.kl_target, c.kl_horizon)
+
+    def _parameters(self):
+        return self.actor_critic.actor_parameters() + self.actor_critic.critic_parameters()
+
+    def _param_groups(self):
+        actor = {id(p) for p in self.actor_critic.actor_parameters()}
+        return [{"params": [p for p in self.params if id(p) in actor], "lr": self.config.lr},
+                {"params": [p for p in self.params if id(p) not in actor], "lr": self.config.critic_lr}]
+
+    def _critic(self):
+        return self.actor_critic
+
+    def _prepare(self, rollout) -> dict:
+        stats = ppo_prepare(rollout, self.hp, self.kl_ctl.value, self.dist.reduce_sum)
+        stats["kl_coef"] = self.kl_ctl.value
+        return stats
+
+    def _learn(self, rollout, step):
+        stats = super()._learn(rollout, step)
+        # the controller sees the batch's mean sequence KL (lm-human-preferences)
+        kl = (rollout.old_log_probs - rollout.ref_log_probs).masked_fill(~rollout.mask, 0).sum(-1).mean()
+        self.kl_ctl.update(float(kl), self.config.prompts_per_step)
+        return stats
+
+    def _loss(self, mb, denominator):
+        return ppo_loss(self.actor_critic, mb, self.hp, self.temperature, denominator)
+
+    def _trainable_state(self):
+        return self.actor_critic.trainable_state()
+
+    def _load_trainable_state(self, state):
+        self.actor_critic.load_trainable_state(state)
+
+    def _extra_state(self):
+        return {"kl_controller": self.kl_ctl.state_dict()}
+
+    def _load_extra_state(self, state):
+        self.kl_ctl.load_state_dict(state["kl_controller"])
+
+
+__all__ = ["PPOConfig", "PPOTrainer"]

@@ -1,0 +1,315 @@
+"""The loop PPO and GRPO share: sample prompts, collect a rollout, prepare
+advantages, a few epochs of minibatch updates, log, checkpoint.
+
+Determinism: the prompts, the sampling noise and the minibatch order of step s
+come from generators seeded by (seed, s, rank), so a resumed run replays exactly
+what an uninterrupted one would do; a checkpoint therefore holds the trainable
+weights, the optimizer, the KL controller and the step, nothing else.
+Under torchrun each rank collects its share of the prompts, whitening statistics
+and loss normalisers are summed across ranks, and gradients are averaged.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ..errors import CheckpointError, ConfigError, TrainingError
+from ..generation import SamplingConfig
+from ..model.checkpoint import atomic_write_bytes
+from ..rl.collect import collect_rollout, policy_temperature, strip_eos
+from ..rl.kl import kl_per_token, negative_kl_is_significant
+from ..rl.reference import Reference
+from ..rl.rollout import Rollout
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RLRunConfig:
+    """Fields every RL run shares (see configs/rl/*.yaml for commented examples)."""
+
+    model: str = ""                      # PaLM directory (save_pretrained); unused when a model is passed in
+    actor_adapter: str | None = None     # optional adapter (e.g. SFT) loaded into the actor scope first
+    prompts: str = ""                    # prompts file: .txt (one per line) or .jsonl with a "prompt" field
+    tokenizer: str | None = None         # tokenizer directory; None = byte-level
+    reward_model: str | None = None      # RewardModel directory
+    reward_fn: str | None = None         # "package.module:function", called as fn(prompts, completions)
+    reward_fn_weight: float = 1.0
+    reward_model_weight: float = 1.0
+    missing_eos_penalty: float = 0.0     # subtracted from responses that hit max_new_tokens
+    out_dir: str = "runs/rl"
+    steps: int = 100
+    prompts_per_step: int = 16
+    minibatch_size: int = 16             # rows per optimizer step (global, over all ranks)
+    epochs: int = 1
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    eos_token: int | None = 0
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    lora_r: int = 8
+    seed: int = 0
+    sample_every: int = 10               # log a table of completions every N steps (0 = never)
+    save_every: int = 0                  # checkpoint every N steps (0 = only at the end)
+    keep_last: int = 2
+
+    def __post_init__(self):
+        for name in ("steps", "prompts_per_step", "minibatch_size", "epochs", "max_new_tokens", "lora_r"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature={self.temperature} must be > 0 for RL (a greedy policy has no "
+                              f"log-probs to optimise)")
+        if self.lr <= 0:
+            raise ConfigError(f"lr={self.lr} must be > 0")
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            raise ConfigError(f"max_grad_norm={self.max_grad_norm} must be > 0 or null (off)")
+
+
+def seeded(seed: int, step: int, salt: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + step * 7919 + salt) % (2 ** 63))
+
+
+class DistInfo:
+    def __init__(self):
+        on = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if on else 0
+        self.world = dist.get_world_size() if on else 1
+        self.on = on
+
+    def reduce_sum(self, t: Tensor) -> Tensor:
+        if not self.on:
+            return t
+        t = t.clone()
+        dist.all_reduce(t)
+        return t
+
+    def average_grads(self, params) -> None:
+        if not self.on:
+            return
+        for p in params:
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad.div_(self.world)
+
+
+class RLTrainerBase:
+    """Subclasses implement `_build`, `_prepare`, `_loss`, `_trainable_state`, `_load_trainable_state`."""
+
+    name = "rl"
+
+    def __init__(self, config: RLRunConfig, *, model=None, reward=None, prompts=None, tokenizer=None):
+        self.config = config
+        self.model, self.reward, self.prompt_list, self.tokenizer = model, reward, prompts, tokenizer
+        self.dist = DistInfo()
+        self.step_done = 0
+        self.history: list[dict] = []
+        self._first_length = None
+
+    # ------------------------------------------------------------------ setup
+
+    def setup(self) -> "RLTrainerBase":
+        from .rl_setup import load_model, load_prompts, load_reward, load_tokenizer_for
+
+        c = self.config
+        torch.manual_seed(c.seed)
+        self.tokenizer = self.tokenizer if self.tokenizer is not None else load_tokenizer_for(c)
+        if self.model is None:
+            self.model = load_model(c)
+        self.prompt_list = load_prompts(self.prompt_list if self.prompt_list is not None else c.prompts,
+                                        self.tokenizer)
+        self.reward = load_reward(self.reward, c, self.tokenizer)
+        self.sampling = SamplingConfig(max_new_tokens=c.max_new_tokens, temperature=c.temperature,
+                                       eos_token=c.eos_token)
+        self.temperature = policy_temperature(self.sampling)
+        self._build()  # adds the actor (and critic) scopes, loads actor_adapter
+        self.reference = Reference(self.model, self.actor_scope)
+        self.params = [p for p in self._parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self._param_groups(), lr=c.lr, weight_decay=c.weight_decay)
+        self.out_dir = Path(c.out_dir)
+        self._maybe_resume()
+        return self
+
+    # ------------------------------------------------------------------ loop
+
+    def rows_per_step(self) -> int:
+        return self.config.prompts_per_step
+
+    def _prompts_for(self, step: int) -> list[Tensor]:
+        g = seeded(self.config.seed, step, 1)
+        idx = torch.randint(len(self.prompt_list), (self.config.prompts_per_step,), generator=g)
+        rows = [self.prompt_list[i] for i in idx.tolist()]
+        rows = self._expand_prompts(rows)  # GRPO repeats each prompt G times
+        # contiguous shares: rank r takes rows r*k .. r*k+k-1 (whole GRPO groups when G divides k)
+        share = len(rows) // self.dist.world
+        return rows[self.dist.rank * share:(self.dist.rank + 1) * share]
+
+    def _expand_prompts(self, rows):
+        return rows
+
+    def train(self) -> list[dict]:
+        c = self.config
+        for step in range(self.step_done, c.steps):
+            metrics = self.train_step(step)
+            self.history.append(metrics)
+            if self.dist.rank == 0:
+                self._write_metrics(metrics)
+            if c.save_every and (step + 1) % c.save_every == 0:
+                self.save_checkpoint()
+        if c.save_every == 0 or c.steps % c.save_every:
+            self.save_checkpoint()
+        return self.history
+
+    def train_step(self, step: int) -> dict:
+        c = self.config
+        t0 = time.perf_counter()
+        gen = seeded(c.seed, step, 2 + self.dist.rank)
+        rollout = collect_rollout(self.model, self._prompts_for(step), self.sampling, self.reward, self.reference,
+                                  actor_scope=self.actor_scope, actor_critic=self._critic(), generator=gen)
+        t1 = time.perf_counter()
+        metrics = {"step": step + 1, **self._rollout_metrics(rollout, step)}
+        metrics.update(self._prepare(rollout))
+        metrics.update(self._learn(rollout, step))
+        metrics["seconds_generation"] = t1 - t0
+        metrics["seconds_learning"] = time.perf_counter() - t1
+        self.step_done = step + 1
+        if c.sample_every and (step + 1) % c.sample_every == 0 and self.dist.rank == 0:
+            log.info("step %d samples:\n%s", step + 1, self.sample_table(rollout))
+        return metrics
+
+    def _learn(self, rollout: Rollout, step: int) -> dict:
+        c = self.config
+        n = len(rollout)
+        local_mb = max(1, c.minibatch_size // self.dist.world)
+        sums: dict[str, float] = {}
+        count = 0
+        self.model.train()
+        for epoch in range(c.epochs):
+            order = torch.randperm(n, generator=seeded(c.seed, step * 131 + epoch, 3))
+            for start in range(0, n, local_mb):
+                mb = rollout.select(order[start:start + local_mb])
+                denom = self._denominator(mb)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss, stats = self._loss(mb, denom)
+                if not torch.isfinite(loss):
+                    raise TrainingError(f"{self.name} step {step + 1}: loss is {float(loss)}; lower lr or "
+                                        f"check the reward scale")
+                loss.backward()
+                self.dist.average_grads(self.params)
+                if c.max_grad_norm is not None:
+                    stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm)
+                self.optimizer.step()
+                for k, v in stats.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+                count += 1
+        return {k: v / max(count, 1) for k, v in sums.items() if k != "tokens"}
+
+    def _denominator(self, mb: Rollout) -> float:
+        """Token count of the global minibatch per rank: averaging the ranks' gradients then gives
+        exactly the token-mean of the global minibatch."""
+        local = mb.mask.sum().double()
+        return float(self.dist.reduce_sum(local)) / self.dist.world
+
+    # ------------------------------------------------------------------ observability
+
+    def _rollout_metrics(self, rollout: Rollout, step: int) -> dict:
+        mask = rollout.mask
+        kl_tok = kl_per_token(rollout.old_log_probs, rollout.ref_log_probs, "k1").masked_fill(~mask, 0.0)
+        lengths = rollout.lengths.float()
+        eos = torch.tensor([r == "eos" for r in rollout.stop_reasons], dtype=torch.float32)
+        stats = torch.stack([rollout.scores.float().sum().cpu(), (rollout.scores.float() ** 2).sum().cpu(),
+                             kl_tok.sum(-1).sum().cpu(), lengths.sum().cpu(), eos.sum(),
+                             torch.tensor(float(len(rollout)))]).double()
+        s, s2, kl, ln, e, n = self.dist.reduce_sum(stats).tolist()
+        mean = s / n
+        out = {"reward_mean": mean, "reward_std": max(s2 / n - mean * mean, 0.0) ** 0.5, "kl_ref": kl / n,
+               "response_length": ln / n, "eos_rate": e / n}
+        if negative_kl_is_significant(kl_tok, mask):
+            log.warning("step %d: KL to the reference is negative beyond noise (%.4f per sequence); the policy "
+                        "and reference log-probs disagree (temperature or mask mismatch?)", step + 1, kl / n)
+        if self._first_length is None:
+            self._first_length = out["response_length"]
+        elif out["response_length"] < max(1.5, 0.25 * self._first_length):
+            log.warning("step %d: responses collapsed to %.1f tokens (%.1f at the start); the policy may be "
+                        "gaming the reward or the KL penalty", step + 1, out["response_length"], self._first_length)
+        return out
+
+    def sample_table(self, rollout: Rollout, rows: int = 4) -> str:
+        lines = ["| reward | prompt | completion |", "| --- | --- | --- |"]
+        for i in range(min(rows, len(rollout))):
+            p = rollout.prompts[i, : int(rollout.prompt_lengths[i])].tolist()
+            r = strip_eos(rollout.responses[i, : int(rollout.lengths[i])], rollout.stop_reasons[i]).tolist()
+            dec = (lambda t: self.tokenizer.decode(t)) if self.tokenizer is not None else str
+            text = [dec(p).replace("|", "\\|").replace("\n", " "), dec(r).replace("|", "\\|").replace("\n", " ")]
+            lines.append(f"| {float(rollout.scores[i]):.3f} | {text[0]} | {text[1]} |")
+        return "\n".join(lines)
+
+    def _write_metrics(self, metrics: dict) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.out_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({k: (float(v) if isinstance(v, (float, int, Tensor)) else v)
+                                for k, v in metrics.items()}) + "\n")
+        log.info("%s step %d: reward %.4f kl %.4f len %.1f", self.name, metrics["step"], metrics["reward_mean"],
+                 metrics["kl_ref"], metrics["response_length"])
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict:
+        return {"step": self.step_done, "trainable": self._trainable_state(),
+                "optimizer": self.optimizer.state_dict(), "extra": self._extra_state(),
+                "config": json.dumps(asdict(self.config))}
+
+    def save_checkpoint(self) -> Path | None:
+        if self.dist.rank != 0:
+            return None
+        buf = io.BytesIO()
+        torch.save(self.state_dict(), buf)
+        path = self.out_dir / f"step-{self.step_done:08d}" / "state.pt"
+        atomic_write_bytes(path, buf.getvalue())
+        atomic_write_bytes(self.out_dir / "latest", path.parent.name.encode())
+        old = sorted(p for p in self.out_dir.glob("step-*") if p.is_dir())
+        for stale in old[: max(0, len(old) - self.config.keep_last)]:
+            for f in stale.iterdir():
+                f.unlink()
+            stale.rmdir()
+        return path
+
+    def _maybe_resume(self) -> None:
+        latest = self.out_dir / "latest"
+        if not latest.exists():
+            return
+        path = self.out_dir / latest.read_text().strip() / "state.pt"
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unreadable file is a checkpoint problem
+            raise CheckpointError(f"{path}: cannot resume ({e}); delete {self.out_dir} to start over") from e
+        self._load_trainable_state(state["trainable"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self._load_extra_state(state["extra"])
+        self.step_done = int(state["step"])
+        log.info("resumed %s from %s at step %d", self.name, path, self.step_done)
+
+    def _extra_state(self) -> dict:
+        return {}
+
+    def _load_extra_state(self, state: dict) -> None:
+        pass
+
+    def _critic(self):
+        return None
+
+    def _param_groups(self):
+        return [{"params": self.params}]
+
+    def cleanup(self) -> None:
+        pass

@@ -1,0 +1,89 @@
+"""Building what an RL run needs from its config: model, tokenizer, prompts, reward."""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import torch
+
+from ..errors import ConfigError, DataError
+from ..model.palm import PaLM
+from ..model.reward import RewardModel
+from ..rl.rewards import MissingEOSPenalty, as_reward_source
+
+
+def load_tokenizer_for(config):
+    try:
+        from ..data.tokenizer import ByteTokenizer, load_tokenizer
+    except ImportError:  # the data layer's tokenizer is not available: prompts must be token ids
+        return None
+    return load_tokenizer(config.tokenizer) if config.tokenizer else ByteTokenizer()
+
+
+def load_model(config) -> PaLM:
+    if not config.model:
+        raise ConfigError("model is empty: set model=path/to/palm (a PaLM.save_pretrained directory)")
+    return PaLM.from_pretrained(config.model)
+
+
+def load_prompts(source, tokenizer) -> list[torch.Tensor]:
+    """Prompts from a list (of token tensors, or of strings with a tokenizer) or a .txt/.jsonl file."""
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if not str(source) or not path.exists():
+            raise DataError(f"prompts file {str(source)!r} not found; set prompts=path/to/prompts.txt or .jsonl")
+        lines = path.read_text(encoding="utf-8").splitlines()
+        if path.suffix == ".jsonl":
+            texts = []
+            for i, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                try:
+                    texts.append(json.loads(line)["prompt"])
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    raise DataError(f"{path}:{i}: expected a JSON object with a 'prompt' string ({e})") from None
+        else:
+            texts = [line for line in lines if line.strip()]
+        source = texts
+    out = []
+    for i, p in enumerate(source):
+        if isinstance(p, str):
+            if tokenizer is None:
+                raise ConfigError("text prompts need a tokenizer (pass tokenizer=...)")
+            p = tokenizer.encode(p)
+        t = torch.as_tensor(p, dtype=torch.long).reshape(-1)
+        if t.numel() == 0:
+            raise DataError(f"prompt {i} is empty; every prompt needs at least one token")
+        out.append(t)
+    if not out:
+        raise DataError("no prompts: the prompt list/file is empty")
+    return out
+
+
+def import_function(spec: str):
+    module, _, name = spec.partition(":")
+    if not module or not name:
+        raise ConfigError(f"reward_fn={spec!r} must look like 'package.module:function'")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"reward_fn={spec!r} cannot be imported: {e}") from e
+
+
+def load_reward(reward, config, tokenizer):
+    """The run's reward source: an object passed in, else the config's reward model and/or function."""
+    if reward is None:
+        parts = []
+        if config.reward_model:
+            parts.append((RewardModel.from_pretrained(config.reward_model, dropout=0.0), config.reward_model_weight))
+        if config.reward_fn:
+            parts.append((as_reward_source(import_function(config.reward_fn), tokenizer), config.reward_fn_weight))
+        if not parts:
+            raise ConfigError("no reward: set reward_model=path/to/reward_model and/or reward_fn=module:function")
+        reward = parts[0][0] if len(parts) == 1 and parts[0][1] == 1.0 else parts
+    source = as_reward_source(reward, tokenizer)
+    if config.missing_eos_penalty:
+        source = MissingEOSPenalty(source, config.missing_eos_penalty)
+    return source
