@@ -1,0 +1,123 @@
+"""`palm-rlhf info`: describe any checkpoint without running it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+EXAMPLES = """examples:
+  palm-rlhf info runs/pretrain                 # a run directory: its latest checkpoint
+  palm-rlhf info runs/pretrain/checkpoints/step_00000100
+  palm-rlhf info runs/rm/final                 # a reward model
+  palm-rlhf info actor.safetensors             # a LoRA adapter saved alone
+  palm-rlhf info palm.pt --json                # a bare state dict (shape-inferred config)
+"""
+
+
+def register(sub) -> None:
+    p = sub.add_parser("info", help="describe a checkpoint: config, parameters, scopes, tokenizer, step",
+                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", type=Path, help="run dir, step dir, save_pretrained dir, adapter or state-dict file")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.set_defaults(func=run)
+
+
+def _tensor_shapes(path: Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}, (f.metadata() or {})
+
+
+def _count(shapes: dict, exclude_prefix: str = "finetune_modules.") -> tuple[int, int]:
+    import math
+
+    base = sum(math.prod(s) for k, s in shapes.items() if not k.startswith(exclude_prefix) and "beta" not in k
+               and k != "to_logits.weight" and not k.endswith(("inv_freq", "rotary_emb.scale")))
+    lora = sum(math.prod(s) for k, s in shapes.items() if k.startswith(exclude_prefix))
+    return base, lora
+
+
+def _resolve_dir(path: Path) -> Path:
+    """A run directory resolves to its latest checkpoint (or its final model)."""
+    from ..runtime.checkpoint import CheckpointManager
+
+    if (path / "config.json").is_file():
+        return path
+    for sub in ("final", "model"):
+        if (path / sub / "config.json").is_file():
+            return path / sub
+    latest = CheckpointManager(path).latest()
+    return latest if latest is not None else path
+
+
+def describe(path: Path) -> dict:
+    from ..errors import CheckpointError
+    from ..model.checkpoint import load_state_dict_file
+    from ..model.convert import infer_config, guess_gain_convention
+
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or directory")
+    info: dict = {"path": str(path)}
+    if path.is_file():
+        if path.suffix == ".safetensors":
+            shapes, meta = _tensor_shapes(path)
+            if "lora_r" in meta:
+                info.update(kind="lora adapter", scope=meta.get("scope"), lora_r=int(meta["lora_r"]),
+                            parameters=sum(_count(shapes, "\0")))
+                return info
+        state = load_state_dict_file(path)
+        config = infer_config(state)
+        info.update(kind="state dict", layernorm_gain=guess_gain_convention(state),
+                    scopes=config.pop("finetune_scopes"), config=config)
+        info["parameters"], info["lora_parameters"] = _count({k: tuple(v.shape) for k, v in state.items()})
+        return info
+
+    directory = _resolve_dir(path)
+    if not (directory / "config.json").is_file():
+        raise CheckpointError(f"{path}: no config.json and no checkpoints; expected a run directory, a step "
+                              f"directory or a save_pretrained directory")
+    config = json.loads((directory / "config.json").read_text())
+    info["resolved"] = str(directory)
+    if config.get("model_type") == "reward_model":
+        info.update(kind="reward model", reward=config.get("reward"))
+        config = dict(config["palm"])
+    else:
+        info["kind"] = "PaLM"
+    info["scopes"] = config.pop("finetune_scopes", {}) or {}
+    info["config"] = {k: v for k, v in config.items() if k not in ("format_version", "layernorm_gain")}
+    weights = directory / "model.safetensors"
+    if weights.is_file():
+        info["parameters"], info["lora_parameters"] = _count(_tensor_shapes(weights)[0])
+    try:
+        from ..data.tokenizer import load_tokenizer
+
+        info["tokenizer"] = repr(load_tokenizer(directory))
+    except Exception:  # noqa: BLE001 - a model without a tokenizer decodes as bytes
+        info["tokenizer"] = "none saved (bytes assumed)"
+    state_file = directory / "state.pt"
+    if state_file.is_file():
+        from ..runtime.checkpoint import CheckpointManager
+
+        state = CheckpointManager(directory.parent).load(directory)
+        info["step"] = state.get("step")
+    return info
+
+
+def run(args) -> int:
+    info = describe(args.checkpoint)
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    print(f"{info['path']}: {info['kind']}" + (f" (resolved to {info['resolved']})" if "resolved" in info else ""))
+    for key in ("step", "parameters", "lora_parameters", "scope", "lora_r", "scopes", "tokenizer", "layernorm_gain"):
+        if key in info and info[key] not in (None, {}):
+            value = f"{info[key]:,}" if isinstance(info[key], int) and key.endswith("parameters") else info[key]
+            print(f"  {key:16s} {value}")
+    for section in ("config", "reward"):
+        if info.get(section):
+            print(f"  {section}:")
+            for k, v in info[section].items():
+                print(f"    {k:28s} {v}")
+    return 0
