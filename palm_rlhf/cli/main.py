@@ -21,6 +21,7 @@ from ..errors import PalmRLHFError, TrainingError
 COMMAND_MODULES = [
     "quickstart",
     "convert",
+    "info",
     "generate",
     "reward",
     "feedback",
