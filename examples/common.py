@@ -1,0 +1,108 @@
+"""What the examples share (example code, not part of the library): the command line,
+a short pretraining loop, sampling + scoring for before/after numbers, the JSON summary.
+
+The examples import it as a sibling module (`python examples/NAME.py` puts this folder on
+sys.path), so none of them repeats these helpers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+from pathlib import Path
+
+import torch
+
+from palm_rlhf.generation import SamplingConfig, generate
+from palm_rlhf.rl.collect import strip_eos
+from palm_rlhf.rl.rewards import as_reward_source
+from palm_rlhf.runtime.optim import OptimConfig, build_optimizer, build_scheduler
+from palm_rlhf.runtime.step import TrainStep
+
+REPO = Path(__file__).resolve().parents[1]
+log = logging.getLogger("example")
+
+
+def parser(description: str, name: str) -> argparse.ArgumentParser:
+    """--quick (tiny sizes, ~10-40 s on 2 CPU cores), --out (run directory), --seed."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny sizes and few steps (what CI runs)")
+    p.add_argument("--out", default=str(REPO / "runs" / "examples" / name), help="where to write the run")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def start(args) -> Path:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def pretrain(model, data: torch.Tensor, *, steps: int, batch_size: int, seq_len: int, lr: float = 3e-3,
+             seed: int = 0, log_every: int = 50) -> list[float]:
+    """Next-token training on random windows of the 1-D token tensor `data`, through the library's one
+    optimizer step (`TrainStep`) with AdamW + warmup/cosine. Returns the loss of every step."""
+    if data.numel() <= seq_len + 1:
+        raise ValueError(f"need more than {seq_len + 1} tokens to pretrain on, got {data.numel()}")
+    optim = OptimConfig(lr=lr, weight_decay=0.01, warmup_steps=max(1, steps // 10))
+    optimizer = build_optimizer(model, optim)
+    stepper = TrainStep(model, optimizer, build_scheduler(optimizer, optim, steps), clip_grad_norm=1.0)
+    g = torch.Generator().manual_seed(seed)
+    losses = []
+    model.train()
+    for step in range(steps):
+        starts = torch.randint(0, data.numel() - seq_len - 1, (batch_size,), generator=g).tolist()
+        batch = torch.stack([data[s:s + seq_len + 1] for s in starts])  # (b, seq_len + 1)
+        losses.append(stepper(lambda b: model.loss(b), [batch], step=step).loss)
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            log.info("pretrain step %d/%d: loss %.3f", step + 1, steps, losses[-1])
+    model.eval()
+    return losses
+
+
+@torch.no_grad()
+def sample_and_score(model, tokenizer, prompts: list[str], reward, *, max_new_tokens: int, eos_token: int | None,
+                     scope: str | None = None, seed: int = 0, show: int = 3) -> dict:
+    """Sample one completion per prompt (temperature 1, as RL samples) with the LoRA `scope` (None: the
+    base model) and score them with `reward` (a RewardModel, or fn(prompts, completions) on strings).
+    Returns the mean score and a few decoded samples."""
+    model.eval()
+    ids = [torch.tensor(tokenizer.encode(p), dtype=torch.long) for p in prompts]
+    config = SamplingConfig(max_new_tokens=max_new_tokens, temperature=1.0, eos_token=eos_token)
+    out = generate(model, ids, config, finetune_scope=scope, generator=torch.Generator().manual_seed(seed))
+    completions = [strip_eos(row[:n], r) for row, n, r in zip(out.tokens, out.lengths.tolist(), out.stop_reasons)]
+    scores = as_reward_source(reward, tokenizer)(ids, completions, out.stop_reasons)
+    texts = [tokenizer.decode(c.tolist()) for c in completions]
+    return {"mean": float(scores.mean()), "samples": [{"prompt": p, "completion": t, "score": round(float(s), 4)}
+                                                      for p, t, s in zip(prompts[:show], texts, scores.tolist())]}
+
+
+def rl_summary(history: list[dict], last: int = 3) -> dict:
+    """Mean reward and KL to the reference at the first RL step and over the last `last` steps."""
+    tail = history[-last:]
+    return {"steps": len(history), "reward_first_step": history[0]["reward_mean"],
+            "reward_last_steps": sum(h["reward_mean"] for h in tail) / len(tail),
+            "kl_last_steps": sum(h["kl_ref"] for h in tail) / len(tail)}
+
+
+def write_summary(out: Path, summary: dict) -> Path:
+    """out/summary.json; every number must be finite (the CI test checks this too)."""
+    def check(x, where):
+        if isinstance(x, float) and not math.isfinite(x):
+            raise ValueError(f"summary value {where} is not finite: {x}")
+        if isinstance(x, dict):
+            for k, v in x.items():
+                check(v, f"{where}.{k}")
+        if isinstance(x, list):
+            for i, v in enumerate(x):
+                check(v, f"{where}[{i}]")
+
+    check(summary, "summary")
+    path = out / "summary.json"
+    path.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    print(f"summary written to {path}")
+    return path
