@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from ..errors import ConfigError
 from ..model.checkpoint import load_adapter
+from ..rl.losses import aggregation_count
 from ..rl.grpo import GRPOHyperparams, grpo_loss, grpo_prepare
 from .rl_base import RLRunConfig, RLTrainerBase
 
@@ -66,14 +65,11 @@ class GRPOTrainer(RLTrainerBase):
     def _prepare(self, rollout) -> dict:
         return grpo_prepare(rollout, self.hp)
 
-    def _denominator(self, mb):
-        if self.hp.aggregation == "token_mean":
-            return super()._denominator(mb)
-        return float(self.dist.reduce_sum(torch.tensor(float(len(mb))))) / self.dist.world
+    def _weight(self, mb):
+        return float(aggregation_count(mb.mask, self.hp.aggregation))
 
-    def _loss(self, mb, denominator):
-        return grpo_loss(self.model, self.actor_scope, mb, self.hp, self.temperature, self.config.max_new_tokens,
-                         denominator)
+    def _loss(self, mb):
+        return grpo_loss(self.model, self.actor_scope, mb, self.hp, self.temperature, self.config.max_new_tokens)
 
     def _trainable_state(self):
         return dict(self.model.finetune_modules[self.actor_scope].state_dict())

@@ -83,8 +83,8 @@ class PPOTrainer(RLTrainerBase):
         self.kl_ctl.update(float(kl), self.config.prompts_per_step)
         return stats
 
-    def _loss(self, mb, denominator):
-        return ppo_loss(self.actor_critic, mb, self.hp, self.temperature, denominator)
+    def _loss(self, mb):
+        return ppo_loss(self.actor_critic, mb, self.hp, self.temperature)
 
     def _trainable_state(self):
         return self.actor_critic.trainable_state()

@@ -11,7 +11,6 @@ and loss normalisers are summed across ranks, and gradients are averaged.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import time
@@ -22,9 +21,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..errors import CheckpointError, ConfigError, TrainingError
+from ..errors import ConfigError
 from ..generation import SamplingConfig
-from ..model.checkpoint import atomic_write_bytes
+from ..runtime.checkpoint import CheckpointManager
+from ..runtime.distributed import all_reduce_sum
+from ..runtime.metrics import MetricsLogger
+from ..runtime.step import TrainStep
 from ..rl.collect import collect_rollout, policy_temperature, strip_eos
 from ..rl.kl import kl_per_token, negative_kl_is_significant
 from ..rl.reference import Reference
@@ -57,6 +59,7 @@ class RLRunConfig:
     lr: float = 1e-4
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
+    precision: str = "fp32"              # fp32 | bf16 (autocast) | fp16 (CUDA)
     lora_r: int = 8
     seed: int = 0
     sample_every: int = 10               # log a table of completions every N steps (0 = never)
@@ -85,22 +88,10 @@ class DistInfo:
         on = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if on else 0
         self.world = dist.get_world_size() if on else 1
-        self.on = on
 
-    def reduce_sum(self, t: Tensor) -> Tensor:
-        if not self.on:
-            return t
-        t = t.clone()
-        dist.all_reduce(t)
-        return t
-
-    def average_grads(self, params) -> None:
-        if not self.on:
-            return
-        for p in params:
-            if p.grad is not None:
-                dist.all_reduce(p.grad)
-                p.grad.div_(self.world)
+    @staticmethod
+    def reduce_sum(t: Tensor) -> Tensor:
+        return all_reduce_sum(t)
 
 
 class RLTrainerBase:
@@ -136,8 +127,13 @@ class RLTrainerBase:
         self.reference = Reference(self.model, self.actor_scope)
         self.params = [p for p in self._parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self._param_groups(), lr=c.lr, weight_decay=c.weight_decay)
+        self.stepper = TrainStep(self.model, self.optimizer, clip_grad_norm=c.max_grad_norm or 0.0,
+                                 precision=c.precision)
         self.out_dir = Path(c.out_dir)
+        self.checkpoints = CheckpointManager(self.out_dir, keep_last=c.keep_last, is_main=self.dist.rank == 0)
         self._maybe_resume()
+        self.metrics = MetricsLogger(self.out_dir, is_main=self.dist.rank == 0,
+                                     resume_step=self.step_done if self.step_done else None)
         return self
 
     # ------------------------------------------------------------------ loop
@@ -162,8 +158,7 @@ class RLTrainerBase:
         for step in range(self.step_done, c.steps):
             metrics = self.train_step(step)
             self.history.append(metrics)
-            if self.dist.rank == 0:
-                self._write_metrics(metrics)
+            self._write_metrics(metrics)
             if c.save_every and (step + 1) % c.save_every == 0:
                 self.save_checkpoint()
         if c.save_every == 0 or c.steps % c.save_every:
@@ -184,10 +179,16 @@ class RLTrainerBase:
         metrics["seconds_learning"] = time.perf_counter() - t1
         self.step_done = step + 1
         if c.sample_every and (step + 1) % c.sample_every == 0 and self.dist.rank == 0:
-            log.info("step %d samples:\n%s", step + 1, self.sample_table(rollout))
+            table = self.sample_table(rollout)
+            log.info("step %d samples:\n%s", step + 1, table)
+            if getattr(self, "metrics", None) is not None:
+                self.metrics.log_text(step + 1, "samples", table)
         return metrics
 
     def _learn(self, rollout: Rollout, step: int) -> dict:
+        """`epochs` passes over the rollout in minibatches; each minibatch is one `TrainStep`, which
+        weights every rank's loss by its token (or sequence) count, so ranks and minibatches of
+        uneven sizes give exactly the mean over the global minibatch."""
         c = self.config
         n = len(rollout)
         local_mb = max(1, c.minibatch_size // self.dist.world)
@@ -198,27 +199,23 @@ class RLTrainerBase:
             order = torch.randperm(n, generator=seeded(c.seed, step * 131 + epoch, 3))
             for start in range(0, n, local_mb):
                 mb = rollout.select(order[start:start + local_mb])
-                denom = self._denominator(mb)
-                self.optimizer.zero_grad(set_to_none=True)
-                loss, stats = self._loss(mb, denom)
-                if not torch.isfinite(loss):
-                    raise TrainingError(f"{self.name} step {step + 1}: loss is {float(loss)}; lower lr or "
-                                        f"check the reward scale")
-                loss.backward()
-                self.dist.average_grads(self.params)
-                if c.max_grad_norm is not None:
-                    stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm)
-                self.optimizer.step()
-                for k, v in stats.items():
+                captured = {}
+
+                def loss_fn(batch):
+                    loss, stats = self._loss(batch)
+                    captured.update(stats)
+                    return loss, self._weight(batch)
+
+                result = self.stepper(loss_fn, [mb], step=step + 1)
+                captured["grad_norm"] = result.grad_norm
+                for k, v in captured.items():
                     sums[k] = sums.get(k, 0.0) + float(v)
                 count += 1
         return {k: v / max(count, 1) for k, v in sums.items() if k != "tokens"}
 
-    def _denominator(self, mb: Rollout) -> float:
-        """Token count of the global minibatch per rank: averaging the ranks' gradients then gives
-        exactly the token-mean of the global minibatch."""
-        local = mb.mask.sum().double()
-        return float(self.dist.reduce_sum(local)) / self.dist.world
+    def _weight(self, mb: Rollout) -> float:
+        """How many units the minibatch's mean loss is over (tokens for a token mean)."""
+        return float(mb.mask.sum())
 
     # ------------------------------------------------------------------ observability
 
@@ -255,49 +252,34 @@ class RLTrainerBase:
         return "\n".join(lines)
 
     def _write_metrics(self, metrics: dict) -> None:
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.out_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps({k: (float(v) if isinstance(v, (float, int, Tensor)) else v)
-                                for k, v in metrics.items()}) + "\n")
-        log.info("%s step %d: reward %.4f kl %.4f len %.1f", self.name, metrics["step"], metrics["reward_mean"],
-                 metrics["kl_ref"], metrics["response_length"])
+        if getattr(self, "metrics", None) is not None:
+            self.metrics.log(metrics["step"], {k: v for k, v in metrics.items() if k != "step"})
+        if self.dist.rank == 0:
+            log.info("%s step %d: reward %.4f kl %.4f len %.1f", self.name, metrics["step"], metrics["reward_mean"],
+                     metrics["kl_ref"], metrics["response_length"])
 
     # ------------------------------------------------------------------ checkpoints
 
     def state_dict(self) -> dict:
+        """Trainable weights, optimizer, KL controller (PPO), step. Rollout randomness is a function of
+        (seed, step, rank), so no RNG state is needed for an exact resume."""
         return {"step": self.step_done, "trainable": self._trainable_state(),
-                "optimizer": self.optimizer.state_dict(), "extra": self._extra_state(),
-                "config": json.dumps(asdict(self.config))}
+                "optimizer": self.optimizer.state_dict(), "stepper": self.stepper.state_dict(),
+                "extra": self._extra_state(), "config": json.dumps(asdict(self.config))}
 
     def save_checkpoint(self) -> Path | None:
-        if self.dist.rank != 0:
-            return None
-        buf = io.BytesIO()
-        torch.save(self.state_dict(), buf)
-        path = self.out_dir / f"step-{self.step_done:08d}" / "state.pt"
-        atomic_write_bytes(path, buf.getvalue())
-        atomic_write_bytes(self.out_dir / "latest", path.parent.name.encode())
-        old = sorted(p for p in self.out_dir.glob("step-*") if p.is_dir())
-        for stale in old[: max(0, len(old) - self.config.keep_last)]:
-            for f in stale.iterdir():
-                f.unlink()
-            stale.rmdir()
-        return path
+        return self.checkpoints.save(self.step_done, self.state_dict())
 
     def _maybe_resume(self) -> None:
-        latest = self.out_dir / "latest"
-        if not latest.exists():
+        if self.checkpoints.latest() is None:
             return
-        path = self.out_dir / latest.read_text().strip() / "state.pt"
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - any unreadable file is a checkpoint problem
-            raise CheckpointError(f"{path}: cannot resume ({e}); delete {self.out_dir} to start over") from e
+        state = self.checkpoints.load()
         self._load_trainable_state(state["trainable"])
         self.optimizer.load_state_dict(state["optimizer"])
+        self.stepper.load_state_dict(state["stepper"])
         self._load_extra_state(state["extra"])
         self.step_done = int(state["step"])
-        log.info("resumed %s from %s at step %d", self.name, path, self.step_done)
+        log.info("resumed %s from %s at step %d", self.name, state["dir"], self.step_done)
 
     def _extra_state(self) -> dict:
         return {}
@@ -312,4 +294,5 @@ class RLTrainerBase:
         return [{"params": self.params}]
 
     def cleanup(self) -> None:
-        pass
+        if getattr(self, "metrics", None) is not None:
+            self.metrics.close()
