@@ -160,3 +160,18 @@ def gumbel_sample(logits: Tensor, temperature: float = 1.0, dim: int = -1, gener
     exp_noise = (-torch.log(noise.clamp(min=1e-20))).clamp(min=1e-20)  # Exp(1), never 0
     gumbel = -torch.log(exp_noise)
     return ((logits / max(temperature, 1e-10)) + gumbel).argmax(dim=dim)
+
+
+def token_cross_entropy(logits: Tensor, targets: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Mean next-token cross entropy (nats) over the positions where `mask` is True.
+
+    logits (b, n, V), targets (b, n), mask (b, n) bool or None (all positions). Computed in
+    fp32 even under autocast. No ignore_index: which targets count is always an explicit mask.
+    A mask with no True entries gives 0 (with a zero gradient), not NaN.
+    """
+    losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                             reduction="none")  # (b * n,)
+    if mask is None:
+        return losses.mean()
+    mask = mask.reshape(-1).to(losses.dtype)
+    return (losses * mask).sum() / mask.sum().clamp(min=1.0)

@@ -20,6 +20,10 @@ from ..errors import PalmRLHFError, TrainingError
 # one module per command (or command group), in the order `--help` lists them
 COMMAND_MODULES = [
     "quickstart",
+    "prepare",
+    "tokenizer",
+    "pretrain",
+    "plot",
     "convert",
     "info",
     "generate",
