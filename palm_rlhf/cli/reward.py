@@ -57,7 +57,8 @@ def register(sub) -> None:
 
 
 def run_train(args) -> int:
-    from ..trainers.reward import RewardTrainer, load_reward_config
+    from ..runtime.config import load_config
+    from ..trainers.reward import RewardTrainConfig, RewardTrainer
 
     overrides = [f"base={args.base}", f"data={args.data}", *args.set]
     if args.out:
@@ -66,7 +67,7 @@ def run_train(args) -> int:
         overrides.append(f"val_data={args.val_data}")
     if args.no_progress:
         overrides.append("progress=false")
-    config = load_reward_config(args.config, overrides)
+    config = load_config(RewardTrainConfig, args.config, overrides)
     trainer = RewardTrainer(config)
     try:
         trainer.setup(resume=not args.no_resume)
@@ -83,7 +84,7 @@ def run_score(args) -> int:
 
     from ..errors import ConfigError
     from ..model.reward import RewardModel
-    from ..trainers.reward import load_tokenizer_for
+    from ..data.tokenizer import load_tokenizer_or_bytes
     from ..trainers.reward_score import score_file
 
     if args.batch_size <= 0:
@@ -93,7 +94,7 @@ def run_score(args) -> int:
     except RuntimeError as e:
         raise ConfigError(f"--device {args.device!r}: {e}") from None
     model = RewardModel.from_pretrained(args.checkpoint, map_location=device).eval()
-    summary = score_file(model, load_tokenizer_for(args.checkpoint), args.data, args.out,
+    summary = score_file(model, load_tokenizer_or_bytes(args.checkpoint), args.data, args.out,
                          batch_size=args.batch_size, max_len=args.max_len)
     print(json.dumps({"out": args.out, **summary}))
     return 0

@@ -22,7 +22,8 @@ import numpy as np
 from ..errors import ConfigError, DataError
 from ..model.checkpoint import atomic_write_bytes
 
-__all__ = ["ByteTokenizer", "BPETokenizer", "load_tokenizer", "train_bpe", "CONFIG_NAME", "EOS_TOKEN"]
+__all__ = ["ByteTokenizer", "BPETokenizer", "load_tokenizer", "load_tokenizer_or_bytes", "train_bpe", "CONFIG_NAME",
+           "EOS_TOKEN"]
 
 CONFIG_NAME = "tokenizer_config.json"
 BPE_NAME = "tokenizer.json"
@@ -161,3 +162,13 @@ def load_tokenizer(directory):
         except Exception as e:  # noqa: BLE001 - tokenizers raises its own Exception type
             raise DataError(f"{directory / BPE_NAME}: cannot load BPE tokenizer ({e})") from e
     raise DataError(f"{meta_path}: unknown tokenizer type {kind!r} (expected 'byte' or 'bpe')")
+
+
+def load_tokenizer_or_bytes(directory):
+    """The tokenizer saved in a checkpoint directory, or the byte tokenizer when none was saved.
+
+    Only a *missing* tokenizer falls back to bytes: one that is saved but unreadable raises
+    DataError, because encoding with the wrong tokenizer would train on garbage silently.
+    """
+    directory = Path(directory)
+    return load_tokenizer(directory) if (directory / CONFIG_NAME).is_file() else ByteTokenizer()

@@ -2,34 +2,38 @@
 
 Pairwise records train with the Bradley-Terry loss, rating records with binned cross-entropy
 or MSE. The loop is thin: batches come from `reward_data` (a pure function of the step, so
-resume is exact), and checkpoints, the optimizer step, metrics and distributed setup come from
-`palm_rlhf.runtime`.
+resume is exact), and the distributed environment, THE optimizer step (accumulation, AMP,
+clipping, non-finite checks), the optimizer and schedule, checkpoints, RNG states and metrics
+all come from `palm_rlhf.runtime`.
 """
 
 from __future__ import annotations
 
-import io
-import json
 import logging
-import math
-import os
-import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as torch_dist
 
 from ..data.preferences import read_preferences
-from ..errors import CheckpointError, ConfigError, DataError, TrainingError
+from ..data.tokenizer import load_tokenizer_or_bytes
+from ..errors import CheckpointError, ConfigError, DataError
 from ..model import PaLM
 from ..model.reward import POOLINGS, RewardModel
-from ..model.checkpoint import atomic_write_bytes
+from ..runtime.checkpoint import CheckpointManager
+from ..runtime.config import config_to_dict
+from ..runtime.distributed import DistEnv, barrier, cleanup, init_distributed
+from ..runtime.metrics import MetricsLogger
+from ..runtime.optim import OPTIMIZERS, OptimConfig, build_optimizer, build_scheduler
+from ..runtime.seed import rng_state, seed_everything, set_rng_state
+from ..runtime.step import PRECISIONS, StepResult, TrainStep
 from .reward_data import batch_indices, encode_records, evaluate, make_batch, record_kind, reward_loss, split_validation
 
 log = logging.getLogger(__name__)
 
 OBJECTIVES = ("auto", "pairwise", "binned", "mse")
+# fields that decide which records each step sees: changing them on resume changes the data order
+_DATA_FIELDS = ("data", "val_data", "val_fraction", "batch_size", "grad_accum", "seed")
 
 
 @dataclass
@@ -50,17 +54,19 @@ class RewardTrainConfig:
     batch_size: int = 16           # pairs (or ratings) per micro-batch per process
     grad_accum: int = 1
     max_steps: int = 300
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    warmup_steps: int = 10
-    clip_grad_norm: float = 1.0
+    optimizer: str = "adamw"       # adamw | lion (palm_rlhf.runtime.optim)
+    lr: float = 1e-3               # peak learning rate
+    weight_decay: float = 0.0      # decoupled, on matrices only (not on norm gains or biases)
+    warmup_steps: int = 10         # linear warmup, then cosine decay to lr * min_lr_ratio at max_steps
+    min_lr_ratio: float = 0.1
+    clip_grad_norm: float = 1.0    # 0 disables clipping
     eval_every: int = 50
     save_every: int = 100
     keep_last: int = 2
     log_every: int = 10
     seed: int = 0
     device: str = "auto"
-    precision: str = "fp32"        # fp32 | bf16 | fp16
+    precision: str = "fp32"        # fp32 | bf16 (autocast, CPU or CUDA) | fp16 (CUDA, with a grad scaler)
     progress: bool = True
 
     def __post_init__(self):
@@ -79,54 +85,21 @@ class RewardTrainConfig:
             raise ConfigError(f"val_fraction={self.val_fraction!r}: must be in [0, 1)")
         if not self.lr > 0:
             raise ConfigError(f"lr={self.lr!r}: must be > 0")
-        if self.warmup_steps < 0 or self.weight_decay < 0 or self.clip_grad_norm < 0:
-            raise ConfigError("warmup_steps, weight_decay and clip_grad_norm must be >= 0")
+        for name in ("warmup_steps", "weight_decay", "clip_grad_norm"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}={getattr(self, name)!r}: must be >= 0")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout={self.dropout!r}: must be in [0, 1)")
-
-
-def load_tokenizer_for(directory):
-    """The tokenizer saved next to a checkpoint, else the byte tokenizer."""
-    from ..data.tokenizer import ByteTokenizer, load_tokenizer
-
-    try:
-        return load_tokenizer(directory)
-    except (FileNotFoundError, DataError, ConfigError):
-        return ByteTokenizer()
-
-
-
-
-def load_reward_config(path=None, overrides=()) -> RewardTrainConfig:
-    """YAML preset + ``key=value`` overrides -> a validated config (ConfigError naming the key)."""
-    import yaml
-
-    values = {}
-    if path:
-        try:
-            values = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise ConfigError(f"--config {path}: cannot read YAML ({e})") from None
-        if not isinstance(values, dict):
-            raise ConfigError(f"--config {path}: expected a mapping of config fields")
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r}: write it as key=value")
-        key, raw = item.split("=", 1)
-        values[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
-    fields = RewardTrainConfig.__dataclass_fields__
-    unknown = sorted(set(values) - set(fields))
-    if unknown:
-        raise ConfigError(f"unknown config key {unknown[0]!r}; valid keys: {', '.join(fields)}")
-    for key, value in values.items():  # YAML reads 'path' overrides like 123 as ints: restore declared str
-        if fields[key].type == "str" and value is not None and not isinstance(value, str):
-            values[key] = str(value)
-        elif fields[key].type == "float" and isinstance(value, (str, int)) and not isinstance(value, bool):
-            try:
-                values[key] = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
-            except ValueError:
-                raise ConfigError(f"{key}={value!r}: must be a number") from None
-    return RewardTrainConfig(**values)
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optimizer={self.optimizer!r}: use one of {', '.join(OPTIMIZERS)}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"min_lr_ratio={self.min_lr_ratio!r}: must be in [0, 1]")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision={self.precision!r}: use one of {', '.join(PRECISIONS)}")
+        # derived once here; the flat keys above stay the user-facing names
+        self.optim = OptimConfig(name=self.optimizer, lr=self.lr, weight_decay=self.weight_decay,
+                                 warmup_steps=self.warmup_steps, min_lr_ratio=self.min_lr_ratio,
+                                 clip_grad_norm=self.clip_grad_norm)
 
 
 class RewardTrainer:
@@ -136,18 +109,23 @@ class RewardTrainer:
         self.config = config
         self.tokenizer = tokenizer
         self.step = 0
-        self.rank, self.world_size, self.is_main = 0, 1, True
+        self.env = DistEnv()
+        self.metrics = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.env.is_main
 
     # ------------------------------------------------------------------ setup
 
     def setup(self, resume: bool = True) -> "RewardTrainer":
         c = self.config
-        self._init_distributed()
-        torch.manual_seed(c.seed)
         if not c.base:
             raise ConfigError("base is not set; pass --base CHECKPOINT (a PaLM.save_pretrained directory)")
         if not c.data:
             raise ConfigError("data is not set; pass --data FILE.jsonl")
+        self.env = init_distributed(c.device)
+        seed_everything(c.seed)
         records = read_preferences(c.data)
         kind = record_kind(records, c.data)
         objective = c.objective
@@ -170,82 +148,60 @@ class RewardTrainer:
         else:
             train_records, val_records = split_validation(records, c.val_fraction, c.seed)
 
-        self.tokenizer = self.tokenizer or load_tokenizer_for(c.base)
+        palm = PaLM.from_pretrained(c.base)
+        if self.tokenizer is None:
+            self.tokenizer = load_tokenizer_or_bytes(c.base)
+        vocab = getattr(self.tokenizer, "vocab_size", None)
+        if vocab is not None and vocab > palm.num_tokens:
+            raise CheckpointError(f"{c.base}: the tokenizer has {vocab} ids but the model only {palm.num_tokens}; "
+                                  f"save the tokenizer the base model was trained with next to it")
         self.train_data = encode_records(train_records, self.tokenizer)
         self.val_data = encode_records(val_records, self.tokenizer) if val_records else None
 
-        palm = PaLM.from_pretrained(c.base)
         self.model = RewardModel(palm, dropout=c.dropout, num_binned_output=c.num_bins if objective == "binned" else 0,
-                                 use_lora=c.use_lora, lora_r=c.lora_r, pooling=c.pooling).to(self.device)
+                                 use_lora=c.use_lora, lora_r=c.lora_r, pooling=c.pooling).to(self.env.device)
         del palm
-        self._build_optimizer()
+        # freeze what does not train, so backward skips the base weights' gradients
+        trainable = {id(p) for p in self.model.finetune_parameters()}
+        for p in self.model.parameters():
+            p.requires_grad_(id(p) in trainable)
+        self.optimizer = build_optimizer([(n, p) for n, p in self.model.named_parameters() if p.requires_grad],
+                                         c.optim)
+        self.scheduler = build_scheduler(self.optimizer, c.optim, c.max_steps)
+        self.stepper = TrainStep(self.model, self.optimizer, self.scheduler, grad_accum=c.grad_accum,
+                                 clip_grad_norm=c.clip_grad_norm, precision=c.precision, device=self.env.device)
         self.run_dir = Path(c.out_dir)
-        self.ckpt_dir = self.run_dir / "checkpoints"
-        if resume:
-            self._resume()
-        log.info("reward training: %d %s records (%d held out), objective %s, %s, %d trainable parameters",
-                 len(self.train_data), kind, len(val_records), objective, "LoRA" if c.use_lora else "full finetune",
-                 sum(p.numel() for p in self.model.finetune_parameters()))
+        self.checkpoints = CheckpointManager(self.run_dir, keep_last=c.keep_last, is_main=self.is_main)
+        latest = self.checkpoints.latest() if resume else None
+        if latest is not None:
+            self._resume(latest)
+        self.metrics = MetricsLogger(self.run_dir, is_main=self.is_main,
+                                     resume_step=self.step if latest is not None else None)
+        n_train = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        log.info("reward training: %d %s records (%d held out), objective %s, %s, %d trainable parameters, "
+                 "%d process(es) on %s, %s", len(self.train_data), kind, len(val_records), objective,
+                 "LoRA" if c.use_lora else "full finetune", n_train, self.env.world_size, self.env.device, c.precision)
         return self
-
-    def _init_distributed(self) -> None:
-        """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; gloo on CPU, nccl on CUDA."""
-        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        use_cuda = torch.cuda.is_available() and self.config.device in ("auto", "cuda")
-        if self.config.device == "auto":
-            self.device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
-        else:
-            self.device = torch.device(self.config.device)
-        if self.world_size > 1 and not torch_dist.is_initialized():
-            torch_dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-        self.is_main = self.rank == 0
-
-    def _build_optimizer(self) -> None:
-        c = self.config
-        self.params = [p for p in self.model.finetune_parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=c.lr, weight_decay=c.weight_decay)
-
-        def schedule(step: int) -> float:
-            # linear warmup, then cosine decay to 10% of lr at max_steps
-            if step < c.warmup_steps:
-                return (step + 1) / c.warmup_steps
-            t = (step - c.warmup_steps) / max(1, c.max_steps - c.warmup_steps)
-            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
 
     # ------------------------------------------------------------------ loop
 
     def _batch(self, step: int, micro: int) -> dict:
         c = self.config
         idx = batch_indices(step, micro, c.batch_size, c.grad_accum, len(self.train_data), c.seed,
-                            self.rank, self.world_size)
-        return {k: v.to(self.device) for k, v in make_batch(self.train_data, idx, c.max_len).items()}
+                            self.env.rank, self.env.world_size)
+        return {k: v.to(self.env.device) for k, v in make_batch(self.train_data, idx, c.max_len).items()}
 
-    def _optimizer_step(self) -> float:
-        """Accumulate grad_accum micro-batches, average across processes, clip, step."""
-        c = self.config
-        total = 0.0
-        for micro in range(c.grad_accum):
-            loss, _ = reward_loss(self.model, self._batch(self.step, micro), use_margin=c.use_margin)
-            if not torch.isfinite(loss):
-                raise TrainingError(f"step {self.step}: loss is {loss.item()}; lower lr (now {c.lr}) or check the data")
-            (loss / c.grad_accum).backward()
-            total += loss.item() / c.grad_accum
-        if self.world_size > 1:
-            for p in self.params:
-                if p.grad is not None:
-                    torch_dist.all_reduce(p.grad)
-                    p.grad /= self.world_size
-        if c.clip_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.params, c.clip_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+    def _loss(self, batch: dict):
+        """Mean loss of a micro-batch, weighted by its number of records (pairs or ratings)."""
+        loss, _ = reward_loss(self.model, batch, use_margin=self.config.use_margin)
+        return loss, batch["margins" if "margins" in batch else "ratings"].shape[0]
+
+    def train_step(self) -> StepResult:
+        """One optimizer step over grad_accum micro-batches (and every process's share)."""
+        micro_batches = [self._batch(self.step, m) for m in range(self.config.grad_accum)]
+        result = self.stepper(self._loss, micro_batches, step=self.step)
         self.step += 1
-        return total
+        return result
 
     def train(self) -> dict:
         from tqdm import tqdm
@@ -256,11 +212,12 @@ class RewardTrainer:
         bar = tqdm(total=c.max_steps, initial=self.step, disable=not (c.progress and self.is_main),
                    desc="reward", dynamic_ncols=True)
         while self.step < c.max_steps:
-            loss = self._optimizer_step()
+            result = self.train_step()
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}")
-            if self.step % c.log_every == 0:
-                self._log({"step": self.step, "train/loss": loss, "lr": self.scheduler.get_last_lr()[0]})
+            bar.set_postfix(loss=f"{result.loss:.4f}")
+            if self.step % c.log_every == 0 or self.step == c.max_steps:
+                self.metrics.log(self.step, {"train/loss": result.loss, "lr": result.lr,
+                                             "grad_norm": result.grad_norm, **({"skipped": 1} if result.skipped else {})})
             if self.val_data is not None and (self.step % c.eval_every == 0 or self.step == c.max_steps):
                 metrics = self.validate()
             if self.step % c.save_every == 0 or self.step == c.max_steps:
@@ -270,68 +227,55 @@ class RewardTrainer:
             metrics = self.validate()
         if self.is_main:
             self.model.save_pretrained(self.run_dir / "final")
-            self._save_tokenizer(self.run_dir / "final")
+            if hasattr(self.tokenizer, "save"):
+                self.tokenizer.save(self.run_dir / "final")
+        barrier()
         return metrics
 
     def validate(self) -> dict:
-        metrics = evaluate(self.model, self.val_data, self.config.batch_size, self.config.max_len, self.device)
-        self._log({"step": self.step, **{f"val/{k}": v for k, v in metrics.items()}})
+        """Held-out metrics under the training precision (every rank computes them; rank 0 logs)."""
+        with self.stepper.autocast():
+            metrics = evaluate(self.model, self.val_data, self.config.batch_size, self.config.max_len,
+                               self.env.device)
+        self.metrics.log(self.step, {f"val/{k}": v for k, v in metrics.items()})
         log.info("step %d validation: %s", self.step, metrics)
         return metrics
-
-    def _log(self, row: dict) -> None:
-        if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            with (self.run_dir / "metrics.jsonl").open("a") as f:
-                f.write(json.dumps(row) + "\n")
-
-    def _save_tokenizer(self, directory: Path) -> None:
-        if hasattr(self.tokenizer, "save"):
-            self.tokenizer.save(directory)
 
     # ------------------------------------------------------------------ checkpoints
 
     def save_checkpoint(self) -> Path | None:
-        """out_dir/checkpoints/step_XXXXXXXX (written under a temp name, then renamed) + `latest`."""
-        if not self.is_main:
-            return None
-        final = self.ckpt_dir / f"step_{self.step:08d}"
-        tmp = self.ckpt_dir / f".tmp_step_{self.step:08d}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.model.save_pretrained(tmp)
+        """OUT/checkpoints/step_XXXXXXXX (reward model, tokenizer, trainer state) + `latest`, atomically."""
         state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "torch_rng": torch.get_rng_state(), "config": asdict(self.config)}
-        buf = io.BytesIO()
-        torch.save(state, buf)
-        atomic_write_bytes(tmp / "trainer_state.pt", buf.getvalue())
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        atomic_write_bytes(self.ckpt_dir / "latest", final.name.encode())
-        for old in sorted(self.ckpt_dir.glob("step_*"))[: -self.config.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-        return final
+                 "stepper": self.stepper.state_dict(), "rng": rng_state(), "config": config_to_dict(self.config),
+                 "world_size": self.env.world_size}
+        tokenizer = self.tokenizer if hasattr(self.tokenizer, "save") else None
+        path = self.checkpoints.save(self.step, state, model=self.model, tokenizer=tokenizer)
+        barrier()
+        return path
 
-    def _resume(self) -> None:
-        latest = self.ckpt_dir / "latest"
-        if not latest.exists():
-            return
-        directory = self.ckpt_dir / latest.read_text().strip()
-        loaded = RewardModel.from_pretrained(directory)
-        self.model.load_state_dict(loaded.state_dict())
+    def _resume(self, directory: Path) -> None:
+        state = self.checkpoints.load(directory)
+        saved = state.get("config", {})
+        changed = [k for k in _DATA_FIELDS if k in saved and saved[k] != getattr(self.config, k)]
+        if changed or state.get("world_size", 1) != self.env.world_size:
+            log.warning("resuming %s with different %s: later batches differ from the interrupted run", directory,
+                        ", ".join(changed) or "world size")
         try:
-            state = torch.load(directory / "trainer_state.pt", map_location=self.device, weights_only=True)
-        except (OSError, RuntimeError, EOFError) as e:
-            raise CheckpointError(f"{directory}: cannot read trainer_state.pt ({e}); delete the directory "
-                                  f"or pass --no-resume") from e
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"].cpu())
+            self.model.load_state_dict(RewardModel.from_pretrained(directory).state_dict())
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{directory}: does not fit this run ({e}); resume with the same model settings "
+                                  f"(use_lora, lora_r, objective, num_bins, optimizer), or pass --no-resume") from e
+        self.stepper.load_state_dict(state.get("stepper", {}))
+        set_rng_state(state["rng"])
         self.step = int(state["step"])
         log.info("resumed from %s at step %d", directory, self.step)
 
     def cleanup(self) -> None:
-        if self.world_size > 1 and torch_dist.is_initialized():
-            torch_dist.destroy_process_group()
+        if self.metrics is not None:
+            self.metrics.close()
+        cleanup()
 
 
-__all__ = ["RewardTrainConfig", "RewardTrainer", "OBJECTIVES", "load_reward_config", "load_tokenizer_for"]
+__all__ = ["RewardTrainConfig", "RewardTrainer", "OBJECTIVES"]

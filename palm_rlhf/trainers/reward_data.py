@@ -116,7 +116,8 @@ def make_batch(data: EncodedPairs | EncodedRatings, indices: Sequence[int], max_
 
 def reward_loss(model: RewardModel, batch: dict[str, Tensor], use_margin: bool = True) -> tuple[Tensor, dict]:
     """The training loss of one batch and its rewards (for logging)."""
-    out = model.head(batch["x"], mask=batch["mask"], prompt_lengths=batch["prompt_lengths"])
+    # under bf16/fp16 autocast the head's output is low precision; the losses are computed in fp32
+    out = model.head(batch["x"], mask=batch["mask"], prompt_lengths=batch["prompt_lengths"]).float()
     if "margins" in batch:
         b = batch["margins"].shape[0]
         rc, rr = out[:b], out[b:]  # (b,) each

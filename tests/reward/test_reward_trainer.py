@@ -9,7 +9,8 @@ from palm_rlhf.data.preferences import RatingRecord, write_preferences
 from palm_rlhf.data.synthetic import rule_preference_pairs
 from palm_rlhf.errors import ConfigError
 from palm_rlhf.model.reward import RewardModel
-from palm_rlhf.trainers.reward import RewardTrainer, load_reward_config
+from palm_rlhf.runtime.config import load_config
+from palm_rlhf.trainers.reward import RewardTrainConfig, RewardTrainer
 from palm_rlhf.trainers.reward_score import score_records
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "reward"
@@ -28,7 +29,7 @@ def base(tmp_path):
 
 def _config(base, data, out, **kw):
     overrides = [f"base={base}", f"data={data}", f"out_dir={out}", "progress=false", *[f"{k}={v}" for k, v in kw.items()]]
-    return load_reward_config(None, overrides)
+    return load_config(RewardTrainConfig, None, overrides)
 
 
 def test_resumed_run_equals_uninterrupted_run(tmp_path, base):
@@ -43,7 +44,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, base):
 
     first = RewardTrainer(_config(base, data, tmp_path / "b", **kw), tokenizer=Bytes()).setup()
     for _ in range(3):
-        first._optimizer_step()
+        first.train_step()
     first.save_checkpoint()
     second = RewardTrainer(_config(base, data, tmp_path / "b", **kw), tokenizer=Bytes()).setup()
     assert second.step == 3
@@ -58,13 +59,13 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, base):
 
 def test_config_errors_name_the_field(tmp_path, base):
     with pytest.raises(ConfigError, match="unknown config key 'lrr'"):
-        load_reward_config(None, ["lrr=1"])
+        load_config(RewardTrainConfig, None, ["lrr=1"])
     with pytest.raises(ConfigError, match="objective"):
-        load_reward_config(None, ["objective=hinge"])
-    cfg = load_reward_config(CONFIGS / "pairwise.yaml", ["lr=1e-3"])
+        load_config(RewardTrainConfig, None, ["objective=hinge"])
+    cfg = load_config(RewardTrainConfig, CONFIGS / "pairwise.yaml", ["lr=1e-3"])
     assert cfg.lr == 1e-3 and cfg.objective == "pairwise"
     for name in ("ratings.yaml", "full_finetune.yaml"):
-        load_reward_config(CONFIGS / name)
+        load_config(RewardTrainConfig, CONFIGS / name)
     ratings = tmp_path / "r.jsonl"
     write_preferences(ratings, [RatingRecord("p", "a", 1), RatingRecord("p", "b", 2)])
     with pytest.raises(ConfigError, match="rating"):
