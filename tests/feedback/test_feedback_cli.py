@@ -88,7 +88,6 @@ def test_serve_two_checkpoints_judge_and_export(tmp_path, capsys):
 
 def test_exported_judgements_train_a_reward_model(tmp_path, capsys):
     """export -> `palm-rlhf reward train` reads the file and takes optimizer steps on it."""
-    pytest.importorskip("palm_rlhf.data.tokenizer", reason="reward training needs the data tokenizer module")
     store = FeedbackStore(tmp_path / "f.sqlite")
     for i in range(8):
         store.add_item(f"Question {i}: ", f"a clear answer {i}", f"zzz {i}", "m@1", "m@1", {"temperature": 1.0})
