@@ -93,7 +93,7 @@ def main() -> int:
         data = torch.tensor(tok.encode(load_text(Path(args.data), q)), dtype=torch.long)
         model = PaLM(num_tokens=256, dim=32 if q else 128, depth=1 if q else 3, heads=2 if q else 4,
                      dim_head=16 if q else 32, cross_entropy_ignore_index=-1)
-        losses = pretrain(model, data, steps=60 if q else 800, batch_size=16 if q else 32, seq_len=64 if q else 128,
+        losses = pretrain(model, data, steps=60 if q else 500, batch_size=16, seq_len=64 if q else 128,
                           lr=3e-3, seed=args.seed)
         model.save_pretrained(saved)
         tok.save(saved)
