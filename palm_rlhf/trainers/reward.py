@@ -246,7 +246,7 @@ class RewardTrainer:
     def save_checkpoint(self) -> Path | None:
         """OUT/checkpoints/step_XXXXXXXX (reward model, tokenizer, trainer state) + `latest`, atomically."""
         state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "stepper": self.stepper.state_dict(), "rng": rng_state(), "config": config_to_dict(self.config),
+                 "step_state": self.stepper.state_dict(), "rng": rng_state(), "config": config_to_dict(self.config),
                  "world_size": self.env.world_size}
         tokenizer = self.tokenizer if hasattr(self.tokenizer, "save") else None
         path = self.checkpoints.save(self.step, state, model=self.model, tokenizer=tokenizer)
@@ -267,7 +267,7 @@ class RewardTrainer:
         except (KeyError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"{directory}: does not fit this run ({e}); resume with the same model settings "
                                   f"(use_lora, lora_r, objective, num_bins, optimizer), or pass --no-resume") from e
-        self.stepper.load_state_dict(state.get("stepper", {}))
+        self.stepper.load_state_dict(state.get("step_state", {}))
         set_rng_state(state["rng"])
         self.step = int(state["step"])
         log.info("resumed from %s at step %d", directory, self.step)

@@ -7,7 +7,8 @@ import torch
 from palm_rlhf import PaLM
 from palm_rlhf.data.preferences import RatingRecord, write_preferences
 from palm_rlhf.data.synthetic import rule_preference_pairs
-from palm_rlhf.errors import ConfigError
+from palm_rlhf.data.tokenizer import CONFIG_NAME, ByteTokenizer, load_tokenizer
+from palm_rlhf.errors import ConfigError, DataError
 from palm_rlhf.model.reward import RewardModel
 from palm_rlhf.runtime.config import load_config
 from palm_rlhf.trainers.reward import RewardTrainConfig, RewardTrainer
@@ -102,3 +103,59 @@ def test_learns_a_known_preference_rule_and_its_opposite(tmp_path, base):
         results[name] = (rc > rr).float().mean().item()
     assert results["train"] >= 0.95, results
     assert results["swapped"] <= 0.05, results
+
+
+def _pairs(tmp_path, n=40):
+    data = tmp_path / "p.jsonl"
+    write_preferences(data, rule_preference_pairs(n, seed=0))
+    return data
+
+
+def test_accumulated_micro_batches_equal_one_big_batch(tmp_path, base):
+    """batch_size 4 x grad_accum 2 reads the same 8 pairs per step as batch_size 8 x 1 (batches are
+    a function of the step), and TrainStep weights each micro-batch by its 4 pairs, so the weights
+    after 2 steps agree up to float summation order."""
+    data = _pairs(tmp_path)
+    kw = dict(max_steps=2, val_fraction=0.0, lr=1e-2, warmup_steps=0)
+    small = RewardTrainer(_config(base, data, tmp_path / "a", batch_size=4, grad_accum=2, **kw), tokenizer=Bytes()).setup()
+    big = RewardTrainer(_config(base, data, tmp_path / "b", batch_size=8, grad_accum=1, **kw), tokenizer=Bytes()).setup()
+    losses = [(small.train_step().loss, big.train_step().loss) for _ in range(2)]
+    assert all(abs(a - b) < 1e-6 for a, b in losses), losses
+    a, b = small.model.state_dict(), big.model.state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_precision_runs_the_forward_under_autocast(tmp_path, base):
+    """precision=bf16 goes through TrainStep's autocast: the head computes in bfloat16 (fp32 in an
+    fp32 run), and the same first step's loss agrees with fp32's to bf16 accuracy (8 mantissa bits:
+    about 3e-3 relative, so within 1e-2 of a loss near 0.8). fp16 needs CUDA and says so."""
+    data = _pairs(tmp_path)
+    losses, dtypes = {}, {}
+    for precision in ("fp32", "bf16"):
+        trainer = RewardTrainer(_config(base, data, tmp_path / precision, batch_size=8, val_fraction=0.0,
+                                        precision=precision), tokenizer=Bytes()).setup()
+        seen = []
+        trainer.model.to_pred.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+        losses[precision] = trainer.train_step().loss
+        dtypes[precision] = set(seen)
+    assert dtypes == {"fp32": {torch.float32}, "bf16": {torch.bfloat16}}
+    assert abs(losses["bf16"] - losses["fp32"]) < 1e-2, losses
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
+            RewardTrainer(_config(base, data, tmp_path / "fp16", precision="fp16", device="cpu"),
+                          tokenizer=Bytes()).setup()
+
+
+def test_tokenizer_saved_with_the_base_is_used_and_a_broken_one_raises(tmp_path, base):
+    """A tokenizer saved next to the base is used and saved with checkpoints and the final model;
+    an unreadable one is an error, not a silent fall back to bytes."""
+    data = _pairs(tmp_path, 20)
+    ByteTokenizer().save(base)
+    trainer = RewardTrainer(_config(base, data, tmp_path / "o", max_steps=1, batch_size=4, val_fraction=0.0)).setup()
+    trainer.train()
+    assert trainer.tokenizer == ByteTokenizer()
+    assert load_tokenizer(tmp_path / "o" / "final") == ByteTokenizer()
+    assert load_tokenizer(tmp_path / "o" / "checkpoints" / "step_00000001") == ByteTokenizer()
+    (Path(base) / CONFIG_NAME).write_text("{not json")
+    with pytest.raises(DataError, match="unreadable tokenizer config"):
+        RewardTrainer(_config(base, data, tmp_path / "p", max_steps=1)).setup()
