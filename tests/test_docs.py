@@ -36,6 +36,7 @@ def test_block_extraction():
     assert python_blocks(text) == [(3, "x = 1\n", False), (7, "run_on_gpus()\n", True)]
 
 
+@pytest.mark.slow  # a page of examples may train a tiny model for several seconds
 @pytest.mark.parametrize("doc", DOCS, ids=[str(p.relative_to(ROOT)) for p in DOCS])
 def test_doc_examples_run(doc, tmp_path, monkeypatch):
     blocks = python_blocks(doc.read_text())
