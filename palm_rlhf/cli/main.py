@@ -23,6 +23,7 @@ COMMAND_MODULES = [
     "prepare",
     "tokenizer",
     "pretrain",
+    "finetune",
     "plot",
     "convert",
     "info",
