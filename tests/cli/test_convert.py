@@ -7,6 +7,7 @@ import json
 import warnings
 
 import pytest
+import palm_rlhf_pytorch as ref_pkg  # the [test] extra, which also brings pytest: never skipped
 import torch
 from safetensors.torch import save_file
 
@@ -14,7 +15,6 @@ from palm_rlhf.cli.main import main
 from palm_rlhf.model import PaLM
 from palm_rlhf.model.convert import v08_to_ours
 
-ref_pkg = pytest.importorskip("palm_rlhf_pytorch", reason="needs the test extra: pip install -e .[test]")
 
 CFG = dict(dim=32, num_tokens=50, depth=2, heads=2, dim_head=16)
 

@@ -12,13 +12,13 @@ from __future__ import annotations
 import warnings
 
 import pytest
+import palm_rlhf_pytorch as ref_pkg  # the [test] extra, which also brings pytest: never skipped
 import torch
 
 from palm_rlhf.model import PaLM
 from palm_rlhf.model.convert import ours_to_v08, v08_to_ours
 from palm_testing import randomize
 
-ref_pkg = pytest.importorskip("palm_rlhf_pytorch", reason="parity needs the test extra: pip install -e .[test]")
 
 TOL = 1e-5
 CFG = dict(dim=48, num_tokens=97, depth=2, heads=3, dim_head=16)
