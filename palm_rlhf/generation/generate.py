@@ -17,6 +17,7 @@ from torch import Tensor
 
 from ..errors import InputError
 from ..model.decode import Decoder
+from .compiled import compiled_decoder, first_step
 from .config import SamplingConfig
 from .prompts import pack_prompts
 from .sampling import process_logits, sample, token_log_probs
@@ -52,7 +53,7 @@ class _Decode:
     """State of one batched decode: output buffers plus the step iterator."""
 
     def __init__(self, model, ids: Tensor, lengths: Tensor, config: SamplingConfig, generator,
-                 finetune_scope, disable_lora):
+                 finetune_scope, disable_lora, compile: bool = False):
         b, n = ids.shape
         T = config.max_new_tokens
         device = ids.device
@@ -73,8 +74,13 @@ class _Decode:
             # scatter_ writes the last value per index; padding id 0 may have overwritten a real 0
             self.seen[:, PAD_ID] = (ids.eq(PAD_ID) & real).any(-1)
         # the last sampled token is never fed back, so n + T - 1 slots suffice
-        self.cache = model.new_kv_cache(b, n + T - 1, pad=n - lengths)
-        self.decoder = None
+        self.decoder = self.compiled = None
+        if compile and T > 1:
+            self.compiled = compiled_decoder(model, b, n + T - 1, n - lengths, finetune_scope, disable_lora)
+        if self.compiled is not None:
+            self.cache = self.compiled.cache  # a reused static cache, already reset to this batch's padding
+        else:
+            self.cache = model.new_kv_cache(b, n + T - 1, pad=n - lengths)
         self.stops = [torch.tensor(s, dtype=torch.long, device=device) for s in config.stop_sequences]
 
     def __iter__(self) -> Iterator[Tensor]:
@@ -97,9 +103,17 @@ class _Decode:
             yield tok
             if t == T - 1 or bool(self.finished.all()):
                 return
-            if self.decoder is None:
-                self.decoder = Decoder(self.model, self.cache, **self.scope)
-            logits = self.decoder.step(tok)
+            logits = self._decode_step(tok)
+
+    def _decode_step(self, tok: Tensor) -> Tensor:
+        if self.decoder is None and self.compiled is not None:
+            logits = first_step(self.compiled, tok)  # compiles; None when that failed
+            if logits is not None:
+                self.decoder = self.compiled
+                return logits
+        if self.decoder is None:
+            self.decoder = Decoder(self.model, self.cache, **self.scope)
+        return self.decoder.step(tok)
 
     def _update_finished(self, t: int, tok: Tensor, alive: Tensor) -> None:
         newly = torch.zeros_like(alive)
@@ -152,7 +166,7 @@ def _eval_mode(model):
         model.train(was_training)
 
 
-def _start(model, prompts, config, lengths, finetune_scope, disable_lora, generator) -> _Decode:
+def _start(model, prompts, config, lengths, finetune_scope, disable_lora, generator, compile=False) -> _Decode:
     if not isinstance(config, SamplingConfig):
         raise InputError(f"config must be a SamplingConfig, got {type(config).__name__}")
     _check_model(model)
@@ -161,19 +175,22 @@ def _start(model, prompts, config, lengths, finetune_scope, disable_lora, genera
     device = model.token_emb.weight.device
     ids, lens = pack_prompts(prompts, lengths, num_tokens=model.num_tokens, device=device)
     generator = _make_generator(config, generator, device)
-    return _Decode(model, ids, lens, config, generator, finetune_scope, disable_lora)
+    return _Decode(model, ids, lens, config, generator, finetune_scope, disable_lora, compile)
 
 
 def generate(model, prompts, config: SamplingConfig | None = None, *, lengths=None, finetune_scope=None,
-             disable_lora: bool = False, generator: torch.Generator | None = None) -> GenerationOutput:
+             disable_lora: bool = False, generator: torch.Generator | None = None,
+             compile: bool = False) -> GenerationOutput:
     """Continue each prompt; returns the new tokens and their log-probs.
 
     prompts: list of 1-D LongTensors (any lengths), or a right-padded (b, n)
     tensor with `lengths` (b,). A batch gives the same tokens as each prompt alone.
+    compile: run the decode step through `torch.compile` with a static cache
+    (see `palm_rlhf.generation.compiled`); falls back to eager with a warning.
     """
     config = config or SamplingConfig()
     with _eval_mode(model):
-        decode = _start(model, prompts, config, lengths, finetune_scope, disable_lora, generator)
+        decode = _start(model, prompts, config, lengths, finetune_scope, disable_lora, generator, compile)
         for _ in decode:
             pass
     return decode.output()  # outside inference mode: its clones are ordinary tensors

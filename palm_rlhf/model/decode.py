@@ -32,6 +32,7 @@ class Decoder:
     def __init__(self, model, cache, finetune_scope=None, disable_lora: bool = False, static: bool = False):
         block0 = model.layers[0].fn
         self.model, self.cache, self.static = model, cache, static
+        self.static_fn = self.static_step  # replaced by a torch.compile'd version when compiling
         self.heads, self.dim_head, self.dim = block0.heads, model.dim_head, model.dim
         h, d = self.heads, self.dim_head
         self.qk_dim = (h + 1) * d
@@ -56,18 +57,22 @@ class Decoder:
         # rotate_half(x) == x[..., perm] * sign
         self.perm = torch.cat([torch.arange(half, d), torch.arange(0, half)]).to(device)
 
-        pad = cache.pad
-        self.padded = bool((pad > 0).any())
-        slots = torch.arange(max_len, device=device)
-        # position of slot t in row r is t - pad[r]; pad slots are never a decode query
-        self.positions = (slots[:, None] - pad[None, :]).clamp(min=0)  # (max_len, b)
-        visible = slots[None, :] >= pad[:, None]  # (b, max_len)
-        self.bias = torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill(~visible, float("-inf"))
-        self.bias = self.bias[:, None, :]  # (b, 1, max_len)
-        if static:
-            self.slot_range = slots
+        self.slot_range = torch.arange(max_len, device=device)
+        self.positions = torch.zeros(max_len, cache.batch, dtype=torch.long, device=device)
+        self.bias = torch.zeros(cache.batch, 1, max_len, dtype=dtype, device=device)
+        self.rebind(cache.pad)
         if self.qk_rmsnorm:
             self.qk_scale = [torch.cat([blk.q_scale.expand(h, d), blk.k_scale[None]]) for blk, _ in self.layers]
+
+    def rebind(self, pad: Tensor) -> None:
+        """Point the padding-dependent tables at the cache's `pad` (b,), updating them
+        in place so a compiled step keeps seeing the same tensors."""
+        self.padded = bool((pad > 0).any())
+        slots = self.slot_range
+        # position of slot t in row r is t - pad[r]; pad slots are never a decode query
+        self.positions.copy_((slots[:, None] - pad[None, :]).clamp(min=0))  # (max_len, b)
+        hidden = slots[None, :] < pad[:, None]  # (b, max_len)
+        self.bias.zero_().masked_fill_(hidden[:, None, :], float("-inf"))  # (b, 1, max_len)
 
     def step(self, tokens: Tensor) -> Tensor:
         """Feed one token per row (b,), append its keys/values; return next-token logits (b, V)."""
@@ -76,7 +81,7 @@ class Decoder:
         if slot >= cache.max_len:
             raise InputError(f"KV cache is full ({cache.max_len} slots); allocate a larger cache")
         if self.static:
-            logits = self.static_step(tokens, torch.tensor(slot, device=tokens.device))
+            logits = self.static_fn(tokens, torch.tensor(slot, device=tokens.device))
         else:
             logits = self._step(tokens, slot)
         cache.advance(1)
