@@ -87,21 +87,30 @@ class _Decode:
         """Yield each step's tokens (b,) (0 for rows already finished)."""
         config, T = self.config, self.config.max_new_tokens
         logits = self.model.forward_cached(self.ids, self.cache, **self.scope)  # (b, V)
+        # without EOS or stop sequences no row can finish early: skip the bookkeeping
+        can_stop = config.eos_token is not None or bool(self.stops)
         for t in range(T):
             logits = process_logits(logits, config, self.seen)
             tok = sample(logits, config.greedy, self.generator)  # (b,)
             logp = token_log_probs(logits, tok)
-            alive = ~self.finished
-            tok = tok.masked_fill(self.finished, PAD_ID)
-            self.tokens[:, t] = tok
-            self.log_probs[:, t] = logp.masked_fill(self.finished, 0.0)
-            self.lengths += alive.long()
             self.steps = t + 1
+            if can_stop:
+                alive = ~self.finished
+                tok = tok.masked_fill(self.finished, PAD_ID)
+                logp = logp.masked_fill(self.finished, 0.0)
+                self.lengths += alive.long()
+            else:
+                alive = None
+                self.lengths.fill_(t + 1)
+            self.tokens[:, t] = tok
+            self.log_probs[:, t] = logp
             if self.seen is not None:
-                self.seen.scatter_(1, tok[:, None], alive[:, None] | self.seen.gather(1, tok[:, None]))
-            self._update_finished(t, tok, alive)
+                newly_seen = self.seen.gather(1, tok[:, None]) | (True if alive is None else alive[:, None])
+                self.seen.scatter_(1, tok[:, None], newly_seen)
+            if can_stop:
+                self._update_finished(t, tok, alive)
             yield tok
-            if t == T - 1 or bool(self.finished.all()):
+            if t == T - 1 or (can_stop and bool(self.finished.all())):
                 return
             logits = self._decode_step(tok)
 
