@@ -105,7 +105,7 @@ def resolve_sources(inputs: Iterable[str | os.PathLike]) -> list[Path]:
 def iter_text(path: Path, chunk_bytes: int, split_at: int | None = None) -> Iterator[tuple[str, int, bool]]:
     """Yield (text, n_bytes, is_val) chunks of a file, each ending at a line break where possible.
 
-    Bytes before the first line break at or after `split_at` are training text, the rest
+    Bytes before the first line start at or after `split_at` are training text, the rest
     validation text (`split_at=None`: everything is training text).
     """
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -121,7 +121,7 @@ def iter_text(path: Path, chunk_bytes: int, split_at: int | None = None) -> Iter
             start = pos - len(carry)  # file offset of data[0]
             pos += len(block)
             if not in_val and split_at is not None and start + len(data) > split_at:
-                cut = data.find(b"\n", max(0, split_at - start))
+                cut = data.find(b"\n", max(0, split_at - start - 1))  # the first line start >= split_at
                 if cut >= 0 or not block:  # the split line break, or end of file
                     cut = len(data) if cut < 0 else cut + 1
                     if cut:
