@@ -29,6 +29,9 @@ COMMAND_MODULES = [
     "info",
     "generate",
     "reward",
+    "ppo",
+    "grpo",
+    "dpo",
     "feedback",
 ]
 

@@ -74,6 +74,25 @@ class Rollout:
                                 if isinstance(getattr(self, f.name), Tensor)})
 
 
+def concat_rollouts(parts: list[Rollout]) -> Rollout:
+    """Stack rollouts collected in chunks (padding (b, T) tensors to the widest chunk with 0)."""
+    if len(parts) == 1:
+        return parts[0]
+    out = {}
+    for f in fields(Rollout):
+        values = [getattr(p, f.name) for p in parts]
+        if all(v is None for v in values):
+            out[f.name] = None
+        elif isinstance(values[0], Tensor):
+            if values[0].ndim == 2:
+                width = max(v.shape[1] for v in values)
+                values = [torch.nn.functional.pad(v, (0, width - v.shape[1])) for v in values]
+            out[f.name] = torch.cat(values)
+        else:
+            out[f.name] = [x for v in values for x in v]
+    return Rollout(**out)
+
+
 @dataclass
 class PackedSequences:
     """Model inputs for a batch of (prompt, response) rows.
@@ -139,4 +158,4 @@ def response_log_probs(model, packed: PackedSequences, *, finetune_scope: str | 
     return logp, entropy
 
 
-__all__ = ["Rollout", "PackedSequences", "pack_sequences", "gather_positions", "response_log_probs"]
+__all__ = ["Rollout", "concat_rollouts", "PackedSequences", "pack_sequences", "gather_positions", "response_log_probs"]

@@ -49,12 +49,21 @@ class PPOConfig(RLRunConfig):
 
 
 class PPOTrainer(RLTrainerBase):
+    """`actor_critic=` may pass a ready `ActorCritic` built on `model` (the seed-compatible path)."""
+
     name = "ppo"
+
+    def __init__(self, config: PPOConfig, *, actor_critic: ActorCritic | None = None, **kwargs):
+        super().__init__(config, **kwargs)
+        self.actor_critic = actor_critic
+        if actor_critic is not None and self.model is None:
+            self.model = actor_critic.actor_palm
 
     def _build(self) -> None:
         c = self.config
         self.hp = c.hyperparams()
-        self.actor_critic = ActorCritic(self.model, actor_lora_r=c.lora_r, critic_lora_r=c.lora_r)
+        if self.actor_critic is None:
+            self.actor_critic = ActorCritic(self.model, actor_lora_r=c.lora_r, critic_lora_r=c.lora_r)
         self.actor_scope = self.actor_critic.actor_lora_scope
         if c.actor_adapter:
             load_adapter(self.model, c.actor_adapter, scope=self.actor_scope)

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from ..errors import ConfigError
 from ..generation import SamplingConfig
+from ..model.checkpoint import save_adapter
 from ..runtime.checkpoint import CheckpointManager
 from ..runtime.distributed import all_reduce_sum
 from ..runtime.metrics import MetricsLogger
@@ -30,7 +31,7 @@ from ..runtime.step import TrainStep
 from ..rl.collect import collect_rollout, policy_temperature, strip_eos
 from ..rl.kl import kl_per_token, negative_kl_is_significant
 from ..rl.reference import Reference
-from ..rl.rollout import Rollout
+from ..rl.rollout import Rollout, concat_rollouts
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ class RLRunConfig:
     out_dir: str = "runs/rl"
     steps: int = 100
     prompts_per_step: int = 16
+    rollout_batch_size: int = 64         # rows generated together (a step's rows are collected in chunks)
     minibatch_size: int = 16             # rows per optimizer step (global, over all ranks)
     epochs: int = 1
     max_new_tokens: int = 64
@@ -67,7 +69,8 @@ class RLRunConfig:
     keep_last: int = 2
 
     def __post_init__(self):
-        for name in ("steps", "prompts_per_step", "minibatch_size", "epochs", "max_new_tokens", "lora_r"):
+        for name in ("steps", "prompts_per_step", "rollout_batch_size", "minibatch_size", "epochs",
+                     "max_new_tokens", "lora_r"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
         if self.temperature <= 0:
@@ -163,14 +166,25 @@ class RLTrainerBase:
                 self.save_checkpoint()
         if c.save_every == 0 or c.steps % c.save_every:
             self.save_checkpoint()
+        self.export()
         return self.history
+
+    def export(self):
+        """Write the trained actor adapter to OUT/actor.safetensors (load with load_adapter)."""
+        if self.dist.rank != 0 or self.actor_scope is None:
+            return None
+        return save_adapter(self.model, self.actor_scope, self.out_dir / "actor.safetensors")
 
     def train_step(self, step: int) -> dict:
         c = self.config
         t0 = time.perf_counter()
         gen = seeded(c.seed, step, 2 + self.dist.rank)
-        rollout = collect_rollout(self.model, self._prompts_for(step), self.sampling, self.reward, self.reference,
-                                  actor_scope=self.actor_scope, actor_critic=self._critic(), generator=gen)
+        rows = self._prompts_for(step)
+        chunk = c.rollout_batch_size
+        rollout = concat_rollouts([
+            collect_rollout(self.model, rows[i:i + chunk], self.sampling, self.reward, self.reference,
+                            actor_scope=self.actor_scope, actor_critic=self._critic(), generator=gen)
+            for i in range(0, len(rows), chunk)])
         t1 = time.perf_counter()
         metrics = {"step": step + 1, **self._rollout_metrics(rollout, step)}
         metrics.update(self._prepare(rollout))
