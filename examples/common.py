@@ -1,5 +1,5 @@
 """What the examples share (example code, not part of the library): the command line,
-a short pretraining loop, sampling + scoring for before/after numbers, the JSON summary.
+pretraining through the library's trainer, sampling + scoring for before/after numbers, the JSON summary.
 
 The examples import it as a sibling module (`python examples/NAME.py` puts this folder on
 sys.path), so none of them repeats these helpers.
@@ -18,8 +18,10 @@ import torch
 from palm_rlhf.generation import SamplingConfig, generate
 from palm_rlhf.rl.collect import strip_eos
 from palm_rlhf.rl.rewards import as_reward_source
-from palm_rlhf.runtime.optim import OptimConfig, build_optimizer, build_scheduler
-from palm_rlhf.runtime.step import TrainStep
+from palm_rlhf.model import PaLM
+from palm_rlhf.runtime.optim import OptimConfig
+from palm_rlhf.trainers.base import ModelConfig
+from palm_rlhf.trainers.pretrain import DataConfig, PretrainConfig, PretrainTrainer
 
 REPO = Path(__file__).resolve().parents[1]
 log = logging.getLogger("example")
@@ -44,26 +46,26 @@ def start(args) -> Path:
     return out
 
 
-def pretrain(model, data: torch.Tensor, *, steps: int, batch_size: int, seq_len: int, lr: float = 3e-3,
-             seed: int = 0, log_every: int = 50) -> list[float]:
-    """Next-token training on random windows of the 1-D token tensor `data`, through the library's one
-    optimizer step (`TrainStep`) with AdamW + warmup/cosine. Returns the loss of every step."""
-    if data.numel() <= seq_len + 1:
-        raise ValueError(f"need more than {seq_len + 1} tokens to pretrain on, got {data.numel()}")
-    optim = OptimConfig(lr=lr, weight_decay=0.01, warmup_steps=max(1, steps // 10))
-    optimizer = build_optimizer(model, optim)
-    stepper = TrainStep(model, optimizer, build_scheduler(optimizer, optim, steps), clip_grad_norm=1.0)
-    g = torch.Generator().manual_seed(seed)
-    losses = []
-    model.train()
-    for step in range(steps):
-        starts = torch.randint(0, data.numel() - seq_len - 1, (batch_size,), generator=g).tolist()
-        batch = torch.stack([data[s:s + seq_len + 1] for s in starts])  # (b, seq_len + 1)
-        losses.append(stepper(lambda b: model.loss(b), [batch], step=step).loss)
-        if (step + 1) % log_every == 0 or step + 1 == steps:
-            log.info("pretrain step %d/%d: loss %.3f", step + 1, steps, losses[-1])
-    model.eval()
-    return losses
+def pretrain(out_dir: Path, sources: list, *, model: dict, steps: int, batch_size: int, seq_len: int,
+             lr: float = 3e-3, seed: int = 0):
+    """`PretrainTrainer` (what `palm-rlhf pretrain` runs) on text files -> (PaLM, its summary).
+
+    `model` holds ModelConfig fields (dim, depth, heads, dim_head). The run lives in `out_dir`:
+    the prepared tokens in data/, checkpoints, metrics.jsonl and final/ (save_pretrained + tokenizer);
+    re-running resumes it, and a finished run is only loaded."""
+    config = PretrainConfig(out_dir=str(out_dir), data=DataConfig(sources=tuple(str(s) for s in sources)),
+                            model=ModelConfig(**model), seq_len=seq_len, max_steps=steps, batch_size=batch_size,
+                            optim=OptimConfig(lr=lr, weight_decay=0.01, warmup_steps=max(1, steps // 10)),
+                            eval_every=0, eval_batches=4, save_every=0, log_every=max(1, steps // 5),
+                            progress=False, seed=seed)
+    trainer = PretrainTrainer(config)
+    try:
+        summary = trainer.setup().train()
+    finally:
+        trainer.cleanup()
+    log.info("pretrained %d steps: train loss %.3f, validation loss %.3f", steps, summary.get("train/loss", math.nan),
+             summary.get("val/loss", math.nan))
+    return PaLM.from_pretrained(Path(out_dir) / "final").eval(), summary
 
 
 @torch.no_grad()

@@ -1,6 +1,6 @@
 """Human feedback -> reward model -> PPO, with a simulated rater in place of people.
 
-1. Pretrain a small PaLM on standard-library text and save it (a checkpoint the app can serve).
+1. Pretrain a small PaLM on standard-library text (`PretrainTrainer` saves a checkpoint the app can serve).
 2. Run the feedback web app in-process (the real routes, SQLite store and background pair
    queue; `starlette.testclient` instead of a network socket). A simulated rater, the rule
    annotator of `palm_rlhf.data.synthetic` (prefers the completion with more vowels), asks
@@ -19,16 +19,15 @@ same store with `palm-rlhf feedback serve` instead (docs/feedback.md).
 
 from __future__ import annotations
 
+import shutil
 import time
 
-import torch
 from common import log, parser, pretrain, rl_summary, sample_and_score, start, write_summary
 
 from palm_rlhf.data.corpus import stdlib_files
 from palm_rlhf.data.synthetic import rule_annotator, rule_score
 from palm_rlhf.data.tokenizer import ByteTokenizer
 from palm_rlhf.generation import SamplingConfig
-from palm_rlhf.model import PaLM
 from palm_rlhf.model.reward import RewardModel
 from palm_rlhf.trainers.ppo import PPOConfig, PPOTrainer
 from palm_rlhf.trainers.reward import RewardTrainConfig, RewardTrainer
@@ -76,19 +75,17 @@ def main() -> int:
     t0 = time.perf_counter()
 
     # 1. the model raters will judge
-    text = "".join(f.read_text(errors="replace") for f in stdlib_files()[:40 if q else 300])
-    model = PaLM(num_tokens=256, dim=32 if q else 96, depth=1 if q else 3, heads=2 if q else 4,
-                 dim_head=16 if q else 24, cross_entropy_ignore_index=-1)
-    losses = pretrain(model, torch.tensor(tok.encode(text), dtype=torch.long), steps=60 if q else 600,
-                      batch_size=16 if q else 32, seq_len=64 if q else 128, seed=args.seed)
-    model.save_pretrained(out / "base")
-    tok.save(out / "base")
+    model, pre = pretrain(out / "pretrain", stdlib_files()[:40 if q else 300],
+                          model=dict(dim=32 if q else 96, depth=1 if q else 3, heads=2 if q else 4,
+                                     dim_head=16 if q else 24),
+                          steps=60 if q else 600, batch_size=16 if q else 32, seq_len=64 if q else 128, seed=args.seed)
+    base = out / "pretrain" / "final"  # save_pretrained weights + tokenizer: what `feedback serve` loads
 
     # 2. feedback through the web app, then 3. export
     max_new = 16 if q else 24
     db = out / "feedback.sqlite"
     db.unlink(missing_ok=True)  # a fresh session every run (keep the file to continue one with `feedback serve`)
-    choices = collect_judgements(out / "base", db, 40 if q else 400, max_new, args.seed)
+    choices = collect_judgements(base, db, 40 if q else 400, max_new, args.seed)
     log.info("judgements: %s", choices)
     from palm_rlhf.feedback import FeedbackStore
     from palm_rlhf.feedback.export import export_preferences
@@ -99,7 +96,7 @@ def main() -> int:
     log.info("exported %d preference records (skipped %s)", exported.written, exported.skipped)
 
     # 4. reward model on the exported file, the same file `palm-rlhf reward train` reads
-    rm = RewardTrainer(RewardTrainConfig(base=str(out / "base"), data=str(out / "prefs.jsonl"),
+    rm = RewardTrainer(RewardTrainConfig(base=str(base), data=str(out / "prefs.jsonl"),
                                          out_dir=str(out / "reward"), val_fraction=0.2, max_steps=30 if q else 200,
                                          lr=3e-3, eval_every=10_000, progress=False, seed=args.seed))
     rm_metrics = rm.setup(resume=False).train()
@@ -112,6 +109,7 @@ def main() -> int:
     truth = lambda prompts, completions: [rule_score(c) for c in completions]  # noqa: E731 - the ground truth
     before = {"reward_model": sample_and_score(model, tok, eval_prompts, reward_model, **score),
               "vowel_share": sample_and_score(model, tok, eval_prompts, truth, **score)}
+    shutil.rmtree(out / "ppo", ignore_errors=True)  # a fresh PPO run each time (pretraining is reused)
     ppo = PPOTrainer(PPOConfig(out_dir=str(out / "ppo"), steps=3 if q else 40, prompts_per_step=16 if q else 32,
                                minibatch_size=16, epochs=2, max_new_tokens=max_new, eos_token=tok.eos_id, lr=3e-3,
                                critic_lr=3e-3, kl_coef=0.05, sample_every=0, seed=args.seed),
@@ -122,7 +120,7 @@ def main() -> int:
     after = {"reward_model": sample_and_score(model, tok, eval_prompts, reward_model, scope=scope, **score),
              "vowel_share": sample_and_score(model, tok, eval_prompts, truth, scope=scope, **score)}
 
-    summary = {"pretrain_loss_last": losses[-1], "judgements": choices, "exported_records": exported.written,
+    summary = {"pretrain_val_loss": pre.get("val/loss"), "judgements": choices, "exported_records": exported.written,
                "reward_model_accuracy": rm_metrics["accuracy"], "rl": rl_summary(history),
                "before": {k: v["mean"] for k, v in before.items()}, "after": {k: v["mean"] for k, v in after.items()},
                "samples_after": after["vowel_share"]["samples"], "seconds": round(time.perf_counter() - t0, 1)}

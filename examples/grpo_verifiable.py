@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import random
 import re
+import shutil
 import time
 
-import torch
 from common import log, parser, pretrain, rl_summary, sample_and_score, start, write_summary
 
 from palm_rlhf.data.tokenizer import ByteTokenizer
-from palm_rlhf.model import PaLM
 from palm_rlhf.trainers.grpo import GRPOConfig, GRPOTrainer
 
 NEWLINE = 10  # "\n" ends every equation, so it is the EOS of an answer
@@ -67,10 +66,11 @@ def main() -> int:
     tok = ByteTokenizer()
     t0 = time.perf_counter()
 
-    data = torch.tensor(tok.encode(arithmetic_text(20_000, args.max_operand, args.seed)), dtype=torch.long)
-    model = PaLM(num_tokens=256, dim=32 if q else 64, depth=1 if q else 2, heads=2 if q else 4, dim_head=16,
-                 cross_entropy_ignore_index=-1)
-    losses = pretrain(model, data, steps=80 if q else 250, batch_size=16, seq_len=64, lr=3e-3, seed=args.seed)
+    corpus = out / "arithmetic.txt"
+    corpus.write_text(arithmetic_text(20_000, args.max_operand, args.seed))
+    model, pre = pretrain(out / "pretrain", [corpus], model=dict(dim=32 if q else 64, depth=1 if q else 2,
+                          heads=2 if q else 4, dim_head=16), steps=80 if q else 250, batch_size=16, seq_len=64,
+                          seed=args.seed)
 
     rng = random.Random(args.seed + 1)
     prompts = [f"{a}+{b}=" for a in range(args.max_operand + 1) for b in range(args.max_operand + 1)]
@@ -79,6 +79,7 @@ def main() -> int:
     before = sample_and_score(model, tok, eval_prompts, check_answers, **score)
     log.info("before GRPO: mean reward %.3f", before["mean"])
 
+    shutil.rmtree(out / "grpo", ignore_errors=True)  # a fresh GRPO run each time (pretraining is reused)
     config = GRPOConfig(out_dir=str(out / "grpo"), steps=4 if q else 60, prompts_per_step=4 if q else 8,
                         group_size=8, minibatch_size=32, epochs=1, max_new_tokens=4, eos_token=NEWLINE,
                         lr=3e-3, kl_coef=0.04, sample_every=0 if q else 20, seed=args.seed)
@@ -91,7 +92,7 @@ def main() -> int:
              "after": sample_and_score(model, tok, eval_prompts, exact_answers, scope=trainer.actor_scope,
                                        **score)["mean"]}
     curve = [round(h["reward_mean"], 3) for h in history]
-    summary = {"pretrain_loss_last": losses[-1], "reward_curve": curve, "rl": rl_summary(history),
+    summary = {"pretrain_val_loss": pre.get("val/loss"), "reward_curve": curve, "rl": rl_summary(history),
                "before": before, "after": after, "exact_match": exact,
                "seconds": round(time.perf_counter() - t0, 1)}
     write_summary(out, summary)

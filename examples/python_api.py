@@ -7,6 +7,7 @@ and compare samples before and after.
 """
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -18,9 +19,10 @@ from palm_rlhf.data.tokenizer import ByteTokenizer
 from palm_rlhf.generation import SamplingConfig, generate
 from palm_rlhf.model import PaLM
 from palm_rlhf.model.reward import RewardModel
-from palm_rlhf.runtime.optim import OptimConfig, build_optimizer, build_scheduler
-from palm_rlhf.runtime.step import TrainStep
+from palm_rlhf.runtime.optim import OptimConfig
+from palm_rlhf.trainers.base import ModelConfig
 from palm_rlhf.trainers.ppo import PPOConfig, PPOTrainer
+from palm_rlhf.trainers.pretrain import DataConfig, PretrainConfig, PretrainTrainer
 from palm_rlhf.trainers.reward import RewardTrainConfig, RewardTrainer
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -32,26 +34,22 @@ q = args.quick
 torch.manual_seed(0)
 tok = ByteTokenizer()  # UTF-8 bytes; id 0 is EOS and padding
 
-# 1. Pretrain on a few standard-library files (offline, no download).
-text = "".join(f.read_text(errors="replace") for f in stdlib_files()[:40 if q else 300])
-data = torch.tensor(tok.encode(text), dtype=torch.long)
-model = PaLM(num_tokens=256, dim=32 if q else 96, depth=1 if q else 3, heads=2 if q else 4, dim_head=16 if q else 24,
-             cross_entropy_ignore_index=-1)  # byte 0 is a real target (EOS), so ignore nothing
-steps, seq_len = (60, 64) if q else (600, 128)
-optim = OptimConfig(lr=3e-3, weight_decay=0.01, warmup_steps=steps // 10)
-optimizer = build_optimizer(model, optim)
-stepper = TrainStep(model, optimizer, build_scheduler(optimizer, optim, steps), clip_grad_norm=1.0)
-for step in range(steps):
-    starts = torch.randint(0, data.numel() - seq_len - 1, (16 if q else 32,)).tolist()
-    batch = torch.stack([data[s:s + seq_len + 1] for s in starts])  # (b, seq_len + 1)
-    loss = stepper(lambda b: model.loss(b), [batch], step=step).loss
-print(f"pretraining: {steps} steps, final loss {loss:.3f} nats/byte")
-model.save_pretrained(out / "pretrain")
-tok.save(out / "pretrain")
+# 1. Pretrain on a few standard-library files (offline, no download) with the trainer behind `palm-rlhf pretrain`.
+steps = 60 if q else 600
+pre = PretrainTrainer(PretrainConfig(
+    out_dir=str(out / "pretrain"), data=DataConfig(sources=tuple(map(str, stdlib_files()[:40 if q else 300]))),
+    model=ModelConfig(dim=32 if q else 96, depth=1 if q else 3, heads=2 if q else 4, dim_head=16 if q else 24),
+    seq_len=64 if q else 128, batch_size=16 if q else 32, max_steps=steps, eval_every=0, save_every=0,
+    optim=OptimConfig(lr=3e-3, weight_decay=0.01, warmup_steps=steps // 10), progress=False))
+pre_summary = pre.setup().train()  # writes out/pretrain/final: save_pretrained weights + tokenizer
+pre.cleanup()
+model = PaLM.from_pretrained(out / "pretrain" / "final")
+loss = pre_summary.get("val/loss", float("nan"))
+print(f"pretraining: {steps} steps, validation loss {loss:.3f} nats/byte")
 
 # 2. A reward model on simulated preferences: the rule annotator prefers the response with more vowels.
 write_preferences(out / "prefs.jsonl", rule_preference_pairs(300 if q else 1500, seed=0))
-rm_trainer = RewardTrainer(RewardTrainConfig(base=str(out / "pretrain"), data=str(out / "prefs.jsonl"),
+rm_trainer = RewardTrainer(RewardTrainConfig(base=str(out / "pretrain" / "final"), data=str(out / "prefs.jsonl"),
                                              out_dir=str(out / "reward"), max_steps=30 if q else 200, lr=3e-3,
                                              eval_every=10_000, progress=False))
 rm_metrics = rm_trainer.setup().train()
@@ -60,6 +58,7 @@ reward_model = RewardModel.from_pretrained(out / "reward" / "final")
 print(f"reward model: held-out pairwise accuracy {rm_metrics['accuracy']:.3f}")
 
 # 3. PPO: the actor and critic are LoRA scopes on the same PaLM; the base weights stay frozen.
+shutil.rmtree(out / "ppo", ignore_errors=True)  # a fresh PPO run each time (a finished pretraining is reused)
 prompts = ["def ", "class ", "import ", "return ", "# ", "if ", "for ", "with ", "print(", "self."]
 max_new = 16 if q else 24
 ppo = PPOTrainer(PPOConfig(out_dir=str(out / "ppo"), steps=3 if q else 40, prompts_per_step=16 if q else 32,
@@ -82,7 +81,7 @@ def evaluate(scope):
 
 
 before, after = evaluate(None), evaluate(ppo.actor_scope)
-summary = {"pretrain_loss": loss, "reward_model_accuracy": rm_metrics["accuracy"], "before": before, "after": after,
+summary = {"pretrain_val_loss": loss, "reward_model_accuracy": rm_metrics["accuracy"], "before": before, "after": after,
            "kl_to_reference": history[-1]["kl_ref"], "ppo_steps": len(history)}
 (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 for name, r in (("before", before), ("after", after)):

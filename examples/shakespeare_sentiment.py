@@ -13,15 +13,15 @@ completions before and after, with examples.
 
 Needs `pip install vaderSentiment` (in the `test` extra). The corpus defaults to
 <repo>/../shared/data/tinyshakespeare.txt; when it is absent a small built-in text stands in
-(the script says so). The pretrained model is saved to OUT/pretrain and reused on a re-run.
+(the script says so). The pretrained model is saved to OUT/pretrain/final and reused on a re-run.
 """
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
-import torch
 from common import REPO, log, parser, pretrain, rl_summary, sample_and_score, start, write_summary
 
 from palm_rlhf.data.tokenizer import ByteTokenizer
@@ -61,12 +61,13 @@ def sentiment_reward(analyzer):
     return reward
 
 
-def load_text(path: Path, quick: bool) -> str:
+def corpus_file(path: Path, out: Path) -> Path:
     if path.is_file():
-        text = path.read_text(encoding="utf-8", errors="replace")
-        return text[:200_000] if quick else text
+        return path
     print(f"NOTE: {path} not found; pretraining on a small built-in text instead (expect weaker results)")
-    return BUILTIN * 50
+    builtin = out / "builtin.txt"
+    builtin.write_text(BUILTIN * 50)
+    return builtin
 
 
 def main() -> int:
@@ -84,25 +85,23 @@ def main() -> int:
     reward = sentiment_reward(SentimentIntensityAnalyzer())
     t0 = time.perf_counter()
 
-    saved = Path(args.pretrained) if args.pretrained else out / "pretrain"
-    losses = []
+    saved = Path(args.pretrained) if args.pretrained else out / "pretrain" / "final"
+    pre = {}
     if (saved / "config.json").is_file():
         log.info("loading the pretrained model from %s", saved)
-        model = PaLM.from_pretrained(saved)
+        model = PaLM.from_pretrained(saved).eval()
     else:
-        data = torch.tensor(tok.encode(load_text(Path(args.data), q)), dtype=torch.long)
-        model = PaLM(num_tokens=256, dim=32 if q else 128, depth=1 if q else 3, heads=2 if q else 4,
-                     dim_head=16 if q else 32, cross_entropy_ignore_index=-1)
-        losses = pretrain(model, data, steps=60 if q else 500, batch_size=16, seq_len=64 if q else 128,
-                          lr=3e-3, seed=args.seed)
-        model.save_pretrained(saved)
-        tok.save(saved)
+        model, pre = pretrain(out / "pretrain", [corpus_file(Path(args.data), out)],
+                              model=dict(dim=32 if q else 128, depth=1 if q else 3, heads=2 if q else 4,
+                                         dim_head=16 if q else 32),
+                              steps=60 if q else 500, batch_size=16, seq_len=64 if q else 128, seed=args.seed)
 
     prompts = PROMPTS * (2 if q else 8)
     score = dict(max_new_tokens=16 if q else 32, eos_token=NEWLINE, seed=args.seed + 1)
     before = sample_and_score(model, tok, prompts, reward, **score)
     log.info("before PPO: mean sentiment %.3f", before["mean"])
 
+    shutil.rmtree(out / "ppo", ignore_errors=True)  # a fresh PPO run each time (pretraining is reused)
     config = PPOConfig(out_dir=str(out / "ppo"), steps=3 if q else 60, prompts_per_step=16 if q else 32,
                        minibatch_size=16, epochs=2, max_new_tokens=score["max_new_tokens"], eos_token=NEWLINE,
                        lr=3e-3, critic_lr=3e-3, kl_coef=0.05, sample_every=0 if q else 20, seed=args.seed)
@@ -112,7 +111,7 @@ def main() -> int:
     after = sample_and_score(model, tok, prompts, reward, scope=trainer.actor_scope, **score)
 
     summary = {"data": args.data if Path(args.data).is_file() else "built-in text",
-               "pretrain_loss_last": losses[-1] if losses else None, "rl": rl_summary(history),
+               "pretrain_val_loss": pre.get("val/loss"), "rl": rl_summary(history),
                "sentiment_before": before["mean"], "sentiment_after": after["mean"],
                "before": before["samples"], "after": after["samples"], "seconds": round(time.perf_counter() - t0, 1)}
     write_summary(out, summary)

@@ -52,12 +52,12 @@ def test_arithmetic_verifier_scores_by_hand():
 def test_python_api_example(tmp_path):
     stdout, s = run_example("python_api.py", tmp_path)
     assert "KL to the reference" in stdout
-    assert finite(s["pretrain_loss"], s["reward_model_accuracy"], s["kl_to_reference"])
+    assert finite(s["pretrain_val_loss"], s["reward_model_accuracy"], s["kl_to_reference"])
     for side in ("before", "after"):
         assert finite(s[side]["reward_model"], s[side]["vowel_share"])
         assert len(s[side]["samples"]) == 3
     assert s["ppo_steps"] == 3
-    assert (tmp_path / "pretrain" / "config.json").is_file() and (tmp_path / "reward" / "final").is_dir()
+    assert (tmp_path / "pretrain" / "final" / "config.json").is_file() and (tmp_path / "reward" / "final").is_dir()
 
 
 @pytest.mark.slow
@@ -75,7 +75,7 @@ def test_shakespeare_sentiment_example(tmp_path):
     stdout, s = run_example("shakespeare_sentiment.py", tmp_path)
     assert "mean VADER sentiment" in stdout
     assert -1.0 <= s["sentiment_before"] <= 1.0 and -1.0 <= s["sentiment_after"] <= 1.0
-    assert finite(s["pretrain_loss_last"], s["rl"]["reward_last_steps"], s["rl"]["kl_last_steps"])
+    assert finite(s["pretrain_val_loss"], s["rl"]["reward_last_steps"], s["rl"]["kl_last_steps"])
 
 
 @pytest.mark.slow
@@ -83,11 +83,11 @@ def test_shakespeare_falls_back_to_builtin_text_and_reuses_the_pretrained_model(
     missing = str(tmp_path / "missing.txt")
     stdout, s = run_example("shakespeare_sentiment.py", tmp_path, "--data", missing)
     assert "not found; pretraining on a small built-in text" in stdout
-    assert s["data"] == "built-in text" and finite(s["pretrain_loss_last"])
-    assert (tmp_path / "pretrain" / "config.json").is_file()
-    # a re-run loads OUT/pretrain instead of pretraining again
+    assert s["data"] == "built-in text" and finite(s["pretrain_val_loss"])
+    assert (tmp_path / "pretrain" / "final" / "config.json").is_file()
+    # a re-run loads OUT/pretrain/final instead of pretraining again
     stdout, s = run_example("shakespeare_sentiment.py", tmp_path, "--data", missing)
-    assert s["pretrain_loss_last"] is None and "not found" not in stdout
+    assert s["pretrain_val_loss"] is None and "not found" not in stdout
 
 
 @pytest.mark.slow
