@@ -47,7 +47,7 @@ def start(args) -> Path:
 
 
 def pretrain(out_dir: Path, sources: list, *, model: dict, steps: int, batch_size: int, seq_len: int,
-             lr: float = 3e-3, seed: int = 0):
+             lr: float = 3e-3, seed: int = 0, progress: bool = True):
     """`PretrainTrainer` (what `palm-rlhf pretrain` runs) on text files -> (PaLM, its summary).
 
     `model` holds ModelConfig fields (dim, depth, heads, dim_head). The run lives in `out_dir`:
@@ -57,7 +57,7 @@ def pretrain(out_dir: Path, sources: list, *, model: dict, steps: int, batch_siz
                             model=ModelConfig(**model), seq_len=seq_len, max_steps=steps, batch_size=batch_size,
                             optim=OptimConfig(lr=lr, weight_decay=0.01, warmup_steps=max(1, steps // 10)),
                             eval_every=0, eval_batches=4, save_every=0, log_every=max(1, steps // 5),
-                            progress=False, seed=seed)
+                            progress=progress, seed=seed)
     trainer = PretrainTrainer(config)
     try:
         summary = trainer.setup().train()

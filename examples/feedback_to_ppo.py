@@ -78,7 +78,8 @@ def main() -> int:
     model, pre = pretrain(out / "pretrain", stdlib_files()[:40 if q else 300],
                           model=dict(dim=32 if q else 96, depth=1 if q else 3, heads=2 if q else 4,
                                      dim_head=16 if q else 24),
-                          steps=60 if q else 600, batch_size=16 if q else 32, seq_len=64 if q else 128, seed=args.seed)
+                          steps=60 if q else 600, batch_size=16 if q else 32, seq_len=64 if q else 128, seed=args.seed,
+                          progress=not q)
     base = out / "pretrain" / "final"  # save_pretrained weights + tokenizer: what `feedback serve` loads
 
     # 2. feedback through the web app, then 3. export
@@ -98,7 +99,7 @@ def main() -> int:
     # 4. reward model on the exported file, the same file `palm-rlhf reward train` reads
     rm = RewardTrainer(RewardTrainConfig(base=str(base), data=str(out / "prefs.jsonl"),
                                          out_dir=str(out / "reward"), val_fraction=0.2, max_steps=30 if q else 200,
-                                         lr=3e-3, eval_every=10_000, progress=False, seed=args.seed))
+                                         lr=3e-3, eval_every=10_000, progress=not q, seed=args.seed))
     rm_metrics = rm.setup(resume=False).train()
     rm.cleanup()
     reward_model = RewardModel.from_pretrained(out / "reward" / "final")

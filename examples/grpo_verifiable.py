@@ -70,7 +70,7 @@ def main() -> int:
     corpus.write_text(arithmetic_text(20_000, args.max_operand, args.seed))
     model, pre = pretrain(out / "pretrain", [corpus], model=dict(dim=32 if q else 64, depth=1 if q else 2,
                           heads=2 if q else 4, dim_head=16), steps=80 if q else 250, batch_size=16, seq_len=64,
-                          seed=args.seed)
+                          seed=args.seed, progress=not q)
 
     rng = random.Random(args.seed + 1)
     prompts = [f"{a}+{b}=" for a in range(args.max_operand + 1) for b in range(args.max_operand + 1)]

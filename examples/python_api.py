@@ -40,18 +40,18 @@ pre = PretrainTrainer(PretrainConfig(
     out_dir=str(out / "pretrain"), data=DataConfig(sources=tuple(map(str, stdlib_files()[:40 if q else 300]))),
     model=ModelConfig(dim=32 if q else 96, depth=1 if q else 3, heads=2 if q else 4, dim_head=16 if q else 24),
     seq_len=64 if q else 128, batch_size=16 if q else 32, max_steps=steps, eval_every=0, save_every=0,
-    optim=OptimConfig(lr=3e-3, weight_decay=0.01, warmup_steps=steps // 10), progress=False))
+    optim=OptimConfig(lr=3e-3, weight_decay=0.01, warmup_steps=steps // 10), progress=not q))
 pre_summary = pre.setup().train()  # writes out/pretrain/final: save_pretrained weights + tokenizer
 pre.cleanup()
 model = PaLM.from_pretrained(out / "pretrain" / "final")
-loss = pre_summary.get("val/loss", float("nan"))
-print(f"pretraining: {steps} steps, validation loss {loss:.3f} nats/byte")
+loss = pre_summary.get("val/loss")  # None when a finished run was only reloaded
+print(f"pretraining: {steps} steps" + (f", validation loss {loss:.3f} nats/byte" if loss is not None else " (reused)"))
 
 # 2. A reward model on simulated preferences: the rule annotator prefers the response with more vowels.
 write_preferences(out / "prefs.jsonl", rule_preference_pairs(300 if q else 1500, seed=0))
 rm_trainer = RewardTrainer(RewardTrainConfig(base=str(out / "pretrain" / "final"), data=str(out / "prefs.jsonl"),
                                              out_dir=str(out / "reward"), max_steps=30 if q else 200, lr=3e-3,
-                                             eval_every=10_000, progress=False))
+                                             eval_every=10_000, progress=not q))
 rm_metrics = rm_trainer.setup().train()
 rm_trainer.cleanup()
 reward_model = RewardModel.from_pretrained(out / "reward" / "final")

@@ -94,7 +94,8 @@ def main() -> int:
         model, pre = pretrain(out / "pretrain", [corpus_file(Path(args.data), out)],
                               model=dict(dim=32 if q else 128, depth=1 if q else 3, heads=2 if q else 4,
                                          dim_head=16 if q else 32),
-                              steps=60 if q else 500, batch_size=16, seq_len=64 if q else 128, seed=args.seed)
+                              steps=60 if q else 500, batch_size=16, seq_len=64 if q else 128, seed=args.seed,
+                              progress=not q)
 
     prompts = PROMPTS * (2 if q else 8)
     score = dict(max_new_tokens=16 if q else 32, eos_token=NEWLINE, seed=args.seed + 1)
