@@ -13,7 +13,7 @@ from torch import nn
 
 from ..model.checkpoint import load_into
 
-__all__ = ["shard", "is_sharded", "full_model_state", "unsharded_copy", "optimizer_state", "load_optimizer_state"]
+__all__ = ["shard", "is_sharded", "reshard", "full_model_state", "unsharded_copy", "optimizer_state", "load_optimizer_state"]
 
 
 def shard(model: nn.Module) -> nn.Module:
@@ -31,6 +31,18 @@ def is_sharded(model: nn.Module) -> bool:
     except ImportError:  # pragma: no cover
         return False
     return isinstance(model, FSDPModule)
+
+
+def reshard(model: nn.Module) -> None:
+    """Free the unsharded parameters a no-grad forward leaves behind (the root keeps them after
+    forward), so `named_parameters()` again yields the sharded ones the optimizer holds."""
+    if not is_sharded(model):
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def _full_options():
@@ -67,6 +79,8 @@ def optimizer_state(model: nn.Module, optimizer) -> dict:
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     full = get_optimizer_state_dict(model, optimizer, options=_full_options())
+    if not full:  # with cpu_offload only rank 0 receives the gathered state
+        return {}
     index = {name: i for i, name in enumerate(_param_names(model, optimizer))}
     groups = [{**g, "params": [index[n] for n in g["params"]]} for g in full["param_groups"]]
     return {"state": {index[n]: v for n, v in full["state"].items()}, "param_groups": groups}

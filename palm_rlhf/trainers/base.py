@@ -281,6 +281,7 @@ class LMTrainer:
                 metrics = self.evaluate()
         finally:
             self.model.train()
+            fsdp.reshard(self.wrapped)
         if metrics:
             self.metrics.log(self.step, metrics)
             log.info("step %d: %s", self.step, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))

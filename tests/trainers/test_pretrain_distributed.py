@@ -56,3 +56,27 @@ def test_two_processes_equal_one_and_resume_in_one(tmp_path):
     assert sorted(resumed) == [1, 2, 3, 4]
     for step in (3, 4):
         assert resumed[step] == pytest.approx(one[step], abs=1e-5)
+
+
+def _rewind_to_step_2(run_dir):
+    ckpts = run_dir / "checkpoints"
+    shutil.rmtree(ckpts / "step_00000004")
+    (ckpts / "latest").write_text("step_00000002")
+
+
+def test_fsdp_equals_one_process_and_checkpoints_move_between_them(tmp_path):
+    corpus = write_corpus(tmp_path)
+    _pretrain(tmp_path, 1, "one", f"data.sources=[{corpus}]", "batch_size=4", "model.depth=2")
+    data = tmp_path / "one" / "data"
+    _pretrain(tmp_path, 2, "fsdp", f"data.sources=[{data}]", "batch_size=2", "model.depth=2", "distributed=fsdp")
+    one, sharded = _curve(tmp_path / "one"), _curve(tmp_path / "fsdp")
+    assert sorted(sharded) == [1, 2, 3, 4]
+    assert [sharded[s] for s in one] == pytest.approx([one[s] for s in one], abs=1e-5)
+    # an FSDP checkpoint resumes in one process, and a one-process checkpoint under FSDP
+    _rewind_to_step_2(tmp_path / "fsdp")
+    _pretrain(tmp_path, 1, "fsdp", f"data.sources=[{data}]", "batch_size=4", "model.depth=2")
+    _rewind_to_step_2(tmp_path / "one")
+    _pretrain(tmp_path, 2, "one", f"data.sources=[{data}]", "batch_size=2", "model.depth=2", "distributed=fsdp")
+    for run in ("fsdp", "one"):
+        resumed = _curve(tmp_path / run)
+        assert [resumed[s] for s in (3, 4)] == pytest.approx([one[s] for s in (3, 4)], abs=1e-5)
