@@ -33,6 +33,7 @@ def _losses(run_dir):
     return {r["step"]: r["train/loss"] for r in read_metrics(run_dir) if "train/loss" in r}
 
 
+@pytest.mark.slow
 def test_sigterm_then_resume_repeats_the_uninterrupted_losses(tmp_path):
     corpus = write_corpus(tmp_path)
     _train(tiny_config(tmp_path, corpus, out="full"))
@@ -74,6 +75,7 @@ def test_nan_loss_names_the_step_and_keeps_the_last_checkpoint(tmp_path):
     assert all(torch.isfinite(v).all() for v in weights.values())
 
 
+@pytest.mark.slow
 def test_accumulation_equals_a_big_batch(tmp_path):
     """batch 4 x accum 1 and batch 2 x accum 2 see the same 4 windows per step."""
     corpus = write_corpus(tmp_path)
