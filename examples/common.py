@@ -63,6 +63,8 @@ def pretrain(out_dir: Path, sources: list, *, model: dict, steps: int, batch_siz
         summary = trainer.setup().train()
     finally:
         trainer.cleanup()
+    if summary.get("interrupted"):  # Ctrl-C / SIGTERM: the trainer saved a checkpoint
+        raise SystemExit(f"pretraining interrupted at step {trainer.step}; run the same command to resume")
     log.info("pretrained %d steps: train loss %.3f, validation loss %.3f", steps, summary.get("train/loss", math.nan),
              summary.get("val/loss", math.nan))
     return PaLM.from_pretrained(Path(out_dir) / "final").eval(), summary

@@ -78,7 +78,7 @@ def main() -> int:
     model, pre = pretrain(out / "pretrain", stdlib_files()[:40 if q else 300],
                           model=dict(dim=32 if q else 96, depth=1 if q else 3, heads=2 if q else 4,
                                      dim_head=16 if q else 24),
-                          steps=60 if q else 600, batch_size=16 if q else 32, seq_len=64 if q else 128, seed=args.seed,
+                          steps=60 if q else 300, batch_size=16, seq_len=64 if q else 128, seed=args.seed,
                           progress=not q)
     base = out / "pretrain" / "final"  # save_pretrained weights + tokenizer: what `feedback serve` loads
 

@@ -35,14 +35,16 @@ torch.manual_seed(0)
 tok = ByteTokenizer()  # UTF-8 bytes; id 0 is EOS and padding
 
 # 1. Pretrain on a few standard-library files (offline, no download) with the trainer behind `palm-rlhf pretrain`.
-steps = 60 if q else 600
+steps = 60 if q else 300
 pre = PretrainTrainer(PretrainConfig(
     out_dir=str(out / "pretrain"), data=DataConfig(sources=tuple(map(str, stdlib_files()[:40 if q else 300]))),
     model=ModelConfig(dim=32 if q else 96, depth=1 if q else 3, heads=2 if q else 4, dim_head=16 if q else 24),
-    seq_len=64 if q else 128, batch_size=16 if q else 32, max_steps=steps, eval_every=0, save_every=0,
+    seq_len=64 if q else 128, batch_size=16, max_steps=steps, eval_every=0, save_every=0,
     optim=OptimConfig(lr=3e-3, weight_decay=0.01, warmup_steps=steps // 10), progress=not q))
 pre_summary = pre.setup().train()  # writes out/pretrain/final: save_pretrained weights + tokenizer
 pre.cleanup()
+if pre_summary["interrupted"]:
+    raise SystemExit("pretraining interrupted (checkpoint saved); run the same command to resume")
 model = PaLM.from_pretrained(out / "pretrain" / "final")
 loss = pre_summary.get("val/loss")  # None when a finished run was only reloaded
 print(f"pretraining: {steps} steps" + (f", validation loss {loss:.3f} nats/byte" if loss is not None else " (reused)"))
