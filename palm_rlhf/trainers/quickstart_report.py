@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..model.checkpoint import atomic_write_bytes
 from ..runtime.metrics import read_metrics
+from ..runtime.plots import plot_series
 
 log = logging.getLogger(__name__)
 
@@ -17,33 +18,6 @@ PLOTS = (
     ("rl_reward.png", "RL: mean reward-model score of rollouts", "rl", ("reward_mean",)),
     ("rl_kl.png", "RL: KL to the reference (nats/sequence)", "rl", ("kl_ref",)),
 )
-
-
-def plot_series(rows: list[dict], keys, title: str, path: Path) -> bool:
-    """Line plot of `keys` against `step`; False when there is nothing to plot."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
-    drawn = False
-    for key in keys:
-        points = [(r["step"], r[key]) for r in rows if key in r and isinstance(r.get(key), (int, float))]
-        if points:
-            xs, ys = zip(*points)
-            ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=key)
-            drawn = True
-    if drawn:
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path)
-    plt.close(fig)
-    return drawn
 
 
 def _table(rows: dict) -> list[str]:
