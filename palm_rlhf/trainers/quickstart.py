@@ -192,7 +192,7 @@ class Quickstart:
                       temperature=1.0, eos_token=None, lr=3e-3, seed=c.seed, save_every=5, keep_last=1,
                       sample_every=10)
         if c.algo == "ppo":
-            config = PPOConfig(prompts_per_step=32, minibatch_size=16, epochs=2, kl_coef=0.05, **common)
+            config = PPOConfig(prompts_per_step=32, minibatch_size=16, epochs=2, kl_coef=0.05, critic_lr=3e-3, **common)
             cls = PPOTrainer
         else:
             config = GRPOConfig(prompts_per_step=8, group_size=4, minibatch_size=16, epochs=1, kl_coef=0.05, **common)
