@@ -1,0 +1,235 @@
+"""Training throughput and MFU: ours vs the seed package vs Hugging Face Llama.
+
+    python benchmarks/train.py                                  # everything (~10 minutes)
+    python benchmarks/train.py --precisions fp32 --repeats 3    # quicker
+    python benchmarks/train.py --systems ours ours-math ours-compile --precisions bf16
+    python benchmarks/train.py --memory                         # also peak RSS, one subprocess per row
+
+Config S (issue 4): dim 384, depth 6, heads 6, dim_head 64, vocab 256, seq 256, batch 16,
+AdamW, 2 threads, random weights and fixed random token batches. Every system trains with the
+same optimizer step: `palm_rlhf.runtime.step.TrainStep` (AdamW over decay/no-decay groups,
+grad clipping at 1.0, bf16 autocast when asked), so only the model and its loss differ:
+
+* ours      `palm_rlhf.model.PaLM` with the pretrain trainer's loss (`PaLM.logits` +
+            `ops.token_cross_entropy`), attention as `ModelConfig` sets it by default;
+  ours-math / ours-sdpa   the same with the explicit attention / `F.scaled_dot_product_attention`;
+  ours-compile            the same loss under `torch.compile` (the trainers' `compile: true`).
+* seed      `palm_rlhf_pytorch.PaLM(..., return_loss=True)` 0.8.0 (its default attention).
+* llama     `transformers.LlamaForCausalLM`: hidden 384, 6 layers, 6 query heads with one
+            key/value head (multi-query, like PaLM), SwiGLU width 1536, tied embeddings, its
+            default (SDPA) attention. Parameters 12,784,512 vs PaLM's 12,782,208 (only norm gains differ).
+
+All rows run in one process, interleaved (the order rotates every repeat), and each repeat also
+measures the matmul peak (a 2048^3 `torch.mm`, fp32 and bf16) so MFU compares like with like on a
+shared machine. Reported: medians over repeats, and ratios to the seed package.
+
+FLOPs per trained token (PaLM paper, appendix B): 6 N + 12 L H Q T, with N the weights that
+take part in matmuls (12,779,520: the 6 blocks' projections plus the tied 256 x 384 output
+projection; the embedding lookup is not a matmul), L = 6 layers, H = 6 heads, Q = 64 head dim,
+T = 256 tokens. Attention is counted for the full T x T square, as the paper does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+DIM, DEPTH, HEADS, DIM_HEAD, VOCAB, SEQ, BATCH = 384, 6, 6, 64, 256, 256, 16
+SYSTEMS = ("ours", "ours-math", "ours-sdpa", "ours-compile", "seed", "llama")
+DEFAULT_SYSTEMS = ("ours", "seed", "llama")
+PRECISIONS = ("fp32", "bf16")
+
+
+def matmul_weights(model_kind: str) -> int:
+    """N in 6N: weights used in matmuls (the same count for all three systems)."""
+    ff = 4 * DIM
+    per_layer = DIM * (HEADS * DIM_HEAD + 2 * DIM_HEAD + 2 * ff) + HEADS * DIM_HEAD * DIM + ff * DIM
+    return DEPTH * per_layer + VOCAB * DIM
+
+
+def flops_per_token() -> int:
+    return 6 * matmul_weights("palm") + 12 * DEPTH * HEADS * DIM_HEAD * SEQ
+
+
+def batches(count: int = 4, seed: int = 0) -> list[torch.Tensor]:
+    """Fixed (BATCH, SEQ + 1) token windows; ids start at 1 so the seed's ignore_index=0 drops none."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, VOCAB, (BATCH, SEQ + 1), generator=g) for _ in range(count)]
+
+
+def _ours_model(flash_attn: bool | None):
+    from palm_rlhf.model import PaLM
+    from palm_rlhf.trainers.base import ModelConfig
+
+    cfg = ModelConfig(dim=DIM, depth=DEPTH, heads=HEADS, dim_head=DIM_HEAD)
+    if flash_attn is not None:
+        cfg.flash_attn = flash_attn
+    return PaLM(**cfg.kwargs(VOCAB))
+
+
+def build(system: str, precision: str):
+    """-> (model, step(batch) -> loss float). One real optimizer step per call."""
+    from palm_rlhf.ops import token_cross_entropy
+    from palm_rlhf.runtime.optim import OptimConfig, build_optimizer
+    from palm_rlhf.runtime.step import TrainStep
+
+    torch.manual_seed(0)
+    if system.startswith("ours"):
+        flash = {"ours-math": False, "ours-sdpa": True}.get(system)
+        model = _ours_model(flash)
+        forward = torch.compile(model) if system == "ours-compile" else model
+
+        def loss_fn(batch):  # the pretrain trainer's loss
+            inputs, targets = batch[:, :-1], batch[:, 1:]  # (b, n)
+            return token_cross_entropy(forward(inputs), targets)
+    elif system == "seed":
+        from palm_rlhf_pytorch import PaLM as SeedPaLM
+
+        model = SeedPaLM(dim=DIM, num_tokens=VOCAB, depth=DEPTH, heads=HEADS, dim_head=DIM_HEAD)
+
+        def loss_fn(batch):
+            return model(batch, return_loss=True)
+    elif system == "llama":
+        model = build_llama()
+
+        def loss_fn(batch):
+            logits = model(input_ids=batch[:, :-1]).logits  # (b, n, V)
+            return F.cross_entropy(logits.reshape(-1, VOCAB).float(), batch[:, 1:].reshape(-1))
+    else:
+        raise ValueError(system)
+    model.train()
+    optimizer = build_optimizer(model, OptimConfig(lr=1e-4))
+    stepper = TrainStep(model, optimizer, None, grad_accum=1, clip_grad_norm=1.0, precision=precision)
+    counter = iter(range(10**9))
+
+    def step(batch) -> float:
+        return stepper(loss_fn, [batch], step=next(counter)).loss
+    return model, step
+
+
+def build_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=DIM, intermediate_size=4 * DIM, num_hidden_layers=DEPTH,
+                      num_attention_heads=HEADS, num_key_value_heads=1, head_dim=DIM_HEAD,
+                      max_position_embeddings=2048, tie_word_embeddings=True, bos_token_id=None,
+                      eos_token_id=None, pad_token_id=0, use_cache=False)
+    return LlamaForCausalLM(cfg)
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 3) -> float:
+    """Best FLOP/s of `reps` (n x n) @ (n x n) matmuls."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def time_steps(step, data, steps: int) -> float:
+    """Tokens per second over `steps` optimizer steps."""
+    t = time.perf_counter()
+    for i in range(steps):
+        step(data[i % len(data)])
+    return steps * BATCH * SEQ / (time.perf_counter() - t)
+
+
+def memory_child(system: str, precision: str, steps: int) -> None:
+    """Subprocess body: a few steps, then print the process's peak RSS (MiB)."""
+    torch.set_num_threads(2)
+    _, step = build(system, precision)
+    data = batches()
+    for i in range(steps):
+        step(data[i % len(data)])
+    print(json.dumps({"rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def peak_rss(system: str, precision: str, steps: int = 3) -> float:
+    out = subprocess.run([sys.executable, __file__, "--memory-child", system, precision, str(steps)],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["rss_mib"]
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--systems", nargs="+", default=list(DEFAULT_SYSTEMS), choices=SYSTEMS)
+    p.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=PRECISIONS)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--steps", type=int, default=3, help="optimizer steps per timing")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--memory", action="store_true", help="peak RSS of each row in its own subprocess")
+    p.add_argument("--memory-child", nargs=3, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.memory_child:
+        memory_child(args.memory_child[0], args.memory_child[1], int(args.memory_child[2]))
+        return
+    torch.set_num_threads(args.threads)
+    data = batches()
+    rows = [(s, prec) for prec in args.precisions for s in args.systems]
+    steppers = {}
+    for row in rows:
+        _, step = build(*row)
+        for i in range(args.warmup):
+            step(data[i % len(data)])
+        steppers[row] = step
+        print(f"built and warmed {row}", file=sys.stderr)
+
+    speeds = {row: [] for row in rows}
+    peaks = {prec: [] for prec in args.precisions}
+    for r in range(args.repeats):
+        for prec in args.precisions:
+            peaks[prec].append(matmul_peak(torch.float32 if prec == "fp32" else torch.bfloat16))
+        order = rows[r % len(rows):] + rows[:r % len(rows)]
+        for row in order:
+            speeds[row].append(time_steps(steppers[row], data, args.steps))
+        print(f"repeat {r + 1}/{args.repeats}: " + ", ".join(f"{s}/{p} {speeds[(s, p)][-1]:.0f}" for s, p in rows),
+              file=sys.stderr)
+
+    fpt = flops_per_token()
+    peak32 = statistics.median(peaks["fp32"]) if "fp32" in peaks else None
+    print(f"\ntorch {torch.__version__}, {args.threads} threads, {args.repeats} repeats x {args.steps} steps, "
+          f"batch {BATCH} x seq {SEQ}; FLOPs/token = 6N + 12LHQT = {fpt / 1e6:.2f} M")
+    for prec in args.precisions:
+        print(f"matmul peak {prec}: median {statistics.median(peaks[prec]) / 1e9:.1f} GFLOP/s "
+              f"(range {min(peaks[prec]) / 1e9:.1f}-{max(peaks[prec]) / 1e9:.1f})")
+    seed_fp32 = statistics.median(speeds[("seed", "fp32")]) if ("seed", "fp32") in speeds else None
+    print("\n| system | precision | tokens/s (median) | range | MFU vs fp32 peak | MFU vs own-precision peak "
+          "| x seed fp32 | peak RSS MiB |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for row in rows:
+        s, prec = row
+        med = statistics.median(speeds[row])
+        achieved = med * fpt
+        own = achieved / statistics.median(peaks[prec])
+        mfu32 = f"{100 * achieved / peak32:.0f}%" if peak32 else "-"
+        ratio = f"{med / seed_fp32:.2f}" if seed_fp32 else "-"
+        rss = f"{peak_rss(s, prec):.0f}" if args.memory else "-"
+        print(f"| {s} | {prec} | {med:.0f} | {min(speeds[row]):.0f}-{max(speeds[row]):.0f} | {mfu32} | "
+              f"{100 * own:.0f}% | {ratio} | {rss} |")
+    # per-repeat ratios (same repeat = same machine load) are steadier than ratios of medians
+    for prec in args.precisions:
+        for other in ("seed", "llama"):
+            if ("ours", prec) in speeds and (other, prec) in speeds:
+                rs = [a / b for a, b in zip(speeds[("ours", prec)], speeds[(other, prec)])]
+                print(f"ours/{other} {prec}: median per-repeat ratio {statistics.median(rs):.2f} "
+                      f"(range {min(rs):.2f}-{max(rs):.2f})")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
