@@ -57,6 +57,7 @@ def compiled_decoder(model, batch: int, max_len: int, pad, finetune_scope, disab
     else:
         decoder.cache.reset(pad)
         decoder.rebind(pad)
+        decoder.bind_weights()  # parameters may have been replaced since the last call
     return decoder
 
 
