@@ -49,7 +49,7 @@ DEFAULT_SYSTEMS = ("ours", "seed", "llama")
 PRECISIONS = ("fp32", "bf16")
 
 
-def matmul_weights(model_kind: str) -> int:
+def matmul_weights() -> int:
     """N in 6N: weights used in matmuls (the same count for all three systems)."""
     ff = 4 * DIM
     per_layer = DIM * (HEADS * DIM_HEAD + 2 * DIM_HEAD + 2 * ff) + HEADS * DIM_HEAD * DIM + ff * DIM
@@ -57,7 +57,7 @@ def matmul_weights(model_kind: str) -> int:
 
 
 def flops_per_token() -> int:
-    return 6 * matmul_weights("palm") + 12 * DEPTH * HEADS * DIM_HEAD * SEQ
+    return 6 * matmul_weights() + 12 * DEPTH * HEADS * DIM_HEAD * SEQ
 
 
 def batches(count: int = 4, seed: int = 0) -> list[torch.Tensor]:
