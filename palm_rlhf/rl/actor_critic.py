@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from collections import namedtuple
 
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, InputError
+from ..generation import SamplingConfig, generate
 from ..model.palm import PaLM
+from ..ops import top_k
 from .rollout import PackedSequences, gather_positions, response_log_probs
 
 log = logging.getLogger(__name__)
@@ -126,6 +129,60 @@ class ActorCritic(nn.Module):
         return v.masked_fill(~packed.mask, 0.0)
 
     # ------------------------------------------------------------------ seed surface
+
+    @torch.no_grad()
+    def generate(self, state: Tensor, max_seq_len: int, eos_token: int | None = None, return_values: bool = False,
+                 temperature: float = 1.0, filter_logits_fn=top_k, filter_thres: float = 0.9,
+                 pad_value: int = 0, use_tqdm: bool = False, **kwargs) -> PPOActionCriticReturn:
+        """The seed's rollout call: sample from the actor until each sequence is `max_seq_len` tokens
+        long including the prompt, then run the actor (and critic) over the whole sequence.
+
+        state (b, n) prompt ids (one length). Returns the seed's named tuple: actions (b, T) new tokens
+        padded with `pad_value` after each row's EOS; sequence (b, n + T); mask (b, n + T) True up to and
+        including the first generated EOS (None without `eos_token`); prompt_mask (b, n + T);
+        action_logits (b, n + T, V); values (b, n + T) or None.
+
+        Sampling runs on the batched KV-cached engine (`palm_rlhf.generation`) when the filter is the
+        seed's default `top_k` (its fraction becomes a count) or None; any other `filter_logits_fn`
+        goes through `PaLM.generate`, which applies the callable as given.
+        """
+        if kwargs:
+            log.warning("ActorCritic.generate: extra arguments %s are ignored", sorted(kwargs))
+        state = torch.as_tensor(state, dtype=torch.long)
+        if state.ndim == 1:
+            state = state[None]
+        if state.ndim != 2 or state.shape[1] == 0:
+            raise InputError(f"state must be (batch, n) prompt ids with n >= 1, got shape {tuple(state.shape)}")
+        b, n = state.shape
+        max_new = max(1, max_seq_len - n)  # the seed samples at least one token
+        was_training = self.training
+        self.eval()
+        try:
+            if filter_logits_fn is None or filter_logits_fn is top_k:
+                vocab = self.actor_palm.num_tokens
+                k = 0 if filter_logits_fn is None else math.ceil((1 - filter_thres) * vocab)
+                sampling = SamplingConfig(max_new_tokens=max_new, temperature=temperature, eos_token=eos_token,
+                                          top_k=k if k < vocab else 0)
+                out = generate(self.actor_palm, state, sampling, lengths=torch.full((b,), n),
+                               finetune_scope=self.actor_lora_scope)
+                actions = out.tokens.masked_fill(~out.mask, pad_value)
+            else:
+                actions = self.actor_palm.generate(max_seq_len, prompt=state, temperature=temperature,
+                                                   filter_logits_fn=filter_logits_fn, filter_thres=filter_thres,
+                                                   pad_value=pad_value, eos_token=eos_token, use_tqdm=use_tqdm,
+                                                   finetune_scope=self.actor_lora_scope)
+            sequence = torch.cat([state.to(actions.device), actions], dim=-1)  # (b, n + T)
+            prompt_mask = (torch.arange(sequence.shape[-1], device=sequence.device) < n).expand(b, -1)
+            mask = None
+            if eos_token is not None:
+                # True through the first generated EOS; the prompt is always kept
+                is_eos = sequence.eq(eos_token) & ~prompt_mask
+                before = is_eos.long().cumsum(-1) - is_eos.long()  # EOS strictly before each position
+                mask = before.eq(0)
+            action_logits, values = self.forward(sequence, return_values=return_values)
+        finally:
+            self.train(was_training)
+        return PPOActionCriticReturn(actions, sequence, mask, prompt_mask, action_logits, values)
 
     def forward(self, x: Tensor, mask: Tensor | None = None, return_values: bool = True):
         """Seed-compatible: action logits (b, n, V) and per-position values (b, n) (or None)."""

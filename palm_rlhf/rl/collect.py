@@ -50,7 +50,7 @@ def right_pad(prompts: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
 @torch.no_grad()
 def collect_rollout(model, prompts: Sequence[Tensor], sampling: SamplingConfig, reward: RewardSource,
                     reference: Reference, *, actor_scope: str | None, actor_critic=None,
-                    generator: torch.Generator | None = None) -> Rollout:
+                    generator: torch.Generator | Sequence[torch.Generator] | None = None) -> Rollout:
     """Sample one response per prompt (repeat prompts for groups) and fill a `Rollout`.
 
     Scores come from `reward`; reference log-probs from `reference`; values from
@@ -59,8 +59,8 @@ def collect_rollout(model, prompts: Sequence[Tensor], sampling: SamplingConfig, 
     device = model.token_emb.weight.device
     prompts = [torch.as_tensor(p, dtype=torch.long).reshape(-1) for p in prompts]
     out = generate(model, prompts, sampling, finetune_scope=actor_scope, generator=generator)
-    # generation runs under inference_mode; clone out of it so the tensors can enter autograd graphs
-    tokens, mask, gen_log_probs = out.tokens.clone(), out.mask.clone(), out.log_probs.clone()
+    # generate() returns ordinary tensors (cloned outside inference mode): usable in autograd graphs
+    tokens, mask, gen_log_probs = out.tokens, out.mask, out.log_probs
     prompt_ids, prompt_lengths = right_pad(prompts)
     prompt_ids, prompt_lengths = prompt_ids.to(device), prompt_lengths.to(device)
     assert mask.shape[1] > 0, "generation always produces at least one token"
