@@ -183,6 +183,9 @@ def _start(model, prompts, config, lengths, finetune_scope, disable_lora, genera
         model._require_scope(finetune_scope)
     device = model.token_emb.weight.device
     ids, lens = pack_prompts(prompts, lengths, num_tokens=model.num_tokens, device=device)
+    if isinstance(generator, (list, tuple)) and len(generator) != ids.shape[0]:
+        raise InputError(f"got {len(generator)} generators for {ids.shape[0]} prompts; pass one torch.Generator "
+                         f"per prompt, or a single one")
     generator = _make_generator(config, generator, device)
     return _Decode(model, ids, lens, config, generator, finetune_scope, disable_lora, compile)
 
@@ -196,6 +199,8 @@ def generate(model, prompts, config: SamplingConfig | None = None, *, lengths=No
     tensor with `lengths` (b,). A batch gives the same tokens as each prompt alone.
     compile: run the decode step through `torch.compile` with a static cache
     (see `palm_rlhf.generation.compiled`); falls back to eager with a warning.
+    generator: one torch.Generator, or a list of one per prompt (each row's
+    sample then depends only on its own prompt and generator).
     """
     config = config or SamplingConfig()
     with _eval_mode(model):

@@ -41,17 +41,23 @@ def process_logits(logits: Tensor, config: SamplingConfig, seen: Tensor | None =
     return filter_min_p(logits, config.min_p)
 
 
-def sample(logits: Tensor, greedy: bool, generator: torch.Generator | None = None) -> Tensor:
+def sample(logits: Tensor, greedy: bool, generator=None) -> Tensor:
     """Draw one token per row from softmax(logits): (b, V) -> (b,).
 
     Uses the exponential-race form of the Gumbel-max trick: argmax(p / E) with
     E ~ Exp(1) picks index i with probability p_i, and a seeded `generator`
-    makes the draw repeatable.
+    makes the draw repeatable. `generator` may also be a sequence of b
+    generators, one per row: then a row's draw does not depend on which other
+    rows share the batch (RL uses this to make rollouts independent of how
+    prompts are split over processes).
     """
     if greedy:
         return logits.argmax(-1)
     probs = logits.softmax(-1)
-    race = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    if isinstance(generator, (list, tuple)):
+        race = torch.stack([torch.empty_like(probs[0]).exponential_(1.0, generator=g) for g in generator])  # (b, V)
+    else:
+        race = torch.empty_like(probs).exponential_(1.0, generator=generator)
     return (probs / race).argmax(-1)
 
 

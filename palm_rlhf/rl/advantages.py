@@ -130,13 +130,17 @@ def group_advantages(scores: Tensor, group_size: int, scale_by_std: bool = True,
     return centered.view(-1).to(scores.dtype), int(zero_var.sum())
 
 
-def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
-    """1 - Var(returns - values) / Var(returns) over the masked tokens (1 = perfect critic, <= 0 useless).
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor, reduce_sum: ReduceSum | None = None) -> Tensor:
+    """1 - Var(returns - values) / Var(returns) over the masked tokens (1 = perfect critic, <= 0 useless),
+    of every rank when `reduce_sum` is given.
 
     NaN-safe: returns 0 when the returns have no variance."""
     mask = mask.bool()
-    var_ret = masked_var(returns, mask)
-    var_err = masked_var(returns - values, mask)
+    if reduce_sum is None:
+        var_ret, var_err = masked_var(returns, mask), masked_var(returns - values, mask)
+    else:
+        var_ret = global_masked_mean_var(returns, mask, reduce_sum)[1].to(returns.dtype)
+        var_err = global_masked_mean_var(returns - values, mask, reduce_sum)[1].to(returns.dtype)
     if float(var_ret) <= 1e-12:
         return torch.zeros((), dtype=returns.dtype)
     return 1.0 - var_err / var_ret

@@ -99,7 +99,9 @@ def clipped_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask
     v_clipped = old_values + (values - old_values).clamp(-clip_range, clip_range)
     err_clipped = (v_clipped - returns) ** 2
     loss = 0.5 * torch.maximum(err, err_clipped)
-    return loss.masked_fill(~mask, 0.0), (err_clipped > err) & mask
+    # inside the clip range old + (V - old) may differ from V by one ulp: only a real clamp counts
+    active = (values - old_values).abs().gt(clip_range) & (err_clipped > err) & mask
+    return loss.masked_fill(~mask, 0.0), active
 
 
 # ---------------------------------------------------------------- preference optimisation

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ..errors import ConfigError
 from ..ops import masked_mean
-from .advantages import ReduceSum, explained_variance, gae, kl_shaped_rewards, whiten
+from .advantages import ReduceSum, explained_variance, gae, global_masked_mean_var, kl_shaped_rewards, whiten
 from .collect import rollout_packed
 from .kl import kl_per_token
 from .losses import aggregate, clipped_value_loss, ppo_policy_terms
@@ -63,8 +63,10 @@ def ppo_prepare(rollout: Rollout, hp: PPOHyperparams, kl_coef: float, reduce_sum
     if hp.whiten_advantages:
         advantages = whiten(advantages, mask, reduce_sum=reduce_sum)
     rollout.rewards, rollout.advantages, rollout.returns = rewards, advantages, returns
-    return {"explained_variance": float(explained_variance(rollout.values, returns, mask)),
-            "returns_mean": float(masked_mean(returns, mask)), "values_mean": float(masked_mean(rollout.values, mask))}
+    # statistics of the global batch (every rank logs the same numbers)
+    return {"explained_variance": float(explained_variance(rollout.values, returns, mask, reduce_sum)),
+            "returns_mean": float(global_masked_mean_var(returns, mask, reduce_sum)[0]),
+            "values_mean": float(global_masked_mean_var(rollout.values, mask, reduce_sum)[0])}
 
 
 def ppo_loss(actor_critic, mb: Rollout, hp: PPOHyperparams, temperature: float = 1.0,

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from ..errors import ConfigError
 from ..model.checkpoint import load_adapter
 from ..rl.losses import aggregation_count
@@ -63,7 +65,12 @@ class GRPOTrainer(RLTrainerBase):
         return list(self.model.finetune_parameters(self.actor_scope))
 
     def _prepare(self, rollout) -> dict:
-        return grpo_prepare(rollout, self.hp)
+        stats = grpo_prepare(rollout, self.hp)  # each rank holds whole groups: advantages are local
+        # the logged counts are the global batch's
+        zero, groups = self.dist.reduce_sum(torch.tensor(
+            [stats["zero_variance_groups"], float(len(rollout) // self.hp.group_size)], dtype=torch.float64,
+            device=rollout.scores.device)).tolist()
+        return {"zero_variance_groups": zero, "zero_variance_frac": zero / max(groups, 1.0)}
 
     def _weight(self, mb):
         return float(aggregation_count(mb.mask, self.hp.aggregation))

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from ..errors import ConfigError
 from ..model.checkpoint import load_adapter
 from ..rl.actor_critic import ActorCritic
@@ -87,9 +89,10 @@ class PPOTrainer(RLTrainerBase):
 
     def _learn(self, rollout, step):
         stats = super()._learn(rollout, step)
-        # the controller sees the batch's mean sequence KL (lm-human-preferences)
-        kl = (rollout.old_log_probs - rollout.ref_log_probs).masked_fill(~rollout.mask, 0).sum(-1).mean()
-        self.kl_ctl.update(float(kl), self.config.prompts_per_step)
+        # the controller sees the global batch's mean sequence KL (lm-human-preferences), the same on every rank
+        kl = (rollout.old_log_probs - rollout.ref_log_probs).masked_fill(~rollout.mask, 0).sum(-1)
+        total = self.dist.reduce_sum(torch.stack([kl.sum(), torch.tensor(float(len(kl)), device=kl.device)]).double())
+        self.kl_ctl.update(float(total[0] / total[1]), self.config.prompts_per_step)
         return stats
 
     def _loss(self, mb):

@@ -1,8 +1,9 @@
 """The loop PPO and GRPO share: sample prompts, collect a rollout, prepare
 advantages, a few epochs of minibatch updates, log, checkpoint.
 
-Determinism: the prompts, the sampling noise and the minibatch order of step s
-come from generators seeded by (seed, s, rank), so a resumed run replays exactly
+Determinism: the prompts and the minibatch order of step s come from generators
+seeded by (seed, s), and the sampling noise of each row from one seeded by
+(seed, s, global row index), so a resumed run replays exactly
 what an uninterrupted one would do; a checkpoint therefore holds the trainable
 weights, the optimizer, the KL controller and the step, nothing else.
 Under torchrun each rank collects its share of the prompts, whitening statistics
@@ -84,6 +85,14 @@ class RLRunConfig:
 
 def seeded(seed: int, step: int, salt: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + step * 7919 + salt) % (2 ** 63))
+
+
+def row_generators(seed: int, step: int, rows: range, device) -> list[torch.Generator]:
+    """One generator per rollout row, seeded by (seed, step, global row index): a row's sample is
+    the same whichever rank collects it and in whichever chunk, so N processes sample exactly
+    what 1 process does."""
+    base = (seed * 1_000_003 + step) * 1_000_033  # distinct (step, row) pairs for row < 1_000_033
+    return [torch.Generator(device=device).manual_seed((base + r + (1 << 40)) % (2 ** 63)) for r in rows]
 
 
 class DistInfo:
@@ -178,12 +187,13 @@ class RLTrainerBase:
     def train_step(self, step: int) -> dict:
         c = self.config
         t0 = time.perf_counter()
-        gen = seeded(c.seed, step, 2 + self.dist.rank)
         rows = self._prompts_for(step)
+        first = self.dist.rank * len(rows)  # global index of this rank's first row
+        gens = row_generators(c.seed, step, range(first, first + len(rows)), self.model.token_emb.weight.device)
         chunk = c.rollout_batch_size
         rollout = concat_rollouts([
             collect_rollout(self.model, rows[i:i + chunk], self.sampling, self.reward, self.reference,
-                            actor_scope=self.actor_scope, actor_critic=self._critic(), generator=gen)
+                            actor_scope=self.actor_scope, actor_critic=self._critic(), generator=gens[i:i + chunk])
             for i in range(0, len(rows), chunk)])
         t1 = time.perf_counter()
         metrics = {"step": step + 1, **self._rollout_metrics(rollout, step)}
@@ -221,11 +231,19 @@ class RLTrainerBase:
                     return loss, self._weight(batch)
 
                 result = self.stepper(loss_fn, [mb], step=step + 1)
-                captured["grad_norm"] = result.grad_norm
-                for k, v in captured.items():
-                    sums[k] = sums.get(k, 0.0) + float(v)
+                captured.pop("tokens", None)
+                # the statistics are token means: weighting each rank's by its token count gives the
+                # global minibatch's values
+                keys = sorted(captured)
+                w = float(mb.mask.sum())
+                local = torch.tensor([float(captured[k]) * w for k in keys] + [w], dtype=torch.float64,
+                                     device=self.model.token_emb.weight.device)
+                reduced = self.dist.reduce_sum(local).tolist()
+                for k, v in zip(keys, reduced[:-1]):
+                    sums[k] = sums.get(k, 0.0) + v / max(reduced[-1], 1e-12)
+                sums["grad_norm"] = sums.get("grad_norm", 0.0) + result.grad_norm  # already global
                 count += 1
-        return {k: v / max(count, 1) for k, v in sums.items() if k != "tokens"}
+        return {k: v / max(count, 1) for k, v in sums.items()}
 
     def _weight(self, mb: Rollout) -> float:
         """How many units the minibatch's mean loss is over (tokens for a token mean)."""
@@ -276,7 +294,7 @@ class RLTrainerBase:
 
     def state_dict(self) -> dict:
         """Trainable weights, optimizer, KL controller (PPO), step. Rollout randomness is a function of
-        (seed, step, rank), so no RNG state is needed for an exact resume."""
+        (seed, step, row), so no RNG state is needed for an exact resume."""
         return {"step": self.step_done, "trainable": self._trainable_state(),
                 "optimizer": self.optimizer.state_dict(), "stepper": self.stepper.state_dict(),
                 "extra": self._extra_state(), "config": json.dumps(asdict(self.config))}
