@@ -207,3 +207,17 @@ def test_palm_generate_pads_each_row_after_its_eos_and_passes_lora_scope():
     assert torch.equal(out[1], free[1])
     with pytest.raises(InputError, match="unsupported"):
         model.generate(8, prompt, extra_embed=None)
+
+
+def test_one_generator_per_row_makes_each_sample_independent_of_the_batch():
+    """With a list of generators, row i draws only from generator i: sampling the batch equals
+    sampling each prompt alone with a generator in the same state (what makes RL rollouts identical
+    however the prompts are split over processes)."""
+    model, ps = tiny(), prompts(3, 7, 5)  # different lengths: left padding differs per row
+    cfg = SamplingConfig(max_new_tokens=5)
+    gens = lambda: [torch.Generator().manual_seed(100 + i) for i in range(3)]  # noqa: E731
+    batch = generate(model, ps, cfg, generator=gens()).sequences()
+    alone = [generate(model, [p], cfg, generator=[g]).sequences()[0] for p, g in zip(ps, gens())]
+    assert batch == alone
+    with pytest.raises(InputError, match="one torch.Generator per prompt"):
+        generate(model, ps, cfg, generator=gens()[:2])
