@@ -27,7 +27,7 @@ import torch
 
 from ..data.preferences import read_preferences, write_preferences
 from ..data.synthetic import rule_annotator, rule_score
-from ..errors import ConfigError
+from ..errors import ConfigError, TrainingError
 from ..generation import SamplingConfig, generate
 from ..model import PaLM
 from ..model.checkpoint import atomic_write_bytes
@@ -154,14 +154,19 @@ class Quickstart:
         n = c.scaled(c.preference_prompts, minimum=32)
         prompts = self._prompts(tokenizer, n, seed=c.seed + 1)
         ids = [torch.tensor(tokenizer.encode(p)) for p in prompts]
-        sampling = SamplingConfig(max_new_tokens=c.response_tokens, temperature=1.0, seed=c.seed + 2)
-        texts = []
-        for start in range(0, 2 * n, 128):  # two samples per prompt, in batches
-            batch = (ids + ids)[start:start + 128]
-            out = generate(model, batch, sampling)
-            texts += [tokenizer.decode(row[:k].tolist()) for row, k in zip(out.tokens, out.lengths.tolist())]
+        first, second = [], []
+        for start in range(0, n, 64):  # both samples of a prompt in the same batch: one draw each
+            chunk = ids[start:start + 64]
+            sampling = SamplingConfig(max_new_tokens=c.response_tokens, temperature=1.0, seed=c.seed + 2 + start)
+            out = generate(model, chunk + chunk, sampling)
+            texts = [tokenizer.decode(row[:k].tolist()) for row, k in zip(out.tokens, out.lengths.tolist())]
+            first += texts[:len(chunk)]
+            second += texts[len(chunk):]
         annotate = rule_annotator()
-        records = [r for r in (annotate(p, a, b) for p, a, b in zip(prompts, texts[:n], texts[n:])) if r is not None]
+        records = [r for r in (annotate(p, a, b) for p, a, b in zip(prompts, first, second)) if r is not None]
+        if len(records) < 2 * 16:
+            raise TrainingError(f"quickstart: only {len(records)} of {n} sampled pairs differ under the rule; "
+                                "the policy samples too few distinct responses (raise --minutes or response_tokens)")
         n_val = max(16, len(records) // 10)
         write_preferences(step_dir / "train.jsonl", records[n_val:])
         write_preferences(step_dir / "val.jsonl", records[:n_val])
