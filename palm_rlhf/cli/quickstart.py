@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 EXAMPLES = """examples:
-  palm-rlhf quickstart                          # PPO, ~10 minutes on 2 CPU cores, into runs/quickstart
+  palm-rlhf quickstart                          # PPO into runs/quickstart: ~4 min on 2 idle CPU cores
   palm-rlhf quickstart --algo grpo --out runs/qs-grpo
   palm-rlhf quickstart --minutes 2              # a smaller, faster version of every step
 
@@ -18,7 +18,8 @@ def register(sub) -> None:
     p = sub.add_parser("quickstart", help="pretrain, reward and RL-tune a small PaLM on the built-in corpus",
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/quickstart", help="run directory (default: runs/quickstart)")
-    p.add_argument("--minutes", type=float, default=10.0, help="time budget; every step scales with it")
+    p.add_argument("--minutes", type=float, default=10.0, help="time budget (default 10): every step's size scales with it, sized so that an idle "
+                   "2-core CPU finishes in well under the budget")
     p.add_argument("--algo", choices=["ppo", "grpo"], default="ppo", help="RL algorithm (default: ppo)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
