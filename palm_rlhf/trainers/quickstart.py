@@ -164,10 +164,10 @@ class Quickstart:
             second += texts[len(chunk):]
         annotate = rule_annotator()
         records = [r for r in (annotate(p, a, b) for p, a, b in zip(prompts, first, second)) if r is not None]
-        if len(records) < 2 * 16:
+        if len(records) < 4:
             raise TrainingError(f"quickstart: only {len(records)} of {n} sampled pairs differ under the rule; "
                                 "the policy samples too few distinct responses (raise --minutes or response_tokens)")
-        n_val = max(16, len(records) // 10)
+        n_val = min(max(16, len(records) // 10), len(records) // 2)
         write_preferences(step_dir / "train.jsonl", records[n_val:])
         write_preferences(step_dir / "val.jsonl", records[:n_val])
         return {"pairs": len(records), "ties_dropped": n - len(records), "train": len(records) - n_val, "val": n_val}
