@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from dataclasses import fields
 
 EXAMPLES = """examples:
   palm-rlhf ppo --config configs/rl/ppo.yaml
@@ -24,6 +25,7 @@ def make_rl_command(sub, name: str, help_text: str, examples: str, config_path: 
     parser = sub.add_parser(name, help=help_text, epilog=examples, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None, help=f"YAML preset, e.g. configs/rl/{name}.yaml")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override config fields (e.g. steps=10)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (same as progress=false)")
 
     def run(args) -> int:
         from importlib import import_module
@@ -32,7 +34,11 @@ def make_rl_command(sub, name: str, help_text: str, examples: str, config_path: 
         from ..runtime.distributed import cleanup, init_distributed
 
         module, _, cls = config_path.rpartition(".")
-        config = load_config(getattr(import_module(module), cls), args.config, args.overrides)
+        config_cls = getattr(import_module(module), cls)
+        overrides = list(args.overrides)
+        if args.no_progress and "progress" in {f.name for f in fields(config_cls)}:
+            overrides.append("progress=false")
+        config = load_config(config_cls, args.config, overrides)
         module, _, cls = trainer_path.rpartition(".")
         from ..trainers.rl_setup import load_model
 

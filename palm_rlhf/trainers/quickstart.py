@@ -195,7 +195,7 @@ class Quickstart:
         prompts = self._prompts(tokenizer, 512, seed=c.seed + 3)
         common = dict(out_dir=str(step_dir), steps=c.scaled(40, minimum=2), max_new_tokens=c.response_tokens,
                       temperature=1.0, eos_token=None, lr=1e-3, seed=c.seed, save_every=5, keep_last=1,
-                      sample_every=10)
+                      sample_every=10, progress=c.progress)
         # The reward model's scores spread over about +-10 on this task, so the KL coefficients are
         # large: measured at 40 steps, PPO with kl_coef 0.05 and lr 3e-3 bought +18 reward for 59
         # nats/sequence of KL (vowel soup); 1.0 and 1e-3 keep it near 6 nats (0.25 nats/token).

@@ -68,6 +68,7 @@ class RLRunConfig:
     sample_every: int = 10               # log a table of completions every N steps (0 = never)
     save_every: int = 0                  # checkpoint every N steps (0 = only at the end)
     keep_last: int = 2
+    progress: bool = True                # a tqdm bar on stderr (main process only); false for logs
 
     def __post_init__(self):
         for name in ("steps", "prompts_per_step", "rollout_batch_size", "minibatch_size", "epochs",
@@ -166,13 +167,23 @@ class RLTrainerBase:
         return rows
 
     def train(self) -> list[dict]:
+        from tqdm import tqdm
+
         c = self.config
-        for step in range(self.step_done, c.steps):
-            metrics = self.train_step(step)
-            self.history.append(metrics)
-            self._write_metrics(metrics)
-            if c.save_every and (step + 1) % c.save_every == 0:
-                self.save_checkpoint()
+        bar = tqdm(total=c.steps, initial=self.step_done, desc=self.name, dynamic_ncols=True,
+                   disable=not (c.progress and self.dist.rank == 0))
+        try:
+            for step in range(self.step_done, c.steps):
+                metrics = self.train_step(step)
+                self.history.append(metrics)
+                self._write_metrics(metrics)
+                bar.update(1)
+                bar.set_postfix(reward=f"{metrics['reward_mean']:.4f}", kl=f"{metrics['kl_ref']:.4f}",
+                                s_step=f"{metrics['seconds_generation'] + metrics['seconds_learning']:.2f}")
+                if c.save_every and (step + 1) % c.save_every == 0:
+                    self.save_checkpoint()
+        finally:
+            bar.close()
         if c.save_every == 0 or c.steps % c.save_every:
             self.save_checkpoint()
         self.export()
