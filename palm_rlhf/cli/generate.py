@@ -51,14 +51,14 @@ def _unescape(text: str) -> str:
 
 def load_model_and_tokenizer(directory: Path):
     """(PaLM, tokenizer) from a checkpoint dir; the byte tokenizer when none was saved."""
-    from ..data.tokenizer import CONFIG_NAME, ByteTokenizer, load_tokenizer
+    from ..data.tokenizer import load_tokenizer_or_bytes
     from ..model import PaLM
 
     if not (directory / "config.json").is_file():
         raise CheckpointError(f"{directory}: no config.json; pass a directory written by save_pretrained "
                               f"(or convert a seed .pt file with `palm-rlhf convert`)")
     model = PaLM.from_pretrained(directory)
-    tokenizer = load_tokenizer(directory) if (directory / CONFIG_NAME).is_file() else ByteTokenizer()
+    tokenizer = load_tokenizer_or_bytes(directory)
     if tokenizer.vocab_size > model.num_tokens:
         raise CheckpointError(f"{directory}: the tokenizer has {tokenizer.vocab_size} ids but the model only "
                               f"{model.num_tokens} (num_tokens); they do not belong together")

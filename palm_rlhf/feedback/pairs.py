@@ -58,6 +58,7 @@ def checkpoint_identity(directory) -> str:
 
 def load_checkpoint(directory) -> LoadedCheckpoint:
     """`PaLM.from_pretrained(directory)` and its tokenizer (UTF-8 bytes when none was saved)."""
+    from ..data.tokenizer import load_tokenizer_or_bytes
     from ..model import PaLM
 
     directory = Path(directory)
@@ -65,7 +66,7 @@ def load_checkpoint(directory) -> LoadedCheckpoint:
         raise CheckpointError(f"{directory}: no config.json; pass a directory written by "
                               "save_pretrained (or `palm-rlhf convert`) to --checkpoint")
     model = PaLM.from_pretrained(directory).eval()
-    tokenizer = _tokenizer_for(directory)
+    tokenizer = load_tokenizer_or_bytes(directory)  # a saved but unreadable one raises DataError
     vocab, num_tokens = tokenizer.vocab_size, model.config["num_tokens"]
     if vocab > num_tokens:
         raise CheckpointError(f"{directory}: tokenizer has {vocab} tokens but the model only {num_tokens}; "
@@ -74,13 +75,6 @@ def load_checkpoint(directory) -> LoadedCheckpoint:
         log.warning("%s: the model has %d tokens but its tokenizer %d; sampled ids >= %d are left out of "
                     "the text raters see", directory, num_tokens, vocab, vocab)
     return LoadedCheckpoint(identity=checkpoint_identity(directory), model=model, tokenizer=tokenizer)
-
-
-def _tokenizer_for(directory: Path):
-    from ..data.tokenizer import CONFIG_NAME, ByteTokenizer, load_tokenizer
-
-    # a saved tokenizer that cannot be read is an error (DataError), not a silent fallback
-    return load_tokenizer(directory) if (directory / CONFIG_NAME).is_file() else ByteTokenizer()
 
 
 class ModelPairSource:

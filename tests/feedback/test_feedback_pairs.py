@@ -34,6 +34,16 @@ def test_one_checkpoint_gives_two_samples_of_the_same_model(tmp_path):
     assert again == draft                         # seeded: a rerun samples the same pair
 
 
+def test_saved_tokenizer_is_used_and_an_unreadable_one_raises(tmp_path):
+    from palm_rlhf.data.tokenizer import ByteTokenizer
+
+    path = tiny(tmp_path / "m", 0)
+    assert load_checkpoint(path).tokenizer == ByteTokenizer()      # none saved: bytes
+    (path / "tokenizer_config.json").write_text('{"type": "wordpiece"}')
+    with pytest.raises(DataError, match="unknown tokenizer type"):   # saved but unreadable: no fallback
+        load_checkpoint(path)
+
+
 def test_two_checkpoints_one_side_each_in_shuffled_order(tmp_path):
     a, b = load_checkpoint(tiny(tmp_path / "a", 0)), load_checkpoint(tiny(tmp_path / "b", 1))
     assert a.identity != b.identity

@@ -49,3 +49,12 @@ def test_bad_options_exit_2_naming_the_flag(checkpoint, capsys, argv, message):
 def test_missing_checkpoint_exits_2(tmp_path, capsys):
     code, res = run_cli(capsys, tmp_path / "nope", "--prompt", "x")
     assert code == 2 and "save_pretrained" in res.err
+
+
+def test_unreadable_saved_tokenizer_is_an_error_not_bytes(tmp_path, capsys):
+    """Only a missing tokenizer falls back to bytes; a saved one that cannot be read exits 2."""
+    torch.manual_seed(0)
+    PaLM(dim=32, num_tokens=256, depth=1, heads=2, dim_head=16).save_pretrained(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text("{not json")
+    code, res = run_cli(capsys, tmp_path, "--prompt", "x", "--max-new-tokens", 2)
+    assert code == 2 and "unreadable tokenizer config" in res.err
