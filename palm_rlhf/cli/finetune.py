@@ -22,7 +22,7 @@ def register(sub) -> None:
     p.add_argument("--base", default=None, help="base model: a PaLM.save_pretrained directory")
     p.add_argument("--data", default=None, help="JSONL of {\"prompt\", \"response\"} lines")
     p.add_argument("--val-data", default=None, help="held-out JSONL (default: hold out val_fraction of --data)")
-    p.add_argument("--config", default=None, help="YAML preset, e.g. configs/finetune/lora.yaml")
+    p.add_argument("--config", default=None, help="YAML file or packaged preset name, e.g. configs/finetune/lora.yaml or lora")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
     p.add_argument("--resume", action="store_true", help="require a checkpoint to continue from")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

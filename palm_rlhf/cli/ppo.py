@@ -23,7 +23,7 @@ OUT/actor.safetensors (palm_rlhf.model.checkpoint.load_adapter); metrics to OUT/
 
 def make_rl_command(sub, name: str, help_text: str, examples: str, config_path: str, trainer_path: str):
     parser = sub.add_parser(name, help=help_text, epilog=examples, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=None, help=f"YAML preset, e.g. configs/rl/{name}.yaml")
+    parser.add_argument("--config", default=None, help=f"YAML file or packaged preset name, e.g. configs/rl/{name}.yaml or {name}")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override config fields (e.g. steps=10)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (same as progress=false)")
 

@@ -8,6 +8,7 @@ import json
 EXAMPLES = """examples:
   palm-rlhf pretrain --config configs/pretrain/tiny-stdlib.yaml          # ~1 minute on 2 CPU cores
   palm-rlhf pretrain --config configs/pretrain/shakespeare.yaml max_steps=2000 optim.lr=1e-3
+  palm-rlhf pretrain --config tiny-stdlib      # a preset shipped in the package, by name, from any directory
   palm-rlhf pretrain data.sources=[my_corpus_dir] model.dim=512 model.depth=8 out_dir=runs/mine
   palm-rlhf pretrain --config configs/pretrain/tiny-stdlib.yaml --resume   # continue OUT/checkpoints/latest
   torchrun --nproc_per_node 2 -m palm_rlhf pretrain --config configs/pretrain/shakespeare.yaml batch_size=8
@@ -22,7 +23,7 @@ Exit codes: 0 done, 2 bad config/data, 3 training failed (NaN loss), 130 interru
 def register(sub) -> None:
     p = sub.add_parser("pretrain", help="pretrain a PaLM on text (resumable, torchrun-ready)", epilog=EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=None, help="YAML preset, e.g. configs/pretrain/tiny-stdlib.yaml")
+    p.add_argument("--config", default=None, help="YAML file or packaged preset name, e.g. configs/pretrain/tiny-stdlib.yaml or tiny-stdlib")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
     p.add_argument("--resume", action="store_true", help="require a checkpoint to continue from (resume=auto "
                    "already continues when one exists)")

@@ -37,7 +37,7 @@ def register(sub) -> None:
                            epilog=TRAIN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("--base", required=True, help="base checkpoint: a PaLM.save_pretrained directory")
     t.add_argument("--data", required=True, help="preference JSONL (see docs/reward.md for the schema)")
-    t.add_argument("--config", default=None, help="YAML preset, e.g. configs/reward/pairwise.yaml")
+    t.add_argument("--config", default=None, help="YAML file or packaged preset name, e.g. configs/reward/pairwise.yaml or pairwise")
     t.add_argument("--out", default=None, help="run directory for checkpoints, metrics and the final model")
     t.add_argument("--val-data", default=None, help="held-out JSONL (default: hold out val_fraction of --data)")
     t.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config fields")

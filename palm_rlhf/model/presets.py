@@ -21,9 +21,9 @@ import yaml  # the one non-torch dependency of `model`, and only here: presets a
 
 from ..errors import ConfigError
 
-# the repository's configs/model/ (a source checkout or an editable install);
-# PALM_RLHF_MODEL_CONFIGS points elsewhere, e.g. for a wheel install
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "model"
+# palm_rlhf/configs/model/, shipped in the wheel as package data (a checkout's configs/ links
+# there); PALM_RLHF_MODEL_CONFIGS points elsewhere, e.g. a directory of your own sizes
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "model"
 INT_FIELDS = ("dim", "depth", "heads", "dim_head", "ff_mult", "num_tokens", "lora_r")
 
 

@@ -1,6 +1,12 @@
 """Config dataclasses from YAML presets plus dotted `key=value` overrides.
 
-    cfg = load_config(PretrainConfig, "configs/pretrain/tiny.yaml", ["optim.lr=1e-3", "model.depth=2"])
+    cfg = load_config(PretrainConfig, "configs/pretrain/tiny-stdlib.yaml", ["optim.lr=1e-3", "model.depth=2"])
+    cfg = load_config(PretrainConfig, "tiny-stdlib")   # the same preset, by name, from any directory
+
+`--config` takes a YAML file or the name of a preset shipped inside the package
+(`palm_rlhf/configs/<kind>/<name>.yaml`, symlinked as `configs/` in a checkout): `tiny-stdlib`,
+`pretrain/tiny-stdlib`, or a `configs/pretrain/tiny-stdlib.yaml` path that does not exist where
+the command runs (an installed wheel). A file that exists always wins over a preset.
 
 Nested dataclass fields are addressed with dots (`optim.lr`). Values are parsed as YAML
 (`true`, `1e-3`, `[1, 2]`) and then coerced to the declared field type, so `out_dir=123`
@@ -20,7 +26,13 @@ import yaml
 
 from ..errors import ConfigError
 
-__all__ = ["load_config", "config_to_dict", "config_from_dict", "config_keys"]
+__all__ = ["load_config", "config_to_dict", "config_from_dict", "config_keys", "list_run_presets",
+           "resolve_config_path", "PRESET_DIR"]
+
+# the YAML presets, shipped as package data (pyproject [tool.setuptools.package-data])
+PRESET_DIR = Path(__file__).resolve().parents[1] / "configs"
+# configs/model/ holds PaLM sizes for `palm_rlhf.model.presets`, not run configs
+_NOT_RUN_PRESETS = ("model",)
 
 
 def _field_types(cls) -> dict[str, Any]:
@@ -170,13 +182,40 @@ def _set_dotted(values: dict, cls, key: str, raw: str) -> None:
         node, node_cls = sub, types[part]
 
 
+def list_run_presets() -> list[str]:
+    """The run presets shipped with the package, as `kind/name` (`pretrain/tiny-stdlib`)."""
+    return sorted(p.relative_to(PRESET_DIR).with_suffix("").as_posix() for p in PRESET_DIR.glob("*/*.yaml")
+                  if p.parent.name not in _NOT_RUN_PRESETS)
+
+
+def resolve_config_path(spec: str | Path) -> Path:
+    """An existing YAML file as given, else the packaged preset `spec` names; ConfigError otherwise."""
+    path = Path(spec)
+    if path.is_file():
+        return path
+    parts = path.parts
+    if not path.is_absolute() and parts:
+        if parts[0] == "configs":  # a documented checkout path, run outside the checkout
+            parts = parts[1:]
+        name = Path(*parts) if parts else Path()
+        if name.suffix in (".yaml", ".yml"):
+            name = name.with_suffix("")
+        name = name.as_posix()
+        presets = list_run_presets()
+        matches = [p for p in presets if name in (p, p.split("/", 1)[1])]
+        if len(matches) == 1:
+            return PRESET_DIR / f"{matches[0]}.yaml"
+        if len(matches) > 1:
+            raise ConfigError(f"--config {spec}: ambiguous preset name; use one of {', '.join(matches)}")
+    raise ConfigError(f"--config {spec}: no such file or preset; presets shipped with palm-rlhf: "
+                      f"{', '.join(list_run_presets())} (a name like 'tiny-stdlib' or 'pretrain/tiny-stdlib')")
+
+
 def load_config(cls, path: str | Path | None = None, overrides: Iterable[str] = ()):
-    """YAML file (optional) + dotted `key=value` overrides -> a validated `cls` instance."""
+    """YAML file or preset name (optional) + dotted `key=value` overrides -> a validated `cls` instance."""
     values: dict = {}
     if path:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"--config {path}: no such file")
+        path = resolve_config_path(path)
         try:
             values = yaml.safe_load(path.read_text()) or {}
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:

@@ -67,3 +67,33 @@ def test_round_trip_through_dict():
     again = config_from_dict(_Cfg, config_to_dict(cfg))
     assert again == cfg
     assert "optim.lr" in config_keys(_Cfg) and "model" not in config_keys(_Cfg)
+
+
+def test_bare_preset_names_resolve_inside_the_package(tmp_path, monkeypatch):
+    from palm_rlhf.runtime.config import PRESET_DIR, list_run_presets, resolve_config_path
+
+    monkeypatch.chdir(tmp_path)  # away from the checkout's configs/ link
+    expected = PRESET_DIR / "pretrain" / "tiny-stdlib.yaml"
+    assert expected.is_file() and "pretrain/tiny-stdlib" in list_run_presets()
+    for spec in ("tiny-stdlib", "pretrain/tiny-stdlib", "configs/pretrain/tiny-stdlib.yaml", "tiny-stdlib.yaml"):
+        assert resolve_config_path(spec) == expected, spec
+    assert not any(p.startswith("model/") for p in list_run_presets())  # PaLM sizes are not run configs
+    # a file that exists where the command runs wins over a preset of the same name
+    (tmp_path / "tiny-stdlib.yaml").write_text("steps: 3\n")
+    assert resolve_config_path("tiny-stdlib.yaml").resolve() == (tmp_path / "tiny-stdlib.yaml").resolve()
+    assert load_config(_Cfg, "tiny-stdlib.yaml").steps == 3
+
+
+def test_preset_by_name_loads_like_its_path():
+    from palm_rlhf.trainers.pretrain import PretrainConfig
+
+    by_name = load_config(PretrainConfig, "tiny-stdlib", ["max_steps=7"])
+    assert by_name == load_config(PretrainConfig, "configs/pretrain/tiny-stdlib.yaml", ["max_steps=7"])
+    assert by_name.max_steps == 7
+
+
+def test_unknown_preset_lists_the_available_ones():
+    with pytest.raises(ConfigError, match=r"--config tiny-stdlb: no such file or preset.*pretrain/tiny-stdlib.*rl/ppo"):
+        load_config(_Cfg, "tiny-stdlb")
+    with pytest.raises(ConfigError, match="no such file or preset"):
+        load_config(_Cfg, "palm-8b")  # a model size, not a run config
