@@ -3,7 +3,8 @@
 One JSON object per line: `{"step": 10, "time": 12.3, "train/loss": 2.1, "lr": 0.0003, ...}`.
 Only the main process writes (pass `is_main=False` elsewhere and every call is a no-op).
 On resume, `MetricsLogger(run_dir, resume_step=k)` drops rows logged after step k by the
-interrupted run, so the file reads as one uninterrupted run.
+interrupted run, so the file reads as one uninterrupted run; TensorBoard
+(`tensorboard --logdir RUN_DIR/tensorboard`) hides the same steps through `purge_step`.
 """
 
 from __future__ import annotations
@@ -76,7 +77,10 @@ class MetricsLogger:
                 SummaryWriter = None
             if SummaryWriter is not None:
                 try:
-                    self._writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=resume_step)
+                    # TensorBoard hides events at steps >= purge_step; the checkpoint at resume_step
+                    # includes that step's row (as the JSONL keeps it), so purging starts one later
+                    purge = None if resume_step is None else resume_step + 1
+                    self._writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=purge)
                 except Exception as e:  # noqa: BLE001 - TensorBoard is optional
                     log.warning("TensorBoard disabled: %s", e)
 
