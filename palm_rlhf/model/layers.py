@@ -110,6 +110,52 @@ class RotaryEmbedding(nn.Module):
         k_cos, k_sin = cos / scale, sin / scale
         return tuple(x.to(dtype) for x in (q_cos, q_sin, k_cos, k_sin))
 
+    def folded_tables(self, n: int, device, dtype: torch.dtype) -> "FoldedRotary":
+        """Tables for positions 0..n-1 centred at n // 2 (the uncached forward), with
+        the attention scale 1/sqrt(d) folded into the query tables and rotate_half's
+        sign folded into the sine tables, so that `rotate_folded` needs one flip, one
+        multiply and one fused multiply-add per tensor."""
+        q_cos, q_sin, k_cos, k_sin = self.tables(torch.arange(n, device=device), n // 2, torch.float32)
+        d = q_cos.shape[-1]
+        sign = torch.ones(d, device=device)
+        sign[: d // 2] = -1.0
+        scale = d ** -0.5
+        return FoldedRotary(((q_cos * scale)[:, None].to(dtype), (q_sin * (scale * sign))[:, None].to(dtype),
+                             k_cos.to(dtype), (k_sin * sign).to(dtype)))
+
+
+class FoldedRotary(tuple):
+    """(q_cos (n, 1, d), q_sin (n, 1, d), k_cos (n, d), k_sin (n, d)) from
+    `RotaryEmbedding.folded_tables`; its type selects the blocks' fused causal path."""
+
+    __slots__ = ()
+
+
+def rotate_folded(t: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """t * cos + rotate_half(t) * sin, with rotate_half's sign already in `sin`:
+    rotate_half(t) == swap_halves(t) * [-1.., +1..]."""
+    d = t.shape[-1]
+    swapped = t.unflatten(-1, (2, d // 2)).flip(-2).flatten(-2)
+    return torch.addcmul(t * cos, swapped, sin)
+
+
+_causal_bias_cache: dict = {}
+
+
+def causal_bias(n: int, heads: int, device, dtype: torch.dtype) -> Tensor:
+    """Additive causal mask (n * heads, n) for queries laid out position-major
+    (row i * heads + head), 0 where key j <= i and -inf after. The most recent
+    shape is kept, so a training loop builds it once."""
+    key = (n, heads, str(device), dtype)
+    bias = _causal_bias_cache.get(key)
+    if bias is None:
+        future = torch.ones(n, n, dtype=torch.bool, device=device).triu(1)
+        bias = torch.zeros(n, n, dtype=dtype, device=device).masked_fill(future, float("-inf"))
+        bias = bias.repeat_interleave(heads, dim=0)  # (n * h, n)
+        _causal_bias_cache.clear()
+        _causal_bias_cache[key] = bias
+    return bias
+
 
 def rotate_half(x: Tensor) -> Tensor:
     x1, x2 = x.chunk(2, dim=-1)
@@ -227,6 +273,8 @@ class ParallelTransformerBlock(nn.Module):
         and attention runs over everything cached so far (`attn_mask` decides
         which of those slots each query may see).
         """
+        if isinstance(rotary, FoldedRotary) and kv_cache is None and mask is None and attn_mask is None:
+            return self._forward_causal(x, finetune_modules, rotary)
         b, n, _ = x.shape
         x = self.norm(x)
         q, k, v, ff = self.fused_attn_ff_proj(x).split(self.fused_dims, dim=-1)
@@ -260,6 +308,41 @@ class ParallelTransformerBlock(nn.Module):
             out = self.attend(q, k, v, mask=mask, attn_mask=attn_mask)
 
         out = out.transpose(1, 2).reshape(b, n, -1)  # (b, n, h*d)
+        attn_out = self.attn_out(out)
+        if lora_o is not None:
+            attn_out = attn_out + lora_o(out)
+        return attn_out + self.ff_out(ff)
+
+    def _forward_causal(self, x: Tensor, finetune_modules, rotary: FoldedRotary) -> Tensor:
+        """The same function as `forward` for causal attention over positions 0..n-1
+        without padding (pretraining, SFT, scoring full sequences), in fewer and larger
+        kernels: rotary tables carry the attention scale and rotate_half's sign; the
+        query heads are laid out position-major, (b, n * h, d), so one batched matmul
+        against the single key head scores every head, the causal mask is an additive
+        bias fused into that matmul, and the attention output is already (b, n, h * d)."""
+        b, n, _ = x.shape
+        h = self.heads
+        x = self.norm(x)
+        q, k, v, ff = self.fused_attn_ff_proj(x).split(self.fused_dims, dim=-1)
+        lora_o = None
+        if finetune_modules is not None:
+            lora_q, lora_k, lora_v, lora_o = finetune_modules
+            q = q + lora_q(x)
+            k = k + lora_k(x)
+            v = v + lora_v(x)
+        q = q.view(b, n, h, -1)  # (b, n, h, d)
+        if self.qk_rmsnorm:
+            q = F.normalize(q, dim=-1) * self.q_scale
+            k = F.normalize(k, dim=-1) * self.k_scale
+        q_cos, q_sin, k_cos, k_sin = rotary
+        q = rotate_folded(q, q_cos, q_sin).view(b, n * h, -1)  # scaled by 1/sqrt(d)
+        k = rotate_folded(k, k_cos, k_sin)  # (b, n, d)
+        bias = causal_bias(n, h, q.device, q.dtype)
+        sim = torch.baddbmm(bias.expand(b, -1, -1), q, k.transpose(1, 2))  # (b, n * h, n)
+        attn = sim.softmax(dim=-1)
+        if self.training and self.attend.dropout > 0:
+            attn = F.dropout(attn, self.attend.dropout)
+        out = torch.bmm(attn.to(v.dtype), v).view(b, n, -1)  # (b, n, h * d)
         attn_out = self.attn_out(out)
         if lora_o is not None:
             attn_out = attn_out + lora_o(out)

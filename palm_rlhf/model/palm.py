@@ -48,6 +48,10 @@ def _check_config(dim, num_tokens, depth, dim_head, heads, ff_mult, attn_dropout
 
 
 class PaLM(nn.Module):
+    # causal forwards without a cache take the blocks' fused path (`_forward_causal`);
+    # False runs the general path, the same function in more kernels (for comparison)
+    fused_causal: bool = True
+
     def __init__(self, *, dim, num_tokens, depth, causal=True, dim_head=64, heads=8, ff_mult=4,
                  attn_dropout=0.0, ff_dropout=0.0, qk_rmsnorm=False, lora_r=8, rotary_xpos_scale_base=512,
                  flash_attn=False, finetune_scopes=tuple(), cross_entropy_ignore_index=0):
@@ -55,6 +59,7 @@ class PaLM(nn.Module):
         _check_config(dim, num_tokens, depth, dim_head, heads, ff_mult, attn_dropout, ff_dropout, lora_r,
                       rotary_xpos_scale_base)
         self.dim, self.dim_head, self.heads, self.causal, self.num_tokens = dim, dim_head, heads, causal, num_tokens
+        self.flash_attn = flash_attn
         # everything needed to rebuild this model (written to config.json)
         self.config = dict(dim=dim, num_tokens=num_tokens, depth=depth, causal=causal, dim_head=dim_head,
                            heads=heads, ff_mult=ff_mult, attn_dropout=attn_dropout, ff_dropout=ff_dropout,
@@ -232,6 +237,8 @@ class PaLM(nn.Module):
             q_cos, q_sin, k_cos, k_sin = rotary_emb.tables(positions, kv_cache.center, torch.float32)
             rotary = (q_cos[:, None].to(dtype), q_sin[:, None].to(dtype), k_cos.to(dtype), k_sin.to(dtype))
             attn_mask = kv_cache.attention_mask(n)
+        elif self.causal and not self.flash_attn and self.fused_causal:
+            rotary = rotary_emb.folded_tables(x.shape[1], x.device, dtype)  # the blocks' fused causal path
         else:
             n = x.shape[1]
             rotary = rotary_emb.tables(torch.arange(n, device=x.device), n // 2, dtype)
