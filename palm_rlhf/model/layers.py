@@ -315,35 +315,46 @@ class ParallelTransformerBlock(nn.Module):
 
     def _forward_causal(self, x: Tensor, finetune_modules, rotary: FoldedRotary) -> Tensor:
         """The same function as `forward` for causal attention over positions 0..n-1
-        without padding (pretraining, SFT, scoring full sequences), in fewer and larger
-        kernels: rotary tables carry the attention scale and rotate_half's sign; the
-        query heads are laid out position-major, (b, n * h, d), so one batched matmul
-        against the single key head scores every head, the causal mask is an additive
-        bias fused into that matmul, and the attention output is already (b, n, h * d)."""
+        without padding (pretraining, SFT, scoring full sequences), in fewer and faster
+        kernels:
+
+        - the fused projection runs as three matmuls on views of its weight (q/k/v, the
+          SwiGLU input, the gate), so every activation is contiguous and the backward
+          concatenates the small weight gradient, not the (b, n, 3584)-wide activation one;
+        - rotary tables carry the attention scale and rotate_half's sign;
+        - the query heads are laid out position-major, (b, n * h, d), so one batched
+          matmul scores every head against the single key head, with the causal mask
+          added as a bias, and the attention output is already (b, n, h * d).
+        """
         b, n, _ = x.shape
-        h = self.heads
+        h, d = self.heads, self.fused_dims[1]
         x = self.norm(x)
-        q, k, v, ff = self.fused_attn_ff_proj(x).split(self.fused_dims, dim=-1)
+        ff_inner = self.fused_dims[3] // 2
+        w_qkv, w_ff_x, w_gate = self.fused_attn_ff_proj.weight.split(
+            (self.fused_dims[0] + 2 * d, ff_inner, ff_inner), dim=0)
+        q, k, v = F.linear(x, w_qkv).split(self.fused_dims[:3], dim=-1)
         lora_o = None
         if finetune_modules is not None:
             lora_q, lora_k, lora_v, lora_o = finetune_modules
             q = q + lora_q(x)
             k = k + lora_k(x)
             v = v + lora_v(x)
-        q = q.view(b, n, h, -1)  # (b, n, h, d)
+        q = q.view(b, n, h, d)
         if self.qk_rmsnorm:
             q = F.normalize(q, dim=-1) * self.q_scale
             k = F.normalize(k, dim=-1) * self.k_scale
         q_cos, q_sin, k_cos, k_sin = rotary
-        q = rotate_folded(q, q_cos, q_sin).view(b, n * h, -1)  # scaled by 1/sqrt(d)
+        q = rotate_folded(q, q_cos, q_sin).view(b, n * h, d)  # scaled by 1/sqrt(d)
         k = rotate_folded(k, k_cos, k_sin)  # (b, n, d)
         bias = causal_bias(n, h, q.device, q.dtype)
         sim = torch.baddbmm(bias.expand(b, -1, -1), q, k.transpose(1, 2))  # (b, n * h, n)
         attn = sim.softmax(dim=-1)
         if self.training and self.attend.dropout > 0:
             attn = F.dropout(attn, self.attend.dropout)
-        out = torch.bmm(attn.to(v.dtype), v).view(b, n, -1)  # (b, n, h * d)
+        out = torch.bmm(attn.to(v.dtype), v).view(b, n, h * d)
         attn_out = self.attn_out(out)
         if lora_o is not None:
             attn_out = attn_out + lora_o(out)
-        return attn_out + self.ff_out(ff)
+        swiglu = F.silu(F.linear(x, w_gate)) * F.linear(x, w_ff_x)
+        _, ff_dropout, ff_proj = self.ff_out
+        return attn_out + ff_proj(ff_dropout(swiglu))
