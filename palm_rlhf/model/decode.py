@@ -4,15 +4,16 @@ At batch 1 a decode step is dominated by per-op overhead, not arithmetic (a
 12.8M-parameter PaLM needs ~26 MFLOP per token). `Decoder.step` computes the
 same function as `PaLM.forward_cached(x[:, None], cache)` with far fewer ops:
 
-- no nn.Module calls: weights are read straight from the model's parameters
-  (references, never copies, so training between calls is seen);
+- no nn.Module calls: the weights are bound once per Decoder (on a CPU as
+  transposed contiguous copies, the layout a single-row product streams
+  fastest; see `bind_weights`);
 - rotary + xpos tables for every cache slot are built once, with the
   attention scale 1/sqrt(d) folded into the query tables and rotate_half's
   sign folded into the sine table; queries and the key share the fused
   projection's memory, so one `x * cos + x[perm] * sin` rotates both;
 - attention is two bmm's and a softmax over the filled slots, and the
   padding mask is a precomputed additive bias (absent when nothing is padded);
-- residual adds are fused into `addmm`.
+- residual adds are fused into `addmm` (or added in place after a split product).
 
 The decode step is used in eval mode only (no dropout). `static=True` runs
 attention over all `max_len` slots with the current slot as a tensor, so
@@ -29,6 +30,8 @@ from ..errors import InputError
 
 
 class Decoder:
+    gemv_copy_limit = 1 << 30  # bytes of projection weights up to which a CPU decoder keeps transposed copies
+
     def __init__(self, model, cache, finetune_scope=None, disable_lora: bool = False, static: bool = False):
         block0 = model.layers[0].fn
         self.model, self.cache, self.static = model, cache, static
@@ -66,12 +69,52 @@ class Decoder:
             self.qk_scale = [torch.cat([blk.q_scale.expand(h, d), blk.k_scale[None]]) for blk, _ in self.layers]
 
     def bind_weights(self) -> None:
-        """Views of the weights and cache layers used every step, made once: saves
-        ~70 view ops per step. Views share storage, so in-place training updates are
-        seen; call again if parameters are replaced (e.g. after `model.to(...)`)."""
-        self.weights = [(blk.norm.gamma, blk.norm.beta, blk.fused_attn_ff_proj.weight, blk.attn_out.weight.t(),
-                         blk.ff_out[2].weight.t()) for blk, _ in self.layers]
+        """The weights and cache-layer views used every step, bound once (saves ~70 view
+        ops per step). Call again if parameters change (training, `model.to(...)`).
+
+        Every projection is a product of a few rows with a weight matrix, which on a CPU is
+        bound by how fast the weights stream from memory, and MKL streams some layouts
+        much faster than others (development CPU, fp32, batch 1, 2 threads):
+
+        - the weight read through a transposed (out, in) view: ~9 GB/s;
+        - a contiguous (in, out) copy: ~17-20 GB/s;
+        - in fp32 with 2+ threads, that copy split into two column halves, (2, in, out/2),
+          multiplied as one batched product: ~24 GB/s, because MKL's single-row fp32
+          product runs on one thread and the batch gives each core a half.
+
+        So on a CPU, models whose projection weights fit in `gemv_copy_limit` bytes keep
+        copies in the fastest layout (one pass over the weights per `generate` call);
+        larger models and other devices use views.
+        """
+        params = [p for blk, _ in self.layers
+                  for p in (blk.fused_attn_ff_proj.weight, blk.attn_out.weight, blk.ff_out[2].weight)]
+        weight = self.model.token_emb.weight
+        nbytes = sum(p.numel() * p.element_size() for p in params)
+        copy = weight.device.type == "cpu" and nbytes <= self.gemv_copy_limit
+        split = copy and weight.dtype == torch.float32 and torch.get_num_threads() >= 2
+
+        def layout(w: Tensor) -> Tensor:
+            """(out, in) weight -> (in, out) view or copy, or (2, in, out / 2) halves."""
+            if not copy:
+                return w.t()
+            w_t = w.detach().t()
+            if split and w_t.shape[1] % 2 == 0:
+                return w_t.unflatten(1, (2, -1)).transpose(0, 1).contiguous()
+            return w_t.contiguous()
+
+        self.weights = [(blk.norm.gamma, blk.norm.beta, layout(blk.fused_attn_ff_proj.weight),
+                         layout(blk.attn_out.weight), layout(blk.ff_out[2].weight))
+                        for blk, _ in self.layers]
+        self.logits_weight_t = layout(self.model.to_logits.weight)
         self.kv = [(self.cache.k[i], self.cache.v[i]) for i in range(len(self.layers))]  # (b, max_len, d) each
+
+    @staticmethod
+    def _project(x: Tensor, w: Tensor, residual: Tensor | None = None) -> Tensor:
+        """x (b, in) @ a weight from `bind_weights` (+ residual) -> (b, out)."""
+        if w.dim() == 3:  # (2, in, out / 2): one half per core
+            y = torch.bmm(x.expand(2, -1, -1), w).transpose(0, 1).reshape(x.shape[0], -1)
+            return y if residual is None else y.add_(residual)
+        return torch.mm(x, w) if residual is None else torch.addmm(residual, x, w)
 
     def rebind(self, pad: Tensor) -> None:
         """Point the padding-dependent tables at the cache's `pad` (b,), updating them
@@ -140,7 +183,7 @@ class Decoder:
         b, h, d = x.shape[0], self.heads, self.dim_head
         gamma, beta, w_fused, _, _ = self.weights[i]
         xn = F.layer_norm(x, (self.dim,), gamma, beta)
-        fused = F.linear(xn, w_fused)  # (b, (h+2)*d + 2*ff)
+        fused = self._project(xn, w_fused)  # (b, (h+2)*d + 2*ff)
         qk = fused[:, : self.qk_dim].view(b, h + 1, d)  # (b, h+1, d): queries, then the key
         v = fused[:, self.qk_dim: self.ff_start]  # (b, d)
         if lora is not None:
@@ -161,14 +204,14 @@ class Decoder:
 
     def _block_out(self, i, lora, x, ctx, fused):
         _, _, _, w_out_t, w_ff_t = self.weights[i]
-        out = torch.addmm(x, ctx, w_out_t)  # x + attn_out(ctx)
+        out = self._project(ctx, w_out_t, residual=x)  # x + attn_out(ctx)
         if lora is not None:
             out = out + lora[3](ctx)
         ff_x = fused[:, self.ff_start: self.ff_start + self.ff_inner]
         gate = fused[:, self.ff_start + self.ff_inner:]
-        return torch.addmm(out, F.silu(gate) * ff_x, w_ff_t)  # + ff_out(swiglu)
+        return self._project(F.silu(gate) * ff_x, w_ff_t, residual=out)  # + ff_out(swiglu)
 
     def _logits(self, x: Tensor) -> Tensor:
         norm = self.model.norm
         x = F.layer_norm(x, (self.dim,), norm.gamma, norm.beta)
-        return F.linear(x, self.model.to_logits.weight)  # (b, V)
+        return self._project(x, self.logits_weight_t)  # (b, V)
