@@ -279,13 +279,7 @@ class ParallelTransformerBlock(nn.Module):
         x = self.norm(x)
         q, k, v, ff = self.fused_attn_ff_proj(x).split(self.fused_dims, dim=-1)
 
-        lora_o = None
-        if finetune_modules is not None:
-            lora_q, lora_k, lora_v, lora_o = finetune_modules
-            q = q + lora_q(x)
-            k = k + lora_k(x)
-            v = v + lora_v(x)
-
+        q, k, v, lora_o = self._add_lora(x, q, k, v, finetune_modules)
         q = q.view(b, n, self.heads, -1).transpose(1, 2)  # (b, h, n, d)
 
         if self.qk_rmsnorm:
@@ -313,6 +307,14 @@ class ParallelTransformerBlock(nn.Module):
             attn_out = attn_out + lora_o(out)
         return attn_out + self.ff_out(ff)
 
+    @staticmethod
+    def _add_lora(x, q, k, v, finetune_modules):
+        """Add a finetune scope's LoRA deltas to q, k, v; also return its output LoRA (or None)."""
+        if finetune_modules is None:
+            return q, k, v, None
+        lora_q, lora_k, lora_v, lora_o = finetune_modules
+        return q + lora_q(x), k + lora_k(x), v + lora_v(x), lora_o
+
     def _forward_causal(self, x: Tensor, finetune_modules, rotary: FoldedRotary) -> Tensor:
         """The same function as `forward` for causal attention over positions 0..n-1
         without padding (pretraining, SFT, scoring full sequences), in fewer and faster
@@ -333,12 +335,7 @@ class ParallelTransformerBlock(nn.Module):
         w_qkv, w_ff_x, w_gate = self.fused_attn_ff_proj.weight.split(
             (self.fused_dims[0] + 2 * d, ff_inner, ff_inner), dim=0)
         q, k, v = F.linear(x, w_qkv).split(self.fused_dims[:3], dim=-1)
-        lora_o = None
-        if finetune_modules is not None:
-            lora_q, lora_k, lora_v, lora_o = finetune_modules
-            q = q + lora_q(x)
-            k = k + lora_k(x)
-            v = v + lora_v(x)
+        q, k, v, lora_o = self._add_lora(x, q, k, v, finetune_modules)
         q = q.view(b, n, h, d)
         if self.qk_rmsnorm:
             q = F.normalize(q, dim=-1) * self.q_scale
