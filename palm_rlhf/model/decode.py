@@ -83,8 +83,9 @@ class Decoder:
           product runs on one thread and the batch gives each core a half.
 
         So on a CPU, models whose projection weights fit in `gemv_copy_limit` bytes keep
-        copies in the fastest layout (one pass over the weights per `generate` call);
-        larger models and other devices use views.
+        copies in the fastest layout (one pass over the weights per `generate` call), with a
+        LoRA scope's update folded in (no LoRA ops per token); larger models and other
+        devices use views and apply the scope's modules.
         """
         params = [p for blk, _ in self.layers
                   for p in (blk.fused_attn_ff_proj.weight, blk.attn_out.weight, blk.ff_out[2].weight)]
@@ -93,18 +94,30 @@ class Decoder:
         copy = weight.device.type == "cpu" and nbytes <= self.gemv_copy_limit
         split = copy and weight.dtype == torch.float32 and torch.get_num_threads() >= 2
 
-        def layout(w: Tensor) -> Tensor:
-            """(out, in) weight -> (in, out) view or copy, or (2, in, out / 2) halves."""
+        def layout(w: Tensor, delta: Tensor | None = None) -> Tensor:
+            """(out, in) weight (+ an (in, out) LoRA delta) -> (in, out) view or copy,
+            or (2, in, out / 2) halves."""
             if not copy:
                 return w.t()
             w_t = w.detach().t()
+            if delta is not None:
+                w_t = w_t + delta.detach().to(w_t.dtype)
             if split and w_t.shape[1] % 2 == 0:
                 return w_t.unflatten(1, (2, -1)).transpose(0, 1).contiguous()
             return w_t.contiguous()
 
-        self.weights = [(blk.norm.gamma, blk.norm.beta, layout(blk.fused_attn_ff_proj.weight),
-                         layout(blk.attn_out.weight), layout(blk.ff_out[2].weight))
-                        for blk, _ in self.layers]
+        self.weights, self.step_loras = [], []
+        for blk, lora in self.layers:
+            fused_delta = out_delta = None
+            if copy and lora is not None:  # fold the scope into the copies: no LoRA ops per token
+                lora_q, lora_k, lora_v, lora_o = lora
+                fused_delta = torch.zeros_like(blk.fused_attn_ff_proj.weight.t())
+                qkv = torch.cat([lora_q.weight, lora_k.weight, lora_v.weight], dim=1)  # (in, (h+2)*d)
+                fused_delta[:, :qkv.shape[1]] = qkv
+                out_delta = lora_o.weight
+            self.weights.append((blk.norm.gamma, blk.norm.beta, layout(blk.fused_attn_ff_proj.weight, fused_delta),
+                                 layout(blk.attn_out.weight, out_delta), layout(blk.ff_out[2].weight)))
+            self.step_loras.append(None if copy else lora)
         self.logits_weight_t = layout(self.model.to_logits.weight)
         self.kv = [(self.cache.k[i], self.cache.v[i]) for i in range(len(self.layers))]  # (b, max_len, d) each
 
@@ -151,7 +164,7 @@ class Decoder:
         cos, sin = self._rotary(slot)
         bias = self.bias[:, :, :end] if self.padded else None
         x = F.embedding(tokens, self.model.token_emb.weight)  # (b, dim)
-        for i, (blk, lora) in enumerate(self.layers):
+        for i, ((blk, _), lora) in enumerate(zip(self.layers, self.step_loras)):
             q, ctx_in = self._attend_inputs(i, blk, lora, x, cos, sin, slot)
             k_layer, v_layer = self.kv[i]
             k_all, v_all = k_layer[:, :end], v_layer[:, :end]  # (b, j, d)
@@ -169,7 +182,7 @@ class Decoder:
         cos, sin = self.cos.index_select(0, pos), self.sin.index_select(0, pos)  # (b, h+1, d)
         bias = self.bias.masked_fill(self.slot_range > slot, float("-inf"))  # (b, 1, max_len)
         x = F.embedding(tokens, self.model.token_emb.weight)
-        for i, (blk, lora) in enumerate(self.layers):
+        for i, ((blk, _), lora) in enumerate(zip(self.layers, self.step_loras)):
             q, ctx_in = self._attend_inputs(i, blk, lora, x, cos, sin, slot)
             k_layer, v_layer = self.kv[i]
             sim = torch.baddbmm(bias, q, k_layer.transpose(1, 2))  # (b, h, max_len)
