@@ -123,8 +123,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--profile", action="store_true", help="cProfile one iteration of ours")
     parser.add_argument("--skip-seed", action="store_true")
+    parser.add_argument("--no-tune-malloc", action="store_true",
+                        help="leave glibc malloc at its defaults (the palm-rlhf command tunes it; this process "
+                             "runs both systems, so the setting applies to both)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if not args.no_tune_malloc:
+        from palm_rlhf.runtime.allocator import tune_malloc
+
+        print("glibc malloc tuned (palm_rlhf.runtime.allocator):", tune_malloc())
     prompts = make_prompts(256)
 
     with tempfile.TemporaryDirectory() as tmp:

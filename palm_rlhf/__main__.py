@@ -1,3 +1,3 @@
-from palm_rlhf.cli.main import main
+from palm_rlhf.cli.main import console_main
 
-raise SystemExit(main())
+raise SystemExit(console_main())

@@ -77,5 +77,13 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERNAL
 
 
+def console_main() -> int:
+    """The `palm-rlhf` executable: process-wide tuning first, then `main`."""
+    from ..runtime.allocator import tune_malloc
+
+    tune_malloc()
+    return main()
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(console_main())
