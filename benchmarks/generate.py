@@ -79,8 +79,14 @@ def main(argv=None):
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tune-malloc", action="store_true",
+                        help="apply the glibc malloc settings the palm-rlhf command uses (to every system)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.tune_malloc:
+        from palm_rlhf.runtime.allocator import tune_malloc
+
+        print("glibc malloc tuned (palm_rlhf.runtime.allocator):", tune_malloc())
     import transformers  # noqa: F401  (import cost outside the timings)
 
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, prompt {PROMPT}, new tokens {NEW}")
