@@ -193,7 +193,13 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--memory", action="store_true", help="peak RSS of each row in its own subprocess")
     p.add_argument("--memory-child", nargs=3, help=argparse.SUPPRESS)
+    p.add_argument("--tune-malloc", action="store_true",
+                   help="apply the glibc malloc settings the palm-rlhf command uses (to every system)")
     args = p.parse_args(argv)
+    if args.tune_malloc:
+        from palm_rlhf.runtime.allocator import tune_malloc
+
+        print("glibc malloc tuned (palm_rlhf.runtime.allocator):", tune_malloc())
     if args.memory_child:
         memory_child(args.memory_child[0], args.memory_child[1], int(args.memory_child[2]))
         return
