@@ -30,6 +30,7 @@ from typing import Iterable, Sequence, Union
 
 from ..errors import DataError
 from ..model.checkpoint import atomic_write_bytes
+from .jsonl import iter_jsonl
 
 PAIRWISE_FIELDS = ("prompt", "chosen", "rejected", "margin", "annotator", "source")
 RATING_FIELDS = ("prompt", "response", "rating")
@@ -136,21 +137,12 @@ def read_preferences(path, rating_range: tuple[float, float] | None = None) -> l
     trainer passes the range its head can represent).
     """
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: preference file not found; pass an existing JSONL file")
     records: list[PreferenceRecord] = []
-    with path.open("r", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-            try:
-                records.append(record_from_dict(obj, rating_range))
-            except DataError as e:
-                raise DataError(f"{path}:{lineno}: {e}") from None
+    for where, obj in iter_jsonl(path, missing="preference file not found; pass an existing JSONL file"):
+        try:
+            records.append(record_from_dict(obj, rating_range))
+        except DataError as e:
+            raise DataError(f"{where}: {e}") from None
     if not records:
         raise DataError(f"{path}: no preference records; the file is empty")
     return records

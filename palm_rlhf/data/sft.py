@@ -8,7 +8,6 @@ token or an ignore_index.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ..errors import DataError
+from .jsonl import iter_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -31,29 +31,18 @@ class SFTRecord:
 def read_sft(path) -> list[SFTRecord]:
     """Parse a JSONL file; any malformed line raises DataError naming the line and the field."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such SFT data file; pass JSONL lines of {{\"prompt\": ..., \"response\": ...}}")
     records = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: cannot read as UTF-8 text ({e})") from e
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+    for where, obj in iter_jsonl(
+            path, missing="no such SFT data file; pass JSONL lines of {\"prompt\": ..., \"response\": ...}"):
         if not isinstance(obj, dict):
-            raise DataError(f"{path}:{lineno}: expected a JSON object with \"prompt\" and \"response\"")
+            raise DataError(f"{where}: expected a JSON object with \"prompt\" and \"response\"")
         for name in ("prompt", "response"):
             if name not in obj:
-                raise DataError(f"{path}:{lineno}: missing field {name!r}")
+                raise DataError(f"{where}: missing field {name!r}")
             if not isinstance(obj[name], str):
-                raise DataError(f"{path}:{lineno}: field {name!r} must be a string, got {type(obj[name]).__name__}")
+                raise DataError(f"{where}: field {name!r} must be a string, got {type(obj[name]).__name__}")
         if not obj["response"]:
-            raise DataError(f"{path}:{lineno}: field 'response' is empty; there is nothing to learn from this line")
+            raise DataError(f"{where}: field 'response' is empty; there is nothing to learn from this line")
         records.append(SFTRecord(obj["prompt"], obj["response"]))
     if not records:
         raise DataError(f"{path}: no records; the file is empty")

@@ -9,7 +9,7 @@ PPO prepare/loss from `palm_rlhf.rl.ppo`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -45,9 +45,8 @@ class PPOConfig(RLRunConfig):
         make_kl_controller(self.kl_coef, self.kl_target, self.kl_horizon)
 
     def hyperparams(self) -> PPOHyperparams:
-        return PPOHyperparams(gamma=self.gamma, lam=self.lam, clip_eps=self.clip_eps, value_clip=self.value_clip,
-                              vf_coef=self.vf_coef, ent_coef=self.ent_coef, whiten_rewards=self.whiten_rewards,
-                              whiten_advantages=self.whiten_advantages)
+        """The PPO fields of this config (same names, flat in YAML) as `rl.ppo.PPOHyperparams`."""
+        return PPOHyperparams(**{f.name: getattr(self, f.name) for f in fields(PPOHyperparams)})
 
 
 class PPOTrainer(RLTrainerBase):

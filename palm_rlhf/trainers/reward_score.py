@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ..data.jsonl import iter_jsonl
 from ..data.preferences import PairwiseRecord
 from ..errors import DataError
 from ..model.checkpoint import atomic_write_bytes
@@ -23,26 +24,16 @@ from ..rl.reward_losses import pairwise_metrics
 def read_score_requests(path) -> list[dict]:
     """Read the lines to score, strictly: DataError with file, line and field."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found; pass a JSONL file of prompt/response records")
     rows = []
-    with path.open("r", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-            fields = ("prompt", "chosen", "rejected") if ("chosen" in obj or "rejected" in obj) else ("prompt", "response")
-            for name in fields:
-                if not isinstance(obj.get(name), str):
-                    problem = "missing" if name not in obj else f"not a string ({type(obj[name]).__name__})"
-                    raise DataError(f"{where}: field '{name}' is {problem}")
-            rows.append(obj)
+    for where, obj in iter_jsonl(path, missing="file not found; pass a JSONL file of prompt/response records"):
+        if not isinstance(obj, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        fields = ("prompt", "chosen", "rejected") if ("chosen" in obj or "rejected" in obj) else ("prompt", "response")
+        for name in fields:
+            if not isinstance(obj.get(name), str):
+                problem = "missing" if name not in obj else f"not a string ({type(obj[name]).__name__})"
+                raise DataError(f"{where}: field '{name}' is {problem}")
+        rows.append(obj)
     if not rows:
         raise DataError(f"{path}: no records to score; the file is empty")
     return rows
