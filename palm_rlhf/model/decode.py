@@ -74,18 +74,10 @@ class Decoder:
 
         Every projection is a product of a few rows with a weight matrix, which on a CPU is
         bound by how fast the weights stream from memory, and MKL streams some layouts
-        much faster than others (development CPU, fp32, batch 1, 2 threads):
-
-        - the weight read through a transposed (out, in) view: ~9 GB/s;
-        - a contiguous (in, out) copy: ~17-20 GB/s;
-        - in fp32 with 2+ threads, that copy split into two column halves, (2, in, out/2),
-          multiplied as one batched product: ~24 GB/s, because MKL's single-row fp32
-          product runs on one thread and the batch gives each core a half.
-
-        So on a CPU, models whose projection weights fit in `gemv_copy_limit` bytes keep
-        copies in the fastest layout (one pass over the weights per `generate` call), with a
-        LoRA scope's update folded in (no LoRA ops per token); larger models and other
-        devices use views and apply the scope's modules.
+        much faster than others. So on a CPU, models whose projection weights fit in
+        `gemv_copy_limit` bytes keep copies in the layout `_layout` picks (one pass over the
+        weights per `generate` call), with a LoRA scope's update folded in (no LoRA ops per
+        token); larger models and other devices use views and apply the scope's modules.
         """
         params = [p for blk, _ in self.layers
                   for p in (blk.fused_attn_ff_proj.weight, blk.attn_out.weight, blk.ff_out[2].weight)]
@@ -93,18 +85,16 @@ class Decoder:
         nbytes = sum(p.numel() * p.element_size() for p in params)
         copy = weight.device.type == "cpu" and nbytes <= self.gemv_copy_limit
         split = copy and weight.dtype == torch.float32 and torch.get_num_threads() >= 2
+        rows = self.cache.batch
 
-        def layout(w: Tensor, delta: Tensor | None = None) -> Tensor:
-            """(out, in) weight (+ an (in, out) LoRA delta) -> (in, out) view or copy,
-            or (2, in, out / 2) halves."""
+        def layout(w: Tensor, delta: Tensor | None = None) -> tuple[str, Tensor]:
+            """(out, in) weight (+ an (in, out) LoRA delta) -> (kind, tensor) for `_project`."""
             if not copy:
-                return w.t()
+                return "mm", w.t()
             w_t = w.detach().t()
             if delta is not None:
                 w_t = w_t + delta.detach().to(w_t.dtype)
-            if split and w_t.shape[1] % 2 == 0:
-                return w_t.unflatten(1, (2, -1)).transpose(0, 1).contiguous()
-            return w_t.contiguous()
+            return self._layout(w_t, rows) if split else ("mm", w_t.contiguous())
 
         self.weights, self.step_loras = [], []
         for blk, lora in self.layers:
@@ -122,12 +112,47 @@ class Decoder:
         self.kv = [(self.cache.k[i], self.cache.v[i]) for i in range(len(self.layers))]  # (b, max_len, d) each
 
     @staticmethod
-    def _project(x: Tensor, w: Tensor, residual: Tensor | None = None) -> Tensor:
-        """x (b, in) @ a weight from `bind_weights` (+ residual) -> (b, out)."""
-        if w.dim() == 3:  # (2, in, out / 2): one half per core
-            y = torch.bmm(x.expand(2, -1, -1), w).transpose(0, 1).reshape(x.shape[0], -1)
-            return y if residual is None else y.add_(residual)
-        return torch.mm(x, w) if residual is None else torch.addmm(residual, x, w)
+    def _layout(w_t: Tensor, rows: int) -> tuple[str, Tensor]:
+        """An fp32 (in, out) weight -> the layout a product with `rows` rows streams fastest
+        on 2+ CPU threads, as (kind, contiguous copy).
+
+        MKL's product of one row with a weight runs on one thread, so every layout here is
+        a batch of slices, one product per slice, spread over the cores (`_project` combines
+        them). What suits a slice depends on its shape (development CPU, fp32, 2 threads,
+        µs per product, weights streamed from memory; benchmarks/README.md):
+
+        | weight (in x out) | one mm | 2 column slices | 4 row slices, summed | 2 column slices, (out, in) |
+        | --- | --- | --- | --- | --- |
+        | 384 x 3584 (fused projection) | 329 | 256 | **226** | 420 |
+        | 384 x 384 (attention out) | 71 | 61 | **46** | 57 |
+        | 1536 x 384 (feedforward out) | 250 | 180 | 141 | **97** |
+
+        With one or two rows, a weight with in >= 2 * out streams fastest as dot products
+        ((out, in) slices); others as row slices (`in` split 4 ways for one row, 2 for two)
+        with the partial products summed. From about 4 rows on, column slices win.
+        """
+        k, n = w_t.shape
+        if rows <= 2 and k >= 2 * n and n % 2 == 0:
+            return "cols_t", w_t.t().unflatten(0, (2, -1)).contiguous()  # (2, out/2, in)
+        slices = 4 if rows == 1 else 2
+        if rows <= 2 and k % slices == 0:
+            return "rows", w_t.unflatten(0, (slices, -1)).contiguous()  # (s, in/s, out)
+        if n % 2 == 0:
+            return "cols", w_t.unflatten(1, (2, -1)).transpose(0, 1).contiguous()  # (2, in, out/2)
+        return "mm", w_t.contiguous()
+
+    @staticmethod
+    def _project(x: Tensor, weight: tuple[str, Tensor], residual: Tensor | None = None) -> Tensor:
+        """x (b, in) @ a weight bound by `bind_weights` (+ residual) -> (b, out)."""
+        kind, w = weight
+        if kind == "mm":
+            return torch.mm(x, w) if residual is None else torch.addmm(residual, x, w)
+        if kind == "rows":  # partial products over slices of `in`, summed
+            y = torch.bmm(x.view(x.shape[0], w.shape[0], -1).transpose(0, 1), w).sum(0)
+        else:  # one slice of the output columns per batch entry
+            xs = x.expand(w.shape[0], -1, -1)
+            y = torch.bmm(xs, w if kind == "cols" else w.transpose(1, 2)).transpose(0, 1).reshape(x.shape[0], -1)
+        return y if residual is None else y.add_(residual)
 
     def rebind(self, pad: Tensor) -> None:
         """Point the padding-dependent tables at the cache's `pad` (b,), updating them

@@ -76,6 +76,41 @@ def test_cached_greedy_equals_uncached_over_200_tokens(xpos, lora):
     torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("rows", [1, 4])
+@torch.no_grad()
+def test_cached_greedy_equals_uncached_for_other_batch_sizes(rows):
+    """The decode step's weight layouts depend on the batch size (`Decoder._layout`)."""
+    model = tiny(seed=2)
+    add_trained_lora(model)
+    prompt = torch.randint(1, 64, (rows, 5))
+    ref_tokens, ref_logits = greedy_uncached(model, prompt, STEPS, finetune_scope="sft")
+    tokens, logits = greedy_cached(model, prompt, STEPS, finetune_scope="sft")
+    assert torch.equal(tokens, ref_tokens)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("shape", [(384, 3584), (384, 384), (1536, 384), (96, 10), (30, 7)])
+@pytest.mark.parametrize("rows", [1, 2, 8])
+def test_every_decode_weight_layout_computes_the_same_product(shape, rows):
+    torch.manual_seed(0)
+    w_t, x, residual = torch.randn(shape), torch.randn(rows, shape[0]), torch.randn(rows, shape[1])
+    weight = Decoder._layout(w_t, rows)
+    expected = x @ w_t
+    torch.testing.assert_close(Decoder._project(x, weight), expected, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(Decoder._project(x, weight, residual.clone()), expected + residual,
+                               atol=1e-4, rtol=1e-5)
+
+
+def test_decode_weight_layouts_follow_the_shape_rules():
+    kinds = {(shape, rows): Decoder._layout(torch.zeros(shape), rows)[0]
+             for shape in [(384, 3584), (1536, 384), (30, 7)] for rows in (1, 2, 8)}
+    assert kinds[((384, 3584), 1)] == "rows" and kinds[((384, 3584), 2)] == "rows"
+    assert kinds[((1536, 384), 1)] == "cols_t" and kinds[((1536, 384), 2)] == "cols_t"
+    assert kinds[((384, 3584), 8)] == "cols" and kinds[((1536, 384), 8)] == "cols"
+    assert kinds[((30, 7), 1)] == "mm" and kinds[((30, 7), 8)] == "mm"  # odd sizes: one product
+    assert Decoder._layout(torch.zeros(384, 3584), 1)[1].shape == (4, 96, 3584)
+
+
 @torch.no_grad()
 def test_lora_scope_changes_cached_logits_and_disable_lora_restores_base():
     model = tiny(seed=2)
