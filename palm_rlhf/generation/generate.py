@@ -20,7 +20,7 @@ from ..model.decode import Decoder
 from .compiled import compiled_decoder, first_step
 from .config import SamplingConfig
 from .prompts import pack_prompts
-from .sampling import process_logits, sample, token_log_probs
+from .sampling import RowUniforms, process_logits, sample, token_log_probs
 
 PAD_ID = 0
 
@@ -82,6 +82,9 @@ class _Decode:
         else:
             self.cache = model.new_kv_cache(b, n + T - 1, pad=n - lengths)
         self.stops = [torch.tensor(s, dtype=torch.long, device=device) for s in config.stop_sequences]
+        self.uniforms = None
+        if isinstance(generator, (list, tuple)) and not config.greedy:
+            self.uniforms = RowUniforms(generator, T, device)
 
     def __iter__(self) -> Iterator[Tensor]:
         """Yield each step's tokens (b,) (0 for rows already finished)."""
@@ -91,7 +94,7 @@ class _Decode:
         can_stop = config.eos_token is not None or bool(self.stops)
         for t in range(T):
             logits = process_logits(logits, config, self.seen)
-            tok = sample(logits, config.greedy, self.generator)  # (b,)
+            tok = sample(logits, config.greedy, self.generator, None if self.uniforms is None else self.uniforms(t))
             logp = token_log_probs(logits, tok)
             self.steps = t + 1
             if can_stop:

@@ -41,24 +41,50 @@ def process_logits(logits: Tensor, config: SamplingConfig, seen: Tensor | None =
     return filter_min_p(logits, config.min_p)
 
 
-def sample(logits: Tensor, greedy: bool, generator=None) -> Tensor:
+def sample(logits: Tensor, greedy: bool, generator=None, uniform: Tensor | None = None) -> Tensor:
     """Draw one token per row from softmax(logits): (b, V) -> (b,).
 
-    Uses the exponential-race form of the Gumbel-max trick: argmax(p / E) with
-    E ~ Exp(1) picks index i with probability p_i, and a seeded `generator`
-    makes the draw repeatable. `generator` may also be a sequence of b
-    generators, one per row: then a row's draw does not depend on which other
-    rows share the batch (RL uses this to make rollouts independent of how
-    prompts are split over processes).
+    Inverse-CDF sampling: with u ~ U[0, 1) (fp64, 53 random bits), the token is the
+    first index whose cumulative probability exceeds u, so index i is drawn with
+    probability p_i, and a token with p_i = 0 (filtered out) never is. One random
+    number per row, where the Gumbel-max race needs one per vocabulary entry (and
+    `exponential_` costs ~19 ns per value on a CPU: 5 µs a row for 256 ids).
+
+    `generator` makes the draw repeatable; it may also be a sequence of b generators,
+    one per row: then a row's draw does not depend on which other rows share the
+    batch (RL uses this to make rollouts independent of how prompts are split over
+    processes). `uniform`: the u's (b,), drawn beforehand (see `RowUniforms`); then
+    `generator` is not used.
     """
     if greedy:
         return logits.argmax(-1)
     probs = logits.softmax(-1)
-    if isinstance(generator, (list, tuple)):
-        race = torch.stack([torch.empty_like(probs[0]).exponential_(1.0, generator=g) for g in generator])  # (b, V)
-    else:
-        race = torch.empty_like(probs).exponential_(1.0, generator=generator)
-    return (probs / race).argmax(-1)
+    if uniform is None:
+        if isinstance(generator, (list, tuple)):
+            uniform = torch.cat([torch.rand(1, generator=g, dtype=torch.float64, device=probs.device)
+                                 for g in generator])
+        else:
+            uniform = torch.rand(probs.shape[0], generator=generator, dtype=torch.float64, device=probs.device)
+    cdf = probs.double().cumsum(-1)  # (b, V)
+    total = cdf[:, -1:]
+    # u * total < total, also after rounding: the last kept token is the furthest a draw can reach
+    target = torch.minimum(uniform.to(cdf.device, cdf.dtype)[:, None] * total, torch.nextafter(total, total.new_zeros(())))
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1)
+
+
+class RowUniforms:
+    """The u's of `sample` for rows with one generator each, drawn for every step at once:
+    one call per row per `generate` instead of one per row and step. Each row's draws
+    come from its own generator alone, so they do not depend on the rest of the batch.
+    """
+
+    def __init__(self, generators, steps: int, device):
+        self.draws = torch.stack([torch.rand(steps, generator=g, dtype=torch.float64, device=device)
+                                  for g in generators], dim=1)  # (steps, b)
+
+    def __call__(self, t: int) -> Tensor:
+        """The u's (b,) for step t."""
+        return self.draws[t]
 
 
 def token_log_probs(logits: Tensor, tokens: Tensor) -> Tensor:

@@ -10,7 +10,7 @@ same function as `PaLM.forward_cached(x[:, None], cache)` with far fewer ops:
 - rotary + xpos tables for every cache slot are built once, with the
   attention scale 1/sqrt(d) folded into the query tables and rotate_half's
   sign folded into the sine table; queries and the key share the fused
-  projection's memory, so one `x * cos + x[perm] * sin` rotates both;
+  projection's memory, so one `x * cos + roll(x, d/2) * sin` rotates both;
 - attention is two bmm's and a softmax over the filled slots, and the
   padding mask is a precomputed additive bias (absent when nothing is padded);
 - residual adds are fused into `addmm` (or added in place after a split product).
@@ -58,8 +58,8 @@ class Decoder:
         cos = torch.cat([(q_cos * scale)[:, None].expand(-1, h, -1), k_cos[:, None]], dim=1)
         sin = torch.cat([(q_sin * scale * sign)[:, None].expand(-1, h, -1), (k_sin * sign)[:, None]], dim=1)
         self.cos, self.sin = cos.to(dtype).contiguous(), sin.to(dtype).contiguous()
-        # rotate_half(x) == x[..., perm] * sign
-        self.perm = torch.cat([torch.arange(half, d), torch.arange(0, half)]).to(device)
+        # rotate_half(x) == x.roll(half, -1) * sign (roll is the cheapest way to swap the halves)
+        self.half = half
 
         self.slot_range = torch.arange(max_len, device=device)
         self.positions = torch.zeros(max_len, cache.batch, dtype=torch.long, device=device)
@@ -230,7 +230,7 @@ class Decoder:
             v = v + lora_v(xn)
         if self.qk_rmsnorm:
             qk = F.normalize(qk, dim=-1) * self.qk_scale[i]
-        qk = torch.addcmul(qk * cos, qk[..., self.perm], sin)  # rotary + xpos (+ 1/sqrt(d) on q)
+        qk = torch.addcmul(qk * cos, qk.roll(self.half, -1), sin)  # rotary + xpos (+ 1/sqrt(d) on q)
         k_layer, v_layer = self.kv[i]
         if isinstance(slot, Tensor):
             k_layer.index_copy_(1, slot.view(1), qk[:, h, None])

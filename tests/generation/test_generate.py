@@ -221,3 +221,15 @@ def test_one_generator_per_row_makes_each_sample_independent_of_the_batch():
     assert batch == alone
     with pytest.raises(InputError, match="one torch.Generator per prompt"):
         generate(model, ps, cfg, generator=gens()[:2])
+
+
+def test_per_row_uniforms_are_drawn_once_per_generate_from_each_rows_generator():
+    """`RowUniforms` draws each row's u's for every step in one call on its own generator:
+    step t of row i is the t-th draw of generator i, whatever the batch."""
+    from palm_rlhf.generation.sampling import RowUniforms
+
+    gens = lambda: [torch.Generator().manual_seed(7 + i) for i in range(2)]  # noqa: E731
+    uniforms = RowUniforms(gens(), steps=5, device="cpu")
+    for i, g in enumerate(gens()):
+        expected = torch.rand(5, generator=g, dtype=torch.float64)
+        assert torch.equal(torch.stack([uniforms(t)[i] for t in range(5)]), expected)

@@ -73,6 +73,20 @@ def test_draws_follow_the_filtered_distribution():
     assert abs(freq[0].item() - 0.625) < 0.015
 
 
+def test_inverse_cdf_draws_match_the_probabilities_and_skip_zero_probability_ids():
+    """Many draws from a distribution with zeros at the start, middle and end: frequencies
+    within 4 standard errors of p, a zero-probability id never drawn, even by the
+    extreme u's 0 and 1 - 2**-53."""
+    p = torch.tensor([0.0, 0.1, 0.0, 0.2, 0.3, 0.4, 0.0])
+    logits = p.log().expand(40000, -1)
+    draws = sample(logits, greedy=False, generator=torch.Generator().manual_seed(1))
+    freq = torch.bincount(draws, minlength=7).double() / draws.numel()
+    se = (p.double() * (1 - p.double()) / draws.numel()).sqrt()
+    assert ((freq - p.double()).abs() <= 4 * se + 1e-12).all(), freq
+    edges = sample(p.log().expand(2, -1), False, uniform=torch.tensor([0.0, 1 - 2 ** -53], dtype=torch.float64))
+    assert edges.tolist() == [1, 5]
+
+
 def test_seeded_generator_repeats_draws():
     logits = torch.randn(4, 50)
     a = sample(logits, False, torch.Generator().manual_seed(7))

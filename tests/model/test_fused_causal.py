@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from palm_rlhf.model import PaLM
-from palm_rlhf.model.layers import FoldedRotary, ParallelTransformerBlock
+from palm_rlhf.model import layers
+from palm_rlhf.model.layers import FoldedRotary, ParallelTransformerBlock, merge_lora
 
 
 def _logits_and_grads(model, x, fused, **kwargs):
@@ -35,6 +36,40 @@ def test_fused_path_equals_general_path_fp32(options):
     assert grads.keys() == ref_grads.keys()
     for name in grads:
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("merge", [True, False])
+@pytest.mark.parametrize("frozen_base", [True, False])
+def test_lora_scope_merged_into_the_weights_or_applied_thin_gives_the_same_grads(merge, frozen_base, monkeypatch):
+    """The fused path either adds A @ B to the weights or applies x @ A @ B (`merge_lora`);
+    both give the general path's logits and LoRA (and, when trained, base) gradients."""
+    monkeypatch.setattr(layers, "merge_lora", lambda modules: merge)
+    torch.manual_seed(1)
+    model = PaLM(num_tokens=64, dim=32, depth=2, heads=4, dim_head=8, finetune_scopes=("actor",))
+    for p in model.finetune_parameters("actor"):
+        torch.nn.init.normal_(p, std=0.1)
+    if frozen_base:
+        model.requires_grad_(False)
+        for p in model.finetune_parameters("actor"):
+            p.requires_grad_(True)
+    x = torch.randint(0, 64, (2, 13))
+    ref_logits, ref_grads = _logits_and_grads(model, x, False, finetune_scope="actor")
+    logits, grads = _logits_and_grads(model, x, True, finetune_scope="actor")
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+    assert grads.keys() == ref_grads.keys() and any(".A" in n for n in grads)
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_merge_lora_rule():
+    small = PaLM(num_tokens=64, dim=128, depth=1, heads=4, dim_head=32, finetune_scopes=("a",))
+    large = PaLM(num_tokens=64, dim=384, depth=1, heads=6, dim_head=64, finetune_scopes=("a",))
+    modules = lambda m: m.finetune_modules["a"][0]  # noqa: E731  (layer 0's q, k, v, o LoRAs)
+    assert merge_lora(modules(small)) and not merge_lora(modules(large))  # flop ratio 4 vs 12
+    with torch.no_grad():
+        assert merge_lora(modules(large))  # no backward: merging always wins
+    large.finetune_modules["a"].requires_grad_(False)
+    assert merge_lora(modules(large))  # a frozen scope (e.g. a reference) has no backward either
 
 
 def test_fused_path_under_bf16_autocast_stays_close():
