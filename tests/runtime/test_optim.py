@@ -1,7 +1,10 @@
 """Decay groups, the warmup+cosine schedule and Lion, against hand-computed numbers."""
 
+import copy
+
 import pytest
 import torch
+from torch import nn
 
 from palm_rlhf.errors import ConfigError
 from palm_rlhf.runtime.optim import Lion, OptimConfig, build_optimizer, build_scheduler, param_groups, warmup_cosine
@@ -54,3 +57,22 @@ def test_optim_config_validation():
         OptimConfig(beta2=1.0)
     with pytest.raises(ConfigError, match="no trainable parameters"):
         build_optimizer([("w", torch.nn.Parameter(torch.zeros(2), requires_grad=False))], OptimConfig())
+
+
+def test_adamw_is_fused_on_cpu_and_steps_like_the_reference_loop():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 4))
+    reference = copy.deepcopy(model)
+    config = OptimConfig(lr=1e-2, weight_decay=0.1)
+    fused = build_optimizer(model, config)
+    assert all(g["fused"] for g in fused.param_groups)
+    plain = torch.optim.AdamW(param_groups(reference.named_parameters(), config.weight_decay), lr=config.lr,
+                              betas=(config.beta1, config.beta2), eps=config.eps)
+    for _ in range(3):
+        x = torch.randn(5, 8)
+        for m, opt in ((model, fused), (reference, plain)):
+            opt.zero_grad()
+            m(x).square().mean().backward()
+            opt.step()
+    for a, b in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
