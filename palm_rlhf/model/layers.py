@@ -161,6 +161,37 @@ def merge_lora(finetune_modules) -> bool:
     return d_in * d_out <= 8 * 2 * r * (d_in + d_out)
 
 
+def attention_blocks(n: int) -> int:
+    """How many query blocks `causal_attention` splits n positions into: blocks of at least
+    40 positions, at most 8. Measured (fp32, 2 threads, forward + backward of one layer's
+    attention, batch 16 x 256 positions, 6 heads of 64): 1 block 43.6 ms, 2: 32.7, 4: 28.4,
+    6: 28.7, 8: 30.1; 4 x 1024 positions: 1 block 227 ms, 4: 96, 8: 86."""
+    return min(8, max(1, n // 40))
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, heads: int, dropout: float = 0.0) -> Tensor:
+    """Causal multi-query attention with position-major query heads: q (b, n * heads, d)
+    (scaled), k and v (b, n, d) -> (b, n * heads, d).
+
+    Queries are split into blocks of consecutive positions, and block [s, e) is scored
+    against keys [0, e) only: the keys after a block are masked for all of it, so
+    skipping them changes nothing but the work (with 4 blocks, 5/8 of the full square).
+    """
+    b, n = k.shape[0], k.shape[1]
+    bias = causal_bias(n, heads, q.device, q.dtype)  # (n * heads, n)
+    blocks = attention_blocks(n)
+    bounds = [n * i // blocks for i in range(blocks + 1)]
+    outs = []
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        rows = slice(s * heads, e * heads)
+        sim = torch.baddbmm(bias[rows, :e].expand(b, -1, -1), q[:, rows], k[:, :e].transpose(1, 2))
+        attn = sim.softmax(dim=-1)
+        if dropout > 0:
+            attn = F.dropout(attn, dropout)
+        outs.append(torch.bmm(attn.to(v.dtype), v[:, :e]))
+    return outs[0] if blocks == 1 else torch.cat(outs, dim=1)
+
+
 def causal_bias(n: int, heads: int, device, dtype: torch.dtype) -> Tensor:
     """Additive causal mask (n * heads, n) for queries laid out position-major
     (row i * heads + head), 0 where key j <= i and -inf after. The most recent
@@ -345,7 +376,9 @@ class ParallelTransformerBlock(nn.Module):
         - rotary tables carry the attention scale and rotate_half's sign;
         - the query heads are laid out position-major, (b, n * h, d), so one batched
           matmul scores every head against the single key head, with the causal mask
-          added as a bias, and the attention output is already (b, n, h * d).
+          added as a bias, and the attention output is already (b, n, h * d);
+        - queries are scored in blocks of positions, each against the keys up to its end
+          only (`causal_attention`).
         """
         b, n, _ = x.shape
         h, d = self.heads, self.fused_dims[1]
@@ -368,12 +401,8 @@ class ParallelTransformerBlock(nn.Module):
         q_cos, q_sin, k_cos, k_sin = rotary
         q = rotate_folded(q, q_cos, q_sin).view(b, n * h, d)  # scaled by 1/sqrt(d)
         k = rotate_folded(k, k_cos, k_sin)  # (b, n, d)
-        bias = causal_bias(n, h, q.device, q.dtype)
-        sim = torch.baddbmm(bias.expand(b, -1, -1), q, k.transpose(1, 2))  # (b, n * h, n)
-        attn = sim.softmax(dim=-1)
-        if self.training and self.attend.dropout > 0:
-            attn = F.dropout(attn, self.attend.dropout)
-        out = torch.bmm(attn.to(v.dtype), v).view(b, n, h * d)
+        dropout = self.attend.dropout if self.training else 0.0
+        out = causal_attention(q, k, v, h, dropout).view(b, n, h * d)
         attn_out = F.linear(out, w_out)
         if lora_o is not None:
             attn_out = attn_out + lora_o(out)

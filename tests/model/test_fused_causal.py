@@ -8,7 +8,7 @@ import torch
 
 from palm_rlhf.model import PaLM
 from palm_rlhf.model import layers
-from palm_rlhf.model.layers import FoldedRotary, ParallelTransformerBlock, merge_lora
+from palm_rlhf.model.layers import FoldedRotary, ParallelTransformerBlock, attention_blocks, causal_attention, merge_lora
 
 
 def _logits_and_grads(model, x, fused, **kwargs):
@@ -113,3 +113,38 @@ def test_folded_tables_fold_scale_and_sign():
     torch.testing.assert_close(folded[1][:, 0], q_sin * 8 ** -0.5 * sign)
     torch.testing.assert_close(folded[2], k_cos)
     torch.testing.assert_close(folded[3], k_sin * sign)
+
+
+@pytest.mark.parametrize("n", [5, 81, 170, 333])
+def test_block_causal_attention_equals_full_masked_attention(n):
+    """Scoring query blocks only against the keys up to their end (1, 2, 4 and 8 blocks here)
+    gives full masked attention's outputs and gradients."""
+    torch.manual_seed(n)
+    b, h, d = 2, 3, 8
+    q = torch.randn(b, n * h, d, requires_grad=True)
+    k, v = torch.randn(b, n, d, requires_grad=True), torch.randn(b, n, d, requires_grad=True)
+    out = causal_attention(q, k, v, h)
+    qh = q.view(b, n, h, d).transpose(1, 2)  # (b, h, n, d)
+    sim = qh @ k[:, None].transpose(-1, -2)  # (b, h, n, n)
+    sim = sim.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+    ref = (sim.softmax(-1) @ v[:, None]).transpose(1, 2).reshape(b, n * h, d)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), g)
+    for a, r in zip(grads, ref_grads):
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5)
+    assert attention_blocks(n) == {5: 1, 81: 2, 170: 4, 333: 8}[n]
+
+
+def test_fused_path_with_several_attention_blocks_equals_general_path():
+    torch.manual_seed(0)
+    model = PaLM(num_tokens=64, dim=32, depth=2, heads=4, dim_head=8, finetune_scopes=("actor",))
+    for p in model.finetune_parameters("actor"):
+        torch.nn.init.normal_(p, std=0.1)
+    x = torch.randint(0, 64, (2, 130))  # 3 blocks
+    ref_logits, ref_grads = _logits_and_grads(model, x, False, finetune_scope="actor")
+    logits, grads = _logits_and_grads(model, x, True, finetune_scope="actor")
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
