@@ -207,6 +207,11 @@ def causal_bias(n: int, heads: int, device, dtype: torch.dtype) -> Tensor:
     return bias
 
 
+def gather_rows(t: Tensor, positions: Tensor) -> Tensor:
+    """t (b, n, d), positions (b, T) -> (b, T, d): row i's vectors at positions[i]."""
+    return t.gather(1, positions[..., None].expand(-1, -1, t.shape[-1]))
+
+
 def rotate_half(x: Tensor) -> Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -365,7 +370,8 @@ class ParallelTransformerBlock(nn.Module):
         lora_q, lora_k, lora_v, lora_o = finetune_modules
         return q + lora_q(x), k + lora_k(x), v + lora_v(x), lora_o
 
-    def _forward_causal(self, x: Tensor, finetune_modules, rotary: FoldedRotary) -> Tensor:
+    def _forward_causal(self, x: Tensor, finetune_modules, rotary: FoldedRotary,
+                        positions: Tensor | None = None) -> Tensor:
         """The same function as `forward` for causal attention over positions 0..n-1
         without padding (pretraining, SFT, scoring full sequences), in fewer and faster
         kernels:
@@ -379,6 +385,9 @@ class ParallelTransformerBlock(nn.Module):
           added as a bias, and the attention output is already (b, n, h * d);
         - queries are scored in blocks of positions, each against the keys up to its end
           only (`causal_attention`).
+
+        positions (b, T): compute the output only at these positions of each row ->
+        (b, T, dim); keys and values still cover all n (see `PaLM._hidden`).
         """
         b, n, _ = x.shape
         h, d = self.heads, self.fused_dims[1]
@@ -392,20 +401,43 @@ class ParallelTransformerBlock(nn.Module):
             w_qkv = w_qkv + torch.cat([lora_q.weight, lora_k.weight, lora_v.weight], dim=1).t().to(w_qkv.dtype)
             w_out = w_out + lora_o.weight.t().to(w_out.dtype)
             finetune_modules = None
-        q, k, v = F.linear(x, w_qkv).split(self.fused_dims[:3], dim=-1)
-        q, k, v, lora_o = self._add_lora(x, q, k, v, finetune_modules)
-        q = q.view(b, n, h, d)
+        q_cos, q_sin, k_cos, k_sin = rotary
+        if positions is None:
+            xq = x
+            q, k, v = F.linear(x, w_qkv).split(self.fused_dims[:3], dim=-1)
+            q, k, v, lora_o = self._add_lora(x, q, k, v, finetune_modules)
+        else:  # queries (and everything after attention) at `positions` only
+            xq = gather_rows(x, positions)  # (b, T, dim)
+            w_q, w_kv = w_qkv.split((self.fused_dims[0], 2 * d), dim=0)
+            q = F.linear(xq, w_q)
+            k, v = F.linear(x, w_kv).split((d, d), dim=-1)
+            lora_o = None
+            if finetune_modules is not None:
+                lora_q, lora_k, lora_v, lora_o = finetune_modules
+                q, k, v = q + lora_q(xq), k + lora_k(x), v + lora_v(x)
+            q_cos, q_sin = q_cos[positions], q_sin[positions]  # (b, T, 1, d)
+        m = q.shape[1]  # query positions: n, or T
+        q = q.view(b, m, h, d)
         if self.qk_rmsnorm:
             q = F.normalize(q, dim=-1) * self.q_scale
             k = F.normalize(k, dim=-1) * self.k_scale
-        q_cos, q_sin, k_cos, k_sin = rotary
-        q = rotate_folded(q, q_cos, q_sin).view(b, n * h, d)  # scaled by 1/sqrt(d)
+        q = rotate_folded(q, q_cos, q_sin).view(b, m * h, d)  # scaled by 1/sqrt(d)
         k = rotate_folded(k, k_cos, k_sin)  # (b, n, d)
         dropout = self.attend.dropout if self.training else 0.0
-        out = causal_attention(q, k, v, h, dropout).view(b, n, h * d)
+        if positions is None:
+            out = causal_attention(q, k, v, h, dropout)
+        else:
+            hidden = torch.arange(n, device=x.device) > positions[..., None]  # (b, T, n): keys after the query
+            bias = torch.zeros(hidden.shape, dtype=q.dtype, device=x.device).masked_fill_(hidden, float("-inf"))
+            sim = torch.baddbmm(bias.repeat_interleave(h, dim=1), q, k.transpose(1, 2))  # (b, T * h, n)
+            attn = sim.softmax(dim=-1)
+            if dropout > 0:
+                attn = F.dropout(attn, dropout)
+            out = torch.bmm(attn.to(v.dtype), v)
+        out = out.view(b, m, h * d)
         attn_out = F.linear(out, w_out)
         if lora_o is not None:
             attn_out = attn_out + lora_o(out)
-        swiglu = F.silu(F.linear(x, w_gate)) * F.linear(x, w_ff_x)
+        swiglu = F.silu(F.linear(xq, w_gate)) * F.linear(xq, w_ff_x)
         _, ff_dropout, ff_proj = self.ff_out
         return attn_out + ff_proj(ff_dropout(swiglu))

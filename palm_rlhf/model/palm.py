@@ -23,7 +23,7 @@ from ..errors import ConfigError, InputError
 from ..ops import gumbel_sample, top_k
 from .decode import Decoder
 from .kv_cache import KVCache
-from .layers import ParallelTransformerBlock, Residual, LayerNorm
+from .layers import FoldedRotary, LayerNorm, ParallelTransformerBlock, Residual, gather_rows
 from .lora import LoRA
 
 SEED_DEFAULTS = dict(
@@ -212,8 +212,14 @@ class PaLM(nn.Module):
         return list(self.finetune_modules[finetune_scope])
 
     def _hidden(self, x: Tensor, finetune_scope=None, disable_lora=False, extra_embed=None,
-                kv_cache: KVCache | None = None) -> Tensor:
-        """Token ids (b, n) -> final normed embeddings (b, n, dim). No input checks."""
+                kv_cache: KVCache | None = None, positions: Tensor | None = None) -> Tensor:
+        """Token ids (b, n) -> final normed embeddings (b, n, dim). No input checks.
+
+        positions (b, T): return only the embeddings at these positions of each row,
+        (b, T, dim), equal to `_hidden(x)` gathered there. On the fused causal path the
+        last block then computes queries, attention output and feedforward at those
+        positions only (RL scores the response positions of prompt + response rows).
+        """
         mask = None
         if not self.causal:
             mask = x >= 0  # (b, n) negative ids are padding
@@ -233,8 +239,8 @@ class PaLM(nn.Module):
             if kv_cache.length + n > kv_cache.max_len:
                 raise InputError(f"KV cache is full: {kv_cache.length} + {n} tokens > max_len {kv_cache.max_len}; "
                                  f"allocate a larger cache")
-            positions = kv_cache.positions(n)  # (b, n)
-            q_cos, q_sin, k_cos, k_sin = rotary_emb.tables(positions, kv_cache.center, torch.float32)
+            cache_positions = kv_cache.positions(n)  # (b, n)
+            q_cos, q_sin, k_cos, k_sin = rotary_emb.tables(cache_positions, kv_cache.center, torch.float32)
             rotary = (q_cos[:, None].to(dtype), q_sin[:, None].to(dtype), k_cos.to(dtype), k_sin.to(dtype))
             attn_mask = kv_cache.attention_mask(n)
         elif self.causal and not self.flash_attn and self.fused_causal:
@@ -243,11 +249,18 @@ class PaLM(nn.Module):
             n = x.shape[1]
             rotary = rotary_emb.tables(torch.arange(n, device=x.device), n // 2, dtype)
 
-        for i, (layer, lora) in enumerate(zip(self.layers, self._scope_modules(finetune_scope, disable_lora))):
+        scopes = self._scope_modules(finetune_scope, disable_lora)
+        last = len(self.layers) - 1
+        for i, (layer, lora) in enumerate(zip(self.layers, scopes)):
+            if positions is not None and i == last and isinstance(rotary, FoldedRotary):
+                h = gather_rows(h, positions) + layer.fn._forward_causal(h, lora, rotary, positions)
+                return self.norm(h)
             h = layer(h, mask=mask, finetune_modules=lora, rotary=rotary, kv_cache=kv_cache, layer_index=i,
                       attn_mask=attn_mask)
         if kv_cache is not None:
             kv_cache.advance(x.shape[1])
+        if positions is not None:
+            h = gather_rows(h, positions)
         return self.norm(h)
 
     def embed(self, x: Tensor, *, finetune_scope=None, disable_lora=False, extra_embed=None) -> Tensor:

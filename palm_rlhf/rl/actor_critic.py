@@ -20,7 +20,7 @@ from ..errors import ConfigError, InputError
 from ..generation import SamplingConfig, generate
 from ..model.palm import PaLM
 from ..ops import top_k
-from .rollout import PackedSequences, gather_positions, response_log_probs
+from .rollout import PackedSequences, response_log_probs
 
 log = logging.getLogger(__name__)
 
@@ -124,8 +124,8 @@ class ActorCritic(nn.Module):
 
     def values(self, packed: PackedSequences) -> Tensor:
         """Per-token values (b, T), 0 on padding."""
-        hidden = self.critic._hidden(packed.inputs, self.critic_lora_scope, False)  # (b, L-1, d)
-        v = self.value_head(gather_positions(hidden, packed.index)).squeeze(-1).float()  # (b, T)
+        hidden = self.critic._hidden(packed.inputs, self.critic_lora_scope, False, positions=packed.index)  # (b, T, d)
+        v = self.value_head(hidden).squeeze(-1).float()  # (b, T)
         return v.masked_fill(~packed.mask, 0.0)
 
     # ------------------------------------------------------------------ seed surface

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ..errors import InputError
+from ..model.layers import gather_rows
 from ..ops import entropy_from_logits, log_probs_of
 
 
@@ -133,9 +134,7 @@ def pack_sequences(prompts: Tensor, prompt_lengths: Tensor, responses: Tensor, m
     return PackedSequences(inputs=x[:, :-1], index=index, responses=responses, mask=mask.bool())
 
 
-def gather_positions(hidden: Tensor, index: Tensor) -> Tensor:
-    """hidden (b, L, d), index (b, T) -> (b, T, d)."""
-    return hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
+gather_positions = gather_rows  # hidden (b, L, d), index (b, T) -> (b, T, d)
 
 
 def response_log_probs(model, packed: PackedSequences, *, finetune_scope: str | None = None,
@@ -147,8 +146,8 @@ def response_log_probs(model, packed: PackedSequences, *, finetune_scope: str | 
     Gradients flow when called with grad enabled. The vocabulary projection is applied
     to the response positions only.
     """
-    hidden = model._hidden(packed.inputs, finetune_scope, disable_lora)  # (b, L-1, d)
-    logits = model.to_logits(gather_positions(hidden, packed.index))  # (b, T, V)
+    hidden = model._hidden(packed.inputs, finetune_scope, disable_lora, positions=packed.index)  # (b, T, d)
+    logits = model.to_logits(hidden)  # (b, T, V)
     if temperature != 1.0:
         logits = logits / temperature
     logp = log_probs_of(logits, packed.responses).masked_fill(~packed.mask, 0.0)
