@@ -263,11 +263,24 @@ class PaLM(nn.Module):
             h = gather_rows(h, positions)
         return self.norm(h)
 
-    def embed(self, x: Tensor, *, finetune_scope=None, disable_lora=False, extra_embed=None) -> Tensor:
-        """Final-layer embeddings (b, n, dim) (the seed's `return_only_embedding`)."""
+    def embed(self, x: Tensor, *, finetune_scope=None, disable_lora=False, extra_embed=None,
+              positions: Tensor | None = None) -> Tensor:
+        """Final-layer embeddings (b, n, dim) (the seed's `return_only_embedding`).
+
+        positions (b, T) integer: only the embeddings at these positions of each row,
+        (b, T, dim), computed with less work in the last block (see `_hidden`).
+        """
         self._check_tokens(x)
         self._check_extra_embed(extra_embed, x)
-        return self._hidden(x, finetune_scope, disable_lora, extra_embed)
+        if positions is not None:
+            if positions.dtype not in (torch.int32, torch.int64) or positions.ndim != 2 \
+                    or positions.shape[0] != x.shape[0]:
+                raise InputError(f"positions must be an integer (b, T) tensor with b = {x.shape[0]}; got "
+                                 f"{positions.dtype} {tuple(positions.shape)}")
+            if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= x.shape[1]):
+                raise InputError(f"positions must lie in [0, {x.shape[1]}) for sequences of {x.shape[1]} tokens")
+            positions = positions.long()
+        return self._hidden(x, finetune_scope, disable_lora, extra_embed, positions=positions)
 
     def logits_and_embeds(self, x: Tensor, **kwargs) -> tuple[Tensor, Tensor]:
         embeds = self.embed(x, **kwargs)

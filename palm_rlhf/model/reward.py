@@ -147,22 +147,27 @@ class RewardModel(nn.Module):
             raise InputError(f"prompt_mask {tuple(prompt_mask.shape)} must match x {tuple(x.shape)}")
         return None if prompt_mask is None else prompt_mask.bool()
 
-    def _pool(self, embeds: Tensor, mask: Tensor | None, prompt_mask: Tensor | None) -> Tensor:
-        """(b, n, d) -> (b, d)."""
-        b, n, _ = embeds.shape
+    def _pooled_positions(self, x: Tensor, mask: Tensor | None, prompt_mask: Tensor | None
+                          ) -> tuple[Tensor | None, Tensor]:
+        """Which positions the pooling reads: (positions (b, T), or None for all n, and the
+        (b, T) or (b, n) mask of those that count). Only these are computed in the last
+        block (`PaLM.embed(positions=...)`)."""
+        b, n = x.shape
         if mask is None:
-            mask = torch.ones(b, n, dtype=torch.bool, device=embeds.device)
+            mask = torch.ones(b, n, dtype=torch.bool, device=x.device)
         mask = mask.bool()
         if self.pooling == "mean":
-            return masked_mean(embeds, mask[..., None], dim=1)
-        if self.pooling == "response_mean":
-            keep = mask if prompt_mask is None else mask & ~prompt_mask
-            # a row with an empty response pools to zeros: its reward is the head's bias
-            return masked_mean(embeds, keep[..., None], dim=1)
-        # 'last': index of the last real token; argmax picks the first maximum, so weight by position
-        positions = torch.arange(1, n + 1, device=embeds.device)
-        last = (mask.long() * positions).argmax(dim=1)  # (b,)
-        return embeds[torch.arange(b, device=embeds.device), last]
+            return None, mask
+        if self.pooling == "last":
+            # index of the last real token; argmax picks the first maximum, so weight by position
+            last = (mask.long() * torch.arange(1, n + 1, device=x.device)).argmax(dim=1)  # (b,)
+            return last[:, None], torch.ones(b, 1, dtype=torch.bool, device=x.device)
+        keep = mask if prompt_mask is None else mask & ~prompt_mask  # response_mean
+        counts = keep.sum(-1)
+        width = max(int(counts.max()), 1)
+        positions = torch.argsort((~keep).to(torch.uint8), dim=1, stable=True)[:, :width]  # kept ones first
+        valid = torch.arange(width, device=x.device)[None, :] < counts[:, None]
+        return positions, valid
 
     def head(self, x: Tensor, mask: Tensor | None = None, prompt_mask: Tensor | None = None,
              prompt_lengths: Tensor | None = None, disable_lora: bool = False) -> Tensor:
@@ -174,9 +179,11 @@ class RewardModel(nn.Module):
         if prompt_mask is not None:
             # tell the model which tokens are prompt and which are response
             extra_embed = torch.where(prompt_mask[..., None], self.prompt_embed, self.response_embed)  # (b, n, d)
+        positions, counted = self._pooled_positions(x, mask, prompt_mask)
         embeds = self.palm.embed(x, finetune_scope=self.reward_lora_scope, disable_lora=disable_lora,
-                                 extra_embed=extra_embed)
-        return self.to_pred(self._pool(embeds, mask, prompt_mask))
+                                 extra_embed=extra_embed, positions=positions)
+        # a row with an empty response pools to zeros: its reward is the head's bias
+        return self.to_pred(masked_mean(embeds, counted[..., None], dim=1))
 
     def expected_rating(self, bin_logits: Tensor) -> Tensor:
         """sum_k softmax(logits)_k * k: bin k stands for rating k. (b, K) -> (b,)."""

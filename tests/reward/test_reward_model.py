@@ -184,3 +184,47 @@ def test_dropout_reaches_both_attention_paths_of_the_copy():
     assert attn and all(m.dropout == 0.25 for m in attn)
     assert all(m.p == 0.25 for m in rm.palm.layers.modules() if isinstance(m, torch.nn.Dropout))
     assert all(m.dropout == 0.0 for m in palm.modules() if hasattr(m, "use_flash_attn"))
+
+
+@pytest.mark.parametrize("pooling", ["response_mean", "last", "mean"])
+def test_pooling_reads_only_the_positions_it_needs_with_full_forward_gradients(pooling):
+    """The head computes the last block only at the pooled positions (`PaLM.embed(positions=...)`);
+    rewards and gradients equal pooling the full embeddings (a row with an empty response
+    included: it pools to zeros)."""
+    torch.manual_seed(0)
+    rm = _randomize(RewardModel(PaLM(**CFG), dropout=0.0, pooling=pooling))
+    x, mask, plens = _batch()
+    plens = torch.tensor([3, 7, 1])  # row 1: every real token is prompt -> empty response
+    prompt_mask = torch.arange(10)[None] < plens[:, None]
+    extra = torch.where(prompt_mask[..., None], rm.prompt_embed, rm.response_embed)
+
+    def reference():
+        emb = rm.palm.embed(x, finetune_scope="reward", extra_embed=extra)
+        keep = {"mean": mask, "response_mean": mask & ~prompt_mask,
+                "last": torch.nn.functional.one_hot(torch.tensor([9, 6, 3]), 10).bool()}[pooling]
+        pooled = (emb * keep[..., None]).sum(1) / keep.sum(1, keepdim=True).clamp(min=1)
+        return rm.to_pred(pooled)
+
+    def grads(fn):
+        rm.zero_grad(set_to_none=True)
+        out = fn()
+        out.pow(2).sum().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in rm.named_parameters() if p.grad is not None}
+
+    ref, ref_grads = grads(reference)
+    out, got = grads(lambda: rm(x, mask=mask, prompt_lengths=plens))
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert got.keys() == ref_grads.keys()
+    for name in got:
+        torch.testing.assert_close(got[name], ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_embed_positions_are_validated():
+    palm = PaLM(**CFG)
+    x = torch.randint(0, 64, (2, 5))
+    with pytest.raises(InputError, match="positions must lie in"):
+        palm.embed(x, positions=torch.tensor([[0, 5], [1, 2]]))
+    with pytest.raises(InputError, match="integer"):
+        palm.embed(x, positions=torch.tensor([[0.0, 1.0], [1.0, 2.0]]))
+    torch.testing.assert_close(palm.embed(x, positions=torch.tensor([[4], [0]])),
+                               palm.embed(x)[torch.arange(2), torch.tensor([4, 0])][:, None], atol=1e-6, rtol=1e-5)
