@@ -190,3 +190,31 @@ def test_xpos_tables_stay_finite_in_bf16_for_long_caches():
     decoder = Decoder(model, cache)
     assert torch.isfinite(decoder.cos).all() and torch.isfinite(decoder.sin).all()
     assert (decoder.cos.abs().amax(-1) > 0).all()
+
+
+def test_bf16_decode_uses_onednn_packed_weights_and_matches_the_uncached_forward():
+    """On a CPU, bf16 decode weights are prepacked for oneDNN (`_onednn_packed`); the step's
+    logits stay within bf16 rounding of the uncached forward's."""
+    from palm_rlhf.model.decode import _onednn_packed
+
+    model = tiny(seed=4).to(torch.bfloat16)
+    torch.manual_seed(0)
+    w_t, x, r = torch.randn(32, 48).bfloat16(), torch.randn(3, 32).bfloat16(), torch.randn(3, 48).bfloat16()
+    packed = _onednn_packed(w_t, 3)
+    if packed is None:
+        pytest.skip("this torch build has no oneDNN linear")
+    torch.testing.assert_close(Decoder._project(x, ("onednn", packed), r.clone()).float(),
+                               (x.float() @ w_t.float() + r.float()), atol=0.1, rtol=0.02)
+    prompt = torch.randint(1, 64, (1, 6))
+    with torch.no_grad():
+        cache = model.new_kv_cache(1, 6 + 8)
+        logits = model.forward_cached(prompt, cache)
+        decoder = Decoder(model, cache)
+        assert decoder.weights[0][2][0] == "onednn"
+        seq = prompt
+        for _ in range(8):
+            ref = model.logits(seq)[:, -1]
+            assert (logits.float() - ref.float()).abs().max() < 0.1  # two bf16 roundings of the same function
+            tok = ref.argmax(-1)
+            seq = torch.cat([seq, tok[:, None]], dim=1)
+            logits = decoder.step(tok)
