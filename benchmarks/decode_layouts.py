@@ -21,9 +21,9 @@ SHAPES = {"fused projection": (384, 3584), "attention out": (384, 384), "feedfor
           "logits": (384, 256)}
 
 
-def layouts(w_t):
-    """(in, out) weight -> {name: (product function, tensor)}."""
-    return {
+def layouts(w_t, rows=None):
+    """(in, out) weight -> {name: (product function, tensor)}; with `rows`, also oneDNN's packed layout."""
+    out = {
         "addmm": (lambda x, r, w: torch.addmm(r, x, w), w_t.contiguous()),
         "2 column slices": (lambda x, r, w: torch.bmm(x.expand(2, -1, -1), w).transpose(0, 1)
                             .reshape(x.shape[0], -1).add_(r), w_t.unflatten(1, (2, -1)).transpose(0, 1).contiguous()),
@@ -35,6 +35,10 @@ def layouts(w_t):
         "4 row slices, summed": (lambda x, r, w: torch.bmm(x.view(x.shape[0], 4, -1).transpose(0, 1), w).sum(0)
                                  .add_(r), w_t.unflatten(0, (4, -1)).contiguous()),
     }
+    if rows is not None:  # oneDNN's linear with the weight prepacked for `rows` rows
+        out["oneDNN packed"] = (lambda x, r, w: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+                                .add_(r), torch.ops.mkldnn._reorder_linear_weight(w_t.t().contiguous(), rows))
+    return out
 
 
 def main(argv=None):
@@ -47,14 +51,14 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {args.dtype}, µs per product (median)")
-    names = list(layouts(torch.zeros(4, 4)))
+    names = list(layouts(torch.zeros(4, 4), 1))
     print("| rows | weight (in x out) | " + " | ".join(names) + " |")
     print("| --- " * (2 + len(names)) + "|")
     torch.manual_seed(0)
     for rows in args.rows:
         for label, (k, n) in SHAPES.items():
-            count = max(2, int(60e6 // (k * n * 4)))
-            mats = [layouts(torch.randn(k, n, dtype=dtype)) for _ in range(count)]
+            count = max(2, int(60e6 // (k * n * 4)))  # ~60 MB of fp32 weights (30 MB of bf16)
+            mats = [layouts(torch.randn(k, n, dtype=dtype), rows) for _ in range(count)]
             x, r = torch.randn(rows, k, dtype=dtype), torch.randn(rows, n, dtype=dtype)
             times = {name: [] for name in names}
             for repeat in range(args.repeats + 1):

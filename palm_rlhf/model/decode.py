@@ -30,9 +30,10 @@ from ..errors import InputError
 
 
 def _onednn_packed(w_t: Tensor, rows: int) -> Tensor | None:
-    """A bf16 (in, out) weight prepacked for oneDNN's linear (the format torch.compile's
-    freezing uses), or None where this torch build lacks it. oneDNN's bf16 product of a few rows
-    streams 1.2-1.7x faster than `mm`'s on the development CPU (benchmarks/README.md)."""
+    """An (in, out) weight prepacked for oneDNN's linear (the format torch.compile's freezing
+    uses), or None where this torch build lacks it. On the development CPU oneDNN's product of a
+    few bf16 rows streams 1.2-1.7x faster than `mm`'s, and from 3 fp32 rows on it beats every
+    other fp32 layout (benchmarks/README.md)."""
     if not torch.backends.mkldnn.is_available():
         return None
     try:
@@ -111,7 +112,7 @@ class Decoder:
                 w_t = w_t + delta.detach().to(w_t.dtype)
             if split:
                 return self._layout(w_t, rows)
-            if w_t.dtype == torch.bfloat16:
+            if w_t.dtype == torch.bfloat16 or rows > 2:
                 packed = _onednn_packed(w_t, rows)
                 if packed is not None:
                     return "onednn", packed
@@ -135,22 +136,25 @@ class Decoder:
     @staticmethod
     def _layout(w_t: Tensor, rows: int) -> tuple[str, Tensor]:
         """An fp32 (in, out) weight -> the layout a product with `rows` rows streams fastest
-        on 2+ CPU threads, as (kind, contiguous copy).
+        on 2+ CPU threads, as (kind, weight copy).
 
-        MKL's product of one row with a weight runs on one thread, so every layout here is
-        a batch of slices, one product per slice, spread over the cores (`_project` combines
-        them). What suits a slice depends on its shape (development CPU, fp32, 2 threads,
-        µs per product, weights streamed from memory; benchmarks/README.md):
+        MKL's product of one or two rows with a weight runs on one thread, so those layouts
+        are batches of slices, one product per slice, spread over the cores (`_project`
+        combines them); from 3 rows on, oneDNN's linear with a prepacked weight is fastest.
+        Development CPU, fp32, 2 threads, µs per product, weights streamed from memory
+        (`benchmarks/decode_layouts.py`, benchmarks/README.md):
 
-        | weight (in x out) | one mm | 2 column slices | 4 row slices, summed | 2 column slices, (out, in) |
-        | --- | --- | --- | --- | --- |
-        | 384 x 3584 (fused projection) | 329 | 256 | **226** | 420 |
-        | 384 x 384 (attention out) | 71 | 61 | **46** | 57 |
-        | 1536 x 384 (feedforward out) | 250 | 180 | 141 | **97** |
+        | rows | weight (in x out) | one mm | 2 column slices | 4 row slices, summed | 2 column slices, (out, in) | oneDNN packed |
+        | --- | --- | --- | --- | --- | --- | --- |
+        | 1 | 384 x 3584 (fused projection) | 303 | 233 | **204** | 364 | 345 |
+        | 1 | 384 x 384 (attention out) | 64 | 48 | **42** | 43 | 51 |
+        | 1 | 1536 x 384 (feedforward out) | 251 | 175 | 145 | **104** | 117 |
+        | 4 | 384 x 3584 | 627 | 488 | 514 | 534 | **246** |
+        | 4 | 1536 x 384 | 244 | 149 | 141 | 163 | **114** |
 
         With one or two rows, a weight with in >= 2 * out streams fastest as dot products
         ((out, in) slices); others as row slices (`in` split 4 ways for one row, 2 for two)
-        with the partial products summed. From about 4 rows on, column slices win.
+        with the partial products summed.
         """
         k, n = w_t.shape
         if rows <= 2 and k >= 2 * n and n % 2 == 0:
@@ -158,6 +162,9 @@ class Decoder:
         slices = 4 if rows == 1 else 2
         if rows <= 2 and k % slices == 0:
             return "rows", w_t.unflatten(0, (slices, -1)).contiguous()  # (s, in/s, out)
+        packed = _onednn_packed(w_t, rows) if rows > 2 else None
+        if packed is not None:
+            return "onednn", packed
         if n % 2 == 0:
             return "cols", w_t.unflatten(1, (2, -1)).transpose(0, 1).contiguous()  # (2, in, out/2)
         return "mm", w_t.contiguous()

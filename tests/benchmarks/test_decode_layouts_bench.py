@@ -14,7 +14,7 @@ def test_every_benchmarked_layout_computes_the_same_product():
     w_t = torch.randn(64, 32)
     for rows in (1, 3):
         x, r = torch.randn(rows, 64), torch.randn(rows, 32)
-        for name, (fn, w) in decode_layouts.layouts(w_t).items():
+        for name, (fn, w) in decode_layouts.layouts(w_t, rows).items():
             torch.testing.assert_close(fn(x, r.clone(), w), x @ w_t + r, atol=1e-4, rtol=1e-5, msg=name)
 
 

@@ -106,8 +106,9 @@ def test_decode_weight_layouts_follow_the_shape_rules():
              for shape in [(384, 3584), (1536, 384), (30, 7)] for rows in (1, 2, 8)}
     assert kinds[((384, 3584), 1)] == "rows" and kinds[((384, 3584), 2)] == "rows"
     assert kinds[((1536, 384), 1)] == "cols_t" and kinds[((1536, 384), 2)] == "cols_t"
-    assert kinds[((384, 3584), 8)] == "cols" and kinds[((1536, 384), 8)] == "cols"
-    assert kinds[((30, 7), 1)] == "mm" and kinds[((30, 7), 8)] == "mm"  # odd sizes: one product
+    many = "onednn" if torch.backends.mkldnn.is_available() else "cols"
+    assert kinds[((384, 3584), 8)] == many and kinds[((1536, 384), 8)] == many
+    assert kinds[((30, 7), 1)] == "mm"  # odd sizes: one product
     assert Decoder._layout(torch.zeros(384, 3584), 1)[1].shape == (4, 96, 3584)
 
 
@@ -218,3 +219,15 @@ def test_bf16_decode_uses_onednn_packed_weights_and_matches_the_uncached_forward
             tok = ref.argmax(-1)
             seq = torch.cat([seq, tok[:, None]], dim=1)
             logits = decoder.step(tok)
+
+
+def test_column_slices_where_onednn_is_missing(monkeypatch):
+    import palm_rlhf.model.decode as decode
+
+    monkeypatch.setattr(decode, "_onednn_packed", lambda w_t, rows: None)
+    torch.manual_seed(0)
+    w_t, x = torch.randn(384, 3584), torch.randn(8, 384)
+    weight = Decoder._layout(w_t, 8)
+    assert weight[0] == "cols"
+    torch.testing.assert_close(Decoder._project(x, weight), x @ w_t, atol=1e-4, rtol=1e-5)
+    assert Decoder._layout(torch.zeros(30, 7), 8)[0] == "mm"
