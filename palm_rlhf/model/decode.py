@@ -1,12 +1,13 @@
 """The one-token decode step, written for speed.
 
-At batch 1 a decode step is dominated by per-op overhead, not arithmetic (a
-12.8M-parameter PaLM needs ~26 MFLOP per token). `Decoder.step` computes the
-same function as `PaLM.forward_cached(x[:, None], cache)` with far fewer ops:
+At batch 1 a decode step is bound by streaming the weights from memory plus
+per-op overhead, not arithmetic (a 12.8M-parameter PaLM needs ~26 MFLOP per
+token). `Decoder.step` computes the same function as
+`PaLM.forward_cached(x[:, None], cache)` with far fewer ops:
 
 - no nn.Module calls: the weights are bound once per Decoder (on a CPU as
-  transposed contiguous copies, the layout a single-row product streams
-  fastest; see `bind_weights`);
+  copies in the layout a product with this many rows streams fastest, LoRA
+  folded in; see `bind_weights` and `_layout`);
 - rotary + xpos tables for every cache slot are built once, with the
   attention scale 1/sqrt(d) folded into the query tables and rotate_half's
   sign folded into the sine table; queries and the key share the fused
