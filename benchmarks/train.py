@@ -247,12 +247,12 @@ def report(args, rows, speeds, peaks) -> None:
         s, prec = row
         wall, cpu = _med(speeds[row], 0), _med(speeds[row], 1)
         walls = [v[0] for v in speeds[row]]
-        mfu32 = f"{100 * cpu * fpt / _med(peaks['fp32'], 1):.0f}%" if "fp32" in peaks else "-"
+        mfu32 = f"{100 * cpu * fpt / _med(peaks['fp32'], 1):.1f}%" if "fp32" in peaks else "-"
         own = 100 * cpu * fpt / _med(peaks[prec], 1)
         ratio = f"{cpu / _med(speeds[seed], 1):.2f}" if seed in speeds else "-"
         rss = f"{peak_rss(s, prec):.0f}" if args.memory else "-"
         print(f"| {s} | {prec} | {wall:.0f} ({min(walls):.0f}-{max(walls):.0f}) | {cpu:.0f} | {mfu32} | "
-              f"{own:.0f}% | {ratio} | {rss} |")
+              f"{own:.1f}% | {ratio} | {rss} |")  # one decimal: a target like 90% must not be met by rounding
     # per-repeat ratios (same repeat = same machine load) are steadier than ratios of medians
     for prec in args.precisions:
         for other in [s for s in ("seed", "llama") + SYSTEMS[1:4] if s != "ours"]:
