@@ -23,7 +23,7 @@ from ..rl.losses import PREFERENCE_LOSSES, preference_loss
 from ..rl.reference import Reference
 from ..rl.rollout import pack_sequences, response_log_probs
 from ..runtime.checkpoint import CheckpointManager
-from ..runtime.distributed import all_reduce_sum
+from ..runtime.distributed import all_reduce_sum, barrier
 from ..runtime.metrics import MetricsLogger
 from ..runtime.step import TrainStep
 from .rl_base import DistInfo, seeded
@@ -207,6 +207,7 @@ class DPOTrainer:
         self.save_checkpoint()
         if self.dist.rank == 0:
             save_adapter(self.model, c.actor_scope, Path(c.out_dir) / "actor.safetensors")
+        barrier()  # no rank tears the process group down while rank 0 still writes
         return self.history
 
     @torch.no_grad()

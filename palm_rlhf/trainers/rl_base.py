@@ -26,7 +26,7 @@ from ..errors import ConfigError
 from ..generation import SamplingConfig
 from ..model.checkpoint import save_adapter
 from ..runtime.checkpoint import CheckpointManager
-from ..runtime.distributed import all_reduce_sum
+from ..runtime.distributed import all_reduce_sum, barrier
 from ..runtime.metrics import MetricsLogger
 from ..runtime.step import TrainStep
 from ..rl.collect import collect_rollout, policy_temperature, strip_eos
@@ -187,6 +187,9 @@ class RLTrainerBase:
         if c.save_every == 0 or c.steps % c.save_every:
             self.save_checkpoint()
         self.export()
+        # rank 0 writes the last checkpoint and the adapter; no rank may tear the process group
+        # down while it does (a rank that did so early aborted at exit now and then)
+        barrier()
         return self.history
 
     def export(self):
