@@ -23,6 +23,8 @@ every step has identical shapes, as `torch.compile` needs.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -30,20 +32,27 @@ from torch import Tensor
 from ..errors import InputError
 
 
+@functools.cache
+def _onednn_works(dtype: torch.dtype) -> bool:
+    """Whether this torch build runs oneDNN's prepacked linear in `dtype` (tried once)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(torch.zeros(4, 4, dtype=dtype), 1)
+        torch.ops.mkldnn._linear_pointwise(torch.zeros(1, 4, dtype=dtype), packed, None, "none", [], "")
+    except (RuntimeError, AttributeError):
+        return False
+    return True
+
+
 def _onednn_packed(w_t: Tensor, rows: int) -> Tensor | None:
     """An (in, out) weight prepacked for oneDNN's linear (the format torch.compile's freezing
     uses), or None where this torch build lacks it. On the development CPU oneDNN's product of a
     few bf16 rows streams 1.2-1.7x faster than `mm`'s, and from 3 fp32 rows on it beats every
     other fp32 layout (benchmarks/README.md)."""
-    if not torch.backends.mkldnn.is_available():
+    if not _onednn_works(w_t.dtype):
         return None
-    try:
-        packed = torch.ops.mkldnn._reorder_linear_weight(w_t.t().contiguous(), rows)
-        torch.ops.mkldnn._linear_pointwise(torch.zeros(rows, w_t.shape[0], dtype=w_t.dtype), packed, None,
-                                           "none", [], "")
-    except (RuntimeError, AttributeError):
-        return None
-    return packed
+    return torch.ops.mkldnn._reorder_linear_weight(w_t.t().contiguous(), rows)
 
 
 class Decoder:
@@ -111,13 +120,7 @@ class Decoder:
             w_t = w.detach().t()
             if delta is not None:
                 w_t = w_t + delta.detach().to(w_t.dtype)
-            if split:
-                return self._layout(w_t, rows)
-            if w_t.dtype == torch.bfloat16 or rows > 2:
-                packed = _onednn_packed(w_t, rows)
-                if packed is not None:
-                    return "onednn", packed
-            return "mm", w_t.contiguous()
+            return self._layout(w_t, rows, sliced=split)
 
         self.weights, self.step_loras = [], []
         for blk, lora in self.layers:
@@ -135,9 +138,10 @@ class Decoder:
         self.kv = [(self.cache.k[i], self.cache.v[i]) for i in range(len(self.layers))]  # (b, max_len, d) each
 
     @staticmethod
-    def _layout(w_t: Tensor, rows: int) -> tuple[str, Tensor]:
-        """An fp32 (in, out) weight -> the layout a product with `rows` rows streams fastest
-        on 2+ CPU threads, as (kind, weight copy).
+    def _layout(w_t: Tensor, rows: int, sliced: bool = True) -> tuple[str, Tensor]:
+        """An (in, out) CPU weight -> the layout a product with `rows` rows streams fastest,
+        as (kind, weight copy). `sliced`: slice layouts allowed (fp32 on 2+ threads); bf16
+        weights always go to oneDNN where the build has it.
 
         MKL's product of one or two rows with a weight runs on one thread, so those layouts
         are batches of slices, one product per slice, spread over the cores (`_project`
@@ -158,15 +162,16 @@ class Decoder:
         with the partial products summed.
         """
         k, n = w_t.shape
-        if rows <= 2 and k >= 2 * n and n % 2 == 0:
+        few = sliced and rows <= 2
+        if few and k >= 2 * n and n % 2 == 0:
             return "cols_t", w_t.t().unflatten(0, (2, -1)).contiguous()  # (2, out/2, in)
         slices = 4 if rows == 1 else 2
-        if rows <= 2 and k % slices == 0:
+        if few and k % slices == 0:
             return "rows", w_t.unflatten(0, (slices, -1)).contiguous()  # (s, in/s, out)
-        packed = _onednn_packed(w_t, rows) if rows > 2 else None
+        packed = _onednn_packed(w_t, rows) if rows > 2 or w_t.dtype == torch.bfloat16 else None
         if packed is not None:
             return "onednn", packed
-        if n % 2 == 0:
+        if sliced and n % 2 == 0:
             return "cols", w_t.unflatten(1, (2, -1)).transpose(0, 1).contiguous()  # (2, in, out/2)
         return "mm", w_t.contiguous()
 
@@ -176,7 +181,7 @@ class Decoder:
         kind, w = weight
         if kind == "mm":
             return torch.mm(x, w) if residual is None else torch.addmm(residual, x, w)
-        if kind == "onednn":  # bf16 weight prepacked for oneDNN
+        if kind == "onednn":  # weight prepacked for oneDNN
             y = torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
             return y if residual is None else y.add_(residual)
         if kind == "rows":  # partial products over slices of `in`, summed

@@ -139,9 +139,6 @@ def rotate_folded(t: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.addcmul(t * cos, swapped, sin)
 
 
-_causal_bias_cache: dict = {}
-
-
 def merge_lora(finetune_modules) -> bool:
     """Whether a fused causal forward adds a LoRA scope's update to the weights (W + A @ B)
     rather than applying it as two thin products per module (x @ A, then @ B).
@@ -184,12 +181,20 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, heads: int, dropout: float
     outs = []
     for s, e in zip(bounds[:-1], bounds[1:]):
         rows = slice(s * heads, e * heads)
-        sim = torch.baddbmm(bias[rows, :e].expand(b, -1, -1), q[:, rows], k[:, :e].transpose(1, 2))
-        attn = sim.softmax(dim=-1)
-        if dropout > 0:
-            attn = F.dropout(attn, dropout)
-        outs.append(torch.bmm(attn.to(v.dtype), v[:, :e]))
+        outs.append(attend(bias[rows, :e].expand(b, -1, -1), q[:, rows], k[:, :e], v[:, :e], dropout))
     return outs[0] if blocks == 1 else torch.cat(outs, dim=1)
+
+
+def attend(bias: Tensor, q: Tensor, k: Tensor, v: Tensor, dropout: float = 0.0) -> Tensor:
+    """softmax(bias + q @ k^T) @ v for position-major query heads: bias (b, m, n) additive
+    mask, q (b, m, d) (scaled), k and v (b, n, d) -> (b, m, d)."""
+    attn = torch.baddbmm(bias, q, k.transpose(1, 2)).softmax(dim=-1)
+    if dropout > 0:
+        attn = F.dropout(attn, dropout)
+    return torch.bmm(attn.to(v.dtype), v)
+
+
+_causal_bias_cache: dict = {}
 
 
 def causal_bias(n: int, heads: int, device, dtype: torch.dtype) -> Tensor:
@@ -363,12 +368,13 @@ class ParallelTransformerBlock(nn.Module):
         return attn_out + self.ff_out(ff)
 
     @staticmethod
-    def _add_lora(x, q, k, v, finetune_modules):
-        """Add a finetune scope's LoRA deltas to q, k, v; also return its output LoRA (or None)."""
+    def _add_lora(x, q, k, v, finetune_modules, x_q: Tensor | None = None):
+        """Add a finetune scope's LoRA deltas to q, k, v; also return its output LoRA (or None).
+        x_q: the queries' inputs when they are not x (a subset of its positions)."""
         if finetune_modules is None:
             return q, k, v, None
         lora_q, lora_k, lora_v, lora_o = finetune_modules
-        return q + lora_q(x), k + lora_k(x), v + lora_v(x), lora_o
+        return q + lora_q(x if x_q is None else x_q), k + lora_k(x), v + lora_v(x), lora_o
 
     def _forward_causal(self, x: Tensor, finetune_modules, rotary: FoldedRotary,
                         positions: Tensor | None = None) -> Tensor:
@@ -411,10 +417,7 @@ class ParallelTransformerBlock(nn.Module):
             w_q, w_kv = w_qkv.split((self.fused_dims[0], 2 * d), dim=0)
             q = F.linear(xq, w_q)
             k, v = F.linear(x, w_kv).split((d, d), dim=-1)
-            lora_o = None
-            if finetune_modules is not None:
-                lora_q, lora_k, lora_v, lora_o = finetune_modules
-                q, k, v = q + lora_q(xq), k + lora_k(x), v + lora_v(x)
+            q, k, v, lora_o = self._add_lora(x, q, k, v, finetune_modules, x_q=xq)
             q_cos, q_sin = q_cos[positions], q_sin[positions]  # (b, T, 1, d)
         m = q.shape[1]  # query positions: n, or T
         q = q.view(b, m, h, d)
@@ -429,11 +432,7 @@ class ParallelTransformerBlock(nn.Module):
         else:
             hidden = torch.arange(n, device=x.device) > positions[..., None]  # (b, T, n): keys after the query
             bias = torch.zeros(hidden.shape, dtype=q.dtype, device=x.device).masked_fill_(hidden, float("-inf"))
-            sim = torch.baddbmm(bias.repeat_interleave(h, dim=1), q, k.transpose(1, 2))  # (b, T * h, n)
-            attn = sim.softmax(dim=-1)
-            if dropout > 0:
-                attn = F.dropout(attn, dropout)
-            out = torch.bmm(attn.to(v.dtype), v)
+            out = attend(bias.repeat_interleave(h, dim=1), q, k, v, dropout)  # (b, T * h, d)
         out = out.view(b, m, h * d)
         attn_out = F.linear(out, w_out)
         if lora_o is not None:

@@ -17,7 +17,6 @@ import torch
 from torch import Tensor
 
 from ..errors import InputError
-from ..model.layers import gather_rows
 from ..ops import entropy_from_logits, log_probs_of
 
 
@@ -134,9 +133,6 @@ def pack_sequences(prompts: Tensor, prompt_lengths: Tensor, responses: Tensor, m
     return PackedSequences(inputs=x[:, :-1], index=index, responses=responses, mask=mask.bool())
 
 
-gather_positions = gather_rows  # hidden (b, L, d), index (b, T) -> (b, T, d)
-
-
 def response_log_probs(model, packed: PackedSequences, *, finetune_scope: str | None = None,
                        disable_lora: bool = False, temperature: float = 1.0, with_entropy: bool = False
                        ) -> tuple[Tensor, Tensor | None]:
@@ -157,4 +153,4 @@ def response_log_probs(model, packed: PackedSequences, *, finetune_scope: str | 
     return logp, entropy
 
 
-__all__ = ["Rollout", "concat_rollouts", "PackedSequences", "pack_sequences", "gather_positions", "response_log_probs"]
+__all__ = ["Rollout", "concat_rollouts", "PackedSequences", "pack_sequences", "response_log_probs"]
