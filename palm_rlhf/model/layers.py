@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..ops import linear
 from .lora import LoRA  # noqa: F401  (re-exported for seed-style imports)
 
 
@@ -173,16 +174,73 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, heads: int, dropout: float
     Queries are split into blocks of consecutive positions, and block [s, e) is scored
     against keys [0, e) only: the keys after a block are masked for all of it, so
     skipping them changes nothing but the work (with 4 blocks, 5/8 of the full square).
+    When gradients are needed (and no dropout), `_BlockCausalAttention` differentiates
+    the blocks by hand.
     """
-    b, n = k.shape[0], k.shape[1]
-    bias = causal_bias(n, heads, q.device, q.dtype)  # (n * heads, n)
+    if dropout > 0 or not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+        return torch.cat(_attention_blocks_forward(q, k, v, heads, dropout)[0], dim=1)
+    device_type = q.device.type
+    if torch.is_autocast_enabled(device_type):  # the blocks run in autocast's dtype, as autocast would
+        dtype = torch.get_autocast_dtype(device_type)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    return _BlockCausalAttention.apply(q, k, v, heads)
+
+
+def _query_blocks(n: int, heads: int) -> list[tuple[slice, int]]:
+    """(query rows, key count) of each block of `causal_attention`."""
     blocks = attention_blocks(n)
     bounds = [n * i // blocks for i in range(blocks + 1)]
-    outs = []
-    for s, e in zip(bounds[:-1], bounds[1:]):
-        rows = slice(s * heads, e * heads)
-        outs.append(attend(bias[rows, :e].expand(b, -1, -1), q[:, rows], k[:, :e], v[:, :e], dropout))
-    return outs[0] if blocks == 1 else torch.cat(outs, dim=1)
+    return [(slice(s * heads, e * heads), e) for s, e in zip(bounds[:-1], bounds[1:])]
+
+
+def _attention_blocks_forward(q: Tensor, k: Tensor, v: Tensor, heads: int, dropout: float = 0.0,
+                              keep_probs: bool = False) -> tuple[list[Tensor], list[Tensor]]:
+    """Each query block's output (b, rows, d), and with keep_probs its attention weights."""
+    b, n = k.shape[0], k.shape[1]
+    bias = causal_bias(n, heads, q.device, q.dtype)  # (n * heads, n)
+    outs, probs = [], []
+    for rows, e in _query_blocks(n, heads):
+        attn = torch.baddbmm(bias[rows, :e].expand(b, -1, -1), q[:, rows], k[:, :e].transpose(1, 2)).softmax(dim=-1)
+        if dropout > 0:
+            attn = F.dropout(attn, dropout)
+        outs.append(torch.bmm(attn.to(v.dtype), v[:, :e]))
+        if keep_probs:
+            probs.append(attn)
+    return outs, probs
+
+
+class _BlockCausalAttention(torch.autograd.Function):
+    """`causal_attention`'s blocks with a hand-written backward. Autograd would route each
+    block's query and key slices through zero-filled full-size gradients and sum them;
+    here every block's gradients go straight into their rows of dq, dk and dv."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:
+        with torch.autocast(q.device.type, enabled=False):
+            outs, probs = _attention_blocks_forward(q, k, v, heads, keep_probs=True)
+        ctx.heads = heads
+        ctx.save_for_backward(q, k, v, *probs)
+        return torch.cat(outs, dim=1)
+
+    @staticmethod
+    def backward(ctx, d_out: Tensor):
+        q, k, v, *probs = ctx.saved_tensors
+        with torch.autocast(q.device.type, enabled=False):
+            d_out = d_out.to(v.dtype)
+            dq, dk, dv = [], None, None
+            # the last block sees every key: its products initialise dk and dv
+            for (rows, e), attn in reversed(list(zip(_query_blocks(k.shape[1], ctx.heads), probs))):
+                g = d_out[:, rows]  # (b, rows, d)
+                dv_part = torch.bmm(attn.transpose(1, 2), g)  # (b, e, d)
+                d_scores = torch._softmax_backward_data(torch.bmm(g, v[:, :e].transpose(1, 2)), attn, -1, attn.dtype)
+                dq.append(torch.bmm(d_scores, k[:, :e]))
+                dk_part = torch.bmm(d_scores.transpose(1, 2), q[:, rows])
+                if dk is None:
+                    dk, dv = dk_part, dv_part
+                else:
+                    dk[:, :e] += dk_part
+                    dv[:, :e] += dv_part
+            return torch.cat(dq[::-1], dim=1), dk, dv, None
 
 
 def attend(bias: Tensor, q: Tensor, k: Tensor, v: Tensor, dropout: float = 0.0) -> Tensor:
@@ -210,6 +268,12 @@ def causal_bias(n: int, heads: int, device, dtype: torch.dtype) -> Tensor:
         _causal_bias_cache.clear()
         _causal_bias_cache[key] = bias
     return bias
+
+
+def swiglu_feedforward(x: Tensor, w_x: Tensor, w_gate: Tensor, w_out: Tensor) -> Tensor:
+    """(silu(x @ w_gate^T) * (x @ w_x^T)) @ w_out^T: x (..., dim), w_x and w_gate (inner, dim),
+    w_out (dim, inner) -> (..., dim)."""
+    return linear(F.silu(linear(x, w_gate)) * linear(x, w_x), w_out)
 
 
 def gather_rows(t: Tensor, positions: Tensor) -> Tensor:
@@ -410,13 +474,13 @@ class ParallelTransformerBlock(nn.Module):
         q_cos, q_sin, k_cos, k_sin = rotary
         if positions is None:
             xq = x
-            q, k, v = F.linear(x, w_qkv).split(self.fused_dims[:3], dim=-1)
+            q, k, v = linear(x, w_qkv).split(self.fused_dims[:3], dim=-1)
             q, k, v, lora_o = self._add_lora(x, q, k, v, finetune_modules)
         else:  # queries (and everything after attention) at `positions` only
             xq = gather_rows(x, positions)  # (b, T, dim)
             w_q, w_kv = w_qkv.split((self.fused_dims[0], 2 * d), dim=0)
-            q = F.linear(xq, w_q)
-            k, v = F.linear(x, w_kv).split((d, d), dim=-1)
+            q = linear(xq, w_q)
+            k, v = linear(x, w_kv).split((d, d), dim=-1)
             q, k, v, lora_o = self._add_lora(x, q, k, v, finetune_modules, x_q=xq)
             q_cos, q_sin = q_cos[positions], q_sin[positions]  # (b, T, 1, d)
         m = q.shape[1]  # query positions: n, or T
@@ -434,9 +498,10 @@ class ParallelTransformerBlock(nn.Module):
             bias = torch.zeros(hidden.shape, dtype=q.dtype, device=x.device).masked_fill_(hidden, float("-inf"))
             out = attend(bias.repeat_interleave(h, dim=1), q, k, v, dropout)  # (b, T * h, d)
         out = out.view(b, m, h * d)
-        attn_out = F.linear(out, w_out)
+        attn_out = linear(out, w_out)
         if lora_o is not None:
             attn_out = attn_out + lora_o(out)
-        swiglu = F.silu(F.linear(xq, w_gate)) * F.linear(xq, w_ff_x)
         _, ff_dropout, ff_proj = self.ff_out
-        return attn_out + ff_proj(ff_dropout(swiglu))
+        if ff_dropout.p > 0 and self.training:
+            return attn_out + ff_proj(ff_dropout(F.silu(linear(xq, w_gate)) * linear(xq, w_ff_x)))
+        return attn_out + swiglu_feedforward(xq, w_ff_x, w_gate, ff_proj.weight)

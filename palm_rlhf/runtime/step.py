@@ -168,9 +168,10 @@ class TrainStep:
         else:
             averaged_over = torch.distributed.get_world_size() if is_distributed() else 1
         factor = averaged_over / total_weight
-        for p in self.params:
-            if p.grad is not None:
-                p.grad.mul_(factor)
+        if factor != 1.0:  # e.g. one process, one micro-batch of weight 1: already the mean's gradient
+            for p in self.params:
+                if p.grad is not None:
+                    p.grad.mul_(factor)
 
     def state_dict(self) -> dict:
         return {"scaler": self.scaler.state_dict() if self.scaler else None}
