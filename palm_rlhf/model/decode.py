@@ -23,26 +23,13 @@ every step has identical shapes, as `torch.compile` needs.
 
 from __future__ import annotations
 
-import functools
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import InputError
-
-
-@functools.cache
-def _onednn_works(dtype: torch.dtype) -> bool:
-    """Whether this torch build runs oneDNN's prepacked linear in `dtype` (tried once)."""
-    if not torch.backends.mkldnn.is_available():
-        return False
-    try:
-        packed = torch.ops.mkldnn._reorder_linear_weight(torch.zeros(4, 4, dtype=dtype), 1)
-        torch.ops.mkldnn._linear_pointwise(torch.zeros(1, 4, dtype=dtype), packed, None, "none", [], "")
-    except (RuntimeError, AttributeError):
-        return False
-    return True
+from ..ops import onednn_works
 
 
 def _onednn_packed(w_t: Tensor, rows: int) -> Tensor | None:
@@ -50,7 +37,7 @@ def _onednn_packed(w_t: Tensor, rows: int) -> Tensor | None:
     uses), or None where this torch build lacks it. On the development CPU oneDNN's product of a
     few bf16 rows streams 1.2-1.7x faster than `mm`'s, and from 3 fp32 rows on it beats every
     other fp32 layout (benchmarks/README.md)."""
-    if not _onednn_works(w_t.dtype):
+    if not onednn_works(w_t.dtype):
         return None
     return torch.ops.mkldnn._reorder_linear_weight(w_t.t().contiguous(), rows)
 
