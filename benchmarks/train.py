@@ -270,7 +270,7 @@ def report(args, rows, speeds, peaks) -> None:
         walls = [v[0] for v in speeds[row]]
         mfu32 = f"{100 * cpu * fpt / _med(peaks['fp32'], 1):.1f}%" if "fp32" in peaks else "-"
         own = 100 * cpu * fpt / _med(peaks[prec], 1)
-        dnn = f"{100 * cpu * fpt / _med(peaks['fp32-onednn'], 1):.1f}%" if "fp32-onednn" in peaks else "-"
+        dnn = f"{100 * cpu * fpt / _med(peaks['fp32-onednn'], 1):.1f}%" if prec == "fp32" and "fp32-onednn" in peaks else "-"
         ratio = f"{cpu / _med(speeds[seed], 1):.2f}" if seed in speeds else "-"
         rss = f"{peak_rss(s, prec):.0f}" if args.memory else "-"
         print(f"| {s} | {prec} | {wall:.0f} ({min(walls):.0f}-{max(walls):.0f}) | {cpu:.0f} | {mfu32} | "

@@ -68,8 +68,8 @@ def linear(x: Tensor, w: Tensor) -> Tensor:
 
     fp32 CPU tensors go through oneDNN's matmul (outside autocast and torch.compile, and
     unless PALM_RLHF_ONEDNN=0): on the development CPU (AMD EPYC, torch 2.13 with MKL
-    2024.2) oneDNN's fp32 product is 1.2x faster than `torch.mm`'s at 2048^3, and 1.05-1.17x
-    on the model's projection and input-gradient shapes (benchmarks/README.md). Everything
+    2024.2) oneDNN's fp32 product is 1.13-1.23x faster than `torch.mm`'s at 2048^3, and
+    1.04-1.22x on the model's projection and input-gradient shapes (benchmarks/README.md). Everything
     else, bf16 autocast included (which already reaches oneDNN), takes `F.linear`.
     """
     if (x.dtype is torch.float32 and w.dtype is torch.float32 and x.device.type == "cpu" and x.dim() >= 2

@@ -23,7 +23,6 @@ every step has identical shapes, as `torch.compile` needs.
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor

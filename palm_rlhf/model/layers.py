@@ -270,10 +270,10 @@ def causal_bias(n: int, heads: int, device, dtype: torch.dtype) -> Tensor:
     return bias
 
 
-def swiglu_feedforward(x: Tensor, w_x: Tensor, w_gate: Tensor, w_out: Tensor) -> Tensor:
-    """(silu(x @ w_gate^T) * (x @ w_x^T)) @ w_out^T: x (..., dim), w_x and w_gate (inner, dim),
-    w_out (dim, inner) -> (..., dim)."""
-    return linear(F.silu(linear(x, w_gate)) * linear(x, w_x), w_out)
+def swiglu_feedforward(x: Tensor, w_x: Tensor, w_gate: Tensor, w_out: Tensor, dropout: nn.Module) -> Tensor:
+    """dropout(silu(x @ w_gate^T) * (x @ w_x^T)) @ w_out^T: x (..., dim), w_x and w_gate
+    (inner, dim), w_out (dim, inner) -> (..., dim)."""
+    return linear(dropout(F.silu(linear(x, w_gate)) * linear(x, w_x)), w_out)
 
 
 def gather_rows(t: Tensor, positions: Tensor) -> Tensor:
@@ -502,6 +502,4 @@ class ParallelTransformerBlock(nn.Module):
         if lora_o is not None:
             attn_out = attn_out + lora_o(out)
         _, ff_dropout, ff_proj = self.ff_out
-        if ff_dropout.p > 0 and self.training:
-            return attn_out + ff_proj(ff_dropout(F.silu(linear(xq, w_gate)) * linear(xq, w_ff_x)))
-        return attn_out + swiglu_feedforward(xq, w_ff_x, w_gate, ff_proj.weight)
+        return attn_out + swiglu_feedforward(xq, w_ff_x, w_gate, ff_proj.weight, ff_dropout)

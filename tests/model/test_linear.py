@@ -99,3 +99,24 @@ def test_hand_written_attention_backward_equals_autograd(autocast):
     for a, r in zip(grads, ref_grads):
         assert a.dtype == r.dtype
         torch.testing.assert_close(a, r, **tol)
+
+
+@pytest.mark.parametrize("where", ["attn_dropout", "ff_dropout"])
+def test_fused_path_applies_dropout_in_training_only(where):
+    from palm_rlhf.model import PaLM
+
+    torch.manual_seed(0)
+    model = PaLM(num_tokens=64, dim=32, depth=2, heads=4, dim_head=8, **{where: 0.3})
+    x = torch.randint(0, 64, (2, 50))
+    model.eval()
+    clean = model.logits(x)
+    torch.testing.assert_close(model.logits(x), clean, rtol=0, atol=0)
+    model.train()
+    torch.manual_seed(1)
+    dropped = model.logits(x)
+    torch.manual_seed(1)
+    torch.testing.assert_close(model.logits(x), dropped, rtol=0, atol=0)  # same RNG, same masks
+    assert not torch.allclose(dropped, clean, atol=1e-3)
+    dropped.square().mean().backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
