@@ -63,6 +63,9 @@ def _plain(t: Tensor) -> bool:
     return type(t) is torch.Tensor or type(t) is torch.nn.Parameter
 
 
+ONEDNN_MIN_ROWS = 256  # `linear` sends products of at least this many rows to oneDNN
+
+
 def linear(x: Tensor, w: Tensor) -> Tensor:
     """x @ w^T (no bias), the same function as `F.linear(x, w)`.
 
@@ -70,11 +73,16 @@ def linear(x: Tensor, w: Tensor) -> Tensor:
     unless PALM_RLHF_ONEDNN=0): on the development CPU (AMD EPYC, torch 2.13 with MKL
     2024.2) oneDNN's fp32 product is 1.13-1.23x faster than `torch.mm`'s at 2048^3, and
     1.04-1.22x on the model's projection and input-gradient shapes (benchmarks/README.md). Everything
-    else, bf16 autocast included (which already reaches oneDNN), takes `F.linear`.
+    else, bf16 autocast included (which already reaches oneDNN), takes `F.linear`, and so do
+    products of fewer than `ONEDNN_MIN_ROWS` rows, where oneDNN's fixed cost per call (~25-40 µs
+    here) outweighs its speed. Forward + backward, oneDNN vs `F.linear`, (rows x 128) @ (128 x
+    896): 8 rows (x 384) 250 vs 107 µs, 128 rows 691 vs 646, 256 rows 1157 vs 1138, 512 rows
+    2242 vs 2384; (256 x 384) @ (384 x 1536): 6291 vs 6837 µs.
     """
     if (x.dtype is torch.float32 and w.dtype is torch.float32 and x.device.type == "cpu" and x.dim() >= 2
-            and _plain(x) and _plain(w) and _onednn_enabled() and not torch.is_autocast_enabled("cpu")
-            and not torch.compiler.is_compiling() and onednn_works(torch.float32)):
+            and x.numel() >= ONEDNN_MIN_ROWS * x.shape[-1] and _plain(x) and _plain(w) and _onednn_enabled()
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
+            and onednn_works(torch.float32)):
         if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
             return _OneDNNLinear.apply(x, w)
         return _onednn_linear(x, w)

@@ -28,7 +28,7 @@ def _count_onednn_calls(monkeypatch) -> list:
 def test_linear_matches_f_linear_with_gradients(monkeypatch, transposed_weight):
     calls = _count_onednn_calls(monkeypatch)
     torch.manual_seed(0)
-    x = torch.randn(3, 7, 12, requires_grad=True)
+    x = torch.randn(4, 70, 12, requires_grad=True)  # 280 rows >= ops.ONEDNN_MIN_ROWS
     w = (torch.randn(12, 5).t() if transposed_weight else torch.randn(5, 12)).requires_grad_()
     y = ops.linear(x, w)
     ref = F.linear(x, w)
@@ -38,33 +38,36 @@ def test_linear_matches_f_linear_with_gradients(monkeypatch, transposed_weight):
     ref_grads = torch.autograd.grad(ref, (x, w), g)
     for a, r in zip(grads, ref_grads):
         torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
-    assert calls == [(3, 7, 12), (3, 7, 5)]  # forward, input gradient (the weight gradient is torch.mm)
+    assert calls == [(4, 70, 12), (4, 70, 5)]  # forward, input gradient (the weight gradient is torch.mm)
 
 
 @needs_onednn
 def test_linear_weight_gradient_only(monkeypatch):
     calls = _count_onednn_calls(monkeypatch)
-    x, w = torch.randn(6, 4), torch.randn(3, 4, requires_grad=True)
+    x, w = torch.randn(300, 4), torch.randn(3, 4, requires_grad=True)
     (gw,) = torch.autograd.grad(ops.linear(x, w).sum(), w)
-    torch.testing.assert_close(gw, torch.ones(6, 3).t() @ x)
-    assert calls == [(6, 4)]  # no input gradient asked for, none computed
+    torch.testing.assert_close(gw, torch.ones(300, 3).t() @ x)
+    assert calls == [(300, 4)]  # no input gradient asked for, none computed
 
 
 @needs_onednn
 def test_linear_without_grad_is_one_onednn_product(monkeypatch):
     calls = _count_onednn_calls(monkeypatch)
-    x, w = torch.randn(4, 8), torch.randn(2, 8, requires_grad=True)
+    x, w = torch.randn(256, 8), torch.randn(2, 8, requires_grad=True)
     with torch.no_grad():
         y = ops.linear(x, w)
-    assert not y.requires_grad and calls == [(4, 8)]
+    assert not y.requires_grad and calls == [(256, 8)]
     torch.testing.assert_close(y, x @ w.detach().t())
 
 
 def test_linear_falls_back_to_f_linear(monkeypatch):
-    """bf16 autocast, fp64, and PALM_RLHF_ONEDNN=0 take F.linear, bit for bit."""
+    """bf16 autocast, fp64, fewer than ONEDNN_MIN_ROWS rows, and PALM_RLHF_ONEDNN=0 take
+    F.linear, bit for bit."""
     calls = _count_onednn_calls(monkeypatch)
     torch.manual_seed(1)
-    x, w = torch.randn(4, 8), torch.randn(3, 8)
+    x, w = torch.randn(2, 200, 8), torch.randn(3, 8)
+    small = x[:, :ops.ONEDNN_MIN_ROWS // 2 - 1]  # one row short
+    assert torch.equal(ops.linear(small, w), F.linear(small, w))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = ops.linear(x, w)
         assert y.dtype == torch.bfloat16
