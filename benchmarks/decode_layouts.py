@@ -17,6 +17,8 @@ import time
 
 import torch
 
+from palm_rlhf.ops import onednn_linear
+
 SHAPES = {"fused projection": (384, 3584), "attention out": (384, 384), "feedforward out": (1536, 384),
           "logits": (384, 256)}
 
@@ -36,8 +38,8 @@ def layouts(w_t, rows=None):
                                  .add_(r), w_t.unflatten(0, (4, -1)).contiguous()),
     }
     if rows is not None:  # oneDNN's linear with the weight prepacked for `rows` rows
-        out["oneDNN packed"] = (lambda x, r, w: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
-                                .add_(r), torch.ops.mkldnn._reorder_linear_weight(w_t.t().contiguous(), rows))
+        out["oneDNN packed"] = (lambda x, r, w: onednn_linear(x, w).add_(r),
+                                torch.ops.mkldnn._reorder_linear_weight(w_t.t().contiguous(), rows))
     return out
 
 

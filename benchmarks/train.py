@@ -48,7 +48,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from palm_rlhf.ops import onednn_works
+from palm_rlhf.ops import onednn_linear, onednn_works
 
 DIM, DEPTH, HEADS, DIM_HEAD, VOCAB, SEQ, BATCH = 384, 6, 6, 64, 256, 256, 16
 SYSTEMS = ("ours", "ours-math", "ours-sdpa", "ours-compile", "ours-mkl", "seed", "llama")
@@ -144,11 +144,11 @@ def build_llama():
 def matmul_peak(dtype: torch.dtype, threads: int, n: int = 2048, reps: int = 3,
                 onednn: bool = False) -> tuple[float, float]:
     """Best FLOP/s of `reps` (n x n) @ (n x n) matmuls: (per wall second, per CPU second x threads).
-    onednn: oneDNN's linear (`torch.ops.mkldnn._linear_pointwise`) instead of `torch.mm`."""
+    onednn: oneDNN's linear (`palm_rlhf.ops.onednn_linear`) instead of `torch.mm`."""
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
 
     def mm():
-        return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "") if onednn else torch.mm(a, b)
+        return onednn_linear(a, b) if onednn else torch.mm(a, b)
     mm()
     wall = cpu = float("inf")
     for _ in range(reps):

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import InputError
-from ..ops import onednn_works
+from ..ops import onednn_linear, onednn_works
 
 
 def _onednn_packed(w_t: Tensor, rows: int) -> Tensor | None:
@@ -168,7 +168,7 @@ class Decoder:
         if kind == "mm":
             return torch.mm(x, w) if residual is None else torch.addmm(residual, x, w)
         if kind == "onednn":  # weight prepacked for oneDNN
-            y = torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+            y = onednn_linear(x, w)
             return y if residual is None else y.add_(residual)
         if kind == "rows":  # partial products over slices of `in`, summed
             y = torch.bmm(x.view(x.shape[0], w.shape[0], -1).transpose(0, 1), w).sum(0)

@@ -200,9 +200,7 @@ def _attention_blocks_forward(q: Tensor, k: Tensor, v: Tensor, heads: int, dropo
     bias = causal_bias(n, heads, q.device, q.dtype)  # (n * heads, n)
     outs, probs = [], []
     for rows, e in _query_blocks(n, heads):
-        attn = torch.baddbmm(bias[rows, :e].expand(b, -1, -1), q[:, rows], k[:, :e].transpose(1, 2)).softmax(dim=-1)
-        if dropout > 0:
-            attn = F.dropout(attn, dropout)
+        attn = attention_weights(bias[rows, :e].expand(b, -1, -1), q[:, rows], k[:, :e], dropout)
         outs.append(torch.bmm(attn.to(v.dtype), v[:, :e]))
         if keep_probs:
             probs.append(attn)
@@ -243,13 +241,16 @@ class _BlockCausalAttention(torch.autograd.Function):
             return torch.cat(dq[::-1], dim=1), dk, dv, None
 
 
-def attend(bias: Tensor, q: Tensor, k: Tensor, v: Tensor, dropout: float = 0.0) -> Tensor:
-    """softmax(bias + q @ k^T) @ v for position-major query heads: bias (b, m, n) additive
-    mask, q (b, m, d) (scaled), k and v (b, n, d) -> (b, m, d)."""
+def attention_weights(bias: Tensor, q: Tensor, k: Tensor, dropout: float = 0.0) -> Tensor:
+    """softmax(bias + q @ k^T) (with dropout) for position-major query heads: bias (b, m, n)
+    additive mask, q (b, m, d) (scaled), k (b, n, d) -> (b, m, n)."""
     attn = torch.baddbmm(bias, q, k.transpose(1, 2)).softmax(dim=-1)
-    if dropout > 0:
-        attn = F.dropout(attn, dropout)
-    return torch.bmm(attn.to(v.dtype), v)
+    return F.dropout(attn, dropout) if dropout > 0 else attn
+
+
+def attend(bias: Tensor, q: Tensor, k: Tensor, v: Tensor, dropout: float = 0.0) -> Tensor:
+    """`attention_weights` @ v: v (b, n, d) -> (b, m, d)."""
+    return torch.bmm(attention_weights(bias, q, k, dropout).to(v.dtype), v)
 
 
 _causal_bias_cache: dict = {}

@@ -14,12 +14,12 @@ needs_onednn = pytest.mark.skipif(not ops.onednn_works(torch.float32), reason="t
 
 def _count_onednn_calls(monkeypatch) -> list:
     calls = []
-    real = ops._onednn_linear
+    real = ops.onednn_linear
 
     def counted(x, w):
         calls.append(tuple(x.shape))
         return real(x, w)
-    monkeypatch.setattr(ops, "_onednn_linear", counted)
+    monkeypatch.setattr(ops, "onednn_linear", counted)
     return calls
 
 
