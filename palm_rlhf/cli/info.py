@@ -23,11 +23,10 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def _tensor_shapes(path: Path) -> dict:
-    from safetensors import safe_open
+def _tensor_shapes(path: Path) -> tuple[dict, dict]:
+    from ..model.checkpoint import read_safetensors_header  # CheckpointError naming a corrupt file
 
-    with safe_open(str(path), framework="pt") as f:
-        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}, (f.metadata() or {})
+    return read_safetensors_header(path)
 
 
 def _count(shapes: dict, exclude_prefix: str = "finetune_modules.") -> tuple[int, int]:
@@ -48,13 +47,13 @@ def _resolve_dir(path: Path) -> Path:
     for sub in ("final", "model"):
         if (path / sub / "config.json").is_file():
             return path / sub
-    latest = CheckpointManager(path).latest()
+    latest = CheckpointManager(path, is_main=False).latest()  # a reader: never touches a live run
     return latest if latest is not None else path
 
 
 def describe(path: Path) -> dict:
     from ..errors import CheckpointError
-    from ..model.checkpoint import load_state_dict_file
+    from ..model.checkpoint import load_state_dict_file, read_config
     from ..model.convert import infer_config, guess_gain_convention
 
     if not path.exists():
@@ -78,7 +77,7 @@ def describe(path: Path) -> dict:
     if not (directory / "config.json").is_file():
         raise CheckpointError(f"{path}: no config.json and no checkpoints; expected a run directory, a step "
                               f"directory or a save_pretrained directory")
-    config = json.loads((directory / "config.json").read_text())
+    config = read_config(directory)
     info["resolved"] = str(directory)
     if config.get("model_type") == "reward_model":
         info.update(kind="reward model", reward=config.get("reward"))
@@ -100,7 +99,7 @@ def describe(path: Path) -> dict:
     if state_file.is_file():
         from ..runtime.checkpoint import CheckpointManager
 
-        state = CheckpointManager(directory.parent).load(directory)
+        state = CheckpointManager(directory.parent, is_main=False).load(directory)
         info["step"] = state.get("step")
     return info
 

@@ -30,7 +30,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from ..errors import DataError
-from ..model.checkpoint import atomic_write_bytes
+from ..model.checkpoint import atomic_write_bytes, create_temporary
 
 log = logging.getLogger(__name__)
 
@@ -149,8 +149,9 @@ class _SplitWriter:
     bytes: int = 0
 
     def __post_init__(self):
-        self.tmp = self.path.with_name(f".{self.path.name}.tmp")
-        self.file = self.tmp.open("wb")
+        fd, tmp = create_temporary(self.path)
+        self.tmp = Path(tmp)
+        self.file = os.fdopen(fd, "wb")
         self.sha = hashlib.sha256()
 
     def write(self, ids: np.ndarray) -> None:

@@ -7,17 +7,28 @@ Layout of a `save_pretrained` directory:
 
 Adapters (one LoRA scope) are saved alone by `save_adapter` as a small
 safetensors file whose metadata records the scope name and rank.
+
+Every file is written under a temporary name `.NAME.XXXXXXXX.tmp` in the same directory and
+renamed into place; `remove_temporaries` deletes what a killed writer left behind (each atomic
+write does so for its own target, `CheckpointManager` for a whole run at start-up).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import pickle
+import pickletools
+import re
+import shutil
 import tempfile
+import warnings
+import zipfile
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -27,15 +38,55 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT_VERSION = 1
 TIED_KEYS = ("to_logits.weight",)
+TEMP_SUFFIX = ".tmp"
+# `tempfile`'s 8 random characters between the target's name and the suffix
+_RANDOM_PART = r"\.[a-z0-9_]{8}" + re.escape(TEMP_SUFFIX)
 
 
-# ---------------------------------------------------------------- atomic writes
+# ---------------------------------------------------------------- temporary names and atomic writes
+
+
+def is_temporary(name: str) -> bool:
+    """True for the names this library gives files and directories while they are written or
+    deleted: `.NAME....tmp` (and `.tmp-*`, the staging directories of earlier versions)."""
+    return name.startswith(".") and (name.endswith(TEMP_SUFFIX) or name.startswith(".tmp-"))
+
+
+def remove_temporaries(directory, target: str | None = None) -> list[Path]:
+    """Delete the temporaries a killed writer left in `directory` (only those of the file
+    `target` when given); returns what was removed. Call it only where no other process is
+    writing: the one writer of a run at start-up, or an atomic write for its own target."""
+    directory = Path(directory)
+    if target is None:
+        match = is_temporary
+    else:
+        # exactly `.TARGET.XXXXXXXX.tmp`: `.latest.json.XXXXXXXX.tmp` is not a temporary of `latest`
+        match = re.compile(r"\." + re.escape(target) + _RANDOM_PART).fullmatch
+    removed = []
+    try:
+        entries = [p for p in directory.iterdir() if match(p.name)]
+    except OSError:  # no such directory yet
+        return removed
+    for path in entries:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+def create_temporary(path: Path) -> tuple[int, str]:
+    """(fd, name) of a new temporary file `.NAME.XXXXXXXX.tmp` beside `path`, to be renamed onto
+    it; what an earlier, killed write of `path` left is removed first."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_temporaries(path.parent, path.name)
+    return tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = create_temporary(path)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -49,8 +100,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_save_tensors(tensors: dict, path: Path, metadata: dict | None = None) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = create_temporary(path)
     os.close(fd)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
@@ -63,6 +113,93 @@ def atomic_save_tensors(tensors: dict, path: Path, metadata: dict | None = None)
 # ---------------------------------------------------------------- reading
 
 
+def one_line(error: BaseException, limit: int = 300) -> str:
+    """An exception's text on one line (the CLI prints every error as one line)."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _pickle_globals(path: Path) -> list[str]:
+    """`module.name` of each global the pickles in `path` would import, read without unpickling."""
+    try:
+        if zipfile.is_zipfile(path):  # torch.save's format: the pickle is `<archive>/data.pkl`
+            with zipfile.ZipFile(path) as z:
+                blobs = [z.read(n) for n in z.namelist() if n.endswith(".pkl")]
+        else:  # a plain pickle, or torch's legacy format (several pickles in a row)
+            blobs = [path.read_bytes()]
+    except (OSError, zipfile.BadZipFile, RuntimeError):
+        return []
+    found: list[str] = []
+    for blob in blobs:
+        stream = io.BytesIO(blob)
+        while stream.tell() < len(blob):
+            pushed: list[str | None] = []  # recent pushes: the strings STACK_GLOBAL pops
+            memo: dict = {}
+            try:
+                for op, arg, _ in pickletools.genops(stream):
+                    if op.name in ("GLOBAL", "INST"):
+                        found.append(str(arg).replace(" ", "."))
+                    elif op.name == "STACK_GLOBAL" and len(pushed) >= 2 and None not in pushed[-2:]:
+                        found.append(f"{pushed[-2]}.{pushed[-1]}")
+                    elif op.name == "MEMOIZE":
+                        memo[len(memo)] = pushed[-1] if pushed else None
+                    elif op.name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                        memo[arg] = pushed[-1] if pushed else None
+                    elif op.name in ("GET", "BINGET", "LONG_BINGET"):
+                        pushed.append(memo.get(arg))
+                    elif op.name not in ("FRAME", "PROTO"):
+                        is_text = isinstance(arg, str) and ("STRING" in op.name or "UNICODE" in op.name)
+                        pushed.append(arg if is_text else None)
+            except ValueError:  # not (or no longer) a pickle
+                break
+    return found
+
+
+def _code_it_asks_for(path: Path, error: Exception) -> list[str]:
+    """The globals a weights-only load refused; [] when the file is simply not a pickle."""
+    names = re.findall(r"GLOBAL ([\w.]+)", str(error))
+    if not names:
+        names = [g for g in _pickle_globals(path) if not g.startswith(("torch.", "collections.OrderedDict"))]
+    return list(dict.fromkeys(names))
+
+
+def load_plain(path, *, what: str = "state dict", fix: str | None = None, map_location="cpu"):
+    """`torch.load(path, weights_only=True)`, the one way this library reads a `.pt` file.
+
+    A file that would run code when unpickled gets one line naming what it asks for and the
+    fix (`fix`; default: re-save the tensors as safetensors); never PyTorch's advice to load
+    it with weights_only=False. A truncated or corrupt file gets a CheckpointError naming it
+    (and `fix`, when given).
+    """
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():  # a plain pickle of protocol > 2 would add a multi-line warning
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(str(path), map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        names = _code_it_asks_for(path, e)
+        if not names:
+            raise CheckpointError(f"{path}: cannot read (truncated or corrupt, or not a PyTorch file?): "
+                                  f"{one_line(e, 120)}{'. ' + fix if fix else ''}") from None
+        advice = fix or (f"Convert trusted files with safetensors.torch.save_file(state_dict, "
+                         f"'{path.stem}.safetensors') in the program that made them")
+        raise CheckpointError(f"{path}: not a plain {what} (it asks to run code: {', '.join(names[:5])}); "
+                              f"refusing to load it. {advice}") from None
+    except (RuntimeError, EOFError, ValueError, OSError, KeyError, AttributeError, IndexError) as e:
+        raise CheckpointError(f"{path}: cannot read (truncated or corrupt?): {one_line(e)}"
+                              f"{'. ' + fix if fix else ''}") from e
+
+
+def read_safetensors_header(path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """({name: shape}, metadata) of a safetensors file, without reading its tensors."""
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}, (f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot read safetensors file (truncated or corrupt?): {one_line(e)}") from e
+
+
 def load_state_dict_file(path: Path, map_location="cpu") -> dict:
     """Read a state dict from `.safetensors` or `.pt`/`.bin` (weights_only=True)."""
     path = Path(path)
@@ -70,15 +207,14 @@ def load_state_dict_file(path: Path, map_location="cpu") -> dict:
         raise CheckpointError(f"{path}: no such checkpoint file")
     if path.is_dir():
         raise CheckpointError(f"{path} is a directory; use PaLM.from_pretrained({str(path)!r})")
-    try:
-        if path.suffix == ".safetensors":
-            return load_file(str(path), device=str(map_location))
-        state = torch.load(str(path), map_location=map_location, weights_only=True)
-    except (SafetensorError, RuntimeError, EOFError, ValueError, OSError) as e:
-        raise CheckpointError(f"{path}: cannot read checkpoint (truncated or corrupt?): {e}") from e
-    except Exception as e:  # pickle.UnpicklingError for files that would run code
-        raise CheckpointError(f"{path}: refused to load: {e}. Only plain tensors are accepted; "
-                              f"re-save it as safetensors") from e
+    if path.suffix == ".safetensors":
+        try:
+            state = load_file(str(path), device=str(map_location))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{path}: cannot read safetensors file (truncated or corrupt?): "
+                                  f"{one_line(e)}") from e
+    else:
+        state = load_plain(path, map_location=map_location)
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -175,16 +311,10 @@ def save_adapter(model, scope: str, path) -> Path:
 
 def load_adapter(model, path, scope: str | None = None) -> str:
     """Load an adapter file into `model`, creating the scope (default: the saved name)."""
-    from safetensors import safe_open
-
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such adapter file")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{path}: cannot read adapter (truncated or corrupt?): {e}") from e
+    meta = read_safetensors_header(path)[1]
     if "lora_r" not in meta:
         raise CheckpointError(f"{path}: not an adapter file (no lora_r metadata); write it with save_adapter")
     scope = scope or meta.get("scope", "default")

@@ -11,9 +11,14 @@ Layout (under `run_dir/checkpoints/`):
     latest                   text file naming the newest complete step directory
 
 A checkpoint is written into a hidden temporary directory which is renamed into place only
-when every file is on disk; `latest` is then replaced atomically. A crash mid-save therefore
-leaves at worst an orphaned temporary directory (removed on the next start), never a broken
-`latest`. Older step directories beyond `keep_last` are deleted after the new one is published.
+when every file is on disk; `latest` is then replaced atomically. Older step directories beyond
+`keep_last` are renamed to a temporary name after the new one is published, then deleted. A
+crash at any point therefore leaves at worst temporaries (`.NAME....tmp`), never a broken
+`latest` nor a half-deleted step directory; the writer's next start removes them (and any
+`step_*` directory an older version left half-deleted), and its next save prunes again, so
+`keep_last` holds after any crash.
+Tools that only read a run (`palm-rlhf info` on a live run) pass `is_main=False`: they never
+touch its files.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
-from ..model.checkpoint import atomic_save_tensors, atomic_write_bytes
+from ..model.checkpoint import TEMP_SUFFIX, atomic_save_tensors, atomic_write_bytes, load_plain, remove_temporaries
 from .seed import rng_state, set_rng_state  # noqa: F401 - re-exported: checkpoints carry RNG states
 
 log = logging.getLogger(__name__)
@@ -62,8 +67,22 @@ class CheckpointManager:
         self.keep_last = keep_last
         self.is_main = is_main
         if is_main and self.dir.is_dir():
-            for orphan in self.dir.glob(".tmp-*"):  # left by a crash mid-save
-                shutil.rmtree(orphan, ignore_errors=True)
+            self._remove_debris()
+
+    def _remove_debris(self) -> None:
+        """Start-up: delete what a killed save or prune left (this process is the run's one writer)."""
+        removed = remove_temporaries(self.dir)
+        complete = self.list()
+        for step in self.dir.glob(f"{_PREFIX}*"):  # pruned in place by versions before temp renames
+            if step.is_dir() and step not in complete and complete and step.name < complete[-1].name:
+                shutil.rmtree(step, ignore_errors=True)
+                removed.append(step)
+        if removed:
+            log.info("removed %d leftover(s) of an interrupted save or prune in %s: %s", len(removed), self.dir,
+                     ", ".join(p.name for p in removed))
+
+    def _temporary(self, name: str, why: str) -> Path:
+        return self.dir / f".{name}.{why}-{os.getpid()}{TEMP_SUFFIX}"
 
     # ------------------------------------------------------------------ writing
 
@@ -76,7 +95,7 @@ class CheckpointManager:
         if not self.is_main:
             return None
         final = self.dir / f"{_PREFIX}{step:08d}"
-        tmp = self.dir / f".tmp-{final.name}-{os.getpid()}"
+        tmp = self._temporary(final.name, "saving")
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
@@ -94,7 +113,7 @@ class CheckpointManager:
             _fsync_dir(tmp)
             trash = None
             if final.exists():  # re-saving a step (e.g. after resume): move the old one aside first
-                trash = self.dir / f".tmp-old-{final.name}-{os.getpid()}"
+                trash = self._temporary(final.name, "replaced")
                 os.replace(final, trash)
             os.replace(tmp, final)
             _fsync_dir(self.dir)
@@ -109,11 +128,22 @@ class CheckpointManager:
         log.info("saved checkpoint %s", final)
         return final
 
-    def _prune(self, keep: Path) -> None:
+    def _prune(self, keep: Path | None) -> None:
+        """Delete the oldest step directories beyond `keep_last`: each is first renamed to a
+        temporary name (atomic), so a kill mid-delete leaves a temporary, not a step directory
+        that `list()` no longer counts and nothing would ever prune."""
         steps = self.list()
         for old in steps[: max(0, len(steps) - self.keep_last)]:
-            if old != keep:
-                shutil.rmtree(old, ignore_errors=True)
+            if old == keep:
+                continue
+            trash = self._temporary(old.name, "pruned")
+            try:
+                os.replace(old, trash)
+            except OSError as e:
+                log.warning("cannot prune %s (%s); it is kept", old, e)
+                continue
+            _fsync_dir(self.dir)
+            shutil.rmtree(trash, ignore_errors=True)
 
     # ------------------------------------------------------------------ reading
 
@@ -145,11 +175,8 @@ class CheckpointManager:
         file = directory / STATE_NAME
         if not file.is_file():
             raise CheckpointError(f"{directory}: no {STATE_NAME}; is this a step directory of a training run?")
-        try:
-            state = torch.load(file, map_location=map_location, weights_only=True)
-        except Exception as e:  # noqa: BLE001 - truncated file, or pickled code we refuse to run
-            raise CheckpointError(f"{file}: cannot read ({e}); delete {directory} to fall back to an "
-                                  f"older checkpoint") from e
+        state = load_plain(file, what="trainer state", map_location=map_location,
+                           fix=f"Delete {directory} to fall back to an older checkpoint")
         if not isinstance(state, dict):
             raise CheckpointError(f"{file}: expected a dict of trainer state")
         state["dir"] = str(directory)

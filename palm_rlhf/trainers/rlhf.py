@@ -91,7 +91,11 @@ class RLHFTrainer:
         torch.save(self.actor_critic.state_dict(), filepath)
 
     def load(self, filepath="./checkpoint.pt") -> None:
-        self.actor_critic.load_state_dict(torch.load(filepath, map_location=self.device, weights_only=True))
+        """Load what `save` wrote, through the one safe reader (a file that would run code is refused)."""
+        from ..model.checkpoint import load_into, load_state_dict_file
+
+        load_into(self.actor_critic, load_state_dict_file(Path(filepath), map_location=self.device),
+                  source=str(filepath))
 
     def train(self, num_episodes: int = 50000, max_timesteps: int = 500, update_timesteps: int = 5000,
               max_batch_size: int = 16, max_seq_len: int = 2048, eos_token: int | None = None,
