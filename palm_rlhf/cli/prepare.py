@@ -24,6 +24,9 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--tokenizer", default="byte", help="'byte' (default) or a directory with a saved tokenizer")
     p.add_argument("--val-fraction", type=float, default=0.05, help="tail of each file kept for validation")
+    p.add_argument("--replace-invalid-utf8", action="store_true",
+                   help="BPE tokenizers: read bytes that are not UTF-8 as U+FFFD instead of stopping with an error "
+                        "(the byte tokenizer always keeps every byte)")
     p.set_defaults(func=run)
 
 
@@ -32,7 +35,7 @@ def run(args) -> int:
     from ..trainers.pretrain import _tokenizer_from
 
     manifest = prepare_corpus(args.inputs or ["stdlib"], args.out, _tokenizer_from(args.tokenizer),
-                              val_fraction=args.val_fraction)
+                              val_fraction=args.val_fraction, replace_invalid_utf8=args.replace_invalid_utf8)
     print(json.dumps({"out": args.out, "files": len(manifest["sources"]), "dtype": manifest["dtype"],
                       **{f"{k}_tokens": v["tokens"] for k, v in manifest["splits"].items()}}))
     return 0

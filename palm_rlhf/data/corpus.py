@@ -11,8 +11,11 @@ Output directory:
 Files stream through in chunks of `chunk_bytes` cut at line breaks, so a corpus larger than
 RAM works; only the output files grow. The last `val_fraction` of every file (cut at a line
 break) is validation text, so even a single file gets a validation split; EOS (id 0) ends
-every document in each split. The built-in corpus `stdlib` is the Python standard library's
-`.py` files and doc texts (no tests, no site-packages), in sorted order: no download needed.
+every document in each split. The byte tokenizer stores each file's bytes exactly, UTF-8 or
+not; tokenizers that read text refuse a file that is not UTF-8, naming the byte offset, unless
+told to replace bad bytes with U+FFFD (`--replace-invalid-utf8`). The built-in corpus
+`stdlib` is the Python standard library's `.py` files and doc texts (no tests, no
+site-packages), in sorted order: no download needed.
 """
 
 from __future__ import annotations
@@ -31,11 +34,12 @@ import numpy as np
 
 from ..errors import DataError
 from ..model.checkpoint import atomic_write_bytes, create_temporary
+from .tokenizer import ByteTokenizer
 
 log = logging.getLogger(__name__)
 
 __all__ = ["prepare_corpus", "resolve_sources", "stdlib_files", "read_manifest", "load_tokens", "token_dtype",
-           "iter_text", "MANIFEST_NAME", "STDLIB"]
+           "iter_chunks", "iter_text", "MANIFEST_NAME", "STDLIB"]
 
 MANIFEST_NAME = "manifest.json"
 STDLIB = "stdlib"
@@ -102,13 +106,14 @@ def resolve_sources(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     return files
 
 
-def iter_text(path: Path, chunk_bytes: int, split_at: int | None = None) -> Iterator[tuple[str, int, bool]]:
-    """Yield (text, n_bytes, is_val) chunks of a file, each ending at a line break where possible.
+def iter_chunks(path: Path, chunk_bytes: int, split_at: int | None = None) -> Iterator[tuple[bytes, int, bool, bool]]:
+    """Yield (bytes, file offset of the first, is_val, ends_split) chunks of a file, each ending at
+    a line break where possible; the bytes are the file's, unaltered.
 
     Bytes before the first line start at or after `split_at` are training text, the rest
-    validation text (`split_at=None`: everything is training text).
+    validation text (`split_at=None`: everything is training text). `ends_split` marks the last
+    chunk of the training part and of the file.
     """
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     pos, carry, in_val = 0, b"", False
     try:
         f = path.open("rb")
@@ -125,20 +130,42 @@ def iter_text(path: Path, chunk_bytes: int, split_at: int | None = None) -> Iter
                 if cut >= 0 or not block:  # the split line break, or end of file
                     cut = len(data) if cut < 0 else cut + 1
                     if cut:
-                        yield decoder.decode(data[:cut], final=True), cut, False
-                    decoder.reset()
-                    data, in_val = data[cut:], True
+                        yield data[:cut], start, False, True
+                    data, start, in_val = data[cut:], start + cut, True
             if not block:
                 if data:
-                    yield decoder.decode(data, final=True), len(data), in_val
+                    yield data, start, in_val, True
                 return
             nl = data.rfind(b"\n")
             if nl < 0 and len(data) < 4 * chunk_bytes:
                 carry = data  # keep a very long line together a little longer
                 continue
             nl = len(data) - 1 if nl < 0 else nl
-            yield decoder.decode(data[:nl + 1]), nl + 1, in_val
+            yield data[:nl + 1], start, in_val, False
             carry = data[nl + 1:]
+
+
+def iter_text(path: Path, chunk_bytes: int, split_at: int | None = None,
+              errors: str = "strict") -> Iterator[tuple[str, int, bool]]:
+    """Yield (text, n_bytes, is_val) chunks of a file (see `iter_chunks`), decoded as UTF-8.
+
+    Bytes that are not UTF-8 raise DataError naming the file and the byte offset; with
+    `errors="replace"` they become U+FFFD instead.
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")(errors=errors)
+    for data, offset, is_val, ends_split in iter_chunks(path, chunk_bytes, split_at):
+        pending = len(decoder.getstate()[0])  # the start of a character cut by the previous chunk
+        try:
+            text = decoder.decode(data, final=ends_split)
+        except UnicodeDecodeError as e:
+            bad = e.object[e.start:e.end]
+            raise DataError(f"{path}: not UTF-8 at byte offset {offset - pending + e.start} ({bad!r}); "
+                            f"this tokenizer reads text: re-encode the file as UTF-8 (e.g. iconv -f latin1 "
+                            f"-t utf-8), or accept U+FFFD for such bytes with `palm-rlhf prepare "
+                            f"--replace-invalid-utf8` (the byte tokenizer keeps every byte as it is)") from None
+        if ends_split:
+            decoder.reset()
+        yield text, len(data), is_val
 
 
 @dataclass
@@ -185,8 +212,13 @@ def _check_writable(out_dir: Path) -> None:
 
 
 def prepare_corpus(inputs: Iterable[str], out_dir, tokenizer, val_fraction: float = 0.05,
-                   chunk_bytes: int = 1 << 22) -> dict:
-    """Tokenize `inputs` into `out_dir/{train,val}.bin` + manifest; returns the manifest."""
+                   chunk_bytes: int = 1 << 22, replace_invalid_utf8: bool = False) -> dict:
+    """Tokenize `inputs` into `out_dir/{train,val}.bin` + manifest; returns the manifest.
+
+    The byte tokenizer stores every file's bytes exactly, UTF-8 or not. Other tokenizers read
+    text: a file that is not UTF-8 raises DataError naming it and the byte offset, unless
+    `replace_invalid_utf8` (then such bytes become U+FFFD).
+    """
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"val_fraction={val_fraction}: must be in [0, 1)")
     out_dir = Path(out_dir)
@@ -202,9 +234,15 @@ def prepare_corpus(inputs: Iterable[str], out_dir, tokenizer, val_fraction: floa
             sha = hashlib.sha256()
             counts = {"train": 0, "val": 0}
             split_at = int(size * (1.0 - val_fraction)) if val_fraction > 0 else None
-            for text, n_bytes, is_val in iter_text(path, chunk_bytes, split_at):
+            if isinstance(tokenizer, ByteTokenizer):  # lossless: the file's bytes are the token ids
+                pieces = ((np.frombuffer(data, dtype=np.uint8), len(data), is_val)
+                          for data, _, is_val, _ in iter_chunks(path, chunk_bytes, split_at))
+            else:
+                errors = "replace" if replace_invalid_utf8 else "strict"
+                pieces = ((tokenizer.encode_array(text), n_bytes, is_val)
+                          for text, n_bytes, is_val in iter_text(path, chunk_bytes, split_at, errors))
+            for ids, n_bytes, is_val in pieces:
                 split = "val" if is_val else "train"
-                ids = tokenizer.encode_array(text)
                 writers[split].write(ids)
                 writers[split].bytes += n_bytes
                 counts[split] += len(ids)

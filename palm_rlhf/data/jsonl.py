@@ -21,13 +21,18 @@ def iter_jsonl(path, *, missing: str) -> Iterator[tuple[str, object]]:
     if not path.is_file():
         raise DataError(f"{path}: {missing}")
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: cannot read as UTF-8 text ({e})") from e
-    for lineno, line in enumerate(text.split("\n"), 1):
+        data = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from e
+    for lineno, raw in enumerate(data.split(b"\n"), 1):  # b"\n" never occurs inside a UTF-8 character
+        where = f"{path}:{lineno}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{where}: not UTF-8 (byte {e.start + 1} of the line is {raw[e.start:e.end]!r}); "
+                            "save the file as UTF-8") from None
         if not line.strip():
             continue
-        where = f"{path}:{lineno}"
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
