@@ -43,6 +43,11 @@ def register(sub) -> None:
                    help="chance a rater gets a pair another rater judged, for agreement stats (default: %(default)s)")
     s.add_argument("--max-body-bytes", type=int, default=64 * 1024, help="larger request bodies get 413")
     s.add_argument("--secure-cookies", action="store_true", help="mark cookies Secure (behind an HTTPS proxy)")
+    s.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="a host name the app answers to (repeatable); IP addresses, localhost and --host "
+                        "always work; other Host headers get 400 (DNS rebinding)")
+    s.add_argument("--session-hours", type=float, default=12.0,
+                   help="a browser sign-in expires after this many hours (default: %(default)s)")
 
     e = actions.add_parser("export", help="write A/B judgements as preference JSONL for reward training",
                            epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -82,6 +87,8 @@ def run_serve(args) -> int:
         raise ConfigError(f"--shared-fraction must be in [0, 1], got {args.shared_fraction}")
     if args.max_body_bytes < 1024:
         raise ConfigError(f"--max-body-bytes must be at least 1024, got {args.max_body_bytes}")
+    if not args.session_hours > 0:
+        raise ConfigError(f"--session-hours must be positive, got {args.session_hours}")
     prompts = read_prompts(args.prompts)
     if args.raters:
         raters = read_raters(args.raters)
@@ -96,7 +103,8 @@ def run_serve(args) -> int:
     store = FeedbackStore(args.db, seed=args.seed)
     queue = PairQueue(store, ModelPairSource(checkpoints, sampling, seed=args.seed), prompts, size=args.queue_size)
     app = create_app(store, queue, raters, shared_fraction=args.shared_fraction,
-                     max_body_bytes=args.max_body_bytes, secure_cookies=args.secure_cookies)
+                     max_body_bytes=args.max_body_bytes, secure_cookies=args.secure_cookies,
+                     allowed_hosts=[args.host, *args.allowed_host], session_hours=args.session_hours)
     if not is_loopback(args.host):
         log.warning("listening on %s: anyone who can reach this address can try tokens; "
                     "put it behind HTTPS and pass --secure-cookies", args.host)

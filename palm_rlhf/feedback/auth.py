@@ -1,4 +1,4 @@
-"""Rater tokens and CSRF tokens.
+"""Rater tokens, CSRF tokens and the limit on failed sign-ins.
 
 A raters file has one rater per line, `name token`; `#` starts a comment. Tokens are random
 secrets (`make_token()`: 32 bytes from `secrets`, URL-safe base64), made by
@@ -7,6 +7,10 @@ secrets (`make_token()`: 32 bytes from `secrets`, URL-safe base64), made by
 CSRF: a form post must carry `csrf_token(secret, rater)`, an HMAC of the rater's name under
 a secret kept in the database. A page on another site cannot read it, so it cannot forge a
 post that the rater's browser would send with the session cookie.
+
+Failed sign-ins (a wrong token on `/login` or in `Authorization: Bearer`) are counted per
+client address: after `limit` failures within `window_s` seconds, every sign-in attempt from
+that address gets 429 until the oldest failure is `window_s` old.
 """
 
 from __future__ import annotations
@@ -15,6 +19,9 @@ import hashlib
 import hmac
 import re
 import secrets
+import threading
+import time
+from collections import deque
 from pathlib import Path
 
 from ..errors import DataError
@@ -95,3 +102,41 @@ def csrf_token(secret: bytes, rater: str) -> str:
 
 def csrf_ok(secret: bytes, rater: str, presented: str | None) -> bool:
     return bool(presented) and hmac.compare_digest(csrf_token(secret, rater), presented)
+
+
+class SignInLimiter:
+    """Counts failed sign-ins per client address in a sliding window (thread-safe, in memory)."""
+
+    MAX_CLIENTS = 10_000  # past this many addresses, the ones without a recent failure are forgotten
+
+    def __init__(self, limit: int = 10, window_s: float = 600.0, clock=time.monotonic):
+        if limit < 1 or window_s <= 0:
+            raise ValueError(f"SignInLimiter(limit={limit}, window_s={window_s}): both must be positive")
+        self.limit, self.window_s, self.clock = limit, window_s, clock
+        self._failures: dict[str, deque] = {}
+        self._lock = threading.Lock()
+
+    def _recent(self, client: str, now: float) -> deque:
+        times = self._failures.get(client, deque())
+        while times and times[0] <= now - self.window_s:
+            times.popleft()
+        return times
+
+    def retry_after(self, client: str) -> int:
+        """0 when `client` may try to sign in, else the seconds until it may try again."""
+        with self._lock:
+            now = self.clock()
+            times = self._recent(client, now)
+            if len(times) < self.limit:
+                return 0
+            return max(1, int(times[-self.limit] + self.window_s - now + 0.999))
+
+    def failed(self, client: str) -> None:
+        with self._lock:
+            now = self.clock()
+            if client not in self._failures and len(self._failures) >= self.MAX_CLIENTS:
+                for other in [c for c in self._failures if not self._recent(c, now)]:
+                    del self._failures[other]
+            times = self._recent(client, now)
+            times.append(now)
+            self._failures[client] = times

@@ -1,4 +1,10 @@
-"""ASGI middleware: request-body size limit (413) and security headers on every response.
+"""ASGI middleware: the Host check (400), the request-body size limit (413) and security headers
+on every response.
+
+The Host check refuses DNS rebinding: a page on `evil.example` whose name the attacker later
+points at 127.0.0.1 reaches this server with `Host: evil.example`, a name the server was not
+told to answer to. Accepted: IP addresses (a browser that connects to an address sends it
+as the Host, so no foreign origin can), `localhost`, and the names given as `allowed_hosts`.
 
 Written as plain ASGI (not `BaseHTTPMiddleware`) so it can count a body that arrives in
 chunks without a Content-Length and stop reading the moment it passes the limit.
@@ -6,6 +12,7 @@ chunks without a Content-Length and stop reading the moment it passes the limit.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 
 from starlette.exceptions import HTTPException
@@ -30,10 +37,31 @@ class _TooLarge(HTTPException):
         super().__init__(413, f"request body is larger than {limit} bytes")
 
 
+def host_name(host: str) -> str:
+    """`Host` header -> the name or address without the port, lower-case (`[::1]:80` -> `::1`)."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:].split("]", 1)[0]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def _is_address(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
 class Guard:
-    def __init__(self, app, max_body_bytes: int):
+    def __init__(self, app, max_body_bytes: int, allowed_hosts=()):
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.allowed_hosts = {"localhost"} | {host_name(h) for h in allowed_hosts if h}
+
+    def host_allowed(self, host: str) -> bool:
+        name = host_name(host)
+        return bool(name) and (name in self.allowed_hosts or _is_address(name))
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -49,7 +77,12 @@ class Guard:
                 message = {**message, "headers": list(message.get("headers", [])) + extra}
             await send(message)
 
-        length = dict(scope.get("headers", [])).get(b"content-length")
+        headers = dict(scope.get("headers", []))
+        host = headers.get(b"host", b"").decode("latin-1")
+        if not self.host_allowed(host):
+            return await _error(send_with_headers, 400, f"this server does not answer to Host {host[:100]!r}; "
+                                                        "its operator can add the name with --allowed-host")
+        length = headers.get(b"content-length")
         if length is not None:
             if not length.isdigit():
                 return await _error(send_with_headers, 400, "invalid Content-Length")

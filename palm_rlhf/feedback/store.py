@@ -1,6 +1,6 @@
 """SQLite storage for the feedback app: prepared pairs, pairs issued to raters, judgements.
 
-Three tables, one idea each:
+Three tables hold the data, one idea each (a fourth, ``sessions``, holds sign-ins):
 
 - ``items``: a prompt with two completions (and which checkpoint wrote each side, and the
   sampling settings). Written by the background generator *before* anyone asks for it, so a
@@ -9,6 +9,8 @@ Three tables, one idea each:
   issue id that belongs to the rater who sends it, and each issue is judged at most once.
 - ``judgements``: one row per accepted judgement. It copies the pair text, checkpoints and
   sampling settings from the item, so the row is self-contained for export and audits.
+- ``sessions``: a browser sign-in: the sha256 of a random session id (the cookie holds the id),
+  the rater and when it expires. Signing out deletes the row, so a copied cookie stops working.
 
 The database runs in WAL mode with ``synchronous=FULL``: a judgement the server has answered
 "ok" for is on disk, so killing the server (even with SIGKILL) loses nothing acknowledged.
@@ -18,6 +20,7 @@ each request holds the lock for well under a millisecond.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import secrets
@@ -71,6 +74,12 @@ CREATE TABLE IF NOT EXISTS judgements (
     issued_at REAL NOT NULL,
     judged_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS sessions (
+    id_hash TEXT PRIMARY KEY,
+    rater TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    expires_at REAL NOT NULL
+);
 """
 
 
@@ -116,19 +125,27 @@ class Judgement:
     judged_at: float
 
 
+def _rating(rating) -> int | None:
+    """An integer 1-5 (a JSON integer, or a form's digit), or None for no rating.
+
+    2.5, 4.0, 1e999 and true are refused: a float is not a rating, and JSON's booleans are
+    not integers even though Python's are."""
+    if rating is None or (isinstance(rating, str) and not rating.strip()):
+        return None
+    if isinstance(rating, str) and rating.strip() in ("1", "2", "3", "4", "5"):
+        return int(rating)
+    if isinstance(rating, int) and not isinstance(rating, bool) and 1 <= rating <= 5:
+        return rating
+    shown = repr(rating) if not isinstance(rating, str) else repr(rating[:20])
+    raise JudgementRejected(f"rating must be an integer from 1 to 5, or empty; got {shown}", 422)
+
+
 def validate_judgement(choice, rating, comment) -> tuple[str, int | None, str]:
     """Normalise the rater's input; raise JudgementRejected (422) naming the bad field."""
-    if choice not in CHOICES:
-        raise JudgementRejected(f"choice must be one of {', '.join(CHOICES)}, got {choice!r}", 422)
-    if rating in (None, ""):
-        rating = None
-    else:
-        try:
-            rating = int(rating)
-        except (TypeError, ValueError):
-            raise JudgementRejected(f"rating must be an integer 1-5 or empty, got {rating!r}", 422) from None
-        if not 1 <= rating <= 5:
-            raise JudgementRejected(f"rating must be between 1 and 5, got {rating}", 422)
+    if not isinstance(choice, str) or choice not in CHOICES:
+        shown = repr(choice[:20]) if isinstance(choice, str) else type(choice).__name__
+        raise JudgementRejected(f"choice must be one of {', '.join(CHOICES)}, got {shown}", 422)
+    rating = _rating(rating)
     comment = "" if comment is None else comment
     if not isinstance(comment, str):
         raise JudgementRejected("comment must be a string", 422)
@@ -218,13 +235,24 @@ class FeedbackStore:
 
     # ------------------------------------------------------------------ issuing and judging
 
-    def next_pair(self, rater: str, shared_fraction: float = 0.0) -> IssuedPair | None:
+    def draw_shared(self, shared_fraction: float) -> bool:
+        """One draw of the chance to be given a shared pair (see `next_pair`)."""
+        if shared_fraction <= 0:
+            return False
+        with self._lock:  # the seeded generator is shared by the server's threads
+            return self._rng.random() < shared_fraction
+
+    def next_pair(self, rater: str, shared_fraction: float = 0.0, *, shared: bool | None = None
+                  ) -> IssuedPair | None:
         """The rater's pending pair, else a newly issued one; None when nothing is prepared.
 
         With probability `shared_fraction` the rater is given an item another rater has already
         judged (each item goes to at most two raters); this is what inter-rater agreement is
-        measured on. A pending pair is always returned first, so reloading the page (or
-        restarting the server) shows the same pair instead of skipping it.
+        measured on. A caller that retries while the queue is empty draws once with
+        `draw_shared` and passes the outcome as `shared`, so retries do not draw again (each
+        retry would be another chance, and shared pairs would be over-served). A pending pair
+        is always returned first, so reloading the page (or restarting the server) shows the
+        same pair instead of skipping it.
         """
         def issue(db):
             row = db.execute(
@@ -235,7 +263,7 @@ class FeedbackStore:
             if row:
                 return _issued(row)
             item = None
-            if shared_fraction > 0 and self._rng.random() < shared_fraction:
+            if shared if shared is not None else (shared_fraction > 0 and self._rng.random() < shared_fraction):
                 item = db.execute(
                     "SELECT items.id FROM items JOIN judgements ON judgements.item_id = items.id "
                     "WHERE judgements.rater != ? "
@@ -294,10 +322,38 @@ class FeedbackStore:
             return _judgements(self._read("SELECT * FROM judgements ORDER BY id"))
         return _judgements(self._read("SELECT * FROM judgements WHERE rater = ? ORDER BY id", (rater,)))
 
+    # ------------------------------------------------------------------ sign-in sessions
+
+    def create_session(self, rater: str, ttl_s: float) -> str:
+        """A new random session id for `rater`, valid for `ttl_s` seconds (only its hash is stored)."""
+        session, now = secrets.token_urlsafe(32), time.time()
+
+        def insert(db):
+            db.execute("DELETE FROM sessions WHERE expires_at <= ?", (now,))
+            db.execute("INSERT INTO sessions (id_hash, rater, created_at, expires_at) VALUES (?, ?, ?, ?)",
+                       (_digest(session), rater, now, now + ttl_s))
+        self._write(insert)
+        return session
+
+    def session_rater(self, session: str | None) -> str | None:
+        """The rater of a live session id; None for an unknown, signed-out or expired one."""
+        if not session:
+            return None
+        rows = self._read("SELECT rater FROM sessions WHERE id_hash = ? AND expires_at > ?",
+                          (_digest(session), time.time()))
+        return rows[0]["rater"] if rows else None
+
+    def end_session(self, session: str) -> None:
+        self._write(lambda db: db.execute("DELETE FROM sessions WHERE id_hash = ?", (_digest(session),)))
+
     def judged_count(self, rater: str | None = None) -> int:
         if rater is None:
             return self._read("SELECT COUNT(*) FROM judgements")[0][0]
         return self._read("SELECT COUNT(*) FROM judgements WHERE rater = ?", (rater,))[0][0]
+
+
+def _digest(session: str) -> str:
+    return hashlib.sha256(session.encode()).hexdigest()
 
 
 def _judgements(rows) -> list[Judgement]:

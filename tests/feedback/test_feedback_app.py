@@ -26,7 +26,7 @@ def setup(tmp_path):
         prompts = [fake_server.XSS_PROMPT] if xss else ["p0", "p1", "p2"]
         queue = PairQueue(store, FakePairSource(xss, two), prompts, size=queue_size)
         app = create_app(store, queue, read_raters(tmp_path / "raters.txt"), shared_fraction=shared,
-                         max_body_bytes=2048, wait_s=5.0)
+                         max_body_bytes=2048, wait_s=5.0, allowed_hosts=["testserver"])
         return store, app
     return make
 
@@ -74,8 +74,8 @@ def test_api_forged_replayed_cross_rater_rejected(setup):
         assert ok.json()["next"]["pair_id"] != pair["pair_id"]       # the next pair comes with the answer
         replay = c.post("/api/judge", headers=bearer("alice"), json={"pair_id": pair["pair_id"], "choice": "a"})
         assert replay.status_code == 409
-        assert c.post("/api/judge", headers=bearer("alice"), content=b"[1, 2]",
-                      ).status_code == 400
+        assert c.post("/api/judge", headers={**bearer("alice"), "content-type": "application/json"},
+                      content=b"[1, 2]").status_code == 400
         assert c.post("/api/judge", headers=bearer("alice"), json={"pair_id": ok.json()["next"]["pair_id"],
                                                                   "choice": "maybe"}).status_code == 422
     [j] = store.judgements()
@@ -133,7 +133,8 @@ def test_oversized_bodies_get_413(setup):
         def chunks():  # no Content-Length: the limit is enforced while reading
             for _ in range(10):
                 yield b"x" * 1000
-        assert c.post("/api/judge", headers=bearer("alice"), content=chunks()).status_code == 413
+        assert c.post("/api/judge", headers={**bearer("alice"), "content-type": "application/json"},
+                      content=chunks()).status_code == 413
         assert c.post("/login", content=b"token=" + b"x" * 4000,
                       headers={"content-type": "application/x-www-form-urlencoded"}).status_code == 413
     assert store.judged_count() == 0
