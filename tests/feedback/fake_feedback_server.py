@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import threading
+import time
 
 XSS_PROMPT = '<b>bold?</b><script>window.__xss = "prompt"</script>'
 XSS_A = '<script>window.__xss = "a"</script>A says <img src=x onerror="window.__xss = \'img-a\'">'
@@ -19,14 +20,16 @@ XSS_B = '<img src=x onerror="window.__xss = \'img-b\'"><svg onload="window.__xss
 class FakePairSource:
     """Instant, deterministic pairs: completion texts name the pair number and the side."""
 
-    def __init__(self, xss: bool = False, two_checkpoints: bool = False):
-        self.xss, self.two = xss, two_checkpoints
+    def __init__(self, xss: bool = False, two_checkpoints: bool = False, delay_s: float = 0.0):
+        self.xss, self.two, self.delay_s = xss, two_checkpoints, delay_s
         self._count = itertools.count()
         self._lock = threading.Lock()
 
     def make_pair(self, prompt: str):
         from palm_rlhf.feedback.pairs import PairDraft
 
+        if self.delay_s:
+            time.sleep(self.delay_s)  # a generator slower than the raters: the queue runs dry
         with self._lock:
             n = next(self._count)
         a, b = (f"{XSS_A} #{n}", f"{XSS_B} #{n}") if self.xss else (f"pair {n} side A", f"pair {n} side B")
@@ -49,11 +52,12 @@ def main() -> None:
     p.add_argument("--two-checkpoints", action="store_true")
     p.add_argument("--queue-size", type=int, default=8)
     p.add_argument("--shared-fraction", type=float, default=0.0)
+    p.add_argument("--pair-delay", type=float, default=0.0, help="seconds to make each pair")
     args = p.parse_args()
 
     store = FeedbackStore(args.db, seed=0)
     prompts = [XSS_PROMPT] if args.xss else [f"prompt number {i}" for i in range(7)]
-    queue = PairQueue(store, FakePairSource(args.xss, args.two_checkpoints), prompts, size=args.queue_size)
+    queue = PairQueue(store, FakePairSource(args.xss, args.two_checkpoints, args.pair_delay), prompts, size=args.queue_size)
     app = create_app(store, queue, read_raters(args.raters), shared_fraction=args.shared_fraction,
                      max_body_bytes=4096)
     sock = bind("127.0.0.1", args.port)

@@ -1,4 +1,4 @@
-"""Helpers for the feedback tests: fake pair source, raters files, a real server subprocess.
+"""Helpers for the feedback tests: fake pair source, raters files, a real server subprocess, a rater loop.
 
 (A uniquely named module, not conftest.py, so `from feedback_testing import ...` can never pick
 up another directory's helpers.)"""
@@ -82,3 +82,30 @@ def _wait_healthy(url: str, proc, lines, timeout: float = 30.0) -> None:
         time.sleep(0.1)
     proc.kill()
     raise RuntimeError("feedback server never answered /healthz:\n" + "".join(lines))
+
+
+def judge_loop(url: str, token: str, n: int, acknowledged: list, errors: list, stop: threading.Event | None = None):
+    """Judge `n` pairs as one rater; record every pair id the server acknowledged with 200."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {token}"}
+    choices = ["a", "b", "tie", "both_bad"]
+    with httpx.Client(base_url=url, headers=headers, timeout=30) as client:
+        pair = client.get("/api/next", params={"wait": 10}).json()["pair"]
+        for i in range(n):
+            if stop is not None and stop.is_set():
+                return
+            if pair is None:
+                errors.append("no pair offered")
+                return
+            try:
+                r = client.post("/api/judge", json={"pair_id": pair["pair_id"], "choice": choices[i % 4]})
+            except httpx.HTTPError as e:
+                if stop is None:
+                    errors.append(repr(e))
+                return
+            if r.status_code != 200:
+                errors.append(f"{r.status_code} {r.text}")
+                return
+            acknowledged.append(pair["pair_id"])
+            pair = r.json()["next"] or client.get("/api/next", params={"wait": 10}).json()["pair"]

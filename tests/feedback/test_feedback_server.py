@@ -9,32 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from feedback_testing import write_raters
-
-
-def judge_loop(url: str, token: str, n: int, acknowledged: list, errors: list, stop: threading.Event | None = None):
-    """Judge `n` pairs as one rater; record every pair id the server acknowledged with 200."""
-    headers = {"Authorization": f"Bearer {token}"}
-    choices = ["a", "b", "tie", "both_bad"]
-    with httpx.Client(base_url=url, headers=headers, timeout=30) as client:
-        pair = client.get("/api/next", params={"wait": 10}).json()["pair"]
-        for i in range(n):
-            if stop is not None and stop.is_set():
-                return
-            if pair is None:
-                errors.append("no pair offered")
-                return
-            try:
-                r = client.post("/api/judge", json={"pair_id": pair["pair_id"], "choice": choices[i % 4]})
-            except httpx.HTTPError as e:
-                if stop is None:
-                    errors.append(repr(e))
-                return
-            if r.status_code != 200:
-                errors.append(f"{r.status_code} {r.text}")
-                return
-            acknowledged.append(pair["pair_id"])
-            pair = r.json()["next"] or client.get("/api/next", params={"wait": 10}).json()["pair"]
+from feedback_testing import judge_loop, write_raters
 
 
 def rows(db) -> list[tuple]:
