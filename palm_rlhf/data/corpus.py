@@ -203,10 +203,9 @@ class _SplitWriter:
 
 def _check_writable(out_dir: Path) -> None:
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / ".write_test"
-        probe.write_bytes(b"")
-        probe.unlink()
+        fd, probe = create_temporary(out_dir / "write_test")  # a temporary name: cleaned even after a kill
+        os.close(fd)
+        os.unlink(probe)
     except OSError as e:
         raise DataError(f"output directory {out_dir} is not writable ({e}); choose another --out") from e
 
