@@ -55,10 +55,12 @@ def test_serve_two_checkpoints_judge_and_export(tmp_path, capsys):
     db = tmp_path / "f.sqlite"
     proc, url, lines = serve("--checkpoint", a, "--checkpoint", b, "--prompts", tmp_path / "prompts.txt",
                              "--raters", tmp_path / "raters.txt", "--db", db, "--max-new-tokens", "8",
-                             "--queue-size", "2", "--seed", "0")
+                             "--queue-size", "2", "--seed", "0", "--allowed-host", "rating.example.org")
     try:
         assert url.startswith("http://127.0.0.1:")   # loopback unless told otherwise
         with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {tokens['alice']}"}, timeout=60) as c:
+            assert c.get("/api/stats", headers={"host": "rating.example.org"}).status_code == 200
+            assert c.get("/api/stats", headers={"host": "rebound.example.org:8000"}).status_code == 400
             pair = c.get("/api/next", params={"wait": 60}).json()["pair"]
             for choice in ["a", "b", "tie", "a"]:
                 assert pair is not None, "".join(lines)
