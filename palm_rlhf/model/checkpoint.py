@@ -163,6 +163,14 @@ def _code_it_asks_for(path: Path, error: Exception) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def _unpickler_reason(error: Exception) -> str:
+    """PyTorch's weights-only error without its advice (to load with weights_only=False, to file an
+    issue, to read the docs): only the line that says what it tripped on."""
+    noise = ("weights_only", "Weights only load failed", "Check the documentation", "Please file an issue")
+    lines = [line for line in str(error).splitlines() if line.strip() and not any(n in line for n in noise)]
+    return one_line(Exception(" ".join(lines)) if lines else error, 160)
+
+
 def load_plain(path, *, what: str = "state dict", fix: str | None = None, map_location="cpu"):
     """`torch.load(path, weights_only=True)`, the one way this library reads a `.pt` file.
 
@@ -180,12 +188,12 @@ def load_plain(path, *, what: str = "state dict", fix: str | None = None, map_lo
         names = _code_it_asks_for(path, e)
         if not names:
             raise CheckpointError(f"{path}: cannot read (truncated or corrupt, or not a PyTorch file?): "
-                                  f"{one_line(e, 120)}{'. ' + fix if fix else ''}") from None
+                                  f"{_unpickler_reason(e)}{'. ' + fix if fix else ''}") from None
         advice = fix or (f"Convert trusted files with safetensors.torch.save_file(state_dict, "
                          f"'{path.stem}.safetensors') in the program that made them")
         raise CheckpointError(f"{path}: not a plain {what} (it asks to run code: {', '.join(names[:5])}); "
                               f"refusing to load it. {advice}") from None
-    except (RuntimeError, EOFError, ValueError, OSError, KeyError, AttributeError, IndexError) as e:
+    except Exception as e:  # noqa: BLE001 - truncated or corrupt: whatever the unpickler tripped on
         raise CheckpointError(f"{path}: cannot read (truncated or corrupt?): {one_line(e)}"
                               f"{'. ' + fix if fix else ''}") from e
 

@@ -141,3 +141,12 @@ def test_corrupt_safetensors_names_the_file_everywhere(tmp_path, capsys):
     assert f"{adapter}: cannot read safetensors file" in line
     with pytest.raises(CheckpointError, match=r"actor\.safetensors: cannot read safetensors file"):
         load_adapter(make_palm(), adapter)
+
+
+def test_corrupt_pt_is_one_line_without_pytorch_advice(tmp_path, capsys):
+    (tmp_path / "zeros.pt").write_bytes(b"\x00\xff" * 500)  # not a pickle at all
+    torch.save(make_palm().state_dict(), tmp_path / "whole.pt")
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "whole.pt").read_bytes()[:300])  # a truncated zip
+    for name in ("zeros.pt", "cut.pt"):
+        line = cli_error(capsys, "info", str(tmp_path / name))
+        assert f"{tmp_path / name}: cannot read (truncated or corrupt" in line
