@@ -38,7 +38,7 @@ def test_crash_mid_save_keeps_latest(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match="disk full"):
         mgr.save(2, {"step": 2}, model=Boom())
     assert mgr.latest().name == "step_00000001" and mgr.load()["step"] == 1
-    assert not list(mgr.dir.glob(".tmp-*"))
+    assert sorted(p.name for p in mgr.dir.iterdir()) == ["latest", "step_00000001"]  # no temporaries left
 
 
 def test_dangling_latest_falls_back_and_orphans_are_removed(tmp_path):
