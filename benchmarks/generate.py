@@ -84,9 +84,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.tune_malloc:
-        from palm_rlhf.runtime.allocator import tune_malloc
+        from palm_rlhf.cli.allocator import tune_malloc
 
-        print("glibc malloc tuned (palm_rlhf.runtime.allocator):", tune_malloc())
+        print("glibc malloc tuned (palm_rlhf.cli.allocator):", tune_malloc())
     import transformers  # noqa: F401  (import cost outside the timings)
 
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, prompt {PROMPT}, new tokens {NEW}")
