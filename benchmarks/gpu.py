@@ -78,9 +78,6 @@ def flops_per_token(model) -> float:
 
 
 def train_part(peak: float) -> None:
-    from palm_rlhf.runtime.optim import OptimConfig, build_optimizer
-    from palm_rlhf.runtime.step import TrainStep
-
     c = TRAIN
     batch = torch.randint(1, c["vocab"], (c["batch"], c["seq"] + 1), device="cuda")
     print(f"\n## training, bf16 autocast, dim {c['dim']}, depth {c['depth']}, {c['heads']} heads x {c['dim_head']}, "
@@ -88,21 +85,27 @@ def train_part(peak: float) -> None:
     print("| system | tokens/s | step ms | MFU vs measured bf16 peak | peak memory GiB |")
     print("| --- | --- | --- | --- | --- |")
     for name, (model, loss_fn) in train_models().items():
-        model.cuda().train()
-        stepper = TrainStep(model, build_optimizer(model, OptimConfig(lr=1e-4)), None, precision="bf16")
-        counter = iter(range(10**6))
-        step = lambda: stepper(loss_fn, [batch], step=next(counter))  # noqa: E731
-        for _ in range(3):
-            step()
-        torch.cuda.reset_peak_memory_stats()
-        seconds = statistics.median(timed(step, 10))
-        tokens = c["batch"] * c["seq"] / seconds
-        mfu = tokens * flops_per_token(model) / peak
-        print(f"| {name} | {tokens:,.0f} | {1000 * seconds:.1f} | {100 * mfu:.1f}% | "
-              f"{torch.cuda.max_memory_allocated() / 2**30:.1f} |", flush=True)
+        tokens, seconds, gib = train_one(model.cuda().train(), loss_fn, batch)
+        print(f"| {name} | {tokens:,.0f} | {1000 * seconds:.1f} | {100 * tokens * flops_per_token(model) / peak:.1f}% | "
+              f"{gib:.1f} |", flush=True)
         model.cpu()
-        del stepper
         torch.cuda.empty_cache()
+
+
+def train_one(model, loss_fn, batch) -> tuple[float, float, float]:
+    """(tokens/s, seconds per step, peak GiB) of bf16 AdamW steps; the optimizer is freed on return."""
+    from palm_rlhf.runtime.optim import OptimConfig, build_optimizer
+    from palm_rlhf.runtime.step import TrainStep
+
+    stepper = TrainStep(model, build_optimizer(model, OptimConfig(lr=1e-4)), None, precision="bf16")
+    counter = iter(range(10**6))
+    step = lambda: stepper(loss_fn, [batch], step=next(counter))  # noqa: E731
+    for _ in range(3):
+        step()
+    torch.cuda.reset_peak_memory_stats()
+    seconds = statistics.median(timed(step, 10))
+    tokens = batch.shape[0] * (batch.shape[1] - 1)  # inputs are batch[:, :-1]
+    return tokens / seconds, seconds, torch.cuda.max_memory_allocated() / 2**30
 
 
 def decode_part(repeats: int = 3) -> None:

@@ -4,7 +4,8 @@
 - ``"cpu"``: `palm_rlhf.backends.cpu.Decoder`, the same function with the weights bound once in
   the layouts a CPU streams fastest (oneDNN-prepacked where the build has it); CPU only.
 - ``"auto"`` (default): ``"cpu"`` for a model on a CPU, ``"plain"`` elsewhere. On the development
-  CPU the cpu engine decodes 2-4x faster than the plain one (benchmarks/generate.py, ``--backends``).
+  CPU the cpu engine decodes faster than the plain one (benchmarks/generate.py, ``ours`` vs
+  ``ours-plain``; figures in benchmarks/README.md).
 
 A decoder has one method, ``step(tokens (b,)) -> next-token logits (b, V)``, which appends the
 tokens to its KV cache. Both engines are tested against each other (tests/backends/).

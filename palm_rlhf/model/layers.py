@@ -79,18 +79,6 @@ class RotaryEmbedding(nn.Module):
         scale = (torch.arange(0, dim, 2) + 0.4 * dim) / (1.4 * dim)
         self.register_buffer("scale", scale)
 
-    def forward(self, seq_len: int, device=None):
-        """Seed-compatible: (freqs (n, d), xpos scale (n, d) or ones(1))."""
-        device = device if device is not None else self.inv_freq.device
-        t = torch.arange(seq_len, device=device, dtype=torch.float32)
-        freqs = torch.outer(t, self.inv_freq.float())
-        freqs = torch.cat((freqs, freqs), dim=-1)
-        if not self.use_xpos:
-            return freqs, torch.ones(1, device=device)
-        power = (t - (seq_len // 2)) / self.scale_base
-        scale = self.scale.float() ** power.unsqueeze(-1)
-        return freqs, torch.cat((scale, scale), dim=-1)
-
     def tables(self, positions: Tensor, center: float, dtype: torch.dtype):
         """Rotation tables for arbitrary positions (..., n) -> (q_cos, q_sin, k_cos, k_sin),
         each (..., n, d), already multiplied by the xpos scale (queries) or its inverse (keys)."""
@@ -110,11 +98,6 @@ class RotaryEmbedding(nn.Module):
 def rotate_half(x: Tensor) -> Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rotary_pos_emb(pos: Tensor, t: Tensor, scale=1.0) -> Tensor:
-    """Seed-compatible rotary application."""
-    return (t * pos.cos() * scale) + (rotate_half(t) * pos.sin() * scale)
 
 
 def apply_rotary_tables(t: Tensor, cos: Tensor, sin: Tensor) -> Tensor:

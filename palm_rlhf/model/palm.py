@@ -12,7 +12,6 @@ with `strict=True`. Each `forward` flag routes to a method:
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
@@ -331,18 +330,11 @@ class PaLM(nn.Module):
     @torch.no_grad()
     def generate(self, seq_len, prompt=None, temperature=1.0, filter_logits_fn=top_k, filter_thres=0.9,
                  pad_value=0.0, eos_token=None, return_seq_without_prompt=True, use_tqdm=False, **forward_kwargs):
-        """The seed's `generate`, KV-cached: sample until the sequence is `seq_len`
-        tokens long *including* the prompt (at least one new token).
-
-        `filter_logits_fn(logits, thres=filter_thres)` keeps the seed's legacy
-        filters (`palm_rlhf.ops.top_k` keeps a *fraction* of the vocabulary).
-        `forward_kwargs` may hold `finetune_scope` / `disable_lora`. Unlike the
-        seed, each row is padded with `pad_value` after its own `eos_token` (the
-        seed left post-EOS tokens in place until every row had finished), and
-        only generated tokens count as EOS, not the prompt's. Decoding stops once
-        every row has produced `eos_token`. For batching, log-probs, stop
-        sequences and streaming use `palm_rlhf.generation`.
-        """
+        """The seed's `generate`, KV-cached: sample until the sequence is `seq_len` tokens long
+        *including* the prompt (at least one new token), with the seed's legacy filters
+        (`filter_logits_fn(logits, thres=filter_thres)`). Unlike the seed, each row is padded with
+        `pad_value` after its own `eos_token`, and only generated tokens count as EOS. For batching,
+        log-probs, stop sequences and streaming use `palm_rlhf.generation`."""
         unknown = set(forward_kwargs) - {"finetune_scope", "disable_lora"}
         if unknown:
             raise InputError(f"generate() got unsupported keyword(s) {sorted(unknown)}; "
