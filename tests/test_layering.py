@@ -177,19 +177,24 @@ def test_layer_rule():
     assert not problems, "layering violations:\n  " + "\n  ".join(problems)
 
 
+def plant(tmp_path, monkeypatch, files: dict[str, str]) -> None:
+    """A fake package of these files, which the checkers then read instead of the real one."""
+    fake = tmp_path / "palm_rlhf"
+    for rel, source in files.items():
+        (fake / rel).parent.mkdir(parents=True, exist_ok=True)
+        (fake / rel).write_text(source)
+    monkeypatch.setattr(sys.modules[__name__], "PACKAGE", fake)
+
+
 def test_checker_catches_violations(tmp_path, monkeypatch):
     """The checker itself: each rule fires on a planted bad import (and relative imports resolve)."""
-    fake = tmp_path / "palm_rlhf"
-    for rel, source in {
+    plant(tmp_path, monkeypatch, {
         "model/bad.py": "from ..trainers import x\nimport numpy\nfrom ..data import tok\n",
         "model/fine.py": "import torch, math\nfrom ..ops import masked_mean\nfrom . import lora\n",
         "rl/bad.py": "def f():\n    from palm_rlhf.cli import main\n",
         "feedback/bad.py": "from palm_rlhf.trainers.reward import t\n",
         "data/bad.py": "from .. import PaLM\n",
-    }.items():
-        (fake / rel).parent.mkdir(parents=True, exist_ok=True)
-        (fake / rel).write_text(source)
-    monkeypatch.setattr(sys.modules[__name__], "PACKAGE", fake)
+    })
     found = {name: violations_of(name, path) for name, path in all_modules()}
     assert found["palm_rlhf.model.fine"] == []
     bad_model = " ".join(found["palm_rlhf.model.bad"])
@@ -204,8 +209,7 @@ def test_private_access_checker_catches_planted_reads(tmp_path, monkeypatch):
     """`model._hidden(...)` from rl and `model._require_scope` from generation (the seams this
     rule replaced), a private import across packages, and a private torch op outside the CPU
     backend are each reported; the same reads inside their own package are not."""
-    fake = tmp_path / "palm_rlhf"
-    for rel, source in {
+    plant(tmp_path, monkeypatch, {
         "model/palm.py": "class PaLM:\n    def _hidden(self, x):\n        return x\n"
                          "    def _require_scope(self, s):\n        self._hidden(s)\n",
         "model/helpers.py": "def _check(x):\n    return x\n",
@@ -214,10 +218,7 @@ def test_private_access_checker_catches_planted_reads(tmp_path, monkeypatch):
                                   "def g(model):\n    model._require_scope('a')\n",
         "ops.py": "import torch\ndef h(x, w):\n    return torch.ops.mkldnn._linear_pointwise(x, w)\n",
         "backends/cpu/onednn.py": "import torch\ndef h(x, w):\n    return torch.ops.mkldnn._linear_pointwise(x, w)\n",
-    }.items():
-        (fake / rel).parent.mkdir(parents=True, exist_ok=True)
-        (fake / rel).write_text(source)
-    monkeypatch.setattr(sys.modules[__name__], "PACKAGE", fake)
+    })
     found = "\n".join(private_access_violations())
     assert "rl/rollout.py:2 reads _hidden, private to model" in found
     assert "generation/generate.py:3 reads _require_scope, private to model" in found
