@@ -1,10 +1,10 @@
-"""Which weight layout a decode-step product streams fastest (supports `Decoder._layout`).
+"""Which weight layout a decode-step product streams fastest (supports the CPU backend's `Decoder._layout`).
 
     python benchmarks/decode_layouts.py --rows 1 8 [--dtype bf16] [--repeats 15]
 
 For each weight shape of the generation benchmark's model (dim 384, ff 1536, vocab
 256), times one product of `rows` rows with the weight (plus a residual) in every
-layout `palm_rlhf.model.decode.Decoder` could use, interleaved, cycling through
+layout `palm_rlhf.backends.cpu.Decoder` could use, interleaved, cycling through
 ~60 MB of distinct matrices so the weights stream from memory as in a real step.
 Prints the median µs per product.
 """
@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from palm_rlhf.ops import onednn_linear
+from palm_rlhf.backends.cpu import onednn_linear
 
 SHAPES = {"fused projection": (384, 3584), "attention out": (384, 384), "feedforward out": (1536, 384),
           "logits": (384, 256)}

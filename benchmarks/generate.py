@@ -3,6 +3,7 @@
     python benchmarks/generate.py                       # everything (several minutes)
     python benchmarks/generate.py --systems ours llama  # skip the slow seed package
     python benchmarks/generate.py --batches 1 --dtypes fp32 --repeats 5
+    python benchmarks/generate.py --systems ours ours-plain   # the CPU backend vs the plain engine
 
 Config (issue 3): dim 384, depth 6, heads 6, dim_head 64, vocab 256, random
 weights; 64-token prompts, 256 new tokens, sampling at temperature 1 with no
@@ -10,7 +11,9 @@ filters. All systems run in one process, interleaved (ours, seed, llama, ours,
 ...), and the median of the repeats is reported with ratios. Llama is
 `transformers.LlamaForCausalLM` of matched size: hidden 384, 6 layers, 6 heads
 with one key/value head (multi-query, like PaLM), SwiGLU width 1536, tied
-embeddings, its own KV cache.
+embeddings, its own KV cache. `ours` decodes with the default backend ("auto": the
+CPU backend on a CPU), `ours-plain` with `model.backend = "plain"` (the model's
+own block forward per token).
 """
 
 from __future__ import annotations
@@ -26,11 +29,12 @@ PROMPT, NEW = 64, 256
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def build_ours(dtype, compile_step=False):
+def build_ours(dtype, backend="auto"):
     from palm_rlhf.generation import SamplingConfig, generate
     from palm_rlhf.model import PaLM
 
     model = PaLM(dim=DIM, num_tokens=VOCAB, depth=DEPTH, heads=HEADS, dim_head=DIM_HEAD).to(dtype).eval()
+    model.backend = backend
     config = SamplingConfig(max_new_tokens=NEW, temperature=1.0)
 
     def run(prompts, new_tokens=NEW):
@@ -69,7 +73,8 @@ def build_llama(dtype):
     return run
 
 
-BUILDERS = {"ours": build_ours, "seed": build_seed, "llama": build_llama}
+BUILDERS = {"ours": build_ours, "ours-plain": lambda dtype: build_ours(dtype, "plain"), "seed": build_seed,
+            "llama": build_llama}
 
 
 def main(argv=None):
@@ -84,9 +89,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.tune_malloc:
-        from palm_rlhf.runtime.allocator import tune_malloc
+        from palm_rlhf.cli.allocator import tune_malloc
 
-        print("glibc malloc tuned (palm_rlhf.runtime.allocator):", tune_malloc())
+        print("glibc malloc tuned (palm_rlhf.cli.allocator):", tune_malloc())
     import transformers  # noqa: F401  (import cost outside the timings)
 
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, prompt {PROMPT}, new tokens {NEW}")

@@ -1,5 +1,5 @@
 """Cost of PaLM's input checks: `model.logits(x)` (checks ids, dtype, shape, range)
-vs `model.to_logits(model._hidden(x))` (the same forward, no checks).
+vs `model.to_logits(model._forward_hidden(x))` (the same forward, no checks).
 
     python benchmarks/input_checks.py                 # small + medium model, 1 thread
     python benchmarks/input_checks.py --threads 2 --repeats 15
@@ -49,7 +49,7 @@ def bench(name, repeats, inner, device):
     model = PaLM(**kwargs).to(device).eval()
     x = torch.randint(0, kwargs["num_tokens"], (batch, seq_len), device=device)
     checked = lambda: model.logits(x)  # noqa: E731
-    unchecked = lambda: model.to_logits(model._hidden(x))  # noqa: E731
+    unchecked = lambda: model.to_logits(model._forward_hidden(x))  # noqa: E731
     check_only = lambda: model._check_tokens(x)  # noqa: E731
     with torch.inference_mode():
         assert torch.equal(checked(), unchecked())  # the same computation

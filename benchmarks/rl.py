@@ -129,9 +129,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if not args.no_tune_malloc:
-        from palm_rlhf.runtime.allocator import tune_malloc
+        from palm_rlhf.cli.allocator import tune_malloc
 
-        print("glibc malloc tuned (palm_rlhf.runtime.allocator):", tune_malloc())
+        print("glibc malloc tuned (palm_rlhf.cli.allocator):", tune_malloc())
     prompts = make_prompts(256)
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -2,7 +2,7 @@
 
     python benchmarks/train.py                                  # everything (~10 minutes)
     python benchmarks/train.py --precisions fp32 --repeats 3    # quicker
-    python benchmarks/train.py --systems ours ours-math ours-compile --precisions bf16
+    python benchmarks/train.py --systems ours ours-compile --precisions bf16
     python benchmarks/train.py --memory                         # also peak RSS, one subprocess per row
 
 Config S (issue 4): dim 384, depth 6, heads 6, dim_head 64, vocab 256, seq 256, batch 16,
@@ -11,11 +11,8 @@ same optimizer step: `palm_rlhf.runtime.step.TrainStep` (AdamW over decay/no-dec
 grad clipping at 1.0, bf16 autocast when asked), so only the model and its loss differ:
 
 * ours      `palm_rlhf.model.PaLM` with the pretrain trainer's loss (`PaLM.logits` +
-            `ops.token_cross_entropy`), attention as `ModelConfig` sets it by default;
-  ours-math / ours-sdpa   the same with the explicit attention / `F.scaled_dot_product_attention`;
+            `ops.token_cross_entropy`): the one block forward, attention through SDPA;
   ours-compile            the same loss under `torch.compile` (the trainers' `compile: true`).
-  ours-mkl                the same with PALM_RLHF_ONEDNN=0: fp32 projections through `torch.mm`
-                          (MKL) instead of oneDNN (`palm_rlhf.ops.linear`).
 * seed      `palm_rlhf_pytorch.PaLM(..., return_loss=True)` 0.8.0 (its default attention).
 * llama     `transformers.LlamaForCausalLM`: hidden 384, 6 layers, 6 query heads with one
             key/value head (multi-query, like PaLM), SwiGLU width 1536, tied embeddings, its
@@ -24,9 +21,9 @@ grad clipping at 1.0, bf16 autocast when asked), so only the model and its loss 
 All rows run in one process, interleaved (the order rotates every repeat), and each repeat also
 measures the matmul peak (a 2048^3 `torch.mm`, fp32 and bf16) so MFU compares like with like on a
 shared machine. Reported: medians over repeats, and ratios to the seed package. MFU is against
-the `torch.mm` peak (the issue's reference: the seed package measures 82% against it); since
-oneDNN's fp32 2048^3 product runs faster than `torch.mm`'s on some CPUs (1.2x on the AMD EPYC
-development machine), fp32 MFU is also reported against that second, higher peak.
+the `torch.mm` peak (the issue's reference: the seed package measures 82% against it); fp32 MFU
+is also reported against oneDNN's fp32 2048^3 product, which runs faster than `torch.mm`'s on
+some CPUs (1.2x on the AMD EPYC development machine).
 
 FLOPs per trained token (PaLM paper, appendix B): 6 N + 12 L H Q T, with N the weights that
 take part in matmuls (12,779,520: the 6 blocks' projections plus the tied 256 x 384 output
@@ -48,10 +45,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from palm_rlhf.ops import onednn_linear, onednn_works
+from palm_rlhf.backends.cpu import onednn_linear, onednn_works
 
 DIM, DEPTH, HEADS, DIM_HEAD, VOCAB, SEQ, BATCH = 384, 6, 6, 64, 256, 256, 16
-SYSTEMS = ("ours", "ours-math", "ours-sdpa", "ours-compile", "ours-mkl", "seed", "llama")
+SYSTEMS = ("ours", "ours-compile", "seed", "llama")
 DEFAULT_SYSTEMS = ("ours", "seed", "llama")
 PRECISIONS = ("fp32", "bf16")
 
@@ -73,14 +70,11 @@ def batches(count: int = 4, seed: int = 0) -> list[torch.Tensor]:
     return [torch.randint(1, VOCAB, (BATCH, SEQ + 1), generator=g) for _ in range(count)]
 
 
-def _ours_model(flash_attn: bool | None):
+def _ours_model():
     from palm_rlhf.model import PaLM
     from palm_rlhf.trainers.base import ModelConfig
 
-    cfg = ModelConfig(dim=DIM, depth=DEPTH, heads=HEADS, dim_head=DIM_HEAD)
-    if flash_attn is not None:
-        cfg.flash_attn = flash_attn
-    return PaLM(**cfg.kwargs(VOCAB))
+    return PaLM(**ModelConfig(dim=DIM, depth=DEPTH, heads=HEADS, dim_head=DIM_HEAD).kwargs(VOCAB))
 
 
 def build(system: str, precision: str):
@@ -91,8 +85,7 @@ def build(system: str, precision: str):
 
     torch.manual_seed(0)
     if system.startswith("ours"):
-        flash = {"ours-math": False, "ours-sdpa": True}.get(system)
-        model = _ours_model(flash)
+        model = _ours_model()
         forward = torch.compile(model) if system == "ours-compile" else model
 
         def loss_fn(batch):  # the pretrain trainer's loss
@@ -119,13 +112,7 @@ def build(system: str, precision: str):
     counter = iter(range(10**9))
 
     def step(batch) -> float:
-        if system != "ours-mkl":
-            return stepper(loss_fn, [batch], step=next(counter)).loss
-        os.environ["PALM_RLHF_ONEDNN"] = "0"
-        try:
-            return stepper(loss_fn, [batch], step=next(counter)).loss
-        finally:
-            del os.environ["PALM_RLHF_ONEDNN"]
+        return stepper(loss_fn, [batch], step=next(counter)).loss
     return model, step
 
 
@@ -144,7 +131,7 @@ def build_llama():
 def matmul_peak(dtype: torch.dtype, threads: int, n: int = 2048, reps: int = 3,
                 onednn: bool = False) -> tuple[float, float]:
     """Best FLOP/s of `reps` (n x n) @ (n x n) matmuls: (per wall second, per CPU second x threads).
-    onednn: oneDNN's linear (`palm_rlhf.ops.onednn_linear`) instead of `torch.mm`."""
+    onednn: oneDNN's linear (`palm_rlhf.backends.cpu.onednn_linear`) instead of `torch.mm`."""
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
 
     def mm():
@@ -215,9 +202,9 @@ def main(argv=None) -> None:
                    help="apply the glibc malloc settings the palm-rlhf command uses (to every system)")
     args = p.parse_args(argv)
     if args.tune_malloc:
-        from palm_rlhf.runtime.allocator import tune_malloc
+        from palm_rlhf.cli.allocator import tune_malloc
 
-        print("glibc malloc tuned (palm_rlhf.runtime.allocator):", tune_malloc())
+        print("glibc malloc tuned (palm_rlhf.cli.allocator):", tune_malloc())
     if args.memory_child:
         memory_child(args.memory_child[0], args.memory_child[1], int(args.memory_child[2]))
         return
@@ -277,7 +264,7 @@ def report(args, rows, speeds, peaks) -> None:
               f"{own:.1f}% | {dnn} | {ratio} | {rss} |")  # one decimal: a target like 90% must not be met by rounding
     # per-repeat ratios (same repeat = same machine load) are steadier than ratios of medians
     for prec in args.precisions:
-        for other in [s for s in ("seed", "llama") + SYSTEMS[1:5] if s != "ours"]:
+        for other in ("seed", "llama", "ours-compile"):
             if ("ours", prec) in speeds and (other, prec) in speeds:
                 for clock, name in ((0, "wall"), (1, "cpu")):
                     rs = [a[clock] / b[clock] for a, b in zip(speeds[("ours", prec)], speeds[(other, prec)])]

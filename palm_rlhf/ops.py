@@ -1,103 +1,16 @@
 """Tensor helpers: the one home for small functions used across layers.
 
-Masked statistics, log-prob gathering, the logit filters used by sampling, and the fp32
-CPU matmul that the model's projections go through (`linear`).
+Masked statistics, log-prob gathering and the logit filters used by sampling.
 Everything here is a pure function of its inputs.
 """
 
 from __future__ import annotations
 
-import functools
 import math
-import os
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-
-# ---------------------------------------------------------------- linear
-
-
-ONEDNN_MIN_ROWS = 256  # `linear` sends products of at least this many rows to oneDNN
-
-
-def onednn_linear(x: Tensor, w: Tensor) -> Tensor:
-    """x @ w^T by oneDNN's linear; w (out, in), plain or prepacked
-    (`torch.ops.mkldnn._reorder_linear_weight`). No autograd; see `linear`."""
-    return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
-
-
-@functools.cache
-def onednn_works(dtype: torch.dtype) -> bool:
-    """Whether this torch build runs `onednn_linear` (plain and prepacked weights) in `dtype`
-    (tried once)."""
-    if not torch.backends.mkldnn.is_available():
-        return False
-    try:
-        x, w = torch.zeros(1, 4, dtype=dtype), torch.zeros(4, 4, dtype=dtype)
-        onednn_linear(x, torch.ops.mkldnn._reorder_linear_weight(w, 1))
-        onednn_linear(x, w)
-    except (RuntimeError, AttributeError):
-        return False
-    return True
-
-
-def _onednn_enabled() -> bool:
-    return os.environ.get("PALM_RLHF_ONEDNN", "1") != "0"
-
-
-class _OneDNNLinear(torch.autograd.Function):
-    """x @ w^T and the input gradient dy @ w through oneDNN; the weight gradient
-    dy^T @ x through `torch.mm`, which is the faster of the two for that product."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, w: Tensor) -> Tensor:
-        ctx.save_for_backward(x, w)
-        return onednn_linear(x, w)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dy: Tensor):
-        x, w = ctx.saved_tensors
-        dx = onednn_linear(dy, w.t()) if ctx.needs_input_grad[0] else None
-        dw = None
-        if ctx.needs_input_grad[1]:
-            dw = torch.mm(dy.reshape(-1, dy.shape[-1]).t(), x.reshape(-1, x.shape[-1]))
-        return dx, dw
-
-
-def _plain(t: Tensor) -> bool:
-    return type(t) is torch.Tensor or type(t) is torch.nn.Parameter
-
-
-def _onednn_suits(x: Tensor, w: Tensor) -> bool:
-    """Whether `linear` hands x @ w^T to oneDNN: plain fp32 CPU tensors (no DTensor, no
-    autocast, not under torch.compile), at least ONEDNN_MIN_ROWS rows, not opted out."""
-    return (x.dtype is torch.float32 and w.dtype is torch.float32 and x.device.type == "cpu" and x.dim() >= 2
-            and x.numel() >= ONEDNN_MIN_ROWS * x.shape[-1] and _plain(x) and _plain(w) and _onednn_enabled()
-            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
-            and onednn_works(torch.float32))
-
-
-def linear(x: Tensor, w: Tensor) -> Tensor:
-    """x @ w^T (no bias), the same function as `F.linear(x, w)`.
-
-    fp32 CPU tensors go through oneDNN's matmul (outside autocast and torch.compile, and
-    unless PALM_RLHF_ONEDNN=0): on the development CPU (AMD EPYC, torch 2.13 with MKL
-    2024.2) oneDNN's fp32 product is 1.13-1.23x faster than `torch.mm`'s at 2048^3, and
-    1.04-1.22x on the model's projection and input-gradient shapes (benchmarks/README.md).
-    Everything else, bf16 autocast included (which already reaches oneDNN), takes `F.linear`,
-    and so do products of fewer than `ONEDNN_MIN_ROWS` rows, where oneDNN's fixed cost per call
-    (~25-40 µs here) outweighs its speed. Forward + backward, oneDNN vs `F.linear`, (rows x 128)
-    @ (128 x 896): 8 rows (x 384) 250 vs 107 µs, 128 rows 691 vs 646, 256 rows 1157 vs 1138,
-    512 rows 2242 vs 2384; (256 x 384) @ (384 x 1536): 6291 vs 6837 µs.
-    """
-    if _onednn_suits(x, w):
-        if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
-            return _OneDNNLinear.apply(x, w)
-        return onednn_linear(x, w)
-    return F.linear(x, w)
 
 
 # ---------------------------------------------------------------- masked statistics

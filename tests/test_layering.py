@@ -1,6 +1,6 @@
 """ARCHITECTURE.md's layer rule, enforced on every import statement (parsed with `ast`):
 
-    errors, ops (L0) -> model, data, runtime (L1) -> generation (L2) -> rl (L3)
+    errors, ops (L0) -> model, data, runtime, backends (L1) -> generation (L2) -> rl (L3)
     -> trainers (L4) -> cli, feedback (L5)
 
 A module imports only from its own layer or a lower one; nothing outside `cli`
@@ -10,6 +10,10 @@ only the standard library, torch, einops, safetensors, `ops` and `errors`
 `model.presets`, which reads the YAML size presets, and tqdm in `model.palm`,
 imported only when the seed's `generate(use_tqdm=True)` asks for a progress
 bar). Imports inside functions count too.
+
+Public seams: no package reads another package's private names (`obj._name` where `_name`
+is defined only in another package, or `from ..pkg.mod import _name`), and private torch
+APIs (`torch._x`, `torch.ops.mkldnn._x`, ...) appear only in the CPU backend.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from pathlib import Path
 import palm_rlhf
 
 PACKAGE = Path(palm_rlhf.__file__).parent
-LAYERS = {"errors": 0, "ops": 0, "model": 1, "data": 1, "runtime": 1, "generation": 2, "rl": 3, "trainers": 4,
+LAYERS = {"errors": 0, "ops": 0, "model": 1, "data": 1, "runtime": 1, "backends": 1, "generation": 2, "rl": 3, "trainers": 4,
           "cli": 5, "feedback": 5}
 EXEMPT = {"palm_rlhf", "palm_rlhf.__main__"}  # the package root re-exports names from every layer
 MODEL_THIRD_PARTY = {"torch", "einops", "safetensors"}
@@ -100,6 +104,69 @@ def violations_of(name: str, path: Path) -> list[str]:
     return problems
 
 
+PRIVATE_TORCH_HOME = "palm_rlhf.backends.cpu"
+
+
+def is_private(attr: str) -> bool:
+    return attr.startswith("_") and not attr.endswith("__")
+
+
+def private_definitions(tree: ast.AST) -> set[str]:
+    """Private names a module defines: functions, classes, assigned names and attributes
+    (`self._x = ...`), arguments, and `as` aliases."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Name, ast.Attribute)) and isinstance(node.ctx, ast.Store):
+            names.add(node.id if isinstance(node, ast.Name) else node.attr)
+        elif isinstance(node, ast.alias) and node.asname:
+            names.add(node.asname)
+        elif isinstance(node, ast.arg):
+            names.add(node.arg)
+    return {n for n in names if is_private(n)}
+
+
+def dotted(node: ast.AST) -> str | None:
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    return ".".join([node.id, *reversed(parts)]) if isinstance(node, ast.Name) else None
+
+
+def private_access_violations() -> list[str]:
+    modules = [(name, path, ast.parse(path.read_text())) for name, path in all_modules() if name not in EXEMPT]
+    defined: dict[str, set[str]] = {}
+    for name, _, tree in modules:
+        defined.setdefault(layer_of(name)[0], set()).update(private_definitions(tree))
+    problems = []
+    for name, path, tree in modules:
+        own = layer_of(name)[0]
+        where = path.relative_to(PACKAGE.parent)
+        for node in ast.walk(tree):
+            attrs = []
+            if isinstance(node, ast.Attribute) and is_private(node.attr):
+                attrs = [node.attr]
+                chain = dotted(node)
+                if chain and chain.startswith("torch.") and not name.startswith(PRIVATE_TORCH_HOME):
+                    problems.append(f"{where}:{node.lineno} uses {chain}: private torch APIs live in "
+                                    f"{PRIVATE_TORCH_HOME} only")
+            elif isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("palm_rlhf")):
+                attrs = [a.name for a in node.names if is_private(a.name)]
+            for attr in attrs:
+                owners = sorted(p for p, names in defined.items() if attr in names and p != own)
+                if owners and attr not in defined.get(own, set()):
+                    problems.append(f"{where}:{node.lineno} reads {attr}, private to {', '.join(owners)}: "
+                                    f"give that package a public name for it")
+    return problems
+
+
+def test_no_package_reads_another_packages_private_names():
+    problems = private_access_violations()
+    assert not problems, "private cross-package access:\n  " + "\n  ".join(problems)
+
+
 def test_every_module_has_a_layer():
     unknown = [name for name, _ in all_modules() if name not in EXEMPT and layer_of(name) is None]
     assert not unknown, f"modules outside the layer map (add them to ARCHITECTURE.md and LAYERS): {unknown}"
@@ -110,19 +177,24 @@ def test_layer_rule():
     assert not problems, "layering violations:\n  " + "\n  ".join(problems)
 
 
+def plant(tmp_path, monkeypatch, files: dict[str, str]) -> None:
+    """A fake package of these files, which the checkers then read instead of the real one."""
+    fake = tmp_path / "palm_rlhf"
+    for rel, source in files.items():
+        (fake / rel).parent.mkdir(parents=True, exist_ok=True)
+        (fake / rel).write_text(source)
+    monkeypatch.setattr(sys.modules[__name__], "PACKAGE", fake)
+
+
 def test_checker_catches_violations(tmp_path, monkeypatch):
     """The checker itself: each rule fires on a planted bad import (and relative imports resolve)."""
-    fake = tmp_path / "palm_rlhf"
-    for rel, source in {
+    plant(tmp_path, monkeypatch, {
         "model/bad.py": "from ..trainers import x\nimport numpy\nfrom ..data import tok\n",
         "model/fine.py": "import torch, math\nfrom ..ops import masked_mean\nfrom . import lora\n",
         "rl/bad.py": "def f():\n    from palm_rlhf.cli import main\n",
         "feedback/bad.py": "from palm_rlhf.trainers.reward import t\n",
         "data/bad.py": "from .. import PaLM\n",
-    }.items():
-        (fake / rel).parent.mkdir(parents=True, exist_ok=True)
-        (fake / rel).write_text(source)
-    monkeypatch.setattr(sys.modules[__name__], "PACKAGE", fake)
+    })
     found = {name: violations_of(name, path) for name, path in all_modules()}
     assert found["palm_rlhf.model.fine"] == []
     bad_model = " ".join(found["palm_rlhf.model.bad"])
@@ -131,3 +203,25 @@ def test_checker_catches_violations(tmp_path, monkeypatch):
     assert any("nothing imports the CLI" in p for p in found["palm_rlhf.rl.bad"])
     assert any("never imports trainers" in p for p in found["palm_rlhf.feedback.bad"])
     assert found["palm_rlhf.data.bad"]  # `from .. import PaLM` reaches into the package root
+
+
+def test_private_access_checker_catches_planted_reads(tmp_path, monkeypatch):
+    """`model._hidden(...)` from rl and `model._require_scope` from generation (the seams this
+    rule replaced), a private import across packages, and a private torch op outside the CPU
+    backend are each reported; the same reads inside their own package are not."""
+    plant(tmp_path, monkeypatch, {
+        "model/palm.py": "class PaLM:\n    def _hidden(self, x):\n        return x\n"
+                         "    def _require_scope(self, s):\n        self._hidden(s)\n",
+        "model/helpers.py": "def _check(x):\n    return x\n",
+        "rl/rollout.py": "def f(model, x):\n    return model._hidden(x)\n",
+        "generation/generate.py": "from ..model.helpers import _check\n"
+                                  "def g(model):\n    model._require_scope('a')\n",
+        "ops.py": "import torch\ndef h(x, w):\n    return torch.ops.mkldnn._linear_pointwise(x, w)\n",
+        "backends/cpu/onednn.py": "import torch\ndef h(x, w):\n    return torch.ops.mkldnn._linear_pointwise(x, w)\n",
+    })
+    found = "\n".join(private_access_violations())
+    assert "rl/rollout.py:2 reads _hidden, private to model" in found
+    assert "generation/generate.py:3 reads _require_scope, private to model" in found
+    assert "generation/generate.py:1 reads _check, private to model" in found
+    assert "ops.py:3 uses torch.ops.mkldnn._linear_pointwise" in found
+    assert "model/palm.py" not in found and "backends/cpu" not in found

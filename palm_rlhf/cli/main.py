@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def console_main() -> int:
     """The `palm-rlhf` executable: process-wide tuning first, then `main`."""
-    from ..runtime.allocator import tune_malloc
+    from .allocator import tune_malloc
 
     tune_malloc()
     return main()

@@ -32,9 +32,9 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from ..data.corpus import prepare_corpus
-    from ..trainers.pretrain import _tokenizer_from
+    from ..trainers.pretrain import tokenizer_from
 
-    manifest = prepare_corpus(args.inputs or ["stdlib"], args.out, _tokenizer_from(args.tokenizer),
+    manifest = prepare_corpus(args.inputs or ["stdlib"], args.out, tokenizer_from(args.tokenizer),
                               val_fraction=args.val_fraction, replace_invalid_utf8=args.replace_invalid_utf8)
     print(json.dumps({"out": args.out, "files": len(manifest["sources"]), "dtype": manifest["dtype"],
                       **{f"{k}_tokens": v["tokens"] for k, v in manifest["splits"].items()}}))

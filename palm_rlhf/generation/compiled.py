@@ -1,9 +1,9 @@
 """`torch.compile` of the decode step (`generate(..., compile=True)`).
 
-A compiled step needs fixed shapes, so it runs `Decoder.static_step` against a
-*static* cache: allocated once per (model, batch, cache length, dtype, LoRA
-scope) and reused by later calls, with attention over every slot and the
-current slot passed as a tensor. Cache lengths are rounded up to a multiple of
+A compiled step needs fixed shapes, so it runs the model's own forward
+(`PaLM.forward_cached`) against `KVCache.at(slot)`: a cache allocated once per
+(model, batch, cache length, dtype, LoRA scope) and reused by later calls,
+seen with attention over every slot and the current slot passed as a tensor. Cache lengths are rounded up to a multiple of
 `BUCKET` so prompts of similar length share one compiled graph.
 
 Compilation is slow (seconds to a minute on a small CPU) and needs a working
@@ -18,13 +18,15 @@ import warnings
 import weakref
 
 import torch
+from torch import Tensor
 
-from ..model.decode import Decoder
+from ..errors import InputError
+
 
 log = logging.getLogger(__name__)
 
 BUCKET = 256
-_STATE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> {key: Decoder}
+_STATE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> {key: CompiledDecoder}
 _FAILED: set = set()  # reasons already warned about
 
 
@@ -36,8 +38,24 @@ def _compile_fn(fn):
     return torch.compile(fn, dynamic=False, fullgraph=True)
 
 
-def compiled_decoder(model, batch: int, max_len: int, pad, finetune_scope, disable_lora) -> Decoder | None:
-    """A Decoder on a reused static cache whose step is compiled, or None when
+class CompiledDecoder:
+    """A decoder (`step(tokens (b,)) -> logits (b, V)`) whose step is one compiled graph."""
+
+    def __init__(self, model, cache, finetune_scope, disable_lora):
+        self.cache = cache
+        scope = dict(finetune_scope=finetune_scope, disable_lora=disable_lora)
+        self.fn = _compile_fn(lambda tokens, slot: model.forward_cached(tokens[:, None], cache.at(slot), **scope))
+
+    def step(self, tokens: Tensor) -> Tensor:
+        if self.cache.length >= self.cache.max_len:
+            raise InputError(f"KV cache is full ({self.cache.max_len} slots); allocate a larger cache")
+        logits = self.fn(tokens, torch.tensor(self.cache.length, device=tokens.device))
+        self.cache.advance(1)
+        return logits
+
+
+def compiled_decoder(model, batch: int, max_len: int, pad, finetune_scope, disable_lora) -> CompiledDecoder | None:
+    """A decoder on a reused static cache whose step is compiled, or None when
     compilation is unavailable (after warning once)."""
     if "compile" in _FAILED:
         return None
@@ -47,21 +65,18 @@ def compiled_decoder(model, batch: int, max_len: int, pad, finetune_scope, disab
     decoder = decoders.get(key)
     if decoder is None:
         cache = model.new_kv_cache(batch, key[1], pad=pad)
-        decoder = Decoder(model, cache, finetune_scope, disable_lora, static=True)
         try:
-            decoder.static_fn = _compile_fn(decoder.static_step)
+            decoder = CompiledDecoder(model, cache, finetune_scope, disable_lora)
         except Exception as e:  # noqa: BLE001 - any failure means "use eager"
             _fall_back(e)
             return None
         decoders[key] = decoder
     else:
         decoder.cache.reset(pad)
-        decoder.rebind(pad)
-        decoder.bind_weights()  # parameters may have been replaced since the last call
     return decoder
 
 
-def first_step(decoder: Decoder, tokens):
+def first_step(decoder: CompiledDecoder, tokens):
     """Run the first compiled step (where compilation actually happens); on failure
     warn, forget the compiled decoder and return None so the caller goes eager."""
     try:

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ..errors import InputError
-from ..model.decode import Decoder
+from ..backends import decoder_for
 from .compiled import compiled_decoder, first_step
 from .config import SamplingConfig
 from .prompts import pack_prompts
@@ -124,7 +124,7 @@ class _Decode:
                 self.decoder = self.compiled
                 return logits
         if self.decoder is None:
-            self.decoder = Decoder(self.model, self.cache, **self.scope)
+            self.decoder = decoder_for(self.model, self.cache, **self.scope)
         return self.decoder.step(tok)
 
     def _update_finished(self, t: int, tok: Tensor, alive: Tensor) -> None:
@@ -183,7 +183,7 @@ def _start(model, prompts, config, lengths, finetune_scope, disable_lora, genera
         raise InputError(f"config must be a SamplingConfig, got {type(config).__name__}")
     _check_model(model)
     if finetune_scope is not None and not disable_lora:
-        model._require_scope(finetune_scope)
+        model.require_scope(finetune_scope)
     device = model.token_emb.weight.device
     ids, lens = pack_prompts(prompts, lengths, num_tokens=model.num_tokens, device=device)
     if isinstance(generator, (list, tuple)) and len(generator) != ids.shape[0]:

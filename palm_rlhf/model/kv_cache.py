@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..errors import InputError
+
 
 class KVCache(nn.Module):
     def __init__(self, depth: int, batch: int, max_len: int, dim_head: int, *, device=None,
@@ -42,17 +44,21 @@ class KVCache(nn.Module):
 
     def positions(self, n: int) -> Tensor:
         """Positions of the next n slots for every row: (b, n)."""
+        if self.length + n > self.max_len:
+            raise InputError(f"KV cache is full: {self.length} + {n} tokens > max_len {self.max_len}; "
+                             f"allocate a larger cache")
         slots = torch.arange(self.length, self.length + n, device=self.k.device)
         return slots[None, :] - self.pad[:, None]
 
     def attention_mask(self, n: int) -> Tensor:
-        """Which cached slots each of the next n queries may see: (b, 1, n, length + n)."""
+        """Which cached slots each of the next n queries may see: (b, 1, n, length + n).
+        A padding slot's query sees only itself (it is never read, but must stay finite)."""
         end = self.length + n
         slots = torch.arange(end, device=self.k.device)
-        query_slots = torch.arange(self.length, end, device=self.k.device)
-        causal = slots[None, :] <= query_slots[:, None]  # (n, j)
+        query_slots = torch.arange(self.length, end, device=self.k.device)[:, None]  # (n, 1)
         not_pad = slots[None, :] >= self.pad[:, None]  # (b, j)
-        return (causal[None] & not_pad[:, None, :])[:, None]  # (b, 1, n, j)
+        seen = (slots <= query_slots) & (not_pad[:, None, :] | (slots == query_slots))  # (b, n, j)
+        return seen[:, None]
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write k, v (b, n, d) at the current offset; return all slots so far (b, j, d)."""
@@ -64,3 +70,32 @@ class KVCache(nn.Module):
 
     def advance(self, n: int) -> None:
         self.length += n
+
+    def at(self, slot: Tensor) -> "StaticSlot":
+        """This cache seen from one decode slot given as a tensor, for a compiled step."""
+        return StaticSlot(self, slot)
+
+
+class StaticSlot:
+    """A `KVCache` at decode slot `slot` (a 0-d tensor) with shapes independent of the slot,
+    as `torch.compile` needs: one query per row, attention over all max_len slots (those
+    after `slot` and the padding masked). Same interface as the cache; the caller advances it."""
+
+    def __init__(self, cache: KVCache, slot: Tensor):
+        self.cache, self.slot, self.center = cache, slot, cache.center
+
+    def positions(self, n: int) -> Tensor:
+        return (self.slot - self.cache.pad)[:, None]  # (b, 1)
+
+    def attention_mask(self, n: int) -> Tensor:
+        slots = torch.arange(self.cache.max_len, device=self.slot.device)
+        seen = (slots <= self.slot) & (slots >= self.cache.pad[:, None])  # (b, max_len)
+        return seen[:, None, None]  # (b, 1, 1, max_len)
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        self.cache.k[layer].index_copy_(1, self.slot.view(1), k)
+        self.cache.v[layer].index_copy_(1, self.slot.view(1), v)
+        return self.cache.k[layer], self.cache.v[layer]
+
+    def advance(self, n: int) -> None:
+        pass  # the caller advances the cache outside the compiled step

@@ -12,7 +12,6 @@ with `strict=True`. Each `forward` flag routes to a method:
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
@@ -21,9 +20,8 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError, InputError
 from ..ops import gumbel_sample, top_k
-from .decode import Decoder
 from .kv_cache import KVCache
-from .layers import FoldedRotary, LayerNorm, ParallelTransformerBlock, Residual, gather_rows
+from .layers import LayerNorm, ParallelTransformerBlock, Residual
 from .lora import LoRA
 
 SEED_DEFAULTS = dict(
@@ -48,9 +46,8 @@ def _check_config(dim, num_tokens, depth, dim_head, heads, ff_mult, attn_dropout
 
 
 class PaLM(nn.Module):
-    # causal forwards without a cache take the blocks' fused path (`_forward_causal`);
-    # False runs the general path, the same function in more kernels (for comparison)
-    fused_causal: bool = True
+    # which decode engine `palm_rlhf.generation` runs: "auto", "plain" or "cpu" (palm_rlhf/backends)
+    backend: str = "auto"
 
     def __init__(self, *, dim, num_tokens, depth, causal=True, dim_head=64, heads=8, ff_mult=4,
                  attn_dropout=0.0, ff_dropout=0.0, qk_rmsnorm=False, lora_r=8, rotary_xpos_scale_base=512,
@@ -114,18 +111,19 @@ class PaLM(nn.Module):
     def set_dropout(self, dropout: float) -> "PaLM":
         for module in self.layers.modules():
             if isinstance(module, nn.Dropout):
-                module.p = dropout
-            elif hasattr(module, "use_flash_attn"):
-                module.dropout = dropout  # Attention's SDPA path reads this float, not an nn.Dropout
+                module.p = dropout  # attention's too: the blocks pass attn_dropout.p to SDPA
         return self
 
     # ------------------------------------------------------------------ LoRA finetune scopes
 
-    def _require_scope(self, scope: str) -> None:
+    def require_scope(self, scope: str) -> None:
+        """ConfigError naming the scopes that exist unless `scope` is one of them."""
         if scope not in self.finetune_modules:
             existing = ", ".join(repr(s) for s in self.finetune_modules) or "none"
             raise ConfigError(f"unknown finetune scope {scope!r}; scopes that exist: {existing}. "
                               f"Create it with add_finetune_params({scope!r}).")
+
+    _require_scope = require_scope  # the name model/checkpoint.py calls
 
     def add_finetune_params(self, scope: str, lora_r: int | None = None) -> None:
         if scope in self.finetune_modules:
@@ -144,7 +142,7 @@ class PaLM(nn.Module):
         self.finetune_scope_ranks[scope] = r
 
     def remove_finetune_params(self, scope: str) -> nn.ModuleList:
-        self._require_scope(scope)
+        self.require_scope(scope)
         self.finetune_scope_ranks.pop(scope, None)
         return self.finetune_modules.pop(scope)
 
@@ -165,7 +163,7 @@ class PaLM(nn.Module):
         return [p for p in self.parameters() if id(p) not in lora]
 
     def finetune_parameters(self, scope: str = "default"):
-        self._require_scope(scope)
+        self.require_scope(scope)
         return self.finetune_modules[scope].parameters()
 
     # ------------------------------------------------------------------ input checks
@@ -205,82 +203,77 @@ class PaLM(nn.Module):
 
     # ------------------------------------------------------------------ forward paths
 
-    def _scope_modules(self, finetune_scope, disable_lora):
+    def lora_layers(self, finetune_scope: str | None, disable_lora: bool = False) -> list:
+        """Each layer's (q, k, v, out) LoRA modules of a scope, or None per layer when no scope applies."""
         if finetune_scope is None or disable_lora:
             return [None] * len(self.layers)
-        self._require_scope(finetune_scope)
+        self.require_scope(finetune_scope)
         return list(self.finetune_modules[finetune_scope])
 
-    def _hidden(self, x: Tensor, finetune_scope=None, disable_lora=False, extra_embed=None,
-                kv_cache: KVCache | None = None, positions: Tensor | None = None) -> Tensor:
+    def _forward_hidden(self, x: Tensor, finetune_scope=None, disable_lora=False, extra_embed=None,
+                        kv_cache=None, positions: Tensor | None = None) -> Tensor:
         """Token ids (b, n) -> final normed embeddings (b, n, dim). No input checks.
 
-        positions (b, T): return only the embeddings at these positions of each row,
-        (b, T, dim), equal to `_hidden(x)` gathered there. On the fused causal path the
-        last block then computes queries, attention output and feedforward at those
-        positions only (RL scores the response positions of prompt + response rows).
+        kv_cache: a `KVCache` (or its `at(slot)` view); x's keys and values are appended.
+        positions (b, T): only the embeddings at these positions of each row, (b, T, dim);
+        the last block computes its queries and feedforward there only.
         """
-        mask = None
+        b, n = x.shape
+        mask, is_causal = None, self.causal and kv_cache is None
         if not self.causal:
-            mask = x >= 0  # (b, n) negative ids are padding
-            # a row that is all padding would attend to nothing; let it attend to
-            # everything instead (the seed's -max fill gives the same uniform weights)
-            mask = mask | ~mask.any(-1, keepdim=True)
-            x = x.masked_fill(x < 0, 0)
-        h = self.token_emb(x)
+            keep = x >= 0  # (b, n) negative ids are padding; a row that is all padding
+            keep = keep | ~keep.any(-1, keepdim=True)  # attends to everything, as with the seed's -max fill
+            mask, x = keep[:, None, None, :], x.masked_fill(x < 0, 0)  # (b, 1, 1, n)
+        h = self.token_emb(x)  # (b, n, dim)
         if extra_embed is not None:
             h = h + extra_embed
-
-        rotary, attn_mask = None, None
-        rotary_emb = self.layers[0].fn.rotary_emb
-        dtype = h.dtype if not torch.is_autocast_enabled() else torch.get_autocast_dtype(h.device.type)
+        device_type = h.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else h.dtype
         if kv_cache is not None:
-            n = x.shape[1]
-            if kv_cache.length + n > kv_cache.max_len:
-                raise InputError(f"KV cache is full: {kv_cache.length} + {n} tokens > max_len {kv_cache.max_len}; "
-                                 f"allocate a larger cache")
-            cache_positions = kv_cache.positions(n)  # (b, n)
-            q_cos, q_sin, k_cos, k_sin = rotary_emb.tables(cache_positions, kv_cache.center, torch.float32)
-            rotary = (q_cos[:, None].to(dtype), q_sin[:, None].to(dtype), k_cos.to(dtype), k_sin.to(dtype))
-            attn_mask = kv_cache.attention_mask(n)
-        elif self.causal and not self.flash_attn and self.fused_causal:
-            rotary = rotary_emb.folded_tables(x.shape[1], x.device, dtype)  # the blocks' fused causal path
+            slots, center, mask = kv_cache.positions(n), kv_cache.center, kv_cache.attention_mask(n)  # (b, n)
         else:
-            n = x.shape[1]
-            rotary = rotary_emb.tables(torch.arange(n, device=x.device), n // 2, dtype)
+            slots, center = torch.arange(n, device=x.device), n // 2  # the seed's centre
+        q_cos, q_sin, k_cos, k_sin = self.layers[0].fn.rotary_emb.tables(slots, center, dtype)  # (.., n, d)
+        rotary = (q_cos.unsqueeze(-3), q_sin.unsqueeze(-3), k_cos, k_sin)  # query tables broadcast over heads
 
-        scopes = self._scope_modules(finetune_scope, disable_lora)
-        last = len(self.layers) - 1
-        for i, (layer, lora) in enumerate(zip(self.layers, scopes)):
-            if positions is not None and i == last and isinstance(rotary, FoldedRotary):
-                h = gather_rows(h, positions) + layer.fn._forward_causal(h, lora, rotary, positions)
-                return self.norm(h)
-            h = layer(h, mask=mask, finetune_modules=lora, rotary=rotary, kv_cache=kv_cache, layer_index=i,
-                      attn_mask=attn_mask)
+        loras = self.lora_layers(finetune_scope, disable_lora)
+        for i, (layer, lora) in enumerate(zip(self.layers, loras)):
+            kwargs = dict(rotary=rotary, mask=mask, is_causal=is_causal, lora=lora, kv_cache=kv_cache, layer_index=i)
+            if positions is not None and i == len(self.layers) - 1:  # the last block at `positions` only
+                kwargs["rotary"] = (q_cos[positions][:, None], q_sin[positions][:, None], k_cos, k_sin)
+                if self.causal:  # (b, 1, T, n): keys up to each query
+                    kwargs["mask"] = (torch.arange(n, device=x.device) <= positions[..., None])[:, None]
+                    kwargs["is_causal"] = False
+                kwargs["index"] = positions
+            h = layer(h, **kwargs)
         if kv_cache is not None:
-            kv_cache.advance(x.shape[1])
-        if positions is not None:
-            h = gather_rows(h, positions)
+            kv_cache.advance(n)
         return self.norm(h)
+
+    def hidden_states(self, tokens: Tensor, positions: Tensor | None = None, finetune_scope: str | None = None, *,
+                      disable_lora: bool = False, extra_embed: Tensor | None = None) -> Tensor:
+        """Final-layer embeddings (b, n, dim) of token ids (b, n), checked.
+
+        positions (b, T) integer: only the embeddings at these positions of each row,
+        (b, T, dim), equal to the full result gathered there, with less work in the last block.
+        """
+        self._check_tokens(tokens)
+        self._check_extra_embed(extra_embed, tokens)
+        if positions is not None:
+            if positions.dtype not in (torch.int32, torch.int64) or positions.ndim != 2 \
+                    or positions.shape[0] != tokens.shape[0]:
+                raise InputError(f"positions must be an integer (b, T) tensor with b = {tokens.shape[0]}; got "
+                                 f"{positions.dtype} {tuple(positions.shape)}")
+            if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= tokens.shape[1]):
+                raise InputError(f"positions must lie in [0, {tokens.shape[1]}) for sequences of "
+                                 f"{tokens.shape[1]} tokens")
+            positions = positions.long()
+        return self._forward_hidden(tokens, finetune_scope, disable_lora, extra_embed, positions=positions)
 
     def embed(self, x: Tensor, *, finetune_scope=None, disable_lora=False, extra_embed=None,
               positions: Tensor | None = None) -> Tensor:
-        """Final-layer embeddings (b, n, dim) (the seed's `return_only_embedding`).
-
-        positions (b, T) integer: only the embeddings at these positions of each row,
-        (b, T, dim), computed with less work in the last block (see `_hidden`).
-        """
-        self._check_tokens(x)
-        self._check_extra_embed(extra_embed, x)
-        if positions is not None:
-            if positions.dtype not in (torch.int32, torch.int64) or positions.ndim != 2 \
-                    or positions.shape[0] != x.shape[0]:
-                raise InputError(f"positions must be an integer (b, T) tensor with b = {x.shape[0]}; got "
-                                 f"{positions.dtype} {tuple(positions.shape)}")
-            if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= x.shape[1]):
-                raise InputError(f"positions must lie in [0, {x.shape[1]}) for sequences of {x.shape[1]} tokens")
-            positions = positions.long()
-        return self._hidden(x, finetune_scope, disable_lora, extra_embed, positions=positions)
+        """The seed's `return_only_embedding`: `hidden_states`."""
+        return self.hidden_states(x, positions, finetune_scope, disable_lora=disable_lora, extra_embed=extra_embed)
 
     def logits_and_embeds(self, x: Tensor, **kwargs) -> tuple[Tensor, Tensor]:
         embeds = self.embed(x, **kwargs)
@@ -297,7 +290,7 @@ class PaLM(nn.Module):
         if extra_embed is not None and extra_embed.ndim == 3 and extra_embed.shape[1] == x.shape[1]:
             extra_embed = extra_embed[:, :-1]
         self._check_extra_embed(extra_embed, inputs)
-        logits = self.to_logits(self._hidden(inputs, finetune_scope, disable_lora, extra_embed))
+        logits = self.to_logits(self._forward_hidden(inputs, finetune_scope, disable_lora, extra_embed))
         return F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=self.cross_entropy_ignore_index)
 
     def forward(self, x, return_loss=False, disable_lora=False, finetune_scope=None, extra_embed=None,
@@ -327,7 +320,7 @@ class PaLM(nn.Module):
         """
         if not self.causal:
             raise InputError("KV-cached decoding needs a causal PaLM (causal=True)")
-        h = self._hidden(x, finetune_scope, disable_lora, kv_cache=kv_cache)
+        h = self._forward_hidden(x, finetune_scope, disable_lora, kv_cache=kv_cache)
         if last_only:
             h = h[:, -1]
         return self.to_logits(h)
@@ -337,18 +330,11 @@ class PaLM(nn.Module):
     @torch.no_grad()
     def generate(self, seq_len, prompt=None, temperature=1.0, filter_logits_fn=top_k, filter_thres=0.9,
                  pad_value=0.0, eos_token=None, return_seq_without_prompt=True, use_tqdm=False, **forward_kwargs):
-        """The seed's `generate`, KV-cached: sample until the sequence is `seq_len`
-        tokens long *including* the prompt (at least one new token).
-
-        `filter_logits_fn(logits, thres=filter_thres)` keeps the seed's legacy
-        filters (`palm_rlhf.ops.top_k` keeps a *fraction* of the vocabulary).
-        `forward_kwargs` may hold `finetune_scope` / `disable_lora`. Unlike the
-        seed, each row is padded with `pad_value` after its own `eos_token` (the
-        seed left post-EOS tokens in place until every row had finished), and
-        only generated tokens count as EOS, not the prompt's. Decoding stops once
-        every row has produced `eos_token`. For batching, log-probs, stop
-        sequences and streaming use `palm_rlhf.generation`.
-        """
+        """The seed's `generate`, KV-cached: sample until the sequence is `seq_len` tokens long
+        *including* the prompt (at least one new token), with the seed's legacy filters
+        (`filter_logits_fn(logits, thres=filter_thres)`). Unlike the seed, each row is padded with
+        `pad_value` after its own `eos_token`, and only generated tokens count as EOS. For batching,
+        log-probs, stop sequences and streaming use `palm_rlhf.generation`."""
         unknown = set(forward_kwargs) - {"finetune_scope", "disable_lora"}
         if unknown:
             raise InputError(f"generate() got unsupported keyword(s) {sorted(unknown)}; "
@@ -389,7 +375,6 @@ class PaLM(nn.Module):
             from tqdm.auto import tqdm  # a core dependency; only imported when asked for
 
             iterator = tqdm(iterator)
-        decoder = Decoder(self, cache, **scope) if cache is not None else None
         end = n
         for t in iterator:
             if cache is None:
@@ -405,7 +390,7 @@ class PaLM(nn.Module):
                 if bool(done.all()):
                     break
             if cache is not None and t < steps - 1:
-                logits = decoder.step(sample)
+                logits = self.forward_cached(sample[:, None], cache, **scope)
         return out[:, :end]
 
     # ------------------------------------------------------------------ sizes

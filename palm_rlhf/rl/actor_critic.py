@@ -124,7 +124,7 @@ class ActorCritic(nn.Module):
 
     def values(self, packed: PackedSequences) -> Tensor:
         """Per-token values (b, T), 0 on padding."""
-        hidden = self.critic._hidden(packed.inputs, self.critic_lora_scope, False, positions=packed.index)  # (b, T, d)
+        hidden = self.critic.hidden_states(packed.inputs, packed.index, self.critic_lora_scope)  # (b, T, d)
         v = self.value_head(hidden).squeeze(-1).float()  # (b, T)
         return v.masked_fill(~packed.mask, 0.0)
 

@@ -142,7 +142,7 @@ def response_log_probs(model, packed: PackedSequences, *, finetune_scope: str | 
     Gradients flow when called with grad enabled. The vocabulary projection is applied
     to the response positions only.
     """
-    hidden = model._hidden(packed.inputs, finetune_scope, disable_lora, positions=packed.index)  # (b, T, d)
+    hidden = model.hidden_states(packed.inputs, packed.index, finetune_scope, disable_lora=disable_lora)  # (b, T, d)
     logits = model.to_logits(hidden)  # (b, T, V)
     if temperature != 1.0:
         logits = logits / temperature

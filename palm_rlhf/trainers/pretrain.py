@@ -65,7 +65,7 @@ def batch_offsets(seed: int, step: int, grad_accum: int, world_size: int, batch_
     return torch.randint(0, high, (grad_accum, world_size, batch_size), generator=g)
 
 
-def _tokenizer_from(spec: str):
+def tokenizer_from(spec: str):
     if spec == "byte":
         return ByteTokenizer()
     if not Path(spec).is_dir():
@@ -88,7 +88,7 @@ class PretrainTrainer(LMTrainer):
         target = self.run_dir / "data"
         if self.is_main:
             files = resolve_sources(c.sources)  # raises for missing/unreadable inputs
-            tokenizer = _tokenizer_from(c.tokenizer)
+            tokenizer = tokenizer_from(c.tokenizer)
             want = [[str(p), p.stat().st_size] for p in files]
             reuse = False
             if (target / MANIFEST_NAME).is_file():

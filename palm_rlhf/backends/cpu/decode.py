@@ -1,4 +1,4 @@
-"""The one-token decode step, written for speed.
+"""The CPU backend's one-token decode step, written for speed.
 
 At batch 1 a decode step is bound by streaming the weights from memory plus
 per-op overhead, not arithmetic (a 12.8M-parameter PaLM needs ~26 MFLOP per
@@ -16,9 +16,8 @@ token). `Decoder.step` computes the same function as
   padding mask is a precomputed additive bias (absent when nothing is padded);
 - residual adds are fused into `addmm` (or added in place after a split product).
 
-The decode step is used in eval mode only (no dropout). `static=True` runs
-attention over all `max_len` slots with the current slot as a tensor, so
-every step has identical shapes, as `torch.compile` needs.
+The decode step is used in eval mode only (no dropout). Tested against the plain
+engine and the full forward (tests/backends/test_cpu_backend.py).
 """
 
 from __future__ import annotations
@@ -27,34 +26,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..errors import InputError
-from ..ops import onednn_linear, onednn_works
-
-
-def _onednn_packed(w_t: Tensor, rows: int) -> Tensor | None:
-    """An (in, out) weight prepacked for oneDNN's linear (the format torch.compile's freezing
-    uses), or None where this torch build lacks it. On the development CPU oneDNN's product of a
-    few bf16 rows streams 1.2-1.7x faster than `mm`'s, and from 3 fp32 rows on it beats every
-    other fp32 layout (benchmarks/README.md)."""
-    if not onednn_works(w_t.dtype):
-        return None
-    return torch.ops.mkldnn._reorder_linear_weight(w_t.t().contiguous(), rows)
+from ...errors import InputError
+from .onednn import onednn_linear, onednn_packed
 
 
 class Decoder:
     gemv_copy_limit = 1 << 30  # bytes of projection weights up to which a CPU decoder keeps transposed copies
 
-    def __init__(self, model, cache, finetune_scope=None, disable_lora: bool = False, static: bool = False):
+    def __init__(self, model, cache, finetune_scope=None, disable_lora: bool = False):
         block0 = model.layers[0].fn
-        self.model, self.cache, self.static = model, cache, static
-        self.static_fn = self.static_step  # replaced by a torch.compile'd version when compiling
+        self.model, self.cache = model, cache
         self.heads, self.dim_head, self.dim = block0.heads, model.dim_head, model.dim
         h, d = self.heads, self.dim_head
         self.qk_dim = (h + 1) * d
-        self.ff_inner = block0.fused_dims[3] // 2
+        self.ff_inner = block0.ff_inner
         self.ff_start = self.qk_dim + d
         self.qk_rmsnorm = block0.qk_rmsnorm
-        loras = model._scope_modules(finetune_scope, disable_lora)
+        loras = model.lora_layers(finetune_scope, disable_lora)
         self.layers = [(layer.fn, lora) for layer, lora in zip(model.layers, loras)]
         self.bind_weights()
 
@@ -91,8 +79,7 @@ class Decoder:
         weights per `generate` call), with a LoRA scope's update folded in (no LoRA ops per
         token); larger models and other devices use views and apply the scope's modules.
         """
-        params = [p for blk, _ in self.layers
-                  for p in (blk.fused_attn_ff_proj.weight, blk.attn_out.weight, blk.ff_out[2].weight)]
+        params = [p for blk, _ in self.layers for p in (*blk.projection_weights(), *blk.output_weights())]
         weight = self.model.token_emb.weight
         nbytes = sum(p.numel() * p.element_size() for p in params)
         copy = weight.device.type == "cpu" and nbytes <= self.gemv_copy_limit
@@ -110,15 +97,17 @@ class Decoder:
 
         self.weights, self.step_loras = [], []
         for blk, lora in self.layers:
+            fused = torch.cat(blk.projection_weights())  # (out, in): q, k, v, feedforward input + gate
+            attn_out, ff_out = blk.output_weights()
             fused_delta = out_delta = None
             if copy and lora is not None:  # fold the scope into the copies: no LoRA ops per token
                 lora_q, lora_k, lora_v, lora_o = lora
-                fused_delta = torch.zeros_like(blk.fused_attn_ff_proj.weight.t())
+                fused_delta = torch.zeros_like(fused.t())
                 qkv = torch.cat([lora_q.weight, lora_k.weight, lora_v.weight], dim=1)  # (in, (h+2)*d)
                 fused_delta[:, :qkv.shape[1]] = qkv
                 out_delta = lora_o.weight
-            self.weights.append((blk.norm.gamma, blk.norm.beta, layout(blk.fused_attn_ff_proj.weight, fused_delta),
-                                 layout(blk.attn_out.weight, out_delta), layout(blk.ff_out[2].weight)))
+            self.weights.append((blk.norm.gamma, blk.norm.beta, layout(fused, fused_delta),
+                                 layout(attn_out, out_delta), layout(ff_out)))
             self.step_loras.append(None if copy else lora)
         self.logits_weight_t = layout(self.model.to_logits.weight)
         self.kv = [(self.cache.k[i], self.cache.v[i]) for i in range(len(self.layers))]  # (b, max_len, d) each
@@ -154,7 +143,7 @@ class Decoder:
         slices = 4 if rows == 1 else 2
         if few and k % slices == 0:
             return "rows", w_t.unflatten(0, (slices, -1)).contiguous()  # (s, in/s, out)
-        packed = _onednn_packed(w_t, rows) if rows > 2 or w_t.dtype == torch.bfloat16 else None
+        packed = onednn_packed(w_t, rows) if rows > 2 or w_t.dtype == torch.bfloat16 else None
         if packed is not None:
             return "onednn", packed
         if sliced and n % 2 == 0:
@@ -193,10 +182,7 @@ class Decoder:
         slot = cache.length
         if slot >= cache.max_len:
             raise InputError(f"KV cache is full ({cache.max_len} slots); allocate a larger cache")
-        if self.static:
-            logits = self.static_fn(tokens, torch.tensor(slot, device=tokens.device))
-        else:
-            logits = self._step(tokens, slot)
+        logits = self._step(tokens, slot)
         cache.advance(1)
         return logits
 
@@ -222,22 +208,6 @@ class Decoder:
             x = self._block_out(i, lora, x, ctx, ctx_in)
         return self._logits(x)
 
-    def static_step(self, tokens: Tensor, slot: Tensor) -> Tensor:
-        """Same as `_step` with shapes independent of the slot: attention covers
-        all max_len slots and masks those after `slot` (for torch.compile)."""
-        b = tokens.shape[0]
-        pos = (slot - self.cache.pad).clamp(min=0)  # (b,)
-        cos, sin = self.cos.index_select(0, pos), self.sin.index_select(0, pos)  # (b, h+1, d)
-        bias = self.bias.masked_fill(self.slot_range > slot, float("-inf"))  # (b, 1, max_len)
-        x = F.embedding(tokens, self.model.token_emb.weight)
-        for i, ((blk, _), lora) in enumerate(zip(self.layers, self.step_loras)):
-            q, ctx_in = self._attend_inputs(i, blk, lora, x, cos, sin, slot)
-            k_layer, v_layer = self.kv[i]
-            sim = torch.baddbmm(bias, q, k_layer.transpose(1, 2))  # (b, h, max_len)
-            ctx = torch.bmm(sim.softmax(-1), v_layer).view(b, -1)  # (b, h*d)
-            x = self._block_out(i, lora, x, ctx, ctx_in)
-        return self._logits(x)
-
     def _attend_inputs(self, i, blk, lora, x, cos, sin, slot):
         """Norm, fused projection, rotary; writes this slot's k/v. Returns q (b, h, d) and
         what the output half of the block needs."""
@@ -255,12 +225,8 @@ class Decoder:
             qk = F.normalize(qk, dim=-1) * self.qk_scale[i]
         qk = torch.addcmul(qk * cos, qk.roll(self.half, -1), sin)  # rotary + xpos (+ 1/sqrt(d) on q)
         k_layer, v_layer = self.kv[i]
-        if isinstance(slot, Tensor):
-            k_layer.index_copy_(1, slot.view(1), qk[:, h, None])
-            v_layer.index_copy_(1, slot.view(1), v[:, None])
-        else:
-            k_layer[:, slot] = qk[:, h]
-            v_layer[:, slot] = v
+        k_layer[:, slot] = qk[:, h]
+        v_layer[:, slot] = v
         return qk[:, :h], fused
 
     def _block_out(self, i, lora, x, ctx, fused):

@@ -1,9 +1,11 @@
-"""Cached decoding computes the same function as the full (uncached) forward.
+"""Every decode engine computes the same function as the full (uncached) forward.
 
 The uncached reference re-runs the whole sequence through `PaLM.logits` every
-step (the seed's way); the cached path is prefill (`forward_cached`) + the fast
-`Decoder.step`. Greedy tokens must agree for 200 steps and the logits within
-1e-4 at every step.
+step (the seed's way); the cached path is prefill (`forward_cached`) + a decoder's
+`step`: the plain engine (`PaLM.forward_cached`, the model's one block forward),
+its static-shape form (`KVCache.at(slot)`, what `generate(compile=True)` compiles)
+and the CPU backend's `Decoder` (weight layouts, oneDNN). Greedy tokens must agree
+for 200 steps and the logits within 1e-4 at every step.
 """
 
 from __future__ import annotations
@@ -11,8 +13,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from palm_rlhf.backends import PlainDecoder, decoder_for
+from palm_rlhf.backends.cpu import Decoder, decode, onednn_packed
 from palm_rlhf.model import PaLM
-from palm_rlhf.model.decode import Decoder
 
 STEPS = 200
 
@@ -45,11 +48,24 @@ def greedy_uncached(model, prompt, steps, **scope):
     return seq[:, prompt.shape[1]:], torch.stack(all_logits, 1)
 
 
-def greedy_cached(model, prompt, steps, static=False, **scope):
+class StaticEager(PlainDecoder):
+    """The compiled engine's step, uncompiled: the slot as a tensor, attention over all slots."""
+
+    def step(self, tokens):
+        slot = torch.tensor(self.cache.length)
+        logits = self.model.forward_cached(tokens[:, None], self.cache.at(slot), **self.scope)
+        self.cache.advance(1)
+        return logits
+
+
+ENGINES = {"plain": PlainDecoder, "static": StaticEager, "cpu": Decoder}
+
+
+def greedy_cached(model, prompt, steps, engine="cpu", **scope):
     b, n = prompt.shape
     cache = model.new_kv_cache(b, n + steps)
     logits = model.forward_cached(prompt, cache, **scope)
-    decoder = Decoder(model, cache, static=static, **scope)
+    decoder = ENGINES[engine](model, cache, **scope)
     tokens, all_logits = [], []
     for _ in range(steps):
         all_logits.append(logits)
@@ -59,10 +75,11 @@ def greedy_cached(model, prompt, steps, static=False, **scope):
     return torch.stack(tokens, 1), torch.stack(all_logits, 1)
 
 
+@pytest.mark.parametrize("engine", list(ENGINES))
 @pytest.mark.parametrize("xpos", [True, False])
 @pytest.mark.parametrize("lora", [False, True])
 @torch.no_grad()
-def test_cached_greedy_equals_uncached_over_200_tokens(xpos, lora):
+def test_cached_greedy_equals_uncached_over_200_tokens(xpos, lora, engine):
     model = tiny(seed=1)
     set_xpos(model, xpos)
     scope = {}
@@ -71,7 +88,7 @@ def test_cached_greedy_equals_uncached_over_200_tokens(xpos, lora):
         scope = dict(finetune_scope="sft")
     prompt = torch.randint(1, 64, (2, 5))
     ref_tokens, ref_logits = greedy_uncached(model, prompt, STEPS, **scope)
-    tokens, logits = greedy_cached(model, prompt, STEPS, **scope)
+    tokens, logits = greedy_cached(model, prompt, STEPS, engine, **scope)
     assert torch.equal(tokens, ref_tokens)
     torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=0)
 
@@ -124,15 +141,29 @@ def test_lora_scope_changes_cached_logits_and_disable_lora_restores_base():
     torch.testing.assert_close(disabled, base, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("backend", ["auto", "plain", "cpu"])
 @torch.no_grad()
-def test_static_decode_step_equals_dynamic_step():
-    """The compile-friendly step (attention over all slots, slot as a tensor) is the same function."""
+def test_backend_setting_picks_the_engine_and_engines_agree(backend):
+    """`model.backend` is the one setting; on a CPU "auto" means the CPU backend."""
     model = tiny(seed=3)
+    model.backend = backend
+    cache = model.new_kv_cache(2, 34)
+    expected = PlainDecoder if backend == "plain" else Decoder
+    assert type(decoder_for(model, cache)) is expected
     prompt = torch.randint(1, 64, (2, 4))
-    t_dyn, l_dyn = greedy_cached(model, prompt, 30)
-    t_sta, l_sta = greedy_cached(model, prompt, 30, static=True)
-    assert torch.equal(t_dyn, t_sta)
-    torch.testing.assert_close(l_sta, l_dyn, atol=1e-5, rtol=0)
+    t_plain, l_plain = greedy_cached(model, prompt, 30, "plain")
+    t_cpu, l_cpu = greedy_cached(model, prompt, 30, "cpu")
+    assert torch.equal(t_plain, t_cpu)
+    torch.testing.assert_close(l_cpu, l_plain, atol=1e-5, rtol=0)
+
+
+def test_unknown_backend_is_a_config_error():
+    from palm_rlhf.errors import ConfigError
+
+    model = tiny()
+    model.backend = "gpu"
+    with pytest.raises(ConfigError, match="auto, plain, cpu"):
+        decoder_for(model, model.new_kv_cache(1, 4))
 
 
 @torch.no_grad()
@@ -145,9 +176,9 @@ def test_qk_rmsnorm_cached_matches_uncached():
     torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("engine", list(ENGINES))
 @torch.no_grad()
-def test_left_padded_rows_decode_like_unpadded_rows(static):
+def test_left_padded_rows_decode_like_unpadded_rows(engine):
     """Row 0 is left-padded by 3 slots; its logits equal running it alone.
 
     Left padding keeps every row writing to the same slot; `pad` hides the pad
@@ -158,7 +189,7 @@ def test_left_padded_rows_decode_like_unpadded_rows(static):
     batch = torch.stack([torch.cat([torch.zeros(3, dtype=torch.long), short]), long])  # (2, 7)
     cache = model.new_kv_cache(2, 7 + 10, pad=torch.tensor([3, 0]))
     logits = model.forward_cached(batch, cache)
-    decoder = Decoder(model, cache, static=static)
+    decoder = ENGINES[engine](model, cache)
     alone = {0: short[None], 1: long[None]}
     for _ in range(10):
         for row in (0, 1):
@@ -194,14 +225,12 @@ def test_xpos_tables_stay_finite_in_bf16_for_long_caches():
 
 
 def test_bf16_decode_uses_onednn_packed_weights_and_matches_the_uncached_forward():
-    """On a CPU, bf16 decode weights are prepacked for oneDNN (`_onednn_packed`); the step's
+    """On a CPU, bf16 decode weights are prepacked for oneDNN (`onednn_packed`); the step's
     logits stay within bf16 rounding of the uncached forward's."""
-    from palm_rlhf.model.decode import _onednn_packed
-
     model = tiny(seed=4).to(torch.bfloat16)
     torch.manual_seed(0)
     w_t, x, r = torch.randn(32, 48).bfloat16(), torch.randn(3, 32).bfloat16(), torch.randn(3, 48).bfloat16()
-    packed = _onednn_packed(w_t, 3)
+    packed = onednn_packed(w_t, 3)
     if packed is None:
         pytest.skip("this torch build has no oneDNN linear")
     torch.testing.assert_close(Decoder._project(x, ("onednn", packed), r.clone()).float(),
@@ -222,9 +251,7 @@ def test_bf16_decode_uses_onednn_packed_weights_and_matches_the_uncached_forward
 
 
 def test_column_slices_where_onednn_is_missing(monkeypatch):
-    import palm_rlhf.model.decode as decode
-
-    monkeypatch.setattr(decode, "_onednn_packed", lambda w_t, rows: None)
+    monkeypatch.setattr(decode, "onednn_packed", lambda w_t, rows: None)
     torch.manual_seed(0)
     w_t, x = torch.randn(384, 3584), torch.randn(8, 384)
     weight = Decoder._layout(w_t, 8)

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-CODE = "from palm_rlhf.runtime.allocator import tune_malloc; print(tune_malloc())"
+CODE = "from palm_rlhf.cli.allocator import tune_malloc; print(tune_malloc())"
 
 
 def run(extra_env: dict) -> str:

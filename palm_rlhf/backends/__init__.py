@@ -1,0 +1,55 @@
+"""Decode engines, chosen in one place (`decoder_for`) by one setting, `PaLM.backend`:
+
+- ``"plain"``: `PaLM.forward_cached` per token, the model's one block forward; any device.
+- ``"cpu"``: `palm_rlhf.backends.cpu.Decoder`, the same function with the weights bound once in
+  the layouts a CPU streams fastest (oneDNN-prepacked where the build has it); CPU only.
+- ``"auto"`` (default): ``"cpu"`` for a model on a CPU, ``"plain"`` elsewhere. On the development
+  CPU the cpu engine decodes faster than the plain one (benchmarks/generate.py, ``ours`` vs
+  ``ours-plain``; figures in benchmarks/README.md).
+
+A decoder has one method, ``step(tokens (b,)) -> next-token logits (b, V)``, which appends the
+tokens to its KV cache. Both engines are tested against each other (tests/backends/).
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from ..errors import ConfigError
+
+BACKENDS = ("auto", "plain", "cpu")
+
+
+class PlainDecoder:
+    """One decode step through the model's own forward (`PaLM.forward_cached`)."""
+
+    def __init__(self, model, cache, finetune_scope: str | None = None, disable_lora: bool = False):
+        self.model, self.cache = model, cache
+        self.scope = dict(finetune_scope=finetune_scope, disable_lora=disable_lora)
+
+    def step(self, tokens: Tensor) -> Tensor:
+        return self.model.forward_cached(tokens[:, None], self.cache, **self.scope)
+
+
+def resolve(backend: str, device) -> str:
+    """The engine `backend` means for a model on `device`: "plain" or "cpu"."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend={backend!r} is not one of {', '.join(BACKENDS)}; "
+                          f"set model.backend to one of them")
+    if backend == "auto":
+        return "cpu" if getattr(device, "type", device) == "cpu" else "plain"
+    if backend == "cpu" and getattr(device, "type", device) != "cpu":
+        raise ConfigError(f"backend='cpu' needs a model on the CPU, not {device}; use backend='auto' or 'plain'")
+    return backend
+
+
+def decoder_for(model, cache, finetune_scope: str | None = None, disable_lora: bool = False):
+    """The decode engine `model.backend` selects, over `cache` (see the module docstring)."""
+    if resolve(getattr(model, "backend", "auto"), model.token_emb.weight.device) == "cpu":
+        from .cpu import Decoder
+
+        return Decoder(model, cache, finetune_scope, disable_lora)
+    return PlainDecoder(model, cache, finetune_scope, disable_lora)
+
+
+__all__ = ["BACKENDS", "PlainDecoder", "decoder_for", "resolve"]
