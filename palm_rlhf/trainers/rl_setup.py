@@ -1,4 +1,4 @@
-"""Building what an RL run needs from its config: model, tokenizer, prompts, reward."""
+"""Building what a run starts from: the model and its tokenizer (every trainer), prompts and reward (RL)."""
 
 from __future__ import annotations
 
@@ -12,20 +12,24 @@ from ..errors import ConfigError, DataError
 from ..model.palm import PaLM
 from ..model.reward import RewardModel
 from ..rl.rewards import MissingEOSPenalty, as_reward_source
+from ..runtime.resolve import check_tokenizer_fits, load_tokenizer_for, resolve_model
 
 
-def load_tokenizer_for(config):
-    try:
-        from ..data.tokenizer import ByteTokenizer, load_tokenizer
-    except ImportError:  # the data layer's tokenizer is not available: prompts must be token ids
-        return None
-    return load_tokenizer(config.tokenizer) if config.tokenizer else ByteTokenizer()
+def load_start(model_path, tokenizer: str | None = None) -> tuple[PaLM, object]:
+    """The starting model `model=` names (a run, final/, model or checkpoint directory) and the
+    tokenizer that follows it (`tokenizer=` overrides); a tokenizer the model cannot embed is a
+    ConfigError here, before any training."""
+    source = resolve_model(model_path)
+    model = PaLM.from_pretrained(source.model_dir)
+    tok = load_tokenizer_for(source, tokenizer)
+    check_tokenizer_fits(tok, model.num_tokens, where=f"model={model_path}")
+    return model, tok
 
 
-def load_model(config) -> PaLM:
-    if not config.model:
-        raise ConfigError("model is empty: set model=path/to/palm (a PaLM.save_pretrained directory)")
-    return PaLM.from_pretrained(config.model)
+def check_tokenizer(tokenizer, model, where: str = "model") -> None:
+    """For a model and tokenizer passed in as objects."""
+    if tokenizer is not None and hasattr(tokenizer, "vocab_size"):
+        check_tokenizer_fits(tokenizer, model.num_tokens, where=where)
 
 
 def load_prompts(source, tokenizer) -> list[torch.Tensor]:
