@@ -110,6 +110,12 @@ def _positive(name: str, v) -> None:
         raise ConfigError(f"{name}={v!r}: must be a positive integer")
 
 
+def _savable_tokenizer(trainer):
+    """The trainer's tokenizer if it can save itself (a test's ad-hoc encoder cannot)."""
+    tokenizer = getattr(trainer, "tokenizer", None)
+    return tokenizer if hasattr(tokenizer, "save") else None
+
+
 class RunInterrupted(KeyboardInterrupt):
     """SIGINT/SIGTERM: the checkpoint is saved; the CLI maps this to exit code 130."""
 
@@ -232,6 +238,15 @@ class Run:
         if self.metrics is not None and metrics:
             self.metrics.log(self.step if step is None else step, metrics)
 
+    def advance(self, trainer) -> dict:
+        """One step of `trainer`, counted and logged (what `train` repeats)."""
+        metrics = trainer.train_step(self.step)
+        self.step += 1
+        self.history.append({"step": self.step, **metrics})
+        if self.step % self.config.log_every == 0 or self.step == self.config.max_steps:
+            self.log(metrics)
+        return metrics
+
     def train(self, trainer) -> list[dict]:
         """Steps up to max_steps: log, checkpoint every save_every, stop cleanly on a signal, write final/."""
         from tqdm import tqdm
@@ -245,15 +260,11 @@ class Run:
         try:
             with logging_redirect_tqdm():  # log lines print above the bar, not glued onto it
                 while self.step < c.max_steps:
-                    metrics = trainer.train_step(self.step)
-                    self.step += 1
-                    self.history.append({"step": self.step, **metrics})
+                    metrics = self.advance(trainer)
                     bar.update(1)
                     shown = {k: f"{metrics[k]:.4f}" for k in getattr(trainer, "postfix", ()) if k in metrics}
                     if shown:
                         bar.set_postfix(shown)
-                    if self.step % c.log_every == 0 or self.step == c.max_steps:
-                        self.log(metrics)
                     if self._should_stop():
                         self.save_checkpoint(trainer)
                         msg = (f"{self.name} stopped by signal at step {self.step}; checkpoint saved in "
@@ -279,7 +290,7 @@ class Run:
                  "stepper": self.stepper_.state_dict() if self.stepper_ is not None else {},
                  "config": config_to_dict(self.config), "world_size": self.env.world_size}
         saveable = trainer.saveable()
-        path = self.ckpts.save(self.step, state, model=saveable, tokenizer=trainer.tokenizer)
+        path = self.ckpts.save(self.step, state, model=saveable, tokenizer=_savable_tokenizer(trainer))
         rdist.barrier()
         return path
 
@@ -292,8 +303,9 @@ class Run:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
             saveable.save_pretrained(tmp)
-            if trainer.tokenizer is not None:
-                trainer.tokenizer.save(tmp)
+            tokenizer = _savable_tokenizer(trainer)
+            if tokenizer is not None:
+                tokenizer.save(tmp)
             source = getattr(self.config, "model", "")
             info = {"algorithm": self.name, "source_model": source if isinstance(source, str) else "",
                     "steps": self.step, **getattr(trainer, "final_record", dict)()}

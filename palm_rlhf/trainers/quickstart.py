@@ -176,7 +176,7 @@ class Quickstart:
         c = self.config
         steps = c.scaled(200, minimum=10)
         prefs = self.out / "preferences"
-        config = RewardTrainConfig(base=str(self._pretrained()), data=str(prefs / "train.jsonl"),
+        config = RewardTrainConfig(model=str(self._pretrained()), data=str(prefs / "train.jsonl"),
                                    val_data=str(prefs / "val.jsonl"), out_dir=str(step_dir), max_steps=steps,
                                    batch_size=16, lr=3e-3, eval_every=max(1, steps // 5), save_every=max(1, steps // 5),
                                    keep_last=1, seed=c.seed, progress=c.progress)
