@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import torch
 from ..errors import ConfigError, DataError
 from ..model.palm import PaLM
 from ..model.reward import RewardModel
-from ..rl.rewards import MissingEOSPenalty, as_reward_source
+from ..rl.rewards import MissingEOSPenalty, as_reward_source, import_reward_function
 from ..runtime.resolve import check_tokenizer_fits, load_tokenizer_for, resolve_model
 
 
@@ -66,16 +65,6 @@ def load_prompts(source, tokenizer) -> list[torch.Tensor]:
     return out
 
 
-def import_function(spec: str):
-    module, _, name = spec.partition(":")
-    if not module or not name:
-        raise ConfigError(f"reward_fn={spec!r} must look like 'package.module:function'")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(f"reward_fn={spec!r} cannot be imported: {e}") from e
-
-
 def load_reward(reward, config, tokenizer):
     """The run's reward source: an object passed in, else the config's reward model and/or function."""
     if reward is None:
@@ -83,7 +72,8 @@ def load_reward(reward, config, tokenizer):
         if config.reward_model:
             parts.append((RewardModel.from_pretrained(config.reward_model, dropout=0.0), config.reward_model_weight))
         if config.reward_fn:
-            parts.append((as_reward_source(import_function(config.reward_fn), tokenizer), config.reward_fn_weight))
+            fn = import_reward_function(config.reward_fn)
+            parts.append((as_reward_source(fn, tokenizer), config.reward_fn_weight))
         if not parts:
             raise ConfigError("no reward: set reward_model=path/to/reward_model and/or reward_fn=module:function")
         reward = parts[0][0] if len(parts) == 1 and parts[0][1] == 1.0 else parts
