@@ -43,8 +43,8 @@ class LoadedCheckpoint:
     tokenizer: object
 
 
-def checkpoint_identity(directory) -> str:
-    """Name plus content hash: two runs that both save to `ckpt/` stay distinguishable."""
+def checkpoint_identity(directory, name: str | None = None) -> str:
+    """Name (default: the directory's) plus content hash: two runs that both save to `ckpt/` stay distinguishable."""
     directory = Path(directory)
     digest = hashlib.sha256()
     for name in ("config.json", "model.safetensors"):
@@ -53,11 +53,12 @@ def checkpoint_identity(directory) -> str:
             with open(path, "rb") as f:
                 for block in iter(lambda: f.read(1 << 20), b""):
                     digest.update(block)
-    return f"{directory.resolve().name}@{digest.hexdigest()[:12]}"
+    return f"{name or directory.resolve().name}@{digest.hexdigest()[:12]}"
 
 
-def load_checkpoint(directory) -> LoadedCheckpoint:
-    """`PaLM.from_pretrained(directory)` and its tokenizer (UTF-8 bytes when none was saved)."""
+def load_checkpoint(directory, name: str | None = None) -> LoadedCheckpoint:
+    """`PaLM.from_pretrained(directory)` and its tokenizer (UTF-8 bytes when none was saved); `name` labels it
+    (the CLI passes the run's name, so raters' records say `ppo@...`, not `final@...`)."""
     from ..data.tokenizer import load_tokenizer_or_bytes
     from ..model import PaLM
 
@@ -74,7 +75,7 @@ def load_checkpoint(directory) -> LoadedCheckpoint:
     if vocab < num_tokens:
         log.warning("%s: the model has %d tokens but its tokenizer %d; sampled ids >= %d are left out of "
                     "the text raters see", directory, num_tokens, vocab, vocab)
-    return LoadedCheckpoint(identity=checkpoint_identity(directory), model=model, tokenizer=tokenizer)
+    return LoadedCheckpoint(identity=checkpoint_identity(directory, name), model=model, tokenizer=tokenizer)
 
 
 class ModelPairSource:

@@ -119,7 +119,7 @@ def test_serve_rejects_bad_arguments_before_listening(tmp_path, capsys):
     assert "no prompts" in capsys.readouterr().err
     (tmp_path / "p.txt").write_text("hi\n")
     assert main(["feedback", "serve", "--checkpoint", str(tmp_path), "--prompts", str(tmp_path / "p.txt")]) == 2
-    assert "no config.json" in capsys.readouterr().err
+    assert "no model here" in capsys.readouterr().err
     assert main(["feedback", "serve", "--checkpoint", str(a), "--prompts", str(tmp_path / "p.txt"),
                  "--shared-fraction", "2"]) == 2
     assert "--shared-fraction" in capsys.readouterr().err
