@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import importlib.util
 import json
 import logging
 import os
@@ -49,26 +48,20 @@ from ..model.checkpoint import atomic_write_bytes, save_adapter
 from . import distributed as rdist
 from .checkpoint import CheckpointManager
 from .config import config_to_dict
-from .metrics import MetricsLogger
+from .metrics import SINKS, MetricsLogger, default_report_to
 from .seed import rng_state, seed_everything, set_rng_state
 from .step import TrainStep
 
 log = logging.getLogger(__name__)
 
 __all__ = ["RunSettings", "Run", "RunInterrupted", "RESUME_MODES", "FINAL_NAME", "RUN_RECORD_NAME",
-           "CONFIG_NAME", "ADAPTER_NAME", "MergedAdapter", "check_out_dir", "default_report_to"]
+           "CONFIG_NAME", "ADAPTER_NAME", "MergedAdapter", "check_out_dir"]
 
 RESUME_MODES = ("auto", "never", "must")
-REPORTERS = ("jsonl", "tensorboard", "wandb", "mlflow")
 FINAL_NAME = "final"
 RUN_RECORD_NAME = "run.json"
 CONFIG_NAME = "config.yaml"
 ADAPTER_NAME = "adapter.safetensors"
-
-
-def default_report_to() -> list[str]:
-    """jsonl always, plus tensorboard when it is installed."""
-    return ["jsonl"] + (["tensorboard"] if importlib.util.find_spec("tensorboard") is not None else [])
 
 
 @dataclasses.dataclass
@@ -100,9 +93,9 @@ class RunSettings:
             raise ConfigError(f"resume={self.resume!r}: use one of {', '.join(RESUME_MODES)}")
         if isinstance(self.report_to, str):
             self.report_to = [self.report_to]
-        unknown = [r for r in self.report_to if r not in REPORTERS]
+        unknown = [r for r in self.report_to if r not in SINKS]
         if unknown:
-            raise ConfigError(f"report_to={unknown[0]!r}: use a list of {', '.join(REPORTERS)}")
+            raise ConfigError(f"report_to={unknown[0]!r}: use a list of {', '.join(SINKS)}")
 
 
 def _positive(name: str, v) -> None:
@@ -163,6 +156,7 @@ class Run:
         self._owns_group = False
         self._handlers: dict = {}
         self._signal = None
+        self._finished = False
 
     @property
     def is_main(self) -> bool:
@@ -226,7 +220,7 @@ class Run:
             log.info("%s: resumed from %s at step %d", self.name, latest, self.step)
         self.metrics = MetricsLogger(self.run_dir, is_main=self.is_main,
                                      resume_step=self.step if latest is not None else None,
-                                     tensorboard="tensorboard" in c.report_to)
+                                     report_to=c.report_to, config=config_to_dict(c))
         if self.is_main:
             text = yaml.safe_dump(config_to_dict(c), sort_keys=False)
             atomic_write_bytes(self.run_dir / CONFIG_NAME, text.encode())
@@ -277,6 +271,7 @@ class Run:
                 if last_saved != self.step:
                     self.save_checkpoint(trainer)
                 self.write_final(trainer)
+                self._finished = True
         finally:
             bar.close()
             self._restore_signal_handlers()
@@ -348,7 +343,7 @@ class Run:
         """Close only what this run opened (safe after a failed setup, and twice)."""
         self._restore_signal_handlers()
         if self.metrics is not None:
-            self.metrics.close()
+            self.metrics.close(ok=self._finished)  # a tracker run that did not finish is marked failed
             self.metrics = None
         if self._owns_group:
             rdist.cleanup()

@@ -15,6 +15,7 @@ from ..errors import ConfigError
 from ..model.checkpoint import load_adapter
 from ..rl.losses import aggregation_count
 from ..rl.grpo import GRPOHyperparams, grpo_loss, grpo_prepare
+from ..runtime.distributed import all_reduce_sum
 from .rl_base import RLRunConfig, RLTrainerBase
 
 
@@ -46,9 +47,6 @@ class GRPOTrainer(RLTrainerBase):
     def _build(self) -> None:
         c = self.config
         self.hp = c.hyperparams()
-        if self.dist.world > 1 and (c.prompts_per_step * c.group_size) % self.dist.world:
-            raise ConfigError(f"prompts_per_step * group_size = {c.prompts_per_step * c.group_size} must divide "
-                              f"evenly over {self.dist.world} ranks")
         self.actor_scope = c.actor_scope
         if self.actor_scope not in self.model.finetune_modules:
             self.model.add_finetune_params(self.actor_scope, lora_r=c.lora_r)
@@ -58,7 +56,8 @@ class GRPOTrainer(RLTrainerBase):
             p.requires_grad_(False)
 
     def _expand_prompts(self, rows):
-        # group by group: rows i*G .. i*G+G-1 share prompt i (a rank holds whole groups when G | rows/rank)
+        # group by group: rows i*G .. i*G+G-1 share prompt i (a rank holds whole groups: the run checked
+        # prompts_per_step % world == 0)
         return [p for p in rows for _ in range(self.config.group_size)]
 
     def _parameters(self):
@@ -67,7 +66,7 @@ class GRPOTrainer(RLTrainerBase):
     def _prepare(self, rollout) -> dict:
         stats = grpo_prepare(rollout, self.hp)  # each rank holds whole groups: advantages are local
         # the logged counts are the global batch's
-        zero, groups = self.dist.reduce_sum(torch.tensor(
+        zero, groups = all_reduce_sum(torch.tensor(
             [stats["zero_variance_groups"], float(len(rollout) // self.hp.group_size)], dtype=torch.float64,
             device=rollout.scores.device)).tolist()
         return {"zero_variance_groups": zero, "zero_variance_frac": zero / max(groups, 1.0)}

@@ -1,7 +1,7 @@
 """PPO trainer: `palm-rlhf ppo --config configs/rl/ppo.yaml [key=value ...]`.
 
     trainer = PPOTrainer(PPOConfig(model="runs/sft", prompts="prompts.txt", reward_model="runs/rm"))
-    trainer.setup().train()
+    trainer.setup().train()     # OUT/final: the base with the actor merged, adapter.safetensors, tokenizer
 
 The loop lives in `rl_base`; this file adds the critic, the KL controller, and the
 PPO prepare/loss from `palm_rlhf.rl.ppo`.
@@ -18,6 +18,7 @@ from ..model.checkpoint import load_adapter
 from ..rl.actor_critic import ActorCritic
 from ..rl.kl import make_kl_controller
 from ..rl.ppo import PPOHyperparams, ppo_loss, ppo_prepare
+from ..runtime.distributed import all_reduce_sum
 from .rl_base import RLRunConfig, RLTrainerBase
 
 
@@ -82,16 +83,17 @@ class PPOTrainer(RLTrainerBase):
         return self.actor_critic
 
     def _prepare(self, rollout) -> dict:
-        stats = ppo_prepare(rollout, self.hp, self.kl_ctl.value, self.dist.reduce_sum)
+        stats = ppo_prepare(rollout, self.hp, self.kl_ctl.value, all_reduce_sum)
         stats["kl_coef"] = self.kl_ctl.value
         return stats
 
     def _learn(self, rollout, step):
         stats = super()._learn(rollout, step)
-        # the controller sees the global batch's mean sequence KL (lm-human-preferences), the same on every rank
+        # the controller sees the global batch's mean sequence KL (lm-human-preferences), the same on every
+        # rank, and the number of rows actually collected over all ranks
         kl = (rollout.old_log_probs - rollout.ref_log_probs).masked_fill(~rollout.mask, 0).sum(-1)
-        total = self.dist.reduce_sum(torch.stack([kl.sum(), torch.tensor(float(len(kl)), device=kl.device)]).double())
-        self.kl_ctl.update(float(total[0] / total[1]), self.config.prompts_per_step)
+        total = all_reduce_sum(torch.stack([kl.sum(), torch.tensor(float(len(kl)), device=kl.device)]).double())
+        self.kl_ctl.update(float(total[0] / total[1]), int(total[1]))
         return stats
 
     def _loss(self, mb):

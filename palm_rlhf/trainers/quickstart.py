@@ -193,7 +193,7 @@ class Quickstart:
         model, tokenizer = self._load_policy()
         reward = RewardModel.from_pretrained(self.out / "reward" / "final", dropout=0.0).eval()
         prompts = self._prompts(tokenizer, 512, seed=c.seed + 3)
-        common = dict(out_dir=str(step_dir), steps=c.scaled(40, minimum=2), max_new_tokens=c.response_tokens,
+        common = dict(out_dir=str(step_dir), max_steps=c.scaled(40, minimum=2), max_new_tokens=c.response_tokens,
                       temperature=1.0, eos_token=None, lr=1e-3, seed=c.seed, save_every=5, keep_last=1,
                       sample_every=10, progress=c.progress)
         # The reward model's scores spread over about +-10 on this task, so the KL coefficients are

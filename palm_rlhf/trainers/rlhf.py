@@ -112,7 +112,7 @@ class RLHFTrainer:
                         update_timesteps)
             return self.history
         s = self.settings
-        config = PPOConfig(out_dir=self.out_dir or tempfile.mkdtemp(prefix="rlhf-"), steps=updates,
+        config = PPOConfig(out_dir=self.out_dir or tempfile.mkdtemp(prefix="rlhf-"), max_steps=updates,
                            prompts_per_step=update_timesteps, rollout_batch_size=max_batch_size,
                            minibatch_size=min(s["minibatch_size"], update_timesteps), epochs=s["epochs"],
                            max_new_tokens=max_new, temperature=temperature, eos_token=eos_token, lr=s["lr"],
