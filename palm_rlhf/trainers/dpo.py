@@ -22,8 +22,8 @@ from ..model.checkpoint import load_adapter
 from ..rl.losses import PREFERENCE_LOSSES, preference_loss
 from ..rl.reference import Reference
 from ..rl.rollout import pack_sequences, response_log_probs
-from ..runtime.distributed import all_reduce_sum
-from ..runtime.run import MergedAdapter, Run, RunSettings
+from ..runtime.distributed import all_reduce_mean, all_reduce_sum
+from ..runtime.run import MergedAdapter, OnRun, Run, RunSettings
 from .rl_base import eos_token, seeded, start_policy
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ def encode_pair(record: PairwiseRecord, tokenizer, max_len: int, eos: int | None
     return out
 
 
-class DPOTrainer:
+class DPOTrainer(OnRun):
     name = "dpo"
     postfix = ("loss",)
 
@@ -91,10 +91,6 @@ class DPOTrainer:
         self.config, self.model, self.tokenizer = config, model, tokenizer
         self.train_records, self.heldout_records = train_records, heldout_records
         self.run = Run(config, self.name)
-
-    @property
-    def step_done(self) -> int:
-        return self.run.step
 
     def setup(self) -> "DPOTrainer":
         c = self.config
@@ -176,7 +172,7 @@ class DPOTrainer:
         epoch, k = divmod(step, per_epoch)
         order = torch.randperm(n, generator=seeded(c.seed, epoch, 5)).tolist()
         rows = order[k * c.batch_size:(k + 1) * c.batch_size]
-        world, rank = self.run.env.world_size, self.run.env.rank
+        world, rank = self.env.world_size, self.env.rank
         share = max(len(rows) // world, 1)
         rows = rows[rank * share:(rank + 1) * share]
         return [self.train_records[i] for i in rows]
@@ -195,7 +191,8 @@ class DPOTrainer:
             return out.loss.mean(), float(len(records))
 
         result = self.run.optimizer_step(loss_fn, [self._batch(step)])
-        row = {**captured, "grad_norm": result.grad_norm}
+        # every rank holds batch_size / world pairs: the mean of the ranks' means is the global batch's
+        row = {**all_reduce_mean(captured), "grad_norm": result.grad_norm}
         if self.heldout_records and ((step + 1) % c.eval_every == 0 or step + 1 == c.max_steps):
             row.update({f"heldout_{k}": v for k, v in self.evaluate().items()})
         return row
@@ -208,7 +205,7 @@ class DPOTrainer:
         self.model.eval()
         sums = torch.zeros(4, dtype=torch.float64)
         try:
-            mine = records[self.run.env.rank::self.run.env.world_size]
+            mine = records[self.env.rank::self.env.world_size]
             for i in range(0, len(mine), batch_size):
                 out, prefers = self._loss(mine[i:i + batch_size])
                 margin = out.chosen_rewards - out.rejected_rewards
