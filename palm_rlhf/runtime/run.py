@@ -55,7 +55,7 @@ from .step import TrainStep
 log = logging.getLogger(__name__)
 
 __all__ = ["RunSettings", "Run", "RunInterrupted", "RESUME_MODES", "FINAL_NAME", "RUN_RECORD_NAME",
-           "CONFIG_NAME", "ADAPTER_NAME", "MergedAdapter", "check_out_dir"]
+           "CONFIG_NAME", "ADAPTER_NAME", "MergedAdapter", "OnRun", "check_out_dir"]
 
 RESUME_MODES = ("auto", "never", "must")
 FINAL_NAME = "final"
@@ -140,6 +140,31 @@ class MergedAdapter:
             merged.remove_finetune_params(other)
         merged.save_pretrained(directory)
         save_adapter(self.model, self.scope, Path(directory) / ADAPTER_NAME)
+
+
+class OnRun:
+    """For trainers: the run's progress and process as attributes (`self.run` is their Run)."""
+
+    run: "Run"
+
+    @property
+    def step(self) -> int:
+        """Steps done."""
+        return self.run.step
+
+    step_done = step
+
+    @property
+    def env(self) -> rdist.DistEnv:
+        return self.run.env
+
+    @property
+    def is_main(self) -> bool:
+        return self.run.is_main
+
+    @property
+    def run_dir(self) -> Path:
+        return self.run.run_dir
 
 
 class Run:

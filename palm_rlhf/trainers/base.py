@@ -1,8 +1,9 @@
-"""The loop shared by the language-model trainers (pretrain, finetune): setup, train, save, cleanup.
+"""What the language-model trainers (pretrain, finetune) share: the model shape, the optimizer and
+schedule, DDP/FSDP2 wrapping, one step over micro-batches, evaluation, and what a checkpoint holds.
 
 A subclass supplies the data and the loss (`build_data`, `build_model`, `micro_batches`,
-`loss`, `evaluate`); everything else is `palm_rlhf.runtime`: the distributed environment,
-THE optimizer step (`TrainStep`), the optimizer and schedule, checkpoints, metrics, seeding.
+`loss`, `evaluate`). The run itself (out_dir, config.yaml, signals, checkpoints and resume,
+metrics, the NaN guard, final/, cleanup) is `palm_rlhf.runtime.run.Run`, as for every trainer.
 
 Exact resume: a step's batches are a pure function of (seed, step, rank), and a checkpoint
 holds the model, optimizer, scheduler, grad-scaler, every RNG state and the step, so a resumed
@@ -24,7 +25,7 @@ from ..errors import CheckpointError, ConfigError
 from ..model.checkpoint import load_into, load_state_dict_file
 from ..runtime import fsdp
 from ..runtime.optim import OptimConfig, build_optimizer, build_scheduler
-from ..runtime.run import Run, RunSettings
+from ..runtime.run import OnRun, Run, RunSettings
 from ..runtime.step import PRECISIONS
 
 log = logging.getLogger(__name__)
@@ -89,7 +90,7 @@ class RunConfig(RunSettings):
             raise ConfigError(f"distributed={self.distributed!r}: use ddp or fsdp")
 
 
-class LMTrainer:
+class LMTrainer(OnRun):
     """setup() -> train() -> cleanup(). One process, or one per device under torchrun."""
 
     name = "train"
@@ -130,22 +131,6 @@ class LMTrainer:
         return self.model
 
     # ------------------------------------------------------------------ setup
-
-    @property
-    def step(self) -> int:
-        return self.run.step
-
-    @property
-    def env(self):
-        return self.run.env
-
-    @property
-    def is_main(self) -> bool:
-        return self.run.is_main
-
-    @property
-    def run_dir(self) -> Path:
-        return self.run.run_dir
 
     def setup(self) -> "LMTrainer":
         c = self.config

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import ConfigError
 from ..model.checkpoint import load_adapter
 from ..rl.losses import aggregation_count
 from ..rl.grpo import GRPOHyperparams, grpo_loss, grpo_prepare

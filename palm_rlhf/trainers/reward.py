@@ -13,13 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-import torch
 
 from ..data.preferences import read_preferences
 from ..errors import CheckpointError, ConfigError, DataError
 from ..model.reward import POOLINGS, RewardModel
 from ..runtime.optim import OPTIMIZERS, OptimConfig, build_optimizer, build_scheduler
-from ..runtime.run import Run, RunSettings
+from ..runtime.run import OnRun, Run, RunSettings
 from ..runtime.step import PRECISIONS, StepResult
 from .reward_data import batch_indices, encode_records, evaluate, make_batch, record_kind, reward_loss, split_validation
 from .rl_setup import check_tokenizer, load_start
@@ -96,7 +95,7 @@ class RewardTrainConfig(RunSettings):
                                  clip_grad_norm=self.clip_grad_norm)
 
 
-class RewardTrainer:
+class RewardTrainer(OnRun):
     """setup() -> train() -> cleanup(). One process, or one per device under torchrun."""
 
     name = "reward"
@@ -107,18 +106,6 @@ class RewardTrainer:
         self.tokenizer = tokenizer
         self.run = Run(config, self.name)
         self.metrics_: dict = {}
-
-    @property
-    def step(self) -> int:
-        return self.run.step
-
-    @property
-    def env(self):
-        return self.run.env
-
-    @property
-    def is_main(self) -> bool:
-        return self.run.is_main
 
     # ------------------------------------------------------------------ setup
 

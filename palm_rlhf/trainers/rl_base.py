@@ -24,7 +24,7 @@ from torch import Tensor
 from ..errors import ConfigError
 from ..generation import SamplingConfig
 from ..runtime.distributed import all_reduce_sum
-from ..runtime.run import MergedAdapter, Run, RunSettings
+from ..runtime.run import MergedAdapter, OnRun, Run, RunSettings
 from ..rl.collect import collect_rollout, policy_temperature, strip_eos
 from ..rl.kl import kl_per_token, negative_kl_is_significant
 from ..rl.reference import Reference
@@ -106,7 +106,7 @@ def start_policy(trainer) -> None:
 
         trainer.tokenizer = load_tokenizer_for(resolve_model(c.model) if c.model else None, c.tokenizer)
     check_tokenizer(trainer.tokenizer, trainer.model, where=f"model={c.model or 'the model passed in'}")
-    trainer.model.to(trainer.run.env.device).set_dropout(0.0)
+    trainer.model.to(trainer.env.device).set_dropout(0.0)
 
 
 def eos_token(config, tokenizer) -> int | None:
@@ -116,7 +116,7 @@ def eos_token(config, tokenizer) -> int | None:
     return getattr(tokenizer, "eos_id", None)
 
 
-class RLTrainerBase:
+class RLTrainerBase(OnRun):
     """Subclasses implement `_build`, `_prepare`, `_loss`, `_trainable_state`, `_load_trainable_state`."""
 
     name = "rl"
@@ -127,18 +127,6 @@ class RLTrainerBase:
         self.model, self.reward, self.prompt_list, self.tokenizer = model, reward, prompts, tokenizer
         self.run = Run(config, self.name)
         self._first_length = None
-
-    @property
-    def step_done(self) -> int:
-        return self.run.step
-
-    @property
-    def world(self) -> int:
-        return self.run.env.world_size
-
-    @property
-    def rank(self) -> int:
-        return self.run.env.rank
 
     # ------------------------------------------------------------------ setup
 
@@ -175,8 +163,8 @@ class RLTrainerBase:
         rows = [self.prompt_list[i] for i in idx.tolist()]
         rows = self._expand_prompts(rows)  # GRPO repeats each prompt G times
         # contiguous shares: rank r takes rows r*k .. r*k+k-1 (whole GRPO groups: prompts_per_step % world == 0)
-        share = len(rows) // self.world
-        return rows[self.rank * share:(self.rank + 1) * share]
+        share = len(rows) // self.env.world_size
+        return rows[self.env.rank * share:(self.env.rank + 1) * share]
 
     def _expand_prompts(self, rows):
         return rows
@@ -188,7 +176,7 @@ class RLTrainerBase:
         c = self.config
         t0 = time.perf_counter()
         rows = self._prompts_for(step)
-        first = self.rank * len(rows)  # global index of this rank's first row
+        first = self.env.rank * len(rows)  # global index of this rank's first row
         gens = row_generators(c.seed, step, range(first, first + len(rows)), self.model.token_emb.weight.device)
         chunk = c.rollout_batch_size
         rollout = concat_rollouts([
@@ -216,7 +204,7 @@ class RLTrainerBase:
         uneven sizes give exactly the mean over the global minibatch."""
         c = self.config
         n = len(rollout)
-        local_mb = c.minibatch_size // self.world
+        local_mb = c.minibatch_size // self.env.world_size
         sums: dict[str, float] = {}
         count = 0
         self.model.train()

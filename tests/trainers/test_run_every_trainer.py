@@ -213,3 +213,21 @@ def test_dpo_writes_its_last_checkpoint_once(tmp_path, monkeypatch):
                         original(self, step, *a, **k))
     _run(make_trainer("dpo", tmp_path, "dpo", "save_every=2"))
     assert saved == [2, 4]
+
+
+@pytest.mark.parametrize("kind", ["finetune", "reward", "ppo", "grpo", "dpo"])
+def test_a_tokenizer_the_model_cannot_embed_is_a_setup_error(tmp_path, kind):
+    """A 128-token model saved with the 256-id byte tokenizer: refused before any training."""
+    write_inputs(tmp_path)
+    from palm_rlhf.model import PaLM
+
+    small = tmp_path / "small"
+    PaLM(num_tokens=128, dim=16, depth=1, heads=2, dim_head=8).save_pretrained(small)
+    ByteTokenizer().save(small)
+    trainer = make_trainer(kind, tmp_path, "small", f"model={small}")
+    try:
+        with pytest.raises(ConfigError, match="the tokenizer has 256 ids but the model embeds only 128"):
+            trainer.setup()
+    finally:
+        trainer.cleanup()
+    assert not (tmp_path / "small" / "checkpoints").exists() and not (tmp_path / "small" / "metrics.jsonl").exists()
