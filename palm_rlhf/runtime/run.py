@@ -182,6 +182,7 @@ class Run:
         self._handlers: dict = {}
         self._signal = None
         self._finished = False
+        self._resume_point: Path | None | bool = False  # False: not decided yet
 
     @property
     def is_main(self) -> bool:
@@ -219,7 +220,7 @@ class Run:
 
     def resume_point(self) -> Path | None:
         """The checkpoint this run continues from under `resume` (auto|never|must), or None."""
-        if not hasattr(self, "_resume_point"):
+        if self._resume_point is False:
             latest = None if self.config.resume == "never" else self.ckpts.latest()
             if latest is None and self.config.resume == "must":
                 raise CheckpointError(f"resume=must: no checkpoint in {self.ckpts.dir}; run without resume=must "

@@ -109,10 +109,8 @@ class RewardTrainer(OnRun):
 
     # ------------------------------------------------------------------ setup
 
-    def setup(self, resume: bool | None = None) -> "RewardTrainer":
+    def setup(self) -> "RewardTrainer":
         c = self.config
-        if resume is False:  # the old `--no-resume` keyword
-            c.resume = "never"
         if not c.model:
             raise ConfigError("model is not set; pass model=RUN_DIR (a run, final/ or save_pretrained directory)")
         if not c.data:
