@@ -55,6 +55,27 @@ def test_collective_device_is_the_gpu_under_nccl_and_the_callers_where_the_group
     assert rdist.collective_device("cuda:1") == torch.device("cuda", 1)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA for a real NCCL group")
+def test_helpers_under_a_real_nccl_group(tmp_path):
+    """The bug this rule stands for, on the real thing: NCCL rejects a CPU tensor; the helpers take
+    CPU tensors, numbers and CUDA tensors alike."""
+    torch.cuda.set_device(0)
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path}/init", rank=0, world_size=1,
+                            device_id=torch.device("cuda", 0))
+    try:
+        assert rdist.group_devices() == ("cuda",)
+        with pytest.raises(Exception, match="device type cpu"):
+            dist.all_reduce(torch.ones(2))
+        cpu = rdist.all_reduce_sum(torch.tensor([1.0, 2.0], dtype=torch.float64))
+        assert cpu.device.type == "cpu" and cpu.tolist() == [1.0, 2.0]
+        gpu = rdist.all_reduce_mean(torch.ones(3, device="cuda"))
+        assert gpu.device == torch.device("cuda", 0) and gpu.tolist() == [1.0, 1.0, 1.0]
+        assert rdist.all_reduce_sum({"a": 2.5}) == {"a": 2.5}
+        rdist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
 def test_group_devices_of_real_groups(one_process_group):
     assert rdist.group_devices() == ("cpu", "cuda")  # gloo serves both
 
