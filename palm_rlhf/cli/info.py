@@ -8,6 +8,7 @@ from pathlib import Path
 
 EXAMPLES = """examples:
   palm-rlhf info runs/ppo                      # a run directory: its final/ (or, while training, its latest checkpoint)
+  palm-rlhf info runs/sft runs/ppo runs/dpo    # several at once
   palm-rlhf info runs/pretrain/checkpoints/step_00000100
   palm-rlhf info runs/rm                       # a reward model
   palm-rlhf info actor.safetensors             # a LoRA adapter saved alone
@@ -18,7 +19,8 @@ EXAMPLES = """examples:
 def register(sub) -> None:
     p = sub.add_parser("info", help="describe a checkpoint: config, parameters, scopes, tokenizer, step",
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", type=Path, help="run dir, step dir, save_pretrained dir, adapter or state-dict file")
+    p.add_argument("checkpoint", type=Path, nargs="+", help="run dir, step dir, save_pretrained dir, adapter or "
+                   "state-dict file (several: described one after the other)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.set_defaults(func=run)
 
@@ -108,10 +110,16 @@ def describe(path: Path) -> dict:
 
 
 def run(args) -> int:
-    info = describe(args.checkpoint)
+    infos = [describe(path) for path in args.checkpoint]
     if args.json:
-        print(json.dumps(info, indent=2, default=str))
+        print(json.dumps(infos[0] if len(infos) == 1 else infos, indent=2, default=str))
         return 0
+    for info in infos:
+        _print_text(info)
+    return 0
+
+
+def _print_text(info: dict) -> None:
     print(f"{info['path']}: {info['kind']}" + (f" (resolved to {info['resolved']})" if "resolved" in info else ""))
     for key in ("step", "parameters", "lora_parameters", "scope", "lora_r", "scopes", "tokenizer", "adapter",
                 "layernorm_gain"):
@@ -119,8 +127,9 @@ def run(args) -> int:
             value = f"{info[key]:,}" if isinstance(info[key], int) and key.endswith("parameters") else info[key]
             print(f"  {key:16s} {value}")
     for section in ("run", "config", "reward"):
-        if info.get(section):
+        if isinstance(info.get(section), dict) and info[section]:
             print(f"  {section}:")
             for k, v in info[section].items():
                 print(f"    {k:28s} {v}")
-    return 0
+        elif info.get(section):
+            print(f"  {section:16s} {info[section]}")

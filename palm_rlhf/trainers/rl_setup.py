@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from ..errors import ConfigError, DataError
+from ..data.prompts import read_prompts
 from ..model.palm import PaLM
 from ..model.reward import RewardModel
 from ..rl.rewards import MissingEOSPenalty, as_reward_source, import_reward_function
@@ -34,22 +34,7 @@ def check_tokenizer(tokenizer, model, where: str = "model") -> None:
 def load_prompts(source, tokenizer) -> list[torch.Tensor]:
     """Prompts from a list (of token tensors, or of strings with a tokenizer) or a .txt/.jsonl file."""
     if isinstance(source, (str, Path)):
-        path = Path(source)
-        if not str(source) or not path.exists():
-            raise DataError(f"prompts file {str(source)!r} not found; set prompts=path/to/prompts.txt or .jsonl")
-        lines = path.read_text(encoding="utf-8").splitlines()
-        if path.suffix == ".jsonl":
-            texts = []
-            for i, line in enumerate(lines, 1):
-                if not line.strip():
-                    continue
-                try:
-                    texts.append(json.loads(line)["prompt"])
-                except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise DataError(f"{path}:{i}: expected a JSON object with a 'prompt' string ({e})") from None
-        else:
-            texts = [line for line in lines if line.strip()]
-        source = texts
+        source = read_prompts(source, key="prompts=")  # the feedback app's reader: \n, .jsonl
     out = []
     for i, p in enumerate(source):
         if isinstance(p, str):
