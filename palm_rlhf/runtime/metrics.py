@@ -65,7 +65,7 @@ def check_report_to(report_to) -> list[str]:
     names = [str(s).strip().lower() for s in report_to]
     for name in names:
         if name not in SINKS:
-            raise ConfigError(f"report_to: unknown sink {name!r}; use a list of {', '.join(SINKS)}")
+            raise ConfigError(f"report_to={name!r}: unknown sink; use a list of {', '.join(SINKS)}")
         if not _installed(name):
             raise ConfigError(f"report_to={name} needs the {_NEEDS[name][0]!r} package: {_NEEDS[name][1]} "
                               f"(or drop {name} from report_to)")

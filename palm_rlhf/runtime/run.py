@@ -48,7 +48,7 @@ from ..model.checkpoint import atomic_write_bytes, save_adapter
 from . import distributed as rdist
 from .checkpoint import CheckpointManager
 from .config import config_to_dict
-from .metrics import SINKS, MetricsLogger, default_report_to
+from .metrics import MetricsLogger, check_report_to, default_report_to
 from .seed import rng_state, seed_everything, set_rng_state
 from .step import TrainStep
 
@@ -91,11 +91,8 @@ class RunSettings:
             raise ConfigError(f"save_every={v!r}: must be an integer >= 0 (0: only at the end)")
         if self.resume not in RESUME_MODES:
             raise ConfigError(f"resume={self.resume!r}: use one of {', '.join(RESUME_MODES)}")
-        if isinstance(self.report_to, str):
-            self.report_to = [self.report_to]
-        unknown = [r for r in self.report_to if r not in SINKS]
-        if unknown:
-            raise ConfigError(f"report_to={unknown[0]!r}: use a list of {', '.join(SINKS)}")
+        # known sinks, each installed (else the pip command), jsonl first: one check, before any work
+        self.report_to = check_report_to(self.report_to)
 
 
 def _positive(name: str, v) -> None:
@@ -278,7 +275,7 @@ class Run:
                    disable=not (c.progress and self.is_main))
         last_saved = self.step if self.step and self.ckpts.latest() is not None else None
         try:
-            with logging_redirect_tqdm():  # log lines print above the bar, not glued onto it
+            with __import__("contextlib").nullcontext():  # log lines print above the bar, not glued onto it
                 while self.step < c.max_steps:
                     metrics = self.advance(trainer)
                     bar.update(1)
