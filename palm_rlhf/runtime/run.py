@@ -275,7 +275,7 @@ class Run:
                    disable=not (c.progress and self.is_main))
         last_saved = self.step if self.step and self.ckpts.latest() is not None else None
         try:
-            with __import__("contextlib").nullcontext():  # log lines print above the bar, not glued onto it
+            with logging_redirect_tqdm():  # log lines print above the bar, not glued onto it
                 while self.step < c.max_steps:
                     metrics = self.advance(trainer)
                     bar.update(1)

@@ -231,3 +231,28 @@ def test_a_tokenizer_the_model_cannot_embed_is_a_setup_error(tmp_path, kind):
     finally:
         trainer.cleanup()
     assert not (tmp_path / "small" / "checkpoints").exists() and not (tmp_path / "small" / "metrics.jsonl").exists()
+
+
+def test_log_lines_do_not_glue_onto_the_progress_bar(tmp_path, capsys):
+    """With the bar on, a log line during training (here the reward trainer's validation) is written
+    through tqdm: the bar is cleared first, so the line starts clean instead of after `it/s]`."""
+    import logging
+
+    write_inputs(tmp_path)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("LOG %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    old_level = root.level
+    root.setLevel(logging.INFO)
+    try:
+        _run(make_trainer("reward", tmp_path, "bar", "progress=true", "val_fraction=0.25", "eval_every=1",
+                          max_steps=3))
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old_level)
+    err = capsys.readouterr().err
+    lines = [line for line in err.split("\n") if "validation:" in line]
+    assert len(lines) >= 3 and "reward:" in err, err
+    for line in lines:
+        assert line.split("\r")[-1].startswith("LOG step "), repr(line)
