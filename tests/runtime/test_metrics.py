@@ -189,3 +189,43 @@ def test_trackers_on_non_main_ranks_write_nothing(tmp_path, monkeypatch):
     m.log(1, {"x": 1.0})
     m.close()
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow
+def test_a_training_command_reports_the_same_numbers_to_every_sink(tmp_path, monkeypatch):
+    """`palm-rlhf dpo ... report_to=[wandb,mlflow]`: W&B's and MLflow's histories hold exactly the
+    numbers metrics.jsonl holds, step for step (the runtime's one sink feeds them all)."""
+    pytest.importorskip("wandb")
+    pytest.importorskip("mlflow")
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    from palm_rlhf.cli.main import main
+    from palm_rlhf.data.preferences import write_preferences
+    from palm_rlhf.data.synthetic import rule_preference_pairs
+    from palm_rlhf.model import PaLM
+
+    store = (tmp_path / "mlruns").as_uri()
+    for key, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "MLFLOW_TRACKING_URI": store,
+                       "MLFLOW_ALLOW_FILE_STORE": "true"}.items():
+        monkeypatch.setenv(key, value)
+    torch.manual_seed(0)
+    PaLM(num_tokens=256, dim=32, depth=1, heads=2, dim_head=16).save_pretrained(tmp_path / "base")
+    write_preferences(tmp_path / "prefs.jsonl", rule_preference_pairs(16, seed=0))
+    out = tmp_path / "dpo"
+    assert main(["dpo", f"model={tmp_path / 'base'}", f"data={tmp_path / 'prefs.jsonl'}", f"out_dir={out}",
+                 "max_steps=2", "batch_size=4", "max_len=24", "progress=false", "report_to=[wandb,mlflow]"]) == 0
+    jsonl = {r["step"]: r for r in read_metrics(out)}
+    assert sorted(jsonl) == [1, 2]
+    keys = [k for k, v in jsonl[1].items() if isinstance(v, float) and k not in ("step", "time")]
+    assert "loss" in keys and "grad_norm" in keys
+
+    wandb_rows = {r["_step"]: r for r in _wandb_history(out, runs=1)[0]}
+    run_id = (out / ".mlflow_run_id").read_text().strip()
+    client = MlflowClient(tracking_uri=store)
+    for key in keys:
+        mlflow_values = {m.step: m.value for m in client.get_metric_history(run_id, key)}
+        for step in (1, 2):
+            assert wandb_rows[step][key] == pytest.approx(jsonl[step][key], rel=1e-12), key
+            assert mlflow_values[step] == pytest.approx(jsonl[step][key], rel=1e-12), key
+    assert client.get_run(run_id).data.params["max_steps"] == "2"
