@@ -55,7 +55,11 @@ def load_reward(reward, config, tokenizer):
     if reward is None:
         parts = []
         if config.reward_model:
-            parts.append((RewardModel.from_pretrained(config.reward_model, dropout=0.0), config.reward_model_weight))
+            # a run directory, final/ or step directory, like model=
+            reward_model = RewardModel.from_pretrained(resolve_model(config.reward_model).model_dir, dropout=0.0)
+            if tokenizer is not None:
+                check_tokenizer_fits(tokenizer, reward_model.palm.num_tokens, f"reward_model={config.reward_model}")
+            parts.append((reward_model, config.reward_model_weight))
         if config.reward_fn:
             fn = import_reward_function(config.reward_fn)
             parts.append((as_reward_source(fn, tokenizer), config.reward_fn_weight))
