@@ -36,16 +36,16 @@ __all__ = ["ModelConfig", "RunConfig", "LMTrainer"]
 @dataclass
 class ModelConfig:
     """PaLM shape; the vocabulary size comes from the tokenizer."""
-    dim: int = 256
-    depth: int = 4
-    heads: int = 4
-    dim_head: int = 64
-    ff_mult: int = 4
-    attn_dropout: float = 0.0
-    ff_dropout: float = 0.0
-    qk_rmsnorm: bool = False
-    flash_attn: bool = False
-    rotary_xpos_scale_base: int = 512
+    dim: int = 256                   # model width
+    depth: int = 4                   # number of blocks
+    heads: int = 4                   # query heads (one shared key/value head)
+    dim_head: int = 64               # width of each attention head
+    ff_mult: int = 4                 # feed-forward width = ff_mult * dim (SwiGLU)
+    attn_dropout: float = 0.0        # dropout on attention weights
+    ff_dropout: float = 0.0          # dropout in the feed-forward
+    qk_rmsnorm: bool = False         # RMS-normalise queries and keys
+    flash_attn: bool = False         # attention through F.scaled_dot_product_attention (false: explicit math)
+    rotary_xpos_scale_base: int = 512  # xPos scale base of the rotary embedding
 
     def kwargs(self, num_tokens: int) -> dict:
         return dict(dim=self.dim, depth=self.depth, heads=self.heads, dim_head=self.dim_head, ff_mult=self.ff_mult,
@@ -66,9 +66,9 @@ class RunConfig(RunSettings):
     batch_size: int = 16           # sequences per micro-batch per process
     grad_accum: int = 1            # micro-batches per optimizer step
     eval_every: int = 100          # 0: only at the end
-    eval_batches: int = 8
+    eval_batches: int = 8            # batches per validation
     sample_every: int = 0          # 0: no generated samples
-    sample_tokens: int = 128
+    sample_tokens: int = 128         # tokens per generated sample
     precision: str = "fp32"        # fp32 | bf16 (CPU or CUDA) | fp16 (CUDA, with a grad scaler)
     compile: bool = False          # torch.compile the training forward
     distributed: str = "ddp"       # ddp | fsdp (FSDP2 fully_shard), used under torchrun

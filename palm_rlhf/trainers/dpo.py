@@ -39,21 +39,21 @@ class DPOConfig(RunSettings):
     actor_adapter: str | None = None     # optional adapter (e.g. SFT) loaded into the actor scope first
     data: str = ""                       # pairwise preference JSONL (rating records are skipped)
     heldout: str | None = None           # held-out JSONL; default: the last heldout_fraction of `data`
-    heldout_fraction: float = 0.1
+    heldout_fraction: float = 0.1    # share of `data` held out when heldout is empty
     tokenizer: str | None = None         # None: the tokenizer saved with `model`
     eos_token: int | None = None         # closes every response; None: the tokenizer's EOS id
     batch_size: int = 16                 # pairs per optimizer step (global; a multiple of the processes)
-    lr: float = 5e-4
-    weight_decay: float = 0.0
-    beta: float = 0.1
+    lr: float = 5e-4                 # learning rate of the actor scope
+    weight_decay: float = 0.0        # AdamW weight decay
+    beta: float = 0.1                # strength of the KL to the reference (higher: closer)
     loss_type: str = "sigmoid"           # sigmoid (DPO) | ipo
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.0     # conservative DPO: assumed share of flipped labels
     max_len: int = 256                   # prompt + response tokens per sequence (prompt cut from the left)
-    lora_r: int = 8
-    actor_scope: str = "actor"
-    max_grad_norm: float | None = 1.0
-    precision: str = "fp32"
-    eval_every: int = 50
+    lora_r: int = 8                  # LoRA rank
+    actor_scope: str = "actor"       # name of the trained LoRA scope
+    max_grad_norm: float | None = 1.0  # gradient clipping; null: off
+    precision: str = "fp32"          # fp32 | bf16 (autocast) | fp16 (CUDA)
+    eval_every: int = 50             # held-out accuracy every N steps (and at the end)
 
     def __post_init__(self):
         super().__post_init__()

@@ -35,7 +35,7 @@ __all__ = ["FinetuneConfig", "LoraConfig", "FinetuneTrainer", "ADAPTER_NAME"]  #
 @dataclass
 class LoraConfig:
     scope: str = ""     # "" = full finetune; a name (e.g. "sft") = train only that LoRA scope
-    r: int = 8
+    r: int = 8                       # LoRA rank
 
     def __post_init__(self):
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
@@ -51,7 +51,7 @@ class FinetuneConfig(RunConfig):
     tokenizer: str | None = None  # None: the tokenizer saved with `model`
     data: str = ""              # JSONL of {"prompt", "response"}
     val_data: str = ""          # held-out JSONL; empty: hold out val_fraction of `data`
-    val_fraction: float = 0.05
+    val_fraction: float = 0.05       # share of `data` held out when val_data is empty
     seq_len: int = 256          # prompt + response + EOS longer than seq_len + 1 are truncated
     lora: LoraConfig = field(default_factory=LoraConfig)
 

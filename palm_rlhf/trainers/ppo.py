@@ -25,18 +25,18 @@ from .rl_base import RLRunConfig, RLTrainerBase
 @dataclass
 class PPOConfig(RLRunConfig):
     out_dir: str = "runs/ppo"
-    critic_lr: float = 1e-4
+    critic_lr: float = 1e-4          # critic (value scope + head) learning rate
     kl_coef: float = 0.05                # initial (or fixed) coefficient of the k1 penalty in the reward
     kl_target: float | None = None       # set to use the adaptive controller (target KL per sequence)
-    kl_horizon: int = 10000
-    gamma: float = 1.0
-    lam: float = 0.95
-    clip_eps: float = 0.2
-    value_clip: float | None = 0.2
-    vf_coef: float = 0.5
-    ent_coef: float = 0.0
-    whiten_rewards: bool = False
-    whiten_advantages: bool = True
+    kl_horizon: int = 10000          # steps over which the adaptive controller moves
+    gamma: float = 1.0               # discount
+    lam: float = 0.95                # GAE lambda
+    clip_eps: float = 0.2            # PPO ratio clip
+    value_clip: float | None = 0.2   # value-loss clip; null: off
+    vf_coef: float = 0.5             # weight of the value loss
+    ent_coef: float = 0.0            # entropy bonus weight
+    whiten_rewards: bool = False     # whiten rewards over the batch
+    whiten_advantages: bool = True   # whiten advantages over the batch
 
     def __post_init__(self):
         super().__post_init__()

@@ -42,24 +42,24 @@ class RewardTrainConfig(RunSettings):
     tokenizer: str | None = None   # None: the tokenizer saved with `model`
     data: str = ""                 # preference JSONL (palm_rlhf.data.preferences)
     val_data: str = ""             # held-out JSONL; empty: hold out val_fraction of `data`
-    val_fraction: float = 0.1
+    val_fraction: float = 0.1        # share of `data` held out when val_data is empty
     objective: str = "auto"        # auto: pairwise for pairwise records, binned for ratings
     num_bins: int = 5              # binned head: ratings are whole numbers in [0, num_bins - 1]
-    pooling: str = "response_mean"
-    use_lora: bool = True
-    lora_r: int = 8
-    dropout: float = 0.0
+    pooling: str = "response_mean"   # how response positions become one score (palm_rlhf.model.reward.POOLINGS)
+    use_lora: bool = True            # train a LoRA scope + head (false: every weight)
+    lora_r: int = 8                  # LoRA rank
+    dropout: float = 0.0             # dropout in the reward model
     use_margin: bool = True        # subtract each record's margin inside the Bradley-Terry loss
-    max_len: int = 256
+    max_len: int = 256               # prompt + response tokens per record (prompt cut from the left)
     batch_size: int = 16           # pairs (or ratings) per micro-batch per process
-    grad_accum: int = 1
+    grad_accum: int = 1              # micro-batches per optimizer step
     optimizer: str = "adamw"       # adamw | lion (palm_rlhf.runtime.optim)
     lr: float = 1e-3               # peak learning rate
     weight_decay: float = 0.0      # decoupled, on matrices only (not on norm gains or biases)
     warmup_steps: int = 10         # linear warmup, then cosine decay to lr * min_lr_ratio at max_steps
-    min_lr_ratio: float = 0.1
+    min_lr_ratio: float = 0.1        # the cosine ends at lr * min_lr_ratio
     clip_grad_norm: float = 1.0    # 0 disables clipping
-    eval_every: int = 50
+    eval_every: int = 50             # validate every N steps (and at the end)
     precision: str = "fp32"        # fp32 | bf16 (autocast, CPU or CUDA) | fp16 (CUDA, with a grad scaler)
 
     def __post_init__(self):

@@ -46,21 +46,21 @@ class RLRunConfig(RunSettings):
     tokenizer: str | None = None         # None: the tokenizer saved with `model`
     reward_model: str | None = None      # RewardModel directory
     reward_fn: str | None = None         # "package.module:function", called as fn(prompts, completions)
-    reward_fn_weight: float = 1.0
-    reward_model_weight: float = 1.0
+    reward_fn_weight: float = 1.0    # weight of reward_fn in the summed reward
+    reward_model_weight: float = 1.0  # weight of reward_model in the summed reward
     missing_eos_penalty: float = 0.0     # subtracted from responses that hit max_new_tokens
     prompts_per_step: int = 16           # a multiple of the number of processes
     rollout_batch_size: int = 64         # rows generated together (a step's rows are collected in chunks)
     minibatch_size: int = 16             # rows per optimizer step (global, over all ranks)
-    epochs: int = 1
-    max_new_tokens: int = 64
-    temperature: float = 1.0
+    epochs: int = 1                  # passes over each step's rollouts
+    max_new_tokens: int = 64         # tokens generated per rollout
+    temperature: float = 1.0         # sampling temperature of rollouts (the policy optimised)
     eos_token: int | None = None         # None: the tokenizer's EOS id
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = 1.0
+    lr: float = 1e-4                 # actor learning rate
+    weight_decay: float = 0.0        # AdamW weight decay
+    max_grad_norm: float | None = 1.0  # gradient clipping; null: off
     precision: str = "fp32"              # fp32 | bf16 (autocast) | fp16 (CUDA)
-    lora_r: int = 8
+    lora_r: int = 8                  # LoRA rank of the trained scopes
     sample_every: int = 10               # log a table of completions every N steps (0 = never)
 
     def __post_init__(self):
