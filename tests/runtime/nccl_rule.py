@@ -14,7 +14,8 @@ wraps torch.distributed's tensor collectives so that each one rejects:
    copy their input onto a device the group serves (`collective_device`; tested against
    NCCL-like groups in test_nccl_rule.py).
 
-As a launcher, it runs palm-rlhf under the rule and, with NCCL_RULE_LOG=PATH, writes one line per
+As a launcher, it runs palm-rlhf under the rule (on a GPU inside an NCCL group it creates, so that
+one process exercises NCCL and DDP too) and, with NCCL_RULE_LOG=PATH, writes one line per
 collective it let through (name, caller, device) to PATH.rankN, so a test can see it was armed:
 
     python -m torch.distributed.run --nproc_per_node 2 -m nccl_rule ppo model=... prompts=...
@@ -94,9 +95,15 @@ def main(argv: list[str]) -> int:
     if device == "cuda":
         device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     install(device)
+    own_group = torch.device(device).type == "cuda" and not dist.is_initialized()
+    if own_group:  # a real NCCL group even for one process (init_distributed forms none for 1)
+        torch.cuda.set_device(torch.device(device))
+        dist.init_process_group("nccl", device_id=torch.device(device))
     try:
         return cli_main(argv)
     finally:
+        if own_group and dist.is_initialized():
+            dist.destroy_process_group()
         log = os.environ.get("NCCL_RULE_LOG")
         if log:
             rank = os.environ.get("RANK", "0")
