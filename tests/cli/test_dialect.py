@@ -121,3 +121,26 @@ def test_version(capsys):
         main(["--version"])
     assert e.value.code == 0
     assert capsys.readouterr().out.startswith("palm-rlhf ")
+
+
+@pytest.mark.parametrize("argv", [
+    ["pretrain", "--config", "tiny-stdlib"],
+    ["finetune", "model=m", "data=x.jsonl"],
+    ["reward", "train", "model=m", "data=x.jsonl"],
+    ["ppo", "model=m", "prompts=p.txt", "reward_fn=a:b"],
+    ["grpo", "model=m", "prompts=p.txt", "reward_fn=a:b"],
+    ["dpo", "model=m", "data=x.jsonl"],
+], ids=lambda a: " ".join(a[:2]))
+def test_an_out_dir_that_cannot_be_created_is_one_line(tmp_path, capsys, argv):
+    (tmp_path / "afile").write_text("")
+    assert main([*argv, f"out_dir={tmp_path / 'afile' / 'run'}", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: out_dir=") and "is a file; choose another out_dir" in err
+
+
+def test_a_presets_missing_data_suggests_data_sources(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # shakespeare reads ../shared/data/tinyshakespeare.txt, absent here
+    assert main(["pretrain", "--config", "shakespeare", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--config shakespeare reads ../shared/data/tinyshakespeare.txt" in err
+    assert "data.sources=[path/to/corpus.txt]" in err
