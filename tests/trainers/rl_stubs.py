@@ -26,7 +26,8 @@ class Row:
     stop: str = "eos"
 
 
-def stub_rollout(trainer, prompts: list[torch.Tensor], rows: list[Row]) -> Rollout:
+def stub_rollout(trainer, prompts: list[torch.Tensor], rows: list[Row], first: int = 0) -> Rollout:
+    """Rows `first`, `first` + 1, ... of a step (the response tokens depend on the global row index)."""
     b, T = len(rows), max(r.length for r in rows)
     vocab = trainer.model.num_tokens
     plens = torch.tensor([p.numel() for p in prompts])
@@ -34,7 +35,7 @@ def stub_rollout(trainer, prompts: list[torch.Tensor], rows: list[Row]) -> Rollo
     for i, p in enumerate(prompts):
         prompt_ids[i, : p.numel()] = p
     mask = torch.arange(T)[None, :] < torch.tensor([r.length for r in rows])[:, None]
-    responses = ((torch.arange(b)[:, None] * 7 + torch.arange(T)[None, :] * 3) % (vocab - 1) + 1) * mask
+    responses = ((torch.arange(first, first + b)[:, None] * 7 + torch.arange(T)[None, :] * 3) % (vocab - 1) + 1) * mask
     kl_tok = torch.tensor([[r.kl / r.length] * T for r in rows]) * mask
     packed = pack_sequences(prompt_ids, plens, responses, mask)
     critic = trainer._critic()
@@ -64,9 +65,9 @@ class StubCollector:
         step_rows = self.rows[len(self.rollouts)]
         share = len(step_rows) // self.trainer.dist.world
         assert len(prompts) == share, "one collection call per step: rollout_batch_size >= rows per rank"
-        mine = step_rows[self.trainer.dist.rank * share:(self.trainer.dist.rank + 1) * share]
+        first = self.trainer.dist.rank * share
         self.noise.append([float(torch.rand((), generator=g)) for g in generator])
-        rollout = stub_rollout(self.trainer, list(prompts), mine)
+        rollout = stub_rollout(self.trainer, list(prompts), step_rows[first:first + share], first)
         self.rollouts.append(rollout)
         return rollout
 
