@@ -7,14 +7,12 @@ import os
 import re
 import signal
 import sqlite3
-import subprocess
 import sys
-import threading
 
 import httpx
 import pytest
 import torch
-from feedback_testing import ROOT, write_raters
+from feedback_testing import ROOT, launch, write_raters
 
 from palm_rlhf.cli.main import main
 from palm_rlhf.data.preferences import PairwiseRecord, read_preferences
@@ -30,19 +28,8 @@ def tiny_checkpoint(path, seed):
 
 def serve(*args, timeout=120.0):
     cmd = [sys.executable, "-m", "palm_rlhf.cli.main", "feedback", "serve", "--port", "0", *map(str, args)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    lines, found = [], threading.Event()
-
-    def read():
-        for line in proc.stdout:
-            lines.append(line)
-            if "feedback app on http://" in line:
-                found.set()
-    threading.Thread(target=read, daemon=True).start()
-    if not found.wait(timeout):
-        proc.kill()
-        raise AssertionError("serve did not start:\n" + "".join(lines))
+    proc, lines = launch(cmd, "feedback app on http://", timeout=timeout, cwd=ROOT,
+                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
     url = re.search(r"http://[\d.]+:\d+", "".join(lines)).group(0)
     return proc, url, lines
 
@@ -97,8 +84,8 @@ def test_exported_judgements_train_a_reward_model(tmp_path, capsys):
     assert main(["feedback", "export", "--db", str(tmp_path / "f.sqlite"), "--out", str(out)]) == 0
     assert len(read_preferences(out)) == 8
     base = tiny_checkpoint(tmp_path / "base", 0)
-    assert main(["reward", "train", "--base", str(base), "--data", str(out), "--out", str(tmp_path / "rm"),
-                 "--no-progress", "--set", "max_steps=2", "batch_size=2", "val_fraction=0.25"]) == 0
+    assert main(["reward", "train", f"model={base}", f"data={out}", f"out_dir={tmp_path / 'rm'}",
+                 "--no-progress", "max_steps=2", "batch_size=2", "val_fraction=0.25"]) == 0
     assert (tmp_path / "rm" / "final").is_dir()
 
 
@@ -119,7 +106,7 @@ def test_serve_rejects_bad_arguments_before_listening(tmp_path, capsys):
     assert "no prompts" in capsys.readouterr().err
     (tmp_path / "p.txt").write_text("hi\n")
     assert main(["feedback", "serve", "--checkpoint", str(tmp_path), "--prompts", str(tmp_path / "p.txt")]) == 2
-    assert "no config.json" in capsys.readouterr().err
+    assert "no model here" in capsys.readouterr().err
     assert main(["feedback", "serve", "--checkpoint", str(a), "--prompts", str(tmp_path / "p.txt"),
                  "--shared-fraction", "2"]) == 2
     assert "--shared-fraction" in capsys.readouterr().err

@@ -77,7 +77,7 @@ PPO, GRPO, LOSSES, ADV = "palm_rlhf/rl/ppo.py", "palm_rlhf/rl/grpo.py", "palm_rl
     "palm_rlhf/rl/advantages.py"
 PPO_T, BASE_T, DPO_T, RLHF_T = "palm_rlhf/trainers/ppo.py", "palm_rlhf/trainers/rl_base.py", \
     "palm_rlhf/trainers/dpo.py", "palm_rlhf/trainers/rlhf.py"
-CONTROLLER_CALL = "self.kl_ctl.update(float(total[0] / total[1]), self.config.prompts_per_step)"
+CONTROLLER_CALL = "self.kl_ctl.update(float(total[0] / total[1]), int(total[1]))"
 
 MUTANTS = [
     # 1. the entropy bonus
@@ -106,13 +106,13 @@ MUTANTS = [
     # 6. the adaptive KL controller
     Mutant("kl-controller-every-other-step", PPO_T, f"        {CONTROLLER_CALL}",
            f"        if step % 2 == 0:\n            {CONTROLLER_CALL}", "the controller is not updated every step"),
-    Mutant("kl-controller-n-local-rows", PPO_T, "self.config.prompts_per_step)", "len(kl))",
+    Mutant("kl-controller-n-local-rows", PPO_T, "int(total[1]))", "len(kl))",
            "n_steps = this rank's rollouts, not the step's"),
-    Mutant("kl-controller-n-minibatch", PPO_T, "self.config.prompts_per_step)", "self.config.minibatch_size)",
+    Mutant("kl-controller-n-minibatch", PPO_T, "int(total[1]))", "self.config.minibatch_size)",
            "n_steps = the minibatch size"),
     Mutant("kl-controller-token-mean", PPO_T, "torch.tensor(float(len(kl)), device=kl.device)",
            "rollout.mask.sum().to(kl.dtype)", "the controller sees the KL per token, not per sequence"),
-    Mutant("kl-controller-rank-local", PPO_T, "total = self.dist.reduce_sum(torch.stack(",
+    Mutant("kl-controller-rank-local", PPO_T, "total = all_reduce_sum(torch.stack(",
            "total = (lambda t: t)(torch.stack(", "the controller sees this rank's KL only"),
     Mutant("kl-controller-stale-coef", PPO, "kl_shaped_rewards(rollout.scores, kl, mask, kl_coef)",
            "kl_shaped_rewards(rollout.scores, kl, mask, 0.05)", "rewards ignore the controller's coefficient"),
@@ -126,7 +126,7 @@ MUTANTS = [
     Mutant("best-of-n-worst", RLHF_T, "best = int(scores.argmax())", "best = int(scores.argmin())",
            "RLHFTrainer.generate returns the worst-scoring sample"),
     # 10. distributed
-    Mutant("same-noise-every-rank", BASE_T, "first = self.dist.rank * len(rows)", "first = 0",
+    Mutant("same-noise-every-rank", BASE_T, "first = self.env.rank * len(rows)", "first = 0",
            "every rank draws the sampling noise of rank 0's rows"),
     Mutant("same-noise-every-row", BASE_T, "manual_seed((base + r + (1 << 40)) % (2 ** 63))",
            "manual_seed((base + (1 << 40)) % (2 ** 63))", "every row of a step draws the same noise"),

@@ -46,8 +46,8 @@ def expected_kl_values() -> list[float]:
 
 def run(out_dir: Path) -> dict:
     torch.manual_seed(0)
-    model = PaLM(dim=16, num_tokens=128, depth=1, heads=2, dim_head=8)
-    config = PPOConfig(out_dir=str(out_dir), steps=2, prompts_per_step=ROLLOUTS, minibatch_size=ROLLOUTS, epochs=2,
+    model = PaLM(dim=16, num_tokens=256, depth=1, heads=2, dim_head=8)
+    config = PPOConfig(out_dir=str(out_dir), max_steps=2, prompts_per_step=ROLLOUTS, minibatch_size=ROLLOUTS, epochs=2,
                        max_new_tokens=4, lr=1e-2, critic_lr=1e-2, kl_coef=KL_COEF, kl_target=KL_TARGET,
                        kl_horizon=KL_HORIZON, sample_every=0, progress=False, seed=0)
     trainer = PPOTrainer(config, model=model, reward=vowel_fraction, prompts=rl_prompts()).setup()
@@ -55,8 +55,8 @@ def run(out_dir: Path) -> dict:
     real, rl_base.collect_rollout = rl_base.collect_rollout, collector
     try:
         history, values = [], []
-        for step in range(2):
-            history.append(trainer.train_step(step))
+        for _ in range(2):
+            history.append(trainer.run.advance(trainer))
             values.append(trainer.kl_ctl.value)
     finally:
         rl_base.collect_rollout = real

@@ -63,9 +63,9 @@ class StubCollector:
     def __call__(self, model, prompts, sampling, reward, reference, *, actor_scope=None, actor_critic=None,
                  generator=None):
         step_rows = self.rows[len(self.rollouts)]
-        share = len(step_rows) // self.trainer.dist.world
+        share = len(step_rows) // self.trainer.env.world_size
         assert len(prompts) == share, "one collection call per step: rollout_batch_size >= rows per rank"
-        first = self.trainer.dist.rank * share
+        first = self.trainer.env.rank * share
         self.noise.append([float(torch.rand((), generator=g)) for g in generator])
         rollout = stub_rollout(self.trainer, list(prompts), step_rows[first:first + share], first)
         self.rollouts.append(rollout)

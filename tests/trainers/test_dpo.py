@@ -31,7 +31,7 @@ def test_dpo_raises_heldout_preference_accuracy(tmp_path, tiny_model, loss_type)
     is >= 0.75 and the policy's own preference accuracy rises by >= 0.15."""
     train = rule_preference_pairs(400, seed=0)
     heldout = rule_preference_pairs(64, seed=1)
-    config = DPOConfig(out_dir=str(tmp_path / loss_type), steps=60, batch_size=16, lr=3e-3, beta=0.1,
+    config = DPOConfig(out_dir=str(tmp_path / loss_type), max_steps=60, batch_size=16, lr=3e-3, beta=0.1,
                        loss_type=loss_type, eval_every=60, max_len=48)
     trainer = DPOTrainer(config, model=tiny_model, tokenizer=ByteTokenizer(), train_records=train,
                          heldout_records=heldout).setup()
@@ -54,7 +54,7 @@ def test_sequence_log_probs_sum_for_dpo_and_average_for_ipo(tmp_path, loss_type)
     model = PaLM(dim=16, num_tokens=256, depth=1, heads=2, dim_head=8)
     records = rule_preference_pairs(4, seed=2)
     tok = ByteTokenizer()
-    config = DPOConfig(out_dir=str(tmp_path / loss_type), steps=1, beta=0.5, loss_type=loss_type, max_len=40)
+    config = DPOConfig(out_dir=str(tmp_path / loss_type), max_steps=1, beta=0.5, loss_type=loss_type, max_len=40)
     trainer = DPOTrainer(config, model=model, tokenizer=tok, train_records=records, heldout_records=records).setup()
     with torch.no_grad():
         for p in model.finetune_parameters("actor"):
