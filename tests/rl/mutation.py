@@ -14,9 +14,10 @@ file (the code moved: update the mutant). Exit status 1 when any mutant survived
 Each mutant is a bug that published RLHF code has shipped (see issue 17); a new behaviour worth
 pinning gets a mutant here and a test that kills it.
 
-Last run: 2026-11-27, before merging issue 14, torch 2.13 CPU, OMP_NUM_THREADS=1, 2 cores shared with
-other jobs; unmutated RL tests 134 s wall. 25/25 killed, no survivors (so SURVIVORS is empty). The
-first test that failed for each (with -x; later tests may catch it too):
+Last run: 2026-11-27 14:14 UTC, after merging issue 14, torch 2.13 CPU, OMP_NUM_THREADS=1, 2 cores shared
+with other jobs; unmutated RL tests 142 s wall. 25/25 killed, no survivors (so SURVIVORS is empty). The
+first test that failed for each (with -x; later tests may catch it too: run with
+--pytest-args "-k uneven" to see test_rl_distributed's stub-rollout test kill the six distributed ones alone):
     ppo-entropy-sign                      rl/test_loss_terms.py::test_ppo_loss_is_policy_plus_value_minus_entropy
     grpo-entropy-sign                     rl/test_loss_terms.py::test_grpo_loss_terms_and_signs
     ppo-drop-value-loss                   rl/test_loss_terms.py::test_ppo_loss_is_policy_plus_value_minus_entropy
@@ -29,14 +30,14 @@ first test that failed for each (with -x; later tests may catch it too):
     kl-controller-n-local-rows            trainers/test_rl_distributed.py::test_two_torchrun_processes_equal_one_process[ppo]
     kl-controller-n-minibatch             trainers/test_ppo.py::test_resume_matches_uninterrupted_run
     kl-controller-token-mean              trainers/test_ppo.py::test_resume_matches_uninterrupted_run
-    kl-controller-rank-local              trainers/test_rl_distributed.py::test_two_ranks_with_uneven_tokens_and_kl_equal_one_process
+    kl-controller-rank-local              trainers/test_rl_distributed.py::test_two_torchrun_processes_equal_one_process[ppo]
     kl-controller-stale-coef              rl/test_maths.py::test_ppo_prepare_value_targets_are_raw_advantages_plus_values
     dpo-mean-log-probs                    trainers/test_dpo.py::test_sequence_log_probs_sum_for_dpo_and_average_for_ipo[sigmoid]
     ipo-abs                               rl/test_maths.py::test_ipo_squares_the_error_away_from_its_minimum
     best-of-n-worst                       trainers/test_rlhf.py::test_best_of_n_returns_the_highest_scoring_sample
     same-noise-every-rank                 trainers/test_rl_distributed.py::test_two_torchrun_processes_equal_one_process[ppo]
     same-noise-every-row                  trainers/test_ppo.py::test_ppo_raises_vowel_reward_with_bounded_kl
-    loss-weight-one-per-rank              trainers/test_rl_distributed.py::test_two_torchrun_processes_equal_one_process[ppo]
+    loss-weight-one-per-rank              trainers/test_ppo.py::test_ppo_raises_vowel_reward_with_bounded_kl
     eos-rate-inverted                     trainers/test_ppo.py::test_ppo_raises_vowel_reward_with_bounded_kl
     response-length-without-eos           trainers/test_ppo.py::test_ppo_raises_vowel_reward_with_bounded_kl
     kl-ref-token-mean                     trainers/test_ppo.py::test_resume_matches_uninterrupted_run
