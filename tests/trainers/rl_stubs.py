@@ -38,7 +38,7 @@ def stub_rollout(trainer, prompts: list[torch.Tensor], rows: list[Row], first: i
     responses = ((torch.arange(first, first + b)[:, None] * 7 + torch.arange(T)[None, :] * 3) % (vocab - 1) + 1) * mask
     kl_tok = torch.tensor([[r.kl / r.length] * T for r in rows]) * mask
     packed = pack_sequences(prompt_ids, plens, responses, mask)
-    critic = trainer._critic()
+    critic = getattr(trainer, "actor_critic", None)  # PPO; GRPO has no critic
     was_training = trainer.model.training
     trainer.model.eval()
     with torch.no_grad():
