@@ -10,6 +10,8 @@ from palm_rlhf.ops import masked_whiten
 from palm_rlhf.rl.advantages import explained_variance, gae, group_advantages, kl_shaped_rewards, whiten
 from palm_rlhf.rl.kl import AdaptiveKLController, FixedKLController, kl_per_token, negative_kl_is_significant
 from palm_rlhf.rl.losses import aggregate, clipped_value_loss, ppo_policy_terms, preference_loss
+from palm_rlhf.rl.ppo import PPOHyperparams, ppo_prepare
+from palm_rlhf.rl.rollout import Rollout
 
 
 def test_gae_stops_at_eos_and_ignores_padding():
@@ -183,3 +185,61 @@ def test_explained_variance():
     assert float(explained_variance(r, r, m)) == pytest.approx(1.0)
     assert float(explained_variance(torch.zeros_like(r), r, m)) == pytest.approx(0.0)
     assert float(explained_variance(r, torch.ones_like(r), m)) == 0.0
+
+
+def test_ppo_policy_terms_use_clip_eps_high():
+    """eps 0.2, eps_high 0.28 (DAPO's clip-higher). Token 1: A = 1, ratio 1.5 -> max(-1.5, -1.28) = -1.28 (clipped).
+    Token 2: A = 1, ratio 1.25 -> -1.25, inside [0.8, 1.28] (a symmetric clip would give -1.2).
+    Token 3: A = -1, ratio 0.5 -> max(0.5, 0.8) = 0.8: the low side still uses eps."""
+    logp = torch.log(torch.tensor([[1.5, 1.25, 0.5]]))
+    terms = ppo_policy_terms(logp, torch.zeros(1, 3), torch.tensor([[1.0, 1.0, -1.0]]),
+                             torch.ones(1, 3, dtype=torch.bool), clip_eps=0.2, clip_eps_high=0.28)
+    torch.testing.assert_close(terms.loss, torch.tensor([[-1.28, -1.25, 0.8]]))
+    assert terms.clipped.tolist() == [[True, False, True]]
+
+
+def test_ipo_squares_the_error_away_from_its_minimum():
+    """h = (-1 + 1.5) - (-2 + 1.5) = 1, beta 0.2: 1 / (2 beta) = 2.5, loss (1 - 2.5)^2 = 2.25
+    (|h - 2.5| would be 1.5). d loss / d h = 2 (h - 2.5) = -3: -3 on policy_chosen, +3 on policy_rejected."""
+    chosen, rejected = torch.tensor([-1.0], requires_grad=True), torch.tensor([-2.0], requires_grad=True)
+    out = preference_loss(chosen, rejected, torch.tensor([-1.5]), torch.tensor([-1.5]), beta=0.2, loss_type="ipo")
+    assert float(out.loss.detach()) == pytest.approx(2.25)
+    out.loss.sum().backward()
+    assert float(chosen.grad) == pytest.approx(-3.0) and float(rejected.grad) == pytest.approx(3.0)
+
+
+def _prepare_rollout():
+    """Row 0: 2 tokens, k1 KL [0.1, -0.2], score 1, values [0.5, 0.2]. Row 1: 1 token (+ padding whose
+    KL 5 and value 9 must not count), KL [0.4], score -1, value [0.3]."""
+    mask = torch.tensor([[True, True], [True, False]])
+    ref = torch.tensor([[-1.0, -1.0], [-2.0, -2.0]])
+    return Rollout(prompts=torch.tensor([[1], [2]]), prompt_lengths=torch.tensor([1, 1]),
+                   responses=torch.tensor([[3, 4], [5, 0]]), mask=mask,
+                   old_log_probs=ref + torch.tensor([[0.1, -0.2], [0.4, 5.0]]), ref_log_probs=ref,
+                   scores=torch.tensor([1.0, -1.0]), values=torch.tensor([[0.5, 0.2], [0.3, 9.0]]))
+
+
+def test_ppo_prepare_value_targets_are_raw_advantages_plus_values():
+    """kl_coef 0.5, gamma = lambda = 1. Rewards: row 0 [-0.05, 0.1 + 1] = [-0.05, 1.1]; row 1 [-0.2 - 1] = [-1.2].
+    Advantages A_t = sum_{k>=t} r_k - V_t: row 0 [1.05 - 0.5, 1.1 - 0.2] = [0.55, 0.9]; row 1 [-1.5].
+    Returns A + V: [[1.05, 1.1], [-1.2]], from the RAW advantages. The advantages the loss sees are whitened:
+    mean -0.05/3, unbiased var 3.36167/2 = 1.68083 -> [0.43708, 0.70705, -1.14413]
+    (whitened + V would give returns [0.937, 0.907, -0.844])."""
+    ro = _prepare_rollout()
+    ppo_prepare(ro, PPOHyperparams(gamma=1.0, lam=1.0), kl_coef=0.5)
+    torch.testing.assert_close(ro.rewards, torch.tensor([[-0.05, 1.1], [-1.2, 0.0]]))
+    torch.testing.assert_close(ro.returns, torch.tensor([[1.05, 1.1], [-1.2, 0.0]]))
+    torch.testing.assert_close(ro.advantages, torch.tensor([[0.437084, 0.707048], [-1.144133, 0.0]]),
+                               atol=1e-5, rtol=0)
+
+
+def test_ppo_prepare_reward_whitening_keeps_the_mean():
+    """whiten_rewards: rewards [-0.05, 1.1, -1.2] (as above) have mean -0.05, deviations [0, 1.15, -1.15],
+    unbiased var 1.3225 = 1.15^2 -> whitened [0, 1, -1], plus the mean back: [-0.05, 0.95, -1.05].
+    Then (advantages not whitened) A: row 0 [0.9 - 0.5, 0.95 - 0.2] = [0.4, 0.75], row 1 [-1.05 - 0.3] = [-1.35];
+    returns [[0.9, 0.95], [-1.05]]."""
+    ro = _prepare_rollout()
+    ppo_prepare(ro, PPOHyperparams(gamma=1.0, lam=1.0, whiten_rewards=True, whiten_advantages=False), kl_coef=0.5)
+    torch.testing.assert_close(ro.rewards, torch.tensor([[-0.05, 0.95], [-1.05, 0.0]]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(ro.advantages, torch.tensor([[0.4, 0.75], [-1.35, 0.0]]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(ro.returns, torch.tensor([[0.9, 0.95], [-1.05, 0.0]]), atol=1e-6, rtol=0)

@@ -4,7 +4,8 @@ import pytest
 
 from palm_rlhf.errors import ConfigError
 from palm_rlhf.trainers.grpo import GRPOConfig, GRPOTrainer
-from rl_fixtures import EOS, pretrained_tiny_state, rl_prompts, tiny_model, vowel_fraction  # noqa: F401
+from rl_fixtures import EOS, pretrained_tiny_state, rl_prompts, tiny_model  # noqa: F401
+from rl_stubs import RecordingReward, assert_rollout_metrics_match
 
 
 def test_group_size_must_compare_samples():
@@ -29,12 +30,15 @@ def test_grpo_raises_vowel_reward_with_bounded_kl(tmp_path, tiny_model, variant,
     config = GRPOConfig(out_dir=str(tmp_path / "grpo"), prompts_per_step=8, group_size=4,
                         minibatch_size=16, max_new_tokens=16, eos_token=EOS, sample_every=5,
                         **{"lr": 3e-3, "max_steps": 20, **variant})
-    trainer = GRPOTrainer(config, model=tiny_model, reward=vowel_fraction, prompts=rl_prompts())
+    reward = RecordingReward()
+    trainer = GRPOTrainer(config, model=tiny_model, reward=reward, prompts=rl_prompts())
     history = trainer.setup().train()
     trainer.cleanup()
     start = history[0]["reward_mean"]
     end = sum(h["reward_mean"] for h in history[-3:]) / 3
-    assert history[0]["kl_ref"] == pytest.approx(0.0, abs=1e-4)
+    assert_rollout_metrics_match(history, reward)  # and KL 0 at step 1 within 1e-5
     assert end >= start + margin, [round(h["reward_mean"], 3) for h in history]
     assert max(h["kl_ref"] for h in history[-3:]) <= 20.0, [round(h["kl_ref"], 2) for h in history]
-    assert all("zero_variance_groups" in h for h in history)
+    for h, (scores, _, _) in zip(history, reward.calls):  # groups of 4 consecutive rows share a prompt
+        groups = [scores[i:i + 4] for i in range(0, len(scores), 4)]
+        assert h["zero_variance_groups"] == sum(max(g) == min(g) for g in groups)

@@ -8,10 +8,15 @@ row is sampled identically whichever rank collects it and in whichever generatio
 controller and the loss normalisers are summed over ranks, and `TrainStep` weights every rank's
 loss by its token (PPO) or sequence (GRPO) count. With one minibatch per epoch (minibatch_size =
 the global batch), what differs is only float summation order.
+
+In those runs every rank holds as many response tokens as the other and the KL controller sits at
+its clip; the second test (`rl_dist_worker`, stub rollouts) makes the token counts and the KLs of the
+ranks differ, so a loss weighted 1 per rank or a controller fed one rank's KL shows.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -72,3 +77,39 @@ def test_two_torchrun_processes_equal_one_process(tmp_path, algo):
         for key, value in a.items():
             if isinstance(value, float) and key != "time" and not key.startswith("seconds"):
                 assert abs(value - b[key]) <= 1e-5 * max(1.0, abs(value)), (key, value, b[key])
+
+
+@pytest.mark.slow
+def test_two_ranks_with_uneven_tokens_and_kl_equal_one_process(tmp_path):
+    """`rl_dist_worker`: 2 PPO steps on stub rollouts whose ranks hold different token counts (4 vs 6) and
+    different mean KLs, with the adaptive controller inside its clip. On every rank the controller takes
+    exactly the values the global per-sequence KL and the global rollout count give (a rank's own KL, a
+    token mean, or the rank's own row count would not); the loss of each rank is weighted by its tokens
+    (grad norms, metrics and trained weights equal one process's); each rank's rows draw their own
+    sampling noise, the same a single process draws for those rows."""
+    from rl_dist_worker import expected_kl_values, run
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(HERE / "rl_dist_worker.py"), str(tmp_path)], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    one = run(tmp_path / "one")
+
+    expected = expected_kl_values()
+    for result in (*ranks, one):
+        assert result["kl_values"] == pytest.approx(expected, rel=1e-7)
+    # noise: 4 distinct row streams per step; ranks 0 and 1 hold rows 0-1 and 2-3 of the single process
+    for step in range(2):
+        assert ranks[0]["noise"][step] + ranks[1]["noise"][step] == one["noise"][step]
+        assert len(set(one["noise"][step])) == 4
+    for a, b in zip(one["history"], ranks[0]["history"]):
+        for key, value in a.items():
+            if isinstance(value, float) and not key.startswith("seconds"):
+                assert abs(value - b[key]) <= 1e-5 * max(1.0, abs(value)), (key, value, b[key])
+    two_state = torch.load(tmp_path / "state.pt", weights_only=True)
+    assert any(float(v.abs().max()) > 1e-4 for k, v in one["state"].items() if k.endswith("B"))
+    for k, v in one["state"].items():
+        assert float((v - two_state[k]).abs().max()) <= 1e-5, k
