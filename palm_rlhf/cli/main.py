@@ -33,6 +33,7 @@ COMMAND_MODULES = [
     "grpo",
     "dpo",
     "feedback",
+    "serve", "chat",
 ]
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USER, EXIT_TRAINING, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
