@@ -27,6 +27,8 @@ def register(sub) -> None:
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus mass kept (default: %(default)s)")
     p.add_argument("--seed", type=int, default=None, help="seed for repeatable replies")
     p.add_argument("--context", type=int, default=1024, help="context length in tokens (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (default: torch's choice; 1 is fastest for tiny models or a busy CPU)")
     p.set_defaults(func=run)
 
 
@@ -39,6 +41,12 @@ def run(args) -> int:
         raise ConfigError("--max-tokens must be >= 1 and --context >= 2")
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         raise ConfigError("--temperature must be >= 0 and --top-p in (0, 1]")
+    if args.threads < 0:
+        raise ConfigError(f"--threads must be >= 0 (0 = torch's default), got {args.threads}")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     loaded = load_for_inference(args.model, args.adapter)
     engine = Engine(loaded.model, loaded.tokenizer, context=args.context, max_batch=1, gather_s=0.0,
                     finetune_scope=loaded.finetune_scope).start()

@@ -33,6 +33,8 @@ def register(sub) -> None:
                    help="context length in tokens: prompt + max_tokens must fit (default: %(default)s)")
     p.add_argument("--gather-ms", type=float, default=10.0,
                    help="how long an idle server waits after a request for others to batch with (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (default: torch's choice; 1 is fastest for tiny models or a busy CPU)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
     p.set_defaults(func=run)
 
@@ -53,6 +55,12 @@ def run(args) -> int:
             raise ConfigError(f"{flag} must be at least {low}, got {value}")
     if args.gather_ms < 0:
         raise ConfigError(f"--gather-ms must be >= 0, got {args.gather_ms}")
+    if args.threads < 0:
+        raise ConfigError(f"--threads must be >= 0 (0 = torch's default), got {args.threads}")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     loaded = load_for_inference(args.model, args.adapter)
     engine = Engine(loaded.model, loaded.tokenizer, context=args.context, max_batch=args.max_batch,
                     max_queue=args.max_queue, gather_s=args.gather_ms / 1000, finetune_scope=loaded.finetune_scope)
