@@ -98,6 +98,7 @@ def parse_sampling(body: dict, prompts: list[list[int]], *, context: int, max_n:
         stop=_stops(body) + tuple(extra_stops),
         seed=seed,
         logprobs=logprobs,
+        stop_at_eos=not body.get("ignore_eos", False),  # vLLM's extension: benchmarks ask for exact lengths
     )
     return Job(prompts, params, n, bool(body.get("stream", False)),
                bool(isinstance(stream_options, dict) and stream_options.get("include_usage")))
