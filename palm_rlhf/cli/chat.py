@@ -34,19 +34,14 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from ..errors import ConfigError, InputError
-    from ..serving import Engine, load_for_inference
+    from ..serving import Engine, load_for_inference, set_threads
     from ..serving.chat import ChatSession
 
     if args.max_tokens < 1 or args.context < 2:
         raise ConfigError("--max-tokens must be >= 1 and --context >= 2")
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         raise ConfigError("--temperature must be >= 0 and --top-p in (0, 1]")
-    if args.threads < 0:
-        raise ConfigError(f"--threads must be >= 0 (0 = torch's default), got {args.threads}")
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     loaded = load_for_inference(args.model, args.adapter)
     engine = Engine(loaded.model, loaded.tokenizer, context=args.context, max_batch=1, gather_s=0.0,
                     finetune_scope=loaded.finetune_scope).start()

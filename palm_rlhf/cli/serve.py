@@ -46,8 +46,8 @@ def run(args) -> int:
         from ..serving.app import create_app
     except ImportError as e:
         raise ConfigError(f"serving needs the `web` extra ({e.name} is missing): pip install 'palm-rlhf[web]'") from e
-    from ..feedback.server import bind, is_loopback, serve
-    from ..serving import Engine, load_for_inference
+    from ..feedback.server import bind, is_loopback, serve, url_of
+    from ..serving import Engine, load_for_inference, set_threads
 
     for flag, value, low in (("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 1),
                              ("--context", args.context, 2), ("--max-body-bytes", args.max_body_bytes, 1024)):
@@ -55,12 +55,7 @@ def run(args) -> int:
             raise ConfigError(f"{flag} must be at least {low}, got {value}")
     if args.gather_ms < 0:
         raise ConfigError(f"--gather-ms must be >= 0, got {args.gather_ms}")
-    if args.threads < 0:
-        raise ConfigError(f"--threads must be >= 0 (0 = torch's default), got {args.threads}")
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     loaded = load_for_inference(args.model, args.adapter)
     engine = Engine(loaded.model, loaded.tokenizer, context=args.context, max_batch=args.max_batch,
                     max_queue=args.max_queue, gather_s=args.gather_ms / 1000, finetune_scope=loaded.finetune_scope)
@@ -70,9 +65,7 @@ def run(args) -> int:
         log.warning("listening on %s without --api-key: anyone who can reach this address can use the model; "
                     "pass --api-key (and put it behind HTTPS)", args.host)
     sock = bind(args.host, args.port)
-    host, port = sock.getsockname()[:2]
-    shown = f"[{host}]" if ":" in host else host
-    print(f"serving {loaded.name} on http://{shown}:{port}/v1 (max batch {args.max_batch}, context "
+    print(f"serving {loaded.name} on {url_of(sock)}/v1 (max batch {args.max_batch}, context "
           f"{args.context}); Ctrl-C stops it", flush=True)
     serve(app, sock)
     return 0

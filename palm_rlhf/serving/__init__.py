@@ -6,7 +6,8 @@
 """
 
 from .engine import Delta, Engine, Failure, Params, QueueFull
-from .loading import Loaded, load_for_inference
+from .loading import Loaded, load_for_inference, set_threads
 from .template import ChatTemplate
 
-__all__ = ["Engine", "Params", "Delta", "Failure", "QueueFull", "Loaded", "load_for_inference", "ChatTemplate"]
+__all__ = ["Engine", "Params", "Delta", "Failure", "QueueFull", "Loaded", "load_for_inference", "set_threads",
+           "ChatTemplate"]

@@ -6,6 +6,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from ..data.tokenizer import load_tokenizer_or_bytes
 from ..errors import CheckpointError, ConfigError
 from ..model import PaLM
@@ -24,6 +26,14 @@ class Loaded:
     template: ChatTemplate
     name: str                  # the model id clients see (/v1/models)
     finetune_scope: str | None  # the adapter's LoRA scope, if one was given
+
+
+def set_threads(threads: int) -> None:
+    """torch's CPU threads for serving (0 = torch's default), from a `--threads` flag."""
+    if threads < 0:
+        raise ConfigError(f"--threads must be >= 0 (0 = torch's default), got {threads}")
+    if threads:
+        torch.set_num_threads(threads)
 
 
 def load_for_inference(path, adapter=None) -> Loaded:
