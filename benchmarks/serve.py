@@ -13,7 +13,8 @@ row decoding to the longest max_tokens; a pipeline cannot stream, so a reply arr
 
 Load: for each level c, c clients each send `--per-client` streamed completion requests one
 after another (prompts of 8-64 tokens, max_tokens 32-96 averaging 64, `ignore_eos` so every
-request gets its full length, a seed each); then the same requests one at a time. Reported per
+request gets its full length, a seed each, `logprobs: 0` so that every token is a chunk even when
+its text is held back, e.g. half a UTF-8 character); then the same requests one at a time. Reported per
 system and level, medians over repeats (runs interleaved: ours, hf, ours, hf ...): total
 completion tokens/s, p50/p95 time to first token (TTFT), p50/p95 per-token latency after the
 first, and the ratios concurrent/sequential and ours/hf.
@@ -160,7 +161,7 @@ def make_requests(count: int, seed: int) -> list[dict]:
         while len(prompt) < n:
             prompt += rng.choice(words) + " "
         out.append({"prompt": prompt[:n], "max_tokens": rng.randint(32, 96), "seed": seed * 1000 + i,
-                    "stream": True, "ignore_eos": True, "temperature": 1.0})
+                    "stream": True, "ignore_eos": True, "temperature": 1.0, "logprobs": 0})
     return out
 
 
@@ -174,7 +175,7 @@ async def one_request(client, url: str, body: dict) -> dict:
                 continue
             chunk = json.loads(line[6:])
             for choice in chunk.get("choices", []):
-                if choice.get("text") and first is None:
+                if first is None:  # with logprobs every token is a chunk, even one whose text is held back
                     first = time.perf_counter()
                 if choice.get("finish_reason"):
                     tokens = body["max_tokens"]
@@ -240,6 +241,11 @@ def main(argv=None):
             urls[system] = url
         print(f"torch {torch.__version__}, server threads {args.threads or 'default'}, "
               f"cpus {os.cpu_count()}, load average {os.getloadavg()[0]:.1f}", flush=True)
+        for system in args.systems:  # untimed warm-up: every batch size once (ours builds its buckets)
+            warm = [{**r, "max_tokens": 4} for r in make_requests(max(args.levels), seed=0)]
+            asyncio.run(run_load(urls[system], warm, max(args.levels)))
+            for clients in (1, 2, 4, 8, 16, 32):
+                asyncio.run(run_load(urls[system], warm[:clients], clients))
         table: dict = {}
         for level in args.levels:
             requests = make_requests(level * args.per_client, seed=level)
@@ -272,8 +278,9 @@ def report(table: dict, args) -> None:
             conc, seq = med(system, level, "concurrent", "tok_s"), med(system, level, "sequential", "tok_s")
             print(f"| {system} | {level} | {conc:.1f} | {seq:.1f} | {conc / seq:.2f}x | "
                   f"{med(system, level, 'concurrent', 'ttft50'):.3f} / {med(system, level, 'concurrent', 'ttft95'):.3f} | "
-                  f"{1e3 * med(system, level, 'concurrent', 'tpot50'):.1f} / "
-                  f"{1e3 * med(system, level, 'concurrent', 'tpot95'):.1f} |")
+                  + ("whole reply at once |" if system == "hf" else
+                     f"{1e3 * med(system, level, 'concurrent', 'tpot50'):.1f} / "
+                     f"{1e3 * med(system, level, 'concurrent', 'tpot95'):.1f} |"))
     if {"ours", "hf"} <= set(args.systems):
         for level in args.levels:
             ratio = med("ours", level, "concurrent", "tok_s") / med("hf", level, "concurrent", "tok_s")
