@@ -127,3 +127,29 @@ def test_buckets_and_batch_bookkeeping(model):
         assert batch.cache.pad[:3].tolist() == [2, 0, 3]
         batch.leave(["b", "a"])
         assert batch.rows == ["c"] and batch.cache.pad.tolist() == [3]  # shrunk to the 1-row bucket
+
+
+def test_load_for_inference_applies_the_adapter(model, tmp_path):
+    """A LoRA adapter file given to load_for_inference changes the text exactly as the scope does in
+    `generate` (the decode folds it into its weights)."""
+    from palm_rlhf.model.checkpoint import save_adapter
+    from palm_rlhf.serving import load_for_inference
+
+    model.save_pretrained(tmp_path / "m")
+    tuned = PaLM.from_pretrained(tmp_path / "m")
+    tuned.add_finetune_params("actor", lora_r=4)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in tuned.finetune_parameters("actor"):
+            p.normal_(0, 0.5)
+    save_adapter(tuned, "actor", tmp_path / "adapter.safetensors")
+    loaded = load_for_inference(tmp_path / "m", tmp_path / "adapter.safetensors")
+    prompt = TOK.encode("adapted")
+    engine = Engine(loaded.model, loaded.tokenizer, context=64, finetune_scope=loaded.finetune_scope).start()
+    try:
+        (texts, _, _), = run_all(engine, [(prompt, Params(max_tokens=12, temperature=0, stop_at_eos=False), 1)])
+    finally:
+        engine.stop()
+    with_scope = generate(tuned, [torch.tensor(prompt)], SamplingConfig(max_new_tokens=12, temperature=0),
+                          finetune_scope="actor")
+    assert texts[0] == TOK.decode(with_scope.sequences()[0]) != greedy_reference(model, prompt, 12)
