@@ -7,9 +7,9 @@ import sys
 from pathlib import Path
 
 EXAMPLES = """examples:
-  palm-rlhf chat runs/ppo/final
-  palm-rlhf chat runs/sft/final --system "You are terse." --temperature 0.7 --seed 0
-  printf 'Hello\\n/reset\\nHi again\\n' | palm-rlhf chat runs/ppo/final    # one line per turn
+  palm-rlhf chat runs/ppo
+  palm-rlhf chat runs/sft --system "You are terse." --temperature 0.7 --seed 0
+  printf 'Hello\\n/reset\\nHi again\\n' | palm-rlhf chat runs/ppo    # one line per turn
 
 In the chat: /reset forgets the conversation, /exit (or Ctrl-D) quits. When the conversation
 outgrows the context, the oldest turns are dropped with a notice.
@@ -19,8 +19,10 @@ outgrows the context, the oldest turns are dropped with a notice.
 def register(sub) -> None:
     p = sub.add_parser("chat", help="chat with a model in the terminal", epilog=EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", type=Path, help="a model directory (a run's final/, or any save_pretrained directory)")
-    p.add_argument("--adapter", type=Path, default=None, help="a LoRA adapter file to apply")
+    p.add_argument("model", type=Path, help="a run directory (its final/), a final/ or save_pretrained directory, or a checkpoint step directory")
+    p.add_argument("--adapter", type=Path, default=None,
+                   help="a LoRA adapter to apply: adapter.safetensors, or a LoRA/PPO/GRPO/DPO run directory")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the one saved with the model)")
     p.add_argument("--system", default=None, help="a system prompt that starts every conversation")
     p.add_argument("--max-tokens", type=int, default=256, help="longest reply in tokens (default: %(default)s)")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default: %(default)s)")
@@ -42,7 +44,7 @@ def run(args) -> int:
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         raise ConfigError("--temperature must be >= 0 and --top-p in (0, 1]")
     set_threads(args.threads)
-    loaded = load_for_inference(args.model, args.adapter)
+    loaded = load_for_inference(args.model, args.adapter, args.tokenizer)
     engine = Engine(loaded.model, loaded.tokenizer, context=args.context, max_batch=1, gather_s=0.0,
                     finetune_scope=loaded.finetune_scope).start()
     session = ChatSession(engine, loaded.tokenizer, loaded.template, system=args.system,

@@ -9,10 +9,10 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 EXAMPLES = """examples:
-  palm-rlhf serve runs/ppo/final                      # http://127.0.0.1:8000/v1
-  palm-rlhf serve runs/sft/final --port 0             # a free port (printed at start)
-  palm-rlhf serve runs/sft/final --adapter runs/ppo/final/adapter.safetensors
-  palm-rlhf serve runs/ppo/final --host 0.0.0.0 --api-key "$KEY" --max-batch 32
+  palm-rlhf serve runs/ppo                            # http://127.0.0.1:8000/v1, the run's final/
+  palm-rlhf serve runs/sft --port 0                   # a free port (printed at start)
+  palm-rlhf serve runs/sft --adapter runs/lora        # the base with a LoRA run's adapter
+  palm-rlhf serve runs/ppo --host 0.0.0.0 --api-key "$KEY" --max-batch 32
 
 Clients: curl, or the openai package with base_url="http://127.0.0.1:8000/v1" (docs/serving.md).
 """
@@ -21,8 +21,10 @@ Clients: curl, or the openai package with base_url="http://127.0.0.1:8000/v1" (d
 def register(sub) -> None:
     p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API", epilog=EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", type=Path, help="a model directory (a run's final/, or any save_pretrained directory)")
-    p.add_argument("--adapter", type=Path, default=None, help="a LoRA adapter file to apply (adapter.safetensors)")
+    p.add_argument("model", type=Path, help="a run directory (its final/), a final/ or save_pretrained directory, or a checkpoint step directory")
+    p.add_argument("--adapter", type=Path, default=None,
+                   help="a LoRA adapter to apply: adapter.safetensors, or a LoRA/PPO/GRPO/DPO run directory")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the one saved with the model)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default: %(default)s; 0 picks a free one)")
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1 routes")
@@ -56,7 +58,7 @@ def run(args) -> int:
     if args.gather_ms < 0:
         raise ConfigError(f"--gather-ms must be >= 0, got {args.gather_ms}")
     set_threads(args.threads)
-    loaded = load_for_inference(args.model, args.adapter)
+    loaded = load_for_inference(args.model, args.adapter, args.tokenizer)
     engine = Engine(loaded.model, loaded.tokenizer, context=args.context, max_batch=args.max_batch,
                     max_queue=args.max_queue, gather_s=args.gather_ms / 1000, finetune_scope=loaded.finetune_scope)
     app = create_app(engine, loaded.tokenizer, model_name=loaded.name, template=loaded.template,

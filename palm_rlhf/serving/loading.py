@@ -8,15 +8,14 @@ from pathlib import Path
 
 import torch
 
-from ..data.tokenizer import load_tokenizer_or_bytes
 from ..errors import CheckpointError, ConfigError
 from ..model import PaLM
 from ..model.checkpoint import load_adapter
+from ..runtime.resolve import check_tokenizer_fits, load_tokenizer_for, resolve_model
+from ..runtime.run import ADAPTER_NAME
 from .template import ChatTemplate
 
 log = logging.getLogger(__name__)
-
-ADAPTER_SCOPE = "serve"
 
 
 @dataclass
@@ -24,7 +23,7 @@ class Loaded:
     model: PaLM
     tokenizer: object
     template: ChatTemplate
-    name: str                  # the model id clients see (/v1/models)
+    name: str                   # the model id clients see (/v1/models): the run's name, e.g. "ppo"
     finetune_scope: str | None  # the adapter's LoRA scope, if one was given
 
 
@@ -36,19 +35,34 @@ def set_threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
-def load_for_inference(path, adapter=None) -> Loaded:
-    """A save_pretrained directory (+ an optional LoRA adapter file) -> model in eval mode, its
-    tokenizer (the byte tokenizer when none was saved) and its chat template (or the default)."""
-    directory = Path(path)
-    if not (directory / "config.json").is_file():
-        raise ConfigError(f"{directory}: no config.json; pass a directory written by save_pretrained "
-                          f"(a run's final/)")
-    model = PaLM.from_pretrained(directory).eval()
-    tokenizer = load_tokenizer_or_bytes(directory)
-    if tokenizer.vocab_size > model.num_tokens:
-        raise CheckpointError(f"{directory}: the tokenizer has {tokenizer.vocab_size} ids but the model only "
-                              f"{model.num_tokens}; they do not belong together")
+def _adapter_file(adapter: Path, model_dir: Path) -> Path:
+    """An adapter file, or the adapter.safetensors of a run / model directory; refuses the adapter
+    that is already merged into the model being served (RL and DPO final/ directories hold both)."""
+    path = Path(adapter)
+    if path.is_dir():
+        path = resolve_model(path).model_dir / ADAPTER_NAME
+        if not path.is_file():
+            raise ConfigError(f"--adapter: no {ADAPTER_NAME} in {path.parent}; pass the adapter file or the "
+                              f"directory of a LoRA/PPO/GRPO/DPO run")
+    merged = model_dir / ADAPTER_NAME
+    if merged.is_file() and path.is_file() and merged.read_bytes() == path.read_bytes():
+        raise ConfigError(f"--adapter {path}: {model_dir} already has this adapter merged in; drop --adapter "
+                          f"(or serve the model it was trained from)")
+    return path
+
+
+def load_for_inference(path, adapter=None, tokenizer: str | None = None) -> Loaded:
+    """A run directory, final/ or checkpoint step directory (see `runtime.resolve.resolve_model`), plus
+    an optional LoRA adapter -> the model in eval mode, its tokenizer (the one saved with it unless
+    `tokenizer` overrides it) and its chat template (`chat_template.json` there, or the default)."""
+    source = resolve_model(path)
+    model = PaLM.from_pretrained(source.model_dir).eval()
+    tok = load_tokenizer_for(source, tokenizer)
+    check_tokenizer_fits(tok, model.num_tokens, str(path))
     scope = None
     if adapter is not None:
-        scope = load_adapter(model, Path(adapter), scope=ADAPTER_SCOPE)
-    return Loaded(model, tokenizer, ChatTemplate.load(directory), directory.resolve().name, scope)
+        try:
+            scope = load_adapter(model, _adapter_file(adapter, source.model_dir))
+        except CheckpointError as e:
+            raise ConfigError(f"--adapter: {e}") from e
+    return Loaded(model, tok, ChatTemplate.load(source.model_dir), source.name, scope)

@@ -153,3 +153,21 @@ def test_load_for_inference_applies_the_adapter(model, tmp_path):
     with_scope = generate(tuned, [torch.tensor(prompt)], SamplingConfig(max_new_tokens=12, temperature=0),
                           finetune_scope="actor")
     assert texts[0] == TOK.decode(with_scope.sequences()[0]) != greedy_reference(model, prompt, 12)
+
+
+def test_load_for_inference_resolves_run_directories(model, tmp_path):
+    """A run directory serves its final/ under the run's name; an adapter already merged there is refused."""
+    from palm_rlhf.errors import ConfigError
+    from palm_rlhf.model.checkpoint import save_adapter
+    from palm_rlhf.serving import load_for_inference
+
+    final = tmp_path / "ppo" / "final"
+    model.save_pretrained(final)
+    loaded = load_for_inference(tmp_path / "ppo")
+    assert loaded.name == "ppo" and loaded.finetune_scope is None
+    assert all(torch.equal(a, b) for a, b in zip(loaded.model.state_dict().values(), model.state_dict().values()))
+    tuned = PaLM.from_pretrained(final)
+    tuned.add_finetune_params("actor", lora_r=2)
+    save_adapter(tuned, "actor", final / "adapter.safetensors")
+    with pytest.raises(ConfigError, match="already has this adapter merged"):
+        load_for_inference(tmp_path / "ppo", tmp_path / "ppo")
