@@ -71,8 +71,8 @@ def run(args) -> int:
                 continue
             if not text.strip():
                 continue
+            pieces = session.ask(text)
             try:
-                pieces = session.ask(text)
                 first = next(pieces, "")
                 if session.dropped:
                     print(f"[dropped the oldest {session.dropped} turn(s) to fit the {args.context}-token context]",
@@ -86,9 +86,11 @@ def run(args) -> int:
                 out.flush()
             except InputError as e:
                 print(f"[{e}]", file=sys.stderr, flush=True)
-            except KeyboardInterrupt:
+            except KeyboardInterrupt:  # stop this reply (its row leaves the batch), keep chatting
                 out.write("\n[interrupted]\n")
                 out.flush()
+            finally:
+                pieces.close()
     finally:
         engine.stop()
     return 0
