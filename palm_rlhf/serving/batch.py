@@ -59,7 +59,8 @@ class DecodeBatch:
         """Add a row whose prompt (n tokens, no padding) was prefilled into row 0 of `prefill_cache`."""
         if n > self.max_len:
             raise ValueError(f"prompt of {n} tokens does not fit the {self.max_len}-slot cache")
-        if None not in self.rows:
+        if None not in self.rows or (len(self) == 0 and len(self.rows) > 1):
+            # full, or empty since the last burst: a lone row must not decode in a wide bucket
             self._resize(_bucket(len(self) + 1, self.max_batch))
         slot = self.rows.index(None)
         cache = self.cache

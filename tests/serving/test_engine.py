@@ -127,6 +127,13 @@ def test_buckets_and_batch_bookkeeping(model):
         assert batch.cache.pad[:3].tolist() == [2, 0, 3]
         batch.leave(["b", "a"])
         assert batch.rows == ["c"] and batch.cache.pad.tolist() == [3]  # shrunk to the 1-row bucket
+        more = [object() for _ in range(4)]  # rows are told apart by identity
+        for row in more:
+            batch.join(row, prefill, 2)
+        batch.leave(["c", *more])  # all at once: no shrink on the way down
+        assert len(batch.rows) == 8 and len(batch) == 0
+        batch.join("h", prefill, 2)
+        assert batch.rows == ["h"]  # a lone newcomer decodes in the 1-row bucket
 
 
 def test_load_for_inference_applies_the_adapter(model, tmp_path):
