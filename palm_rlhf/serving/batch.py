@@ -77,7 +77,7 @@ class DecodeBatch:
         self.decoder.rebind(cache.pad)
 
     def leave(self, done) -> None:
-        """Free the slots of these rows (objects given to `join`); a mostly empty bucket shrinks."""
+        """Free the slots of these rows (objects given to `join`); the bucket shrinks to fit the rest."""
         done = {id(row) for row in done}
         if not done:
             return
@@ -86,8 +86,8 @@ class DecodeBatch:
                 self.rows[slot] = None
                 self.cache.pad[slot] = 0
         live = len(self)
-        if live and live * 4 <= len(self.rows):
-            self._resize(_bucket(live, self.max_batch))
+        if live and _bucket(live, self.max_batch) < len(self.rows):
+            self._resize(_bucket(live, self.max_batch))  # a copy of the live rows: cheaper than idle rows
         elif live:
             self.decoder.rebind(self.cache.pad)
 
