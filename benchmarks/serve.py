@@ -27,6 +27,7 @@ import asyncio
 import json
 import os
 import random
+import signal
 import statistics
 import subprocess
 import sys
@@ -217,6 +218,7 @@ def main(argv=None):
     ap.add_argument("--hf-server", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--max-batch", type=int, default=64)
     args = ap.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the `finally` that stops the servers
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.hf_server:
