@@ -168,7 +168,12 @@ class Engine:
                 if not request.cancelled:
                     admitted.append(request)
         for request in admitted:
-            self._prefill(request)
+            try:
+                self._prefill(request)
+            except Exception as e:  # noqa: BLE001 - this request fails alone; the batch goes on
+                log.exception("prefill failed")
+                self._send(request, Failure(f"generation failed: {type(e).__name__}: {e}"))
+                request.cancel()
 
     def _prefill(self, request: Request) -> None:
         p, n = request.params, len(request.prompt)

@@ -87,8 +87,8 @@ def parse_sampling(body: dict, prompts: list[list[int]], *, context: int, max_n:
                            code="context_length_exceeded")
     n = _number(body, "n", 1, lo=1, hi=max_n, integer=True)
     seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise _bad("seed", f"{seed!r} is not an integer")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not -2**63 <= seed < 2**63):
+        raise _bad("seed", f"{seed!r} is not a 64-bit integer")
     stream_options = body.get("stream_options") or {}
     params = Params(
         max_tokens=max_tokens,

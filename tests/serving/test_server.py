@@ -133,6 +133,8 @@ def test_error_codes(server, client):
     assert e.value.status_code == 400 and e.value.body["code"] == "context_length_exceeded"
     with pytest.raises(openai.BadRequestError, match="temperature"):
         complete(client, temperature=-0.5)
+    with pytest.raises(openai.BadRequestError, match="seed"):
+        complete(client, seed=2**70)
     with pytest.raises(openai.BadRequestError, match="n: 9 must be <= 8"):
         complete(client, n=9)
     assert complete(client, extra_body={"some_future_field": 1}, seed=1).choices  # unknown fields ignored
