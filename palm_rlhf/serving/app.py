@@ -51,12 +51,18 @@ class _Run:
     async def events(self, request: Request):
         """(choice index, Delta) until every choice has finished; stops early if the client leaves."""
         left = self.choices
+        loop = asyncio.get_running_loop()
+        checked = loop.time()
         while left:
             try:
                 base, event = await asyncio.wait_for(self.queue.get(), timeout=1.0)
             except asyncio.TimeoutError:
+                base = event = None
+            if loop.time() - checked >= 0.5:  # twice a second, also while tokens keep coming
+                checked = loop.time()
                 if await request.is_disconnected():
                     return
+            if event is None:
                 continue
             if isinstance(event, Failure):
                 raise ApiError(500, event.message, code="engine_error", kind="server_error")
