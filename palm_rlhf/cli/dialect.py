@@ -66,7 +66,8 @@ def keys_help(config_cls) -> str:
             lines += [head, " " * 8 + text]
         else:
             lines.append(head.ljust(width) + text)
-    aliases = {k: v for klass in reversed(config_cls.__mro__) for k, v in (getattr(klass, "ALIASES", None) or {}).items()}
+    aliases = {k: v for klass in reversed(config_cls.__mro__)
+               for k, v in (getattr(klass, "ALIASES", None) or {}).items()}
     if aliases:
         lines.append("deprecated keys (still accepted): " + ", ".join(f"{k}= -> {v}=" for k, v in aliases.items()))
     return "\n".join(lines)
