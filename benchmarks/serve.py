@@ -279,7 +279,8 @@ def report(table: dict, args) -> None:
         for system in args.systems:
             conc, seq = med(system, level, "concurrent", "tok_s"), med(system, level, "sequential", "tok_s")
             print(f"| {system} | {level} | {conc:.1f} | {seq:.1f} | {conc / seq:.2f}x | "
-                  f"{med(system, level, 'concurrent', 'ttft50'):.3f} / {med(system, level, 'concurrent', 'ttft95'):.3f} | "
+                  f"{med(system, level, 'concurrent', 'ttft50'):.3f} / "
+                  f"{med(system, level, 'concurrent', 'ttft95'):.3f} | "
                   + ("whole reply at once |" if system == "hf" else
                      f"{1e3 * med(system, level, 'concurrent', 'tpot50'):.1f} / "
                      f"{1e3 * med(system, level, 'concurrent', 'tpot95'):.1f} |"))

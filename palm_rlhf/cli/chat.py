@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
+
+from .serve import add_model_arguments
 
 EXAMPLES = """examples:
   palm-rlhf chat runs/ppo
@@ -19,18 +20,12 @@ outgrows the context, the oldest turns are dropped with a notice.
 def register(sub) -> None:
     p = sub.add_parser("chat", help="chat with a model in the terminal", epilog=EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", type=Path, help="a run directory (its final/), a final/ or save_pretrained directory, or a checkpoint step directory")
-    p.add_argument("--adapter", type=Path, default=None,
-                   help="a LoRA adapter to apply: adapter.safetensors, or a LoRA/PPO/GRPO/DPO run directory")
-    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the one saved with the model)")
+    add_model_arguments(p)
     p.add_argument("--system", default=None, help="a system prompt that starts every conversation")
     p.add_argument("--max-tokens", type=int, default=256, help="longest reply in tokens (default: %(default)s)")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default: %(default)s)")
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus mass kept (default: %(default)s)")
     p.add_argument("--seed", type=int, default=None, help="seed for repeatable replies")
-    p.add_argument("--context", type=int, default=1024, help="context length in tokens (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch CPU threads (default: torch's choice; 1 is fastest for tiny models or a busy CPU)")
     p.set_defaults(func=run)
 
 

@@ -18,25 +18,31 @@ Clients: curl, or the openai package with base_url="http://127.0.0.1:8000/v1" (d
 """
 
 
-def register(sub) -> None:
-    p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API", epilog=EXAMPLES,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", type=Path, help="a run directory (its final/), a final/ or save_pretrained directory, or a checkpoint step directory")
+def add_model_arguments(p) -> None:
+    """MODEL, --adapter, --tokenizer, --context, --threads: shared by `serve` and `chat`."""
+    p.add_argument("model", type=Path, help="a run directory (its final/), a final/ or save_pretrained "
+                   "directory, or a checkpoint step directory")
     p.add_argument("--adapter", type=Path, default=None,
                    help="a LoRA adapter to apply: adapter.safetensors, or a LoRA/PPO/GRPO/DPO run directory")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the one saved with the model)")
+    p.add_argument("--context", type=int, default=1024,
+                   help="context length in tokens: prompt + reply must fit (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (default: torch's choice; 1 is fastest for tiny models or a busy CPU)")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API", epilog=EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default: %(default)s; 0 picks a free one)")
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1 routes")
     p.add_argument("--max-batch", type=int, default=16, help="most rows decoded together (default: %(default)s)")
     p.add_argument("--max-queue", type=int, default=256,
                    help="most rows waiting for a place in the batch; more get 503 (default: %(default)s)")
-    p.add_argument("--context", type=int, default=1024,
-                   help="context length in tokens: prompt + max_tokens must fit (default: %(default)s)")
     p.add_argument("--gather-ms", type=float, default=10.0,
                    help="how long an idle server waits after a request for others to batch with (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch CPU threads (default: torch's choice; 1 is fastest for tiny models or a busy CPU)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
     p.set_defaults(func=run)
 

@@ -34,15 +34,17 @@ class _Run:
         loop = asyncio.get_running_loop()
         try:
             for p, prompt in enumerate(job.prompts):
-                base = p * job.n
-                sink = lambda event, base=base: loop.call_soon_threadsafe(self.queue.put_nowait, (base, event))  # noqa: E731
-                self.requests.append(engine.submit(prompt, job.params, job.n, sink))
+                self.requests.append(engine.submit(prompt, job.params, job.n, self._sink(loop, p * job.n)))
         except QueueFull as e:
             self.cancel()
             raise ApiError(503, f"the server is busy: {e}", code="queue_full", kind="server_error") from e
         self.choices = len(job.prompts) * job.n
         self.prompt_tokens = sum(len(p) for p in job.prompts)
         self.completion_tokens = 0
+
+    def _sink(self, loop, base: int):
+        """Called in the engine thread: hand the event (choice `base + index`) to the event loop."""
+        return lambda event: loop.call_soon_threadsafe(self.queue.put_nowait, (base, event))
 
     def cancel(self) -> None:
         for request in self.requests:
