@@ -1,10 +1,10 @@
 """ARCHITECTURE.md's layer rule, enforced on every import statement (parsed with `ast`):
 
     errors, ops (L0) -> model, data, runtime, backends (L1) -> generation (L2) -> rl (L3)
-    -> trainers (L4) -> cli, feedback (L5)
+    -> trainers (L4) -> cli, feedback, serving (L5)
 
 A module imports only from its own layer or a lower one; nothing outside `cli`
-imports `palm_rlhf.cli`; `feedback` never imports `trainers`; `model` imports
+imports `palm_rlhf.cli`; `feedback` and `serving` never import `trainers`; `model` imports
 only the standard library, torch, einops, safetensors, `ops` and `errors`
 (plus two documented exceptions, both core dependencies: PyYAML in
 `model.presets`, which reads the YAML size presets, and tqdm in `model.palm`,
@@ -25,8 +25,8 @@ from pathlib import Path
 import palm_rlhf
 
 PACKAGE = Path(palm_rlhf.__file__).parent
-LAYERS = {"errors": 0, "ops": 0, "model": 1, "data": 1, "runtime": 1, "backends": 1, "generation": 2, "rl": 3, "trainers": 4,
-          "cli": 5, "feedback": 5}
+LAYERS = {"errors": 0, "ops": 0, "model": 1, "data": 1, "runtime": 1, "backends": 1, "generation": 2, "rl": 3,
+          "trainers": 4, "cli": 5, "feedback": 5, "serving": 5}
 EXEMPT = {"palm_rlhf", "palm_rlhf.__main__"}  # the package root re-exports names from every layer
 MODEL_THIRD_PARTY = {"torch", "einops", "safetensors"}
 MODEL_EXTRA = {"palm_rlhf.model.presets": {"yaml"}, "palm_rlhf.model.palm": {"tqdm"}}
@@ -93,8 +93,8 @@ def violations_of(name: str, path: Path) -> list[str]:
                 problems.append(f"{where}: layer {own_layer} ({own_package}) may not import layer {layer} ({package})")
             if package == "cli" and own_package != "cli":
                 problems.append(f"{where}: nothing imports the CLI")
-            if own_package == "feedback" and package == "trainers":
-                problems.append(f"{where}: the web app never imports trainers")
+            if own_package in ("feedback", "serving") and package == "trainers":
+                problems.append(f"{where}: the web apps never import trainers")
             if own_package == "model" and package not in ("model", "ops", "errors"):
                 problems.append(f"{where}: model imports only ops and errors from palm_rlhf")
         elif own_package == "model":
@@ -201,7 +201,7 @@ def test_checker_catches_violations(tmp_path, monkeypatch):
     assert "layer 1 (model) may not import layer 4 (trainers)" in bad_model
     assert "model/bad.py:2 imports numpy" in bad_model and "palm_rlhf.data" in bad_model
     assert any("nothing imports the CLI" in p for p in found["palm_rlhf.rl.bad"])
-    assert any("never imports trainers" in p for p in found["palm_rlhf.feedback.bad"])
+    assert any("never import trainers" in p for p in found["palm_rlhf.feedback.bad"])
     assert found["palm_rlhf.data.bad"]  # `from .. import PaLM` reaches into the package root
 
 

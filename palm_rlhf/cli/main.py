@@ -40,6 +40,7 @@ COMMAND_MODULES = [
     "grpo",
     "dpo",
     "feedback",
+    "serve", "chat",
 ]
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USER, EXIT_TRAINING, EXIT_INTERRUPTED, EXIT_PIPE = 0, 1, 2, 3, 130, 141

@@ -39,6 +39,12 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def url_of(sock: socket.socket) -> str:
+    """http://HOST:PORT of a bound socket (IPv6 hosts in brackets)."""
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 def serve(app, sock: socket.socket, log_level: str = "warning") -> None:
     """Serve until interrupted (SIGINT/SIGTERM shut down gracefully)."""
     import uvicorn

@@ -1,0 +1,79 @@
+"""`palm-rlhf serve`: an OpenAI-compatible HTTP API (completions, chat, streaming) with request batching."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+EXAMPLES = """examples:
+  palm-rlhf serve runs/ppo                            # http://127.0.0.1:8000/v1, the run's final/
+  palm-rlhf serve runs/sft --port 0                   # a free port (printed at start)
+  palm-rlhf serve runs/sft --adapter runs/lora        # the base with a LoRA run's adapter
+  palm-rlhf serve runs/ppo --host 0.0.0.0 --api-key "$KEY" --max-batch 32
+
+Clients: curl, or the openai package with base_url="http://127.0.0.1:8000/v1" (docs/serving.md).
+"""
+
+
+def add_model_arguments(p) -> None:
+    """MODEL, --adapter, --tokenizer, --context, --threads: shared by `serve` and `chat`."""
+    p.add_argument("model", type=Path, help="a run directory (its final/), a final/ or save_pretrained "
+                   "directory, or a checkpoint step directory")
+    p.add_argument("--adapter", type=Path, default=None,
+                   help="a LoRA adapter to apply: adapter.safetensors, or a LoRA/PPO/GRPO/DPO run directory")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the one saved with the model)")
+    p.add_argument("--context", type=int, default=1024,
+                   help="context length in tokens: prompt + reply must fit (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (default: torch's choice; 1 is fastest for tiny models or a busy CPU)")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API", epilog=EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: %(default)s; 0 picks a free one)")
+    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1 routes")
+    p.add_argument("--max-batch", type=int, default=16, help="most rows decoded together (default: %(default)s)")
+    p.add_argument("--max-queue", type=int, default=256,
+                   help="most rows waiting for a place in the batch; more get 503 (default: %(default)s)")
+    p.add_argument("--gather-ms", type=float, default=10.0,
+                   help="how long an idle server waits after a request for others to batch with (default: %(default)s)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..errors import ConfigError
+
+    try:
+        from ..serving.app import create_app
+    except ImportError as e:
+        raise ConfigError(f"serving needs the `web` extra ({e.name} is missing): pip install 'palm-rlhf[web]'") from e
+    from ..feedback.server import bind, is_loopback, serve, url_of
+    from ..serving import Engine, load_for_inference, set_threads
+
+    for flag, value, low in (("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 1),
+                             ("--context", args.context, 2), ("--max-body-bytes", args.max_body_bytes, 1024)):
+        if value < low:
+            raise ConfigError(f"{flag} must be at least {low}, got {value}")
+    if args.gather_ms < 0:
+        raise ConfigError(f"--gather-ms must be >= 0, got {args.gather_ms}")
+    set_threads(args.threads)
+    loaded = load_for_inference(args.model, args.adapter, args.tokenizer)
+    engine = Engine(loaded.model, loaded.tokenizer, context=args.context, max_batch=args.max_batch,
+                    max_queue=args.max_queue, gather_s=args.gather_ms / 1000, finetune_scope=loaded.finetune_scope)
+    app = create_app(engine, loaded.tokenizer, model_name=loaded.name, template=loaded.template,
+                     api_key=args.api_key, max_body_bytes=args.max_body_bytes)
+    if not is_loopback(args.host) and args.api_key is None:
+        log.warning("listening on %s without --api-key: anyone who can reach this address can use the model; "
+                    "pass --api-key (and put it behind HTTPS)", args.host)
+    sock = bind(args.host, args.port)
+    print(f"serving {loaded.name} on {url_of(sock)}/v1 (max batch {args.max_batch}, context "
+          f"{args.context}); Ctrl-C stops it", flush=True)
+    serve(app, sock)
+    return 0

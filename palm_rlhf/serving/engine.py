@@ -1,0 +1,258 @@
+"""The serving engine: one thread owns the model and decodes every request in one batch.
+
+    engine = Engine(model, tokenizer, context=1024, max_batch=16).start()
+    request = engine.submit(prompt_ids, Params(max_tokens=32, temperature=0.8, seed=1), n=2, sink=events.put)
+    ...  # sink receives Delta(index, text, ...) events; each choice ends with a finish_reason
+    request.cancel()   # e.g. the client went away: its rows leave the batch before the next step
+    engine.stop()
+
+Scheduling, between two decode steps: cancelled and finished rows leave; waiting requests are
+admitted while their rows fit in `max_batch` (all n choices of a request together). A request
+is prefilled on its own (its first token is sampled from the prefill) and joins the running
+batch (see `batch.DecodeBatch`). When the batch is empty the engine waits `gather_s` after
+the first arrival so that a burst of requests starts together.
+
+Each row samples with its own parameters and its own `torch.Generator` (seeded from the
+request's seed, choice i using seed + i), drawing one uniform number per token (see
+`palm_rlhf.generation.sampling.sample`), so a seeded request gives the same tokens whether it
+runs alone or next to others, up to floating-point rounding of the batched products (see
+docs/serving.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import InputError
+from ..generation import SamplingConfig, process_logits, sample
+from .batch import DecodeBatch
+from .text import TextStream
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(RuntimeError):
+    """More rows are waiting than the engine accepts (`max_queue`)."""
+
+
+@dataclass(frozen=True)
+class Params:
+    """One request's decoding parameters (validated by the HTTP layer)."""
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    logprobs: int | None = None   # also return the log-probs of this many alternatives per token
+    stop_at_eos: bool = True
+
+
+@dataclass
+class Delta:
+    """New text of choice `index`; `finish_reason` ("stop" | "length") is set on its last delta.
+    `logprobs`: (token text, log-prob, {alternative: log-prob}) per token, when requested."""
+    index: int
+    text: str
+    finish_reason: str | None = None
+    logprobs: list = field(default_factory=list)
+    completion_tokens: int = 0
+
+
+@dataclass
+class Failure:
+    """The engine failed while this request was running; `message` says why."""
+    message: str
+
+
+class Request:
+    def __init__(self, prompt: list[int], params: Params, n: int, sink):
+        self.prompt, self.params, self.n, self.sink = prompt, params, n, sink
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class _Row:
+    def __init__(self, request: Request, index: int, text: TextStream, uniforms):
+        self.request, self.index, self.text, self.uniforms = request, index, text, uniforms
+        self.last = 0  # the token fed at the next decode step
+
+    @property
+    def done(self) -> bool:
+        return self.text.finished or self.request.cancelled
+
+
+class Engine:
+    def __init__(self, model, tokenizer, *, context: int, max_batch: int = 16, max_queue: int = 256,
+                 gather_s: float = 0.01, finetune_scope=None):
+        self.model, self.tokenizer, self.context = model.eval(), tokenizer, context
+        self.max_batch, self.max_queue, self.gather_s, self.scope = max_batch, max_queue, gather_s, finetune_scope
+        self.batch = DecodeBatch(model, context, max_batch, finetune_scope)
+        self.waiting: deque[Request] = deque()
+        self.cond = threading.Condition()
+        self.thread: threading.Thread | None = None
+        self.running = False
+        self.prefill_cache = None
+        self.steps = 0  # decode steps run (for /health)
+
+    # ------------------------------------------------------------------ public
+
+    def start(self) -> "Engine":
+        self.running = True
+        self.thread = threading.Thread(target=self._run, name="palm-rlhf-engine", daemon=True)
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self.cond:
+            self.running = False
+            self.cond.notify_all()
+        if self.thread is not None:
+            self.thread.join(timeout=30)
+
+    def submit(self, prompt: list[int], params: Params, n: int = 1, sink=None) -> Request:
+        """Queue a request; `sink(event)` is called from the engine thread with each Delta (or a Failure)."""
+        if not prompt or len(prompt) + params.max_tokens > self.context:
+            raise InputError(f"{len(prompt)} prompt tokens + max_tokens {params.max_tokens} do not fit the "
+                             f"context of {self.context} tokens (and a prompt needs at least one token)")
+        request = Request(list(prompt), params, n, sink)
+        with self.cond:
+            if self.queued_rows() + n > self.max_queue:
+                raise QueueFull(f"{self.queued_rows()} rows are waiting (the limit is {self.max_queue}); "
+                                f"retry later")
+            self.waiting.append(request)
+            self.cond.notify_all()
+        return request
+
+    def queued_rows(self) -> int:
+        return sum(r.n for r in self.waiting)
+
+    @property
+    def active_rows(self) -> int:
+        return len(self.batch)
+
+    # ------------------------------------------------------------------ the loop
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            self.prefill_cache = self.model.new_kv_cache(1, self.context)
+            while self.running:
+                try:
+                    self._admit()
+                    if len(self.batch):
+                        self._decode()
+                except Exception as e:  # noqa: BLE001 - report to every client, keep serving
+                    log.exception("engine step failed")
+                    self._fail_all(f"generation failed: {type(e).__name__}: {e}")
+
+    def _admit(self) -> None:
+        with self.cond:
+            if not len(self.batch):
+                while self.running and not self.waiting:
+                    self.cond.wait(0.5)
+                deadline = time.monotonic() + self.gather_s
+                while self.running and self.queued_rows() < self.max_batch and time.monotonic() < deadline:
+                    self.cond.wait(max(deadline - time.monotonic(), 0.0))
+            admitted = []
+            while self.waiting and len(self.batch) + sum(r.n for r in admitted) + self.waiting[0].n <= self.max_batch:
+                request = self.waiting.popleft()
+                if not request.cancelled:
+                    admitted.append(request)
+        for request in admitted:
+            try:
+                self._prefill(request)
+            except Exception as e:  # noqa: BLE001 - this request fails alone; the batch goes on
+                log.exception("prefill failed")
+                self._send(request, Failure(f"generation failed: {type(e).__name__}: {e}"))
+                request.cancel()
+
+    def _prefill(self, request: Request) -> None:
+        p, n = request.params, len(request.prompt)
+        cache = self.prefill_cache
+        cache.reset()
+        ids = torch.tensor([request.prompt], dtype=torch.long, device=cache.k.device)
+        logits = self.model.forward_cached(ids, cache, finetune_scope=self.scope)  # (1, V)
+        eos = self.tokenizer.eos_id if p.stop_at_eos else None
+        rows = []
+        for i in range(request.n):
+            uniforms = None
+            if p.temperature > 0:
+                seed = p.seed + i if p.seed is not None else random.getrandbits(63)
+                gen = torch.Generator(device=cache.k.device).manual_seed(seed)
+                uniforms = torch.rand(p.max_tokens, generator=gen, dtype=torch.float64, device=cache.k.device)
+            rows.append(_Row(request, i, TextStream(self.tokenizer, p.max_tokens, p.stop, eos), uniforms))
+        self._sample(logits.expand(len(rows), -1), rows)
+        for row in rows:
+            if not row.done:
+                self.batch.join(row, cache, n)
+
+    def _decode(self) -> None:
+        live = self.batch.live
+        tokens = torch.zeros(len(self.batch.rows), dtype=torch.long, device=self.batch.cache.k.device)
+        tokens[[slot for slot, _ in live]] = torch.tensor([row.last for _, row in live], dtype=torch.long,
+                                                         device=tokens.device)
+        logits = self.batch.step(tokens)  # (cap, V)
+        self.steps += 1
+        live = [(slot, row) for slot, row in live if not row.request.cancelled]
+        if live:
+            self._sample(logits[[slot for slot, _ in live]], [row for _, row in live])
+        self.batch.leave([row for _, row in self.batch.live if row.done])
+
+    def _sample(self, logits, rows: list[_Row]) -> None:
+        """Sample one token for each row from its logits (len(rows), V) and deliver its text."""
+        groups: dict[tuple, list[int]] = {}
+        for j, row in enumerate(rows):
+            p = row.request.params
+            groups.setdefault((p.temperature, p.top_k, p.top_p), []).append(j)
+        tokens = [0] * len(rows)
+        for (temperature, top_k, top_p), members in groups.items():
+            config = SamplingConfig(max_new_tokens=1, temperature=temperature, top_k=top_k, top_p=top_p)
+            processed = process_logits(logits[members], config)
+            uniform = None
+            if not config.greedy:
+                uniform = torch.stack([rows[j].uniforms[rows[j].text.generated] for j in members])
+            for j, tok in zip(members, sample(processed, config.greedy, uniform=uniform).tolist()):
+                tokens[j] = tok
+        for j, row in enumerate(rows):
+            self._deliver(row, tokens[j], logits[j])
+
+    def _deliver(self, row: _Row, token: int, logits) -> None:
+        k = row.request.params.logprobs
+        logprobs = []
+        if k is not None:
+            raw = logits.float().log_softmax(-1)
+            top = raw.topk(k) if k > 0 else None
+            alternatives = {} if top is None else {
+                self.tokenizer.decode([t]): lp for t, lp in zip(top.indices.tolist(), top.values.tolist())}
+            logprobs.append((self.tokenizer.decode([token]), float(raw[token]), alternatives))
+        text = row.text.push(token)
+        row.last = token
+        finished = row.text.finish_reason
+        if text or finished or logprobs:
+            self._send(row.request, Delta(row.index, text, finished, logprobs,
+                                          row.text.generated if finished else 0))
+
+    def _send(self, request: Request, event) -> None:
+        if request.sink is None or request.cancelled:
+            return
+        try:
+            request.sink(event)
+        except Exception:  # noqa: BLE001 - a broken consumer must not stop the batch
+            log.exception("a request's sink failed; cancelling it")
+            request.cancel()
+
+    def _fail_all(self, message: str) -> None:
+        requests = {id(row.request): row.request for _, row in self.batch.live}
+        self.batch.leave([row for _, row in self.batch.live])
+        for request in requests.values():
+            self._send(request, Failure(message))
+            request.cancel()
