@@ -19,6 +19,7 @@ import torch
 from ..data.preferences import PairwiseRecord, read_preferences
 from ..errors import ConfigError, DataError
 from ..model.checkpoint import load_adapter, save_adapter
+from ..model.lora import DEFAULT_LORA_ALPHA
 from ..rl.losses import PREFERENCE_LOSSES, preference_loss
 from ..rl.reference import Reference
 from ..rl.rollout import pack_sequences, response_log_probs
@@ -50,6 +51,7 @@ class DPOConfig:
     label_smoothing: float = 0.0
     max_len: int = 256                   # prompt + response tokens per sequence (prompt cut from the left)
     lora_r: int = 8
+    lora_alpha: float = DEFAULT_LORA_ALPHA  # LoRA output scale alpha / r: a learning rate transfers across ranks
     actor_scope: str = "actor"
     max_grad_norm: float | None = 1.0
     precision: str = "fp32"
@@ -102,7 +104,7 @@ class DPOTrainer:
             self.model = load_model(c)
         self._load_records()
         if c.actor_scope not in self.model.finetune_modules:
-            self.model.add_finetune_params(c.actor_scope, lora_r=c.lora_r)
+            self.model.add_finetune_params(c.actor_scope, lora_r=c.lora_r, lora_alpha=c.lora_alpha)
         if c.actor_adapter:
             load_adapter(self.model, c.actor_adapter, scope=c.actor_scope)
         for p in self.model.palm_parameters():

@@ -23,6 +23,7 @@ from ..data.tokenizer import load_tokenizer_or_bytes
 from ..errors import ConfigError, DataError
 from ..model import PaLM
 from ..model.checkpoint import save_adapter
+from ..model.lora import DEFAULT_LORA_ALPHA
 from ..ops import token_cross_entropy
 from ..runtime import distributed as rdist
 from .base import LMTrainer, RunConfig
@@ -38,6 +39,7 @@ ADAPTER_NAME = "adapter.safetensors"
 class LoraConfig:
     scope: str = ""     # "" = full finetune; a name (e.g. "sft") = train only that LoRA scope
     r: int = 8
+    alpha: float = DEFAULT_LORA_ALPHA  # LoRA output scale alpha / r: a learning rate transfers across ranks
 
     def __post_init__(self):
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
@@ -99,7 +101,7 @@ class FinetuneTrainer(LMTrainer):
         if self.scope:
             if self.scope in model.finetune_modules:
                 raise ConfigError(f"lora.scope={self.scope!r} already exists in {c.base}; choose another name")
-            model.add_finetune_params(self.scope, c.lora.r)
+            model.add_finetune_params(self.scope, c.lora.r, c.lora.alpha)
             for p in model.parameters():
                 p.requires_grad_(False)
             for p in model.finetune_parameters(self.scope):

@@ -20,6 +20,7 @@ from ..data.tokenizer import load_tokenizer_or_bytes
 from ..errors import CheckpointError, ConfigError, DataError
 from ..model import PaLM
 from ..model.reward import POOLINGS, RewardModel
+from ..model.lora import DEFAULT_LORA_ALPHA
 from ..runtime.checkpoint import CheckpointManager
 from ..runtime.config import config_to_dict
 from ..runtime.distributed import DistEnv, barrier, cleanup, init_distributed
@@ -48,6 +49,7 @@ class RewardTrainConfig:
     pooling: str = "response_mean"
     use_lora: bool = True
     lora_r: int = 8
+    lora_alpha: float = DEFAULT_LORA_ALPHA  # LoRA output scale alpha / r: a learning rate transfers across ranks
     dropout: float = 0.0
     use_margin: bool = True        # subtract each record's margin inside the Bradley-Terry loss
     max_len: int = 256
@@ -159,7 +161,8 @@ class RewardTrainer:
         self.val_data = encode_records(val_records, self.tokenizer) if val_records else None
 
         self.model = RewardModel(palm, dropout=c.dropout, num_binned_output=c.num_bins if objective == "binned" else 0,
-                                 use_lora=c.use_lora, lora_r=c.lora_r, pooling=c.pooling).to(self.env.device)
+                                 use_lora=c.use_lora, lora_r=c.lora_r, pooling=c.pooling,
+                                 lora_alpha=c.lora_alpha).to(self.env.device)
         del palm
         # freeze what does not train, so backward skips the base weights' gradients
         trainable = {id(p) for p in self.model.finetune_parameters()}

@@ -25,6 +25,7 @@ from torch import Tensor
 from ..errors import ConfigError
 from ..generation import SamplingConfig
 from ..model.checkpoint import save_adapter
+from ..model.lora import DEFAULT_LORA_ALPHA
 from ..runtime.checkpoint import CheckpointManager
 from ..runtime.distributed import all_reduce_sum, barrier
 from ..runtime.metrics import MetricsLogger
@@ -64,6 +65,7 @@ class RLRunConfig:
     max_grad_norm: float | None = 1.0
     precision: str = "fp32"              # fp32 | bf16 (autocast) | fp16 (CUDA)
     lora_r: int = 8
+    lora_alpha: float = DEFAULT_LORA_ALPHA  # LoRA output scale alpha / r: a learning rate transfers across ranks
     seed: int = 0
     sample_every: int = 10               # log a table of completions every N steps (0 = never)
     save_every: int = 0                  # checkpoint every N steps (0 = only at the end)
