@@ -7,7 +7,10 @@ generation's stop reasons, and returns float scores (b,). Build one with
 
 * a `RewardModel` (scored in eval mode, batched);
 * any callable ``fn(prompts, completions) -> scores`` (a verifier, a rule, a remote
-  judge); with `tokenizer=` it receives decoded strings instead of token ids;
+  judge); with `tokenizer=` it receives decoded strings instead of token ids. A callable
+  that declares a ``stop_reasons`` parameter also gets each completion's stop reason
+  ("eos", "length", ...) by keyword, one that declares ``finished`` gets booleans (True =
+  ended with EOS), so it can tell a finished answer from one cut at `max_new_tokens`;
 * a list of ``(source, weight)`` pairs: their weighted sum;
 * an existing `RewardSource`.
 
@@ -18,6 +21,7 @@ RLHF with PPO", detail 10).
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable, Sequence
 
 import torch
@@ -63,12 +67,24 @@ class CallableReward(RewardSource):
         if not callable(fn):
             raise ConfigError(f"reward function {fn!r} is not callable")
         self.fn, self.tokenizer = fn, tokenizer
+        self.extras = _declared(fn, ("stop_reasons", "finished"))
 
     def score(self, prompts, completions, stop_reasons):
         if self.tokenizer is not None:
             prompts = [self.tokenizer.decode(p.tolist()) for p in prompts]
             completions = [self.tokenizer.decode(c.tolist()) for c in completions]
-        return self.fn(prompts, completions)
+        given = {"stop_reasons": list(stop_reasons), "finished": [r == "eos" for r in stop_reasons]}
+        return self.fn(prompts, completions, **{name: given[name] for name in self.extras})
+
+
+def _declared(fn: Callable, names: Sequence[str]) -> list[str]:
+    """Which of `names` fn declares as parameters (not via **kwargs: those may mean something else)."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # some builtins have no signature: the (prompts, completions) form
+        return []
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [n for n in names if n in params and params[n].kind in kinds]
 
 
 class WeightedReward(RewardSource):

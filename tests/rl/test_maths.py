@@ -1,6 +1,7 @@
 """RL maths against numbers worked by hand (each docstring shows the arithmetic)."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -183,3 +184,13 @@ def test_explained_variance():
     assert float(explained_variance(r, r, m)) == pytest.approx(1.0)
     assert float(explained_variance(torch.zeros_like(r), r, m)) == pytest.approx(0.0)
     assert float(explained_variance(r, torch.ones_like(r), m)) == 0.0
+
+
+def test_preference_metrics_do_not_warn_on_a_graph():
+    """float() of a tensor that requires grad warned once per DPO run (torch UserWarning)."""
+    policy = [torch.tensor([v], requires_grad=True) for v in (-1.0, -2.0)]
+    out = preference_loss(*policy, torch.tensor([-1.5]), torch.tensor([-1.5]), beta=0.5)
+    assert out.loss.requires_grad
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert out.metrics()["loss"] == pytest.approx(math.log1p(math.exp(-0.5)))
