@@ -38,7 +38,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -178,6 +178,9 @@ def make_pairs(pre: Path, rule: str, out: Path, args) -> dict:
         records = [PairwiseRecord(p, x, y, annotator=f"rule:{rule}") if score(x) > score(y) else
                    PairwiseRecord(p, y, x, annotator=f"rule:{rule}")
                    for p, x, y in zip(group, a, b) if score(x) != score(y)]
+        if len(records) < 2:
+            raise RuntimeError(f"{rule}: only {len(records)} of {len(group)} sampled {name} pairs differ under the "
+                               f"rule; pretrain longer (--pretrain-steps) or sample more (--pairs, --tokens)")
         write_preferences(out / f"{name}.jsonl", records)
         info[name] = len(records)
     with open(out / "prompts.jsonl", "w") as f:  # RL trains on the training prompts only
@@ -210,8 +213,8 @@ def job(pre: Path, rule: str, seed: int, work: Path, args, threads: int) -> dict
     common = [f"seed={seed}"]
     rm_dir = work / "rm"
     if not (rm_dir / "final").is_dir():
-        cli(["reward", "train", "--config", "configs/reward/pairwise.yaml", f"base={pre / 'final'}",
-             f"data={data / 'train.jsonl'}", f"val_data={data / 'val.jsonl'}", f"out_dir={rm_dir}",
+        cli(["reward", "train", "--config", "configs/reward/pairwise.yaml", "--base", str(pre / "final"),
+             "--data", str(data / "train.jsonl"), "--set", f"val_data={data / 'val.jsonl'}", f"out_dir={rm_dir}",
              f"max_steps={args.rm_steps}", *common], log, threads)
     rm = RewardModel.from_pretrained(rm_dir / "final", dropout=0.0).eval()
     val = read_preferences(data / "val.jsonl")
@@ -220,7 +223,8 @@ def job(pre: Path, rule: str, seed: int, work: Path, args, threads: int) -> dict
     with torch.no_grad():
         chosen = rm.score([enc(r.prompt) for r in val], [enc(r.chosen) for r in val])
         rejected = rm.score([enc(r.prompt) for r in val], [enc(r.rejected) for r in val])
-    result = {"rule": rule, "seed": seed, "rm_accuracy": float((chosen > rejected).float().mean())}
+    result = {"rule": rule, "seed": seed, "rm_accuracy": float((chosen > rejected).float().mean()),
+              "rm_curve": curve(rm_dir, "val/accuracy")}
 
     prompts = json.loads((data / "eval_prompts.json").read_text())
     score = RULES[rule]
@@ -254,10 +258,19 @@ def job(pre: Path, rule: str, seed: int, work: Path, args, threads: int) -> dict
                "rm_gain_se": math.hypot(rm_after[1], rm_before[1]), "sample": texts[0]}
         if algo == "dpo":
             row["heldout_accuracy"] = dpo_accuracy(model, tok, val)
+            row["curve"] = curve(work / algo, "heldout_reward_accuracy")
+            row["kl_curve"] = curve(work / algo, "kl_ref")
         result[algo] = row
         model.remove_finetune_params("actor")
     (work / "result.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+def curve(run: Path, key: str) -> list:
+    """[(step, value)] of `key` in RUN/metrics.jsonl (how a metric moved during training)."""
+    path = run / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    return [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
 
 
 def adapter_exists(run: Path) -> bool:
@@ -288,19 +301,26 @@ def dpo_accuracy(model, tok, records) -> float:
 # ---------------------------------------------------------------- report
 
 
+def first_at(points: list, target: float) -> str:
+    """" [>=target@step]": the first logged step whose value reached target ("" if none did)."""
+    step = next((st for st, v in points if v >= target), None)
+    return "" if step is None else f" [>={target:g}@{step}]"
+
+
 def report(results: list[dict], out: Path) -> str:
     lines = ["| rule | seeds | RM acc | algo | rule gain (x SE) | RM gain (x SE) | KL nats/seq | DPO held-out acc |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for rule in dict.fromkeys(r["rule"] for r in results):
         rows = [r for r in results if r["rule"] == rule]
-        acc = ", ".join(f"{r['rm_accuracy']:.3f}" for r in rows)
+        acc = ", ".join(f"{r['rm_accuracy']:.3f}" + first_at(r["rm_curve"], 0.95) for r in rows)
         for algo in ALGOS:
             gain = ", ".join(f"{r[algo]['rule_gain']:+.3f} ({r[algo]['rule_gain'] / max(r[algo]['rule_gain_se'], 1e-9):+.1f})"
                              for r in rows)
             rm_gain = ", ".join(f"{r[algo]['rm_gain']:+.2f} ({r[algo]['rm_gain'] / max(r[algo]['rm_gain_se'], 1e-9):+.1f})"
                                 for r in rows)
             kl = ", ".join(f"{r[algo]['kl']:.1f}" for r in rows)
-            dpo = ", ".join(f"{r[algo]['heldout_accuracy']:.3f}" for r in rows) if algo == "dpo" else ""
+            dpo = ", ".join(f"{r[algo]['heldout_accuracy']:.3f}" + first_at(r[algo]["curve"], 0.90)
+                            for r in rows) if algo == "dpo" else ""
             lines.append(f"| {rule} | {','.join(str(r['seed']) for r in rows)} | {acc} | {algo} | {gain} | "
                          f"{rm_gain} | {kl} | {dpo} |")
     table = "\n".join(lines)
@@ -363,8 +383,23 @@ def main() -> None:
     runs = f"run-{args.rm_steps}-{args.rl_steps}-{args.dpo_steps}"
     tasks = [(pre, rule, seed, cache / f"{pre.name}-{tag}" / rule / f"{runs}-s{seed}", args, threads)
              for rule in rules for seed in seeds]
+    results = []
     with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        results = list(pool.map(job, *zip(*tasks)))
+        futures = {pool.submit(job, *t): t for t in tasks}
+        for future in as_completed(futures):
+            _, rule, seed, work, *_ = futures[future]
+            try:
+                result = future.result()
+            except Exception as e:  # one failed run must not hide the others' figures
+                print(f"{rule} seed {seed} failed: {e} (commands and output: {work / 'commands.log'})", flush=True)
+                continue
+            results.append(result)
+            with open(out / "partial.jsonl", "a") as f:  # figures survive an interrupted benchmark
+                f.write(json.dumps(result) + "\n")
+            print(f"{rule} seed {seed}: " + json.dumps({k: v for k, v in result.items() if k not in (*ALGOS, "rm_curve")})
+                  + " " + json.dumps({a: {k: result[a][k] for k in ("kl", "rule_gain", "rm_gain")} for a in ALGOS}),
+                  flush=True)
+    results.sort(key=lambda r: (rules.index(r["rule"]), r["seed"]))
     (out / "results.json").write_text(json.dumps(results, indent=2))
     print(report(results, out))
     print(f"results, table and plots in {out}")
