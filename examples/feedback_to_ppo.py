@@ -97,7 +97,7 @@ def main() -> int:
     log.info("exported %d preference records (skipped %s)", exported.written, exported.skipped)
 
     # 4. reward model on the exported file, the same file `palm-rlhf reward train` reads
-    rm = RewardTrainer(RewardTrainConfig(base=str(base), data=str(out / "prefs.jsonl"),
+    rm = RewardTrainer(RewardTrainConfig(model=str(base), data=str(out / "prefs.jsonl"),
                                          out_dir=str(out / "reward"), val_fraction=0.2, max_steps=30 if q else 200,
                                          lr=3e-3, eval_every=10_000, progress=not q, seed=args.seed))
     rm_metrics = rm.setup(resume=False).train()
@@ -111,7 +111,7 @@ def main() -> int:
     before = {"reward_model": sample_and_score(model, tok, eval_prompts, reward_model, **score),
               "vowel_share": sample_and_score(model, tok, eval_prompts, truth, **score)}
     shutil.rmtree(out / "ppo", ignore_errors=True)  # a fresh PPO run each time (pretraining is reused)
-    ppo = PPOTrainer(PPOConfig(out_dir=str(out / "ppo"), steps=3 if q else 40, prompts_per_step=16 if q else 32,
+    ppo = PPOTrainer(PPOConfig(out_dir=str(out / "ppo"), max_steps=3 if q else 40, prompts_per_step=16 if q else 32,
                                minibatch_size=16, epochs=2, max_new_tokens=max_new, eos_token=tok.eos_id, lr=3e-3,
                                critic_lr=3e-3, kl_coef=0.05, sample_every=0, seed=args.seed),
                      model=model, reward=reward_model, prompts=PROMPTS, tokenizer=tok)

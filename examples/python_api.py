@@ -51,7 +51,7 @@ print(f"pretraining: {steps} steps" + (f", validation loss {loss:.3f} nats/byte"
 
 # 2. A reward model on simulated preferences: the rule annotator prefers the response with more vowels.
 write_preferences(out / "prefs.jsonl", rule_preference_pairs(300 if q else 1500, seed=0))
-rm_trainer = RewardTrainer(RewardTrainConfig(base=str(out / "pretrain" / "final"), data=str(out / "prefs.jsonl"),
+rm_trainer = RewardTrainer(RewardTrainConfig(model=str(out / "pretrain" / "final"), data=str(out / "prefs.jsonl"),
                                              out_dir=str(out / "reward"), max_steps=30 if q else 200, lr=3e-3,
                                              eval_every=10_000, progress=not q))
 rm_metrics = rm_trainer.setup().train()
@@ -63,7 +63,7 @@ print(f"reward model: held-out pairwise accuracy {rm_metrics['accuracy']:.3f}")
 shutil.rmtree(out / "ppo", ignore_errors=True)  # a fresh PPO run each time (a finished pretraining is reused)
 prompts = ["def ", "class ", "import ", "return ", "# ", "if ", "for ", "with ", "print(", "self."]
 max_new = 16 if q else 24
-ppo = PPOTrainer(PPOConfig(out_dir=str(out / "ppo"), steps=3 if q else 40, prompts_per_step=16 if q else 32,
+ppo = PPOTrainer(PPOConfig(out_dir=str(out / "ppo"), max_steps=3 if q else 40, prompts_per_step=16 if q else 32,
                            minibatch_size=16, epochs=2, max_new_tokens=max_new, eos_token=tok.eos_id, lr=3e-3,
                            critic_lr=3e-3, kl_coef=0.05, sample_every=0),
                  model=model, reward=reward_model, prompts=prompts, tokenizer=tok)

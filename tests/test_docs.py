@@ -1,4 +1,5 @@
-"""Every ```python block in README.md and docs/*.md runs, top to bottom.
+"""Every ```python block in README.md and docs/*.md runs, top to bottom; every command they show
+is in the one dialect (`palm-rlhf CMD --config PRESET key=value ...`).
 
 Blocks of one file share a namespace (a later block may use names from an
 earlier one) and run in a fresh temporary directory, so examples that save
@@ -8,6 +9,7 @@ is not run: use it only for commands that need GPUs or a cluster.
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
@@ -36,15 +38,61 @@ def test_block_extraction():
     assert python_blocks(text) == [(3, "x = 1\n", False), (7, "run_on_gpus()\n", True)]
 
 
+# the spellings the one dialect replaced: flags of the training commands, and renamed keys
+TRAINING = re.compile(r"palm(?:-rlhf|_rlhf)\s+(pretrain|finetune|reward\s+train|ppo|grpo|dpo)\b(.*)")
+OLD_SPELLINGS = re.compile(r"(?<![\w.-])(--base|--data|--out|--set|--no-resume|--resume|--val-data|steps=|"
+                           r"preferences=|base=)")
+
+
+def old_spellings(text: str) -> list[str]:
+    """Lines that run a training command with a flag or key the dialect renamed."""
+    found = []
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        match = TRAINING.search(line)
+        if not match:
+            continue
+        command = match.group(2)
+        j = i
+        while command.rstrip().endswith("\\") and j + 1 < len(lines):  # a command continued on the next line
+            j += 1
+            command += " " + lines[j]
+        hit = OLD_SPELLINGS.search(command.split("#", 1)[0])
+        if hit:
+            found.append(f"line {i + 1}: {hit.group(1)} in {line.strip()}")
+    return found
+
+
+def test_old_spelling_detector():
+    assert old_spellings("palm-rlhf reward train --base a --data b") == ["line 1: --base in palm-rlhf reward train --base a --data b"]
+    assert old_spellings("`palm-rlhf ppo --config ppo steps=3`")
+    assert old_spellings("palm-rlhf dpo --config dpo \\\n    preferences=p.jsonl")
+    assert not old_spellings("palm-rlhf ppo --config ppo max_steps=3 model=runs/sft  # not steps=")
+    assert not old_spellings("palm-rlhf reward score runs/rm --data p.jsonl --out s.jsonl")
+    assert not old_spellings("palm-rlhf feedback export --db f.sqlite --out prefs.jsonl")
+
+
+EXAMPLES = sorted((ROOT / "examples").glob("*.py"))
+PAGES = DOCS + EXAMPLES + sorted(ROOT.glob("palm_rlhf/configs/*/*.yaml"))
+
+
+@pytest.mark.parametrize("page", PAGES, ids=[str(p.relative_to(ROOT)) for p in PAGES])
+def test_commands_use_the_one_dialect(page):
+    assert old_spellings(page.read_text()) == []
+
+
 @pytest.mark.slow  # a page of examples may train a tiny model for several seconds
 @pytest.mark.parametrize("doc", DOCS, ids=[str(p.relative_to(ROOT)) for p in DOCS])
-def test_doc_examples_run(doc, tmp_path, monkeypatch):
+def test_doc_examples_run(doc, tmp_path, monkeypatch, caplog):
     blocks = python_blocks(doc.read_text())
     runnable = [(line, code) for line, code, skipped in blocks if not skipped]
     if not runnable:
         pytest.skip(f"{doc.name} has no runnable python blocks")
     monkeypatch.chdir(tmp_path)
     namespace = {"__name__": "__doc_example__"}
-    for line, code in runnable:
-        where = f"{doc.relative_to(ROOT)}:{line}"
-        exec(compile(code, where, "exec"), namespace)  # a failure's traceback names the file and line
+    with caplog.at_level(logging.WARNING, logger="palm_rlhf"):
+        for line, code in runnable:
+            where = f"{doc.relative_to(ROOT)}:{line}"
+            exec(compile(code, where, "exec"), namespace)  # a failure's traceback names the file and line
+    if doc.name == "README.md":  # the first page a user runs warns about nothing they did not ask for
+        assert [r.getMessage() for r in caplog.records if r.name.startswith("palm_rlhf")] == []

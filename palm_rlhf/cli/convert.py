@@ -1,4 +1,4 @@
-"""`palm-rlhf convert`: palm-rlhf-pytorch checkpoints -> a save_pretrained directory."""
+"""`palm-rlhf convert`: palm-rlhf-pytorch checkpoints (or one of our runs) -> a save_pretrained directory."""
 
 from __future__ import annotations
 
@@ -9,13 +9,15 @@ EXAMPLES = """examples:
   palm-rlhf convert palm.pt converted/                 # guess the format from the gains
   palm-rlhf convert palm.pt converted/ --from 0.8      # palm-rlhf-pytorch 0.8.x
   palm-rlhf convert encoder.pt out/ --non-causal
+  palm-rlhf convert runs/ppo exported/                  # a run (its final/), final/ or step directory, with its tokenizer
 """
 
 
 def register(sub) -> None:
     p = sub.add_parser("convert", help="convert a palm-rlhf-pytorch state dict into a checkpoint directory",
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("source", type=Path, help="a .pt or .safetensors state dict saved by palm-rlhf-pytorch")
+    p.add_argument("source", type=Path, help="a .pt or .safetensors state dict saved by palm-rlhf-pytorch, or a "
+                   "run, final/ or checkpoint step directory")
     p.add_argument("out", type=Path, help="output directory (config.json + model.safetensors)")
     p.add_argument("--from", dest="source_format", choices=["auto", "0.8", "seed"], default="auto",
                    help="0.8: LayerNorm gains stored as offsets from 1; seed: absolute gains (default: guess)")
@@ -23,7 +25,24 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _export_directory(args) -> int:
+    """A run, final/ or step directory -> a standalone save_pretrained directory with its tokenizer."""
+    from ..model import PaLM
+    from ..runtime.resolve import load_tokenizer_for, resolve_model
+
+    source = resolve_model(args.source)
+    model = PaLM.from_pretrained(source.model_dir)
+    model.save_pretrained(args.out)
+    if source.tokenizer_dir is not None:
+        load_tokenizer_for(source).save(args.out)
+    print(f"wrote {args.out} from {source.model_dir} ({model.num_parameters():,} parameters, "
+          f"tokenizer: {'saved' if source.tokenizer_dir is not None else 'none (bytes)'})")
+    return 0
+
+
 def run(args) -> int:
+    if args.source.is_dir():
+        return _export_directory(args)
     from ..model import PaLM
     from ..model.checkpoint import load_into, load_state_dict_file
     from ..model.convert import convert_state_dict, infer_config

@@ -12,7 +12,7 @@ log = logging.getLogger(__name__)
 EXAMPLES = """examples:
   palm-rlhf feedback add-rater alice --raters raters.txt      # prints alice's token
   palm-rlhf feedback serve --checkpoint runs/sft --prompts prompts.txt --raters raters.txt
-  palm-rlhf feedback serve --checkpoint runs/sft --checkpoint runs/ppo --prompts prompts.jsonl
+  palm-rlhf feedback serve --checkpoint runs/ppo --checkpoint runs/sft --prompts prompts.jsonl   # ppo@... vs sft@...
   palm-rlhf feedback export --db feedback.sqlite --out prefs.jsonl
 """
 
@@ -25,7 +25,8 @@ def register(sub) -> None:
     s = actions.add_parser("serve", help="serve pairs of completions to raters",
                            epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("--checkpoint", action="append", type=Path, required=True,
-                   help="a save_pretrained directory; give it twice to compare two checkpoints")
+                   help="a run directory (its final/), a final/ or a checkpoint step directory; give it twice to "
+                   "compare two models (e.g. --checkpoint runs/ppo --checkpoint runs/sft)")
     s.add_argument("--prompts", type=Path, required=True,
                    help="prompts: one per line (.txt, \\n for a newline) or JSONL with a \"prompt\" field")
     s.add_argument("--db", type=Path, default=Path("feedback.sqlite"), help="SQLite database (default: %(default)s)")
@@ -75,6 +76,7 @@ def run_serve(args) -> int:
     from ..feedback.server import bind, is_loopback, serve
     from ..feedback.store import FeedbackStore
     from ..generation import SamplingConfig
+    from ..runtime.resolve import resolve_model
 
     if len(args.checkpoint) > 2:
         raise ConfigError(f"--checkpoint: give one or two checkpoints, got {len(args.checkpoint)}")
@@ -89,7 +91,8 @@ def run_serve(args) -> int:
         token = make_token()
         raters = {token: "local"}
         print(f"no --raters file: sign in as 'local' with token {token}")
-    checkpoints = [load_checkpoint(d) for d in args.checkpoint]
+    sources = [resolve_model(d) for d in args.checkpoint]
+    checkpoints = [load_checkpoint(s.model_dir, name=s.name) for s in sources]
     eos = checkpoints[0].tokenizer.eos_id  # 0 for every palm-rlhf tokenizer
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                               top_k=args.top_k, eos_token=eos)

@@ -10,23 +10,26 @@ from pathlib import Path
 from ..errors import CheckpointError, ConfigError
 
 EXAMPLES = """examples:
-  palm-rlhf generate runs/sft/final --prompt "ROMEO:" --max-new-tokens 200 --top-p 0.9 --seed 0
-  palm-rlhf generate runs/sft/final --prompt "KING:" --stream --temperature 0.8
-  palm-rlhf generate runs/sft/final --prompt "Q:" --num-samples 4 --top-k 40 --stop "\\n\\n"
-  palm-rlhf generate runs/ppo/final --prompt "Tell me" --scope actor   # with a LoRA scope
+  palm-rlhf generate runs/sft --prompt "ROMEO:" --max-new-tokens 200 --top-p 0.9 --seed 0
+  palm-rlhf generate runs/ppo --prompt "KING:" --stream --temperature 0.8
+  palm-rlhf generate runs/sft --prompt "Q:\\nA:" --num-samples 4 --top-k 40 --stop "\\n\\n"
+  palm-rlhf generate runs/sft --adapter runs/ppo/final/adapter.safetensors --prompt "Tell me"
+  palm-rlhf generate runs/ppo/checkpoints/step_00000100 --prompt "Tell me"
 
-CHECKPOINT is a directory written by save_pretrained (config.json + model.safetensors).
-If it holds a saved tokenizer (tokenizer_config.json) that one is used; otherwise text
-is UTF-8 bytes (the byte tokenizer). Generation stops at the tokenizer's EOS id (0)
-unless --no-eos is given.
+CHECKPOINT is a run directory (its final/ is used), a final/ or save_pretrained directory, or a
+checkpoint step directory. The final/ of a LoRA, PPO, GRPO or DPO run already has its adapter
+merged: generate from it as it is. --adapter applies a saved adapter (a file, or a directory
+holding adapter.safetensors) to the model first. The tokenizer saved with the model is used
+(--tokenizer overrides it); generation stops at its EOS id unless --no-eos is given.
+Backslash escapes (\\n, \\t) are understood in --prompt and --stop.
 """
 
 
 def register(sub) -> None:
     p = sub.add_parser("generate", help="sample text from a trained checkpoint", epilog=EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", type=Path, help="a save_pretrained directory")
-    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("checkpoint", type=Path, help="a run directory, a final/ or a checkpoint step directory")
+    p.add_argument("--prompt", required=True, help="text to continue (backslash escapes like \\n are understood)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="new tokens per sample (default 128)")
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
@@ -39,7 +42,10 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=None, help="seed for repeatable sampling")
     p.add_argument("--num-samples", type=int, default=1, help="independent samples of the prompt (batched)")
     p.add_argument("--stream", action="store_true", help="print tokens as they are produced (one sample)")
-    p.add_argument("--scope", default=None, help="LoRA finetune scope to apply (default: base weights)")
+    p.add_argument("--scope", default=None, help="LoRA scope saved in the checkpoint to apply (default: none)")
+    p.add_argument("--adapter", type=Path, default=None, help="apply this adapter (adapter.safetensors, or a "
+                   "directory holding one) to the model")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the one saved with the model)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="compute dtype (bf16 is faster "
                    "on CPUs with bf16 units)")
     p.set_defaults(func=run)
@@ -49,20 +55,54 @@ def _unescape(text: str) -> str:
     return text.encode("latin-1", "backslashescape").decode("unicode_escape")
 
 
-def load_model_and_tokenizer(directory: Path):
-    """(PaLM, tokenizer) from a checkpoint dir; the byte tokenizer when none was saved."""
-    from ..data.tokenizer import load_tokenizer_or_bytes
+def load_model_and_tokenizer(path: Path, tokenizer: str | None = None):
+    """(PaLM, tokenizer, ModelSource) for a run, final/ or step directory; the byte tokenizer when none was saved."""
     from ..model import PaLM
+    from ..runtime.resolve import check_tokenizer_fits, load_tokenizer_for, resolve_model
 
-    if not (directory / "config.json").is_file():
-        raise CheckpointError(f"{directory}: no config.json; pass a directory written by save_pretrained "
-                              f"(or convert a seed .pt file with `palm-rlhf convert`)")
-    model = PaLM.from_pretrained(directory)
-    tokenizer = load_tokenizer_or_bytes(directory)
-    if tokenizer.vocab_size > model.num_tokens:
-        raise CheckpointError(f"{directory}: the tokenizer has {tokenizer.vocab_size} ids but the model only "
-                              f"{model.num_tokens} (num_tokens); they do not belong together")
-    return model, tokenizer
+    source = resolve_model(path)
+    model = PaLM.from_pretrained(source.model_dir)
+    tok = load_tokenizer_for(source, tokenizer)
+    check_tokenizer_fits(tok, model.num_tokens, str(path))
+    return model, tok, source
+
+
+def _adapter_file(path: Path) -> Path:
+    from ..runtime.resolve import resolve_model
+    from ..runtime.run import ADAPTER_NAME
+
+    if path.is_dir():
+        path = resolve_model(path).model_dir / ADAPTER_NAME
+        if not path.is_file():
+            raise CheckpointError(f"--adapter: no {ADAPTER_NAME} in {path.parent}; pass the adapter file or the "
+                                  f"directory of a LoRA/PPO/GRPO/DPO run")
+    return path
+
+
+def apply_adapter(model, source, path: Path) -> str:
+    """Load the adapter at `path` into `model`; its scope name. Refuses one already merged into `source`."""
+    from ..model.checkpoint import load_adapter
+    from ..runtime.run import ADAPTER_NAME
+
+    path = _adapter_file(path)
+    merged = source.model_dir / ADAPTER_NAME
+    if merged.is_file() and path.is_file() and merged.read_bytes() == path.read_bytes():
+        raise ConfigError(f"--adapter {path}: {source.model_dir} already has this adapter merged in; drop --adapter "
+                          f"(or give the model it was trained from, e.g. the run's model=)")
+    return load_adapter(model, path)
+
+
+def _check_scope(model, source, scope: str) -> None:
+    from ..runtime.run import ADAPTER_NAME
+
+    if scope in model.finetune_modules:
+        return
+    saved = ", ".join(repr(s) for s in model.finetune_modules) or "none"
+    hint = "drop --scope"
+    if (source.model_dir / ADAPTER_NAME).is_file():
+        hint = (f"{source.model_dir} has its adapter merged in already, so drop --scope; to apply an adapter to "
+                f"another model use --adapter {source.model_dir / ADAPTER_NAME}")
+    raise ConfigError(f"--scope {scope}: {source.model_dir} has no LoRA scope {scope!r} (scopes saved: {saved}); {hint}")
 
 
 def _print_stream(model, tokenizer, ids, config, scope) -> None:
@@ -93,10 +133,18 @@ def run(args) -> int:
         raise ConfigError(f"--num-samples {args.num_samples}: must be >= 1")
     if args.stream and args.num_samples != 1:
         raise ConfigError("--stream prints one sample; drop --num-samples or --stream")
-    model, tokenizer = load_model_and_tokenizer(args.checkpoint)
+    model, tokenizer, source = load_model_and_tokenizer(args.checkpoint, args.tokenizer)
+    scope = args.scope
+    if args.adapter is not None:
+        if scope is not None:
+            raise ConfigError("--adapter applies its own scope; drop --scope")
+        scope = apply_adapter(model, source, args.adapter)
+    elif scope is not None:
+        _check_scope(model, source, scope)
     if args.dtype == "bf16":
         model = model.to(torch.bfloat16)
-    ids = tokenizer.encode(args.prompt)
+    prompt_text = _unescape(args.prompt)
+    ids = tokenizer.encode(prompt_text)
     if not ids:
         raise ConfigError("--prompt is empty; give at least one character to continue")
     try:
@@ -111,13 +159,13 @@ def run(args) -> int:
 
     prompt = torch.tensor(ids, dtype=torch.long)
     if args.stream:
-        _print_stream(model, tokenizer, prompt, config, args.scope)
+        _print_stream(model, tokenizer, prompt, config, scope)
         return 0
-    out = generate(model, [prompt] * args.num_samples, config, finetune_scope=args.scope)
+    out = generate(model, [prompt] * args.num_samples, config, finetune_scope=scope)
     for i, row in enumerate(out.sequences()):
         if args.num_samples > 1:
             print(f"--- sample {i + 1} ({out.stop_reasons[i]}) ---")
         if not args.no_eos and row and row[-1] == tokenizer.eos_id:
             row = row[:-1]  # the EOS id is a control token, not text
-        print(args.prompt + tokenizer.decode(row))
+        print(prompt_text + tokenizer.decode(row))
     return 0

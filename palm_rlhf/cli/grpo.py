@@ -1,19 +1,21 @@
-"""`palm-rlhf grpo --config configs/rl/grpo.yaml [key=value ...]`: group-relative policy optimisation."""
+"""`palm-rlhf grpo --config grpo [key=value ...]`: group-relative policy optimisation."""
 
 from __future__ import annotations
 
-from .ppo import make_rl_command
+from .ppo import add_rl_command
 
 EXAMPLES = """examples:
-  palm-rlhf grpo --config configs/rl/grpo.yaml
-  palm-rlhf grpo --config configs/rl/grpo.yaml group_size=16 scale_by_std=false aggregation=seq_sum_norm
-  torchrun --nproc_per_node 2 -m palm_rlhf grpo --config configs/rl/grpo.yaml
+  palm-rlhf grpo --config grpo model=runs/sft prompts=prompts.txt reward_model=runs/rm out_dir=runs/grpo
+  palm-rlhf grpo --config grpo model=runs/sft prompts=prompts.txt reward_fn=my_rewards:score group_size=16
+  palm-rlhf grpo --config grpo model=runs/sft prompts=prompts.txt reward_model=runs/rm scale_by_std=false aggregation=seq_sum_norm
+  torchrun --nproc_per_node 2 -m palm_rlhf grpo --config grpo model=runs/sft prompts=prompts.txt reward_model=runs/rm
 
-prompts_per_step distinct prompts are sampled group_size times each. The trained actor adapter is
-written to OUT/actor.safetensors; metrics (with zero_variance_groups) to OUT/metrics.jsonl.
+prompts_per_step distinct prompts are sampled group_size times each. OUT/final/ holds the base with
+the trained actor merged, OUT/final/adapter.safetensors the actor alone; metrics (with
+zero_variance_groups) go to OUT/metrics.jsonl.
 """
 
 
 def register(sub) -> None:
-    make_rl_command(sub, "grpo", "RL fine-tuning with GRPO / Dr. GRPO (no critic, group advantages)", EXAMPLES,
-                    "palm_rlhf.trainers.grpo.GRPOConfig", "palm_rlhf.trainers.grpo.GRPOTrainer")
+    add_rl_command(sub, "grpo", "RL fine-tuning with GRPO / Dr. GRPO (no critic, group advantages)", EXAMPLES,
+                   "palm_rlhf.trainers.grpo.GRPOConfig", "palm_rlhf.trainers.grpo.GRPOTrainer")

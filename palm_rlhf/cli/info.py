@@ -7,9 +7,10 @@ import json
 from pathlib import Path
 
 EXAMPLES = """examples:
-  palm-rlhf info runs/pretrain                 # a run directory: its latest checkpoint
+  palm-rlhf info runs/ppo                      # a run directory: its final/ (or, while training, its latest checkpoint)
+  palm-rlhf info runs/sft runs/ppo runs/dpo    # several at once
   palm-rlhf info runs/pretrain/checkpoints/step_00000100
-  palm-rlhf info runs/rm/final                 # a reward model
+  palm-rlhf info runs/rm                       # a reward model
   palm-rlhf info actor.safetensors             # a LoRA adapter saved alone
   palm-rlhf info palm.pt --json                # a bare state dict (shape-inferred config)
 """
@@ -18,7 +19,8 @@ EXAMPLES = """examples:
 def register(sub) -> None:
     p = sub.add_parser("info", help="describe a checkpoint: config, parameters, scopes, tokenizer, step",
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", type=Path, help="run dir, step dir, save_pretrained dir, adapter or state-dict file")
+    p.add_argument("checkpoint", type=Path, nargs="+", help="run dir, step dir, save_pretrained dir, adapter or "
+                   "state-dict file (several: described one after the other)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.set_defaults(func=run)
 
@@ -39,21 +41,8 @@ def _count(shapes: dict, exclude_prefix: str = "finetune_modules.") -> tuple[int
     return base, lora
 
 
-def _resolve_dir(path: Path) -> Path:
-    """A run directory resolves to its latest checkpoint (or its final model)."""
-    from ..runtime.checkpoint import CheckpointManager
-
-    if (path / "config.json").is_file():
-        return path
-    for sub in ("final", "model"):
-        if (path / sub / "config.json").is_file():
-            return path / sub
-    latest = CheckpointManager(path).latest()
-    return latest if latest is not None else path
-
-
 def describe(path: Path) -> dict:
-    from ..errors import CheckpointError
+    from ..errors import CheckpointError, PalmRLHFError
     from ..model.checkpoint import load_state_dict_file
     from ..model.convert import infer_config, guess_gain_convention
 
@@ -74,12 +63,19 @@ def describe(path: Path) -> dict:
         info["parameters"], info["lora_parameters"] = _count({k: tuple(v.shape) for k, v in state.items()})
         return info
 
-    directory = _resolve_dir(path)
-    if not (directory / "config.json").is_file():
-        raise CheckpointError(f"{path}: no config.json and no checkpoints; expected a run directory, a step "
-                              f"directory or a save_pretrained directory")
+    from ..runtime.resolve import resolve_model
+
+    source = resolve_model(path)
+    directory = source.model_dir
     config = json.loads((directory / "config.json").read_text())
-    info["resolved"] = str(directory)
+    if directory != path:
+        info["resolved"] = str(directory)
+    record = directory / "run.json"
+    if record.is_file():
+        try:
+            info["run"] = json.loads(record.read_text())
+        except (OSError, json.JSONDecodeError):
+            info["run"] = "unreadable run.json"
     if config.get("model_type") == "reward_model":
         info.update(kind="reward model", reward=config.get("reward"))
         config = dict(config["palm"])
@@ -90,34 +86,50 @@ def describe(path: Path) -> dict:
     weights = directory / "model.safetensors"
     if weights.is_file():
         info["parameters"], info["lora_parameters"] = _count(_tensor_shapes(weights)[0])
-    try:
+    if source.tokenizer_dir is None:
+        info["tokenizer"] = "none saved (bytes assumed)"
+    else:
         from ..data.tokenizer import load_tokenizer
 
-        info["tokenizer"] = repr(load_tokenizer(directory))
-    except Exception:  # noqa: BLE001 - a model without a tokenizer decodes as bytes
-        info["tokenizer"] = "none saved (bytes assumed)"
+        try:
+            info["tokenizer"] = repr(load_tokenizer(source.tokenizer_dir))
+        except PalmRLHFError as e:
+            info["tokenizer"] = f"unreadable: {e}"
+    adapter = directory / "adapter.safetensors"
+    if adapter.is_file():
+        meta = _tensor_shapes(adapter)[1]
+        merged = "; merged into the weights above" if directory.name == "final" else ""
+        info["adapter"] = f"{adapter.name} (scope {meta.get('scope')}, r={meta.get('lora_r')}{merged})"
     state_file = directory / "state.pt"
     if state_file.is_file():
         from ..runtime.checkpoint import CheckpointManager
 
-        state = CheckpointManager(directory.parent).load(directory)
+        state = CheckpointManager(directory.parent, is_main=False).load(directory)  # read-only
         info["step"] = state.get("step")
     return info
 
 
 def run(args) -> int:
-    info = describe(args.checkpoint)
+    infos = [describe(path) for path in args.checkpoint]
     if args.json:
-        print(json.dumps(info, indent=2, default=str))
+        print(json.dumps(infos[0] if len(infos) == 1 else infos, indent=2, default=str))
         return 0
+    for info in infos:
+        _print_text(info)
+    return 0
+
+
+def _print_text(info: dict) -> None:
     print(f"{info['path']}: {info['kind']}" + (f" (resolved to {info['resolved']})" if "resolved" in info else ""))
-    for key in ("step", "parameters", "lora_parameters", "scope", "lora_r", "scopes", "tokenizer", "layernorm_gain"):
+    for key in ("step", "parameters", "lora_parameters", "scope", "lora_r", "scopes", "tokenizer", "adapter",
+                "layernorm_gain"):
         if key in info and info[key] not in (None, {}):
             value = f"{info[key]:,}" if isinstance(info[key], int) and key.endswith("parameters") else info[key]
             print(f"  {key:16s} {value}")
-    for section in ("config", "reward"):
-        if info.get(section):
+    for section in ("run", "config", "reward"):
+        if isinstance(info.get(section), dict) and info[section]:
             print(f"  {section}:")
             for k, v in info[section].items():
                 print(f"    {k:28s} {v}")
-    return 0
+        elif info.get(section):
+            print(f"  {section:16s} {info[section]}")

@@ -4,22 +4,24 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
+
+from .dialect import add_training_command, import_object, run_trainer
 
 TRAIN_EXAMPLES = """examples:
-  palm-rlhf reward train --base runs/pretrain/final --data prefs.jsonl
-  palm-rlhf reward train --base runs/pretrain/final --data prefs.jsonl --config configs/reward/pairwise.yaml \\
-      --out runs/reward --set max_steps=500 lr=3e-4 use_lora=false
-  palm-rlhf reward train --base runs/sft/final --data ratings.jsonl --config configs/reward/ratings.yaml
-  torchrun --nproc_per_node 2 -m palm_rlhf reward train --base runs/pretrain/final --data prefs.jsonl
+  palm-rlhf reward train --config pairwise model=runs/sft data=prefs.jsonl out_dir=runs/rm
+  palm-rlhf reward train --config full_finetune model=runs/sft data=prefs.jsonl max_steps=500 lr=3e-4
+  palm-rlhf reward train --config ratings model=runs/sft data=ratings.jsonl out_dir=runs/rm-ratings
+  torchrun --nproc_per_node 2 -m palm_rlhf reward train --config pairwise model=runs/sft data=prefs.jsonl
 
-Training resumes from the latest checkpoint in --out when one exists (--no-resume starts over).
-The final reward model is written to OUT/final (RewardModel.from_pretrained(OUT/final)).
+model= is a run directory (its final/), a final/ or a checkpoint step directory; its saved tokenizer
+is used unless tokenizer= says otherwise. Training resumes from the latest checkpoint in out_dir when
+one exists (resume=never starts over). The reward model is written to OUT/final
+(RewardModel.from_pretrained(OUT/final); `reward score OUT` and `ppo reward_model=OUT` take OUT).
 """
 
 SCORE_EXAMPLES = """examples:
-  palm-rlhf reward score runs/reward/final --data responses.jsonl --out scores.jsonl
-  palm-rlhf reward score runs/reward/final --data prefs.jsonl --out scored.jsonl   # also prints accuracy
+  palm-rlhf reward score runs/rm --data responses.jsonl --out scores.jsonl
+  palm-rlhf reward score runs/rm --data prefs.jsonl --out scored.jsonl   # also prints accuracy
 
 Input lines: {"prompt": ..., "response": ...} or {"prompt": ..., "chosen": ..., "rejected": ...};
 each output line is the input plus "reward" (or "chosen_reward" and "rejected_reward").
@@ -33,21 +35,12 @@ def register(sub) -> None:
     actions = group.add_subparsers(dest="reward_command", metavar="ACTION", title="actions")
     group.set_defaults(func=lambda args: (group.print_help(), 2)[1])
 
-    t = actions.add_parser("train", help="train on pairwise preferences (Bradley-Terry) or ratings",
-                           epilog=TRAIN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    t.add_argument("--base", required=True, help="base checkpoint: a PaLM.save_pretrained directory")
-    t.add_argument("--data", required=True, help="preference JSONL (see docs/reward.md for the schema)")
-    t.add_argument("--config", default=None, help="YAML file or packaged preset name, e.g. configs/reward/pairwise.yaml or pairwise")
-    t.add_argument("--out", default=None, help="run directory for checkpoints, metrics and the final model")
-    t.add_argument("--val-data", default=None, help="held-out JSONL (default: hold out val_fraction of --data)")
-    t.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config fields")
-    t.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints in --out")
-    t.add_argument("--no-progress", action="store_true", help="no progress bar")
-    t.set_defaults(func=run_train)
+    add_training_command(actions, "train", help="train on pairwise preferences (Bradley-Terry) or ratings",
+                         examples=TRAIN_EXAMPLES, config="palm_rlhf.trainers.reward.RewardTrainConfig", run=run_train)
 
     s = actions.add_parser("score", help="score prompt/response pairs in a JSONL file",
                            epilog=SCORE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    s.add_argument("checkpoint", help="a RewardModel.save_pretrained directory (e.g. runs/reward/final)")
+    s.add_argument("checkpoint", help="a reward model: its run directory (runs/rm), final/ or a checkpoint step directory")
     s.add_argument("--data", required=True, help="JSONL of prompt/response or prompt/chosen/rejected lines")
     s.add_argument("--out", required=True, help="where to write the scored JSONL")
     s.add_argument("--batch-size", type=int, default=32)
@@ -56,27 +49,8 @@ def register(sub) -> None:
     s.set_defaults(func=run_score)
 
 
-def run_train(args) -> int:
-    from ..runtime.config import load_config
-    from ..trainers.reward import RewardTrainConfig, RewardTrainer
-
-    overrides = [f"base={args.base}", f"data={args.data}", *args.set]
-    if args.out:
-        overrides.append(f"out_dir={args.out}")
-    if args.val_data:
-        overrides.append(f"val_data={args.val_data}")
-    if args.no_progress:
-        overrides.append("progress=false")
-    config = load_config(RewardTrainConfig, args.config, overrides)
-    trainer = RewardTrainer(config)
-    try:
-        trainer.setup(resume=not args.no_resume)
-        metrics = trainer.train()
-    finally:
-        trainer.cleanup()
-    if trainer.is_main:
-        print(json.dumps({"final": str(Path(config.out_dir) / "final"), **metrics}))
-    return 0
+def run_train(args, config) -> int:
+    return run_trainer(import_object("palm_rlhf.trainers.reward.RewardTrainer")(config), config.out_dir)
 
 
 def run_score(args) -> int:
@@ -84,7 +58,7 @@ def run_score(args) -> int:
 
     from ..errors import ConfigError
     from ..model.reward import RewardModel
-    from ..data.tokenizer import load_tokenizer_or_bytes
+    from ..runtime.resolve import load_tokenizer_for, resolve_model
     from ..trainers.reward_score import score_file
 
     if args.batch_size <= 0:
@@ -93,8 +67,9 @@ def run_score(args) -> int:
         device = torch.device(args.device)
     except RuntimeError as e:
         raise ConfigError(f"--device {args.device!r}: {e}") from None
-    model = RewardModel.from_pretrained(args.checkpoint, map_location=device).eval()
-    summary = score_file(model, load_tokenizer_or_bytes(args.checkpoint), args.data, args.out,
+    source = resolve_model(args.checkpoint)
+    model = RewardModel.from_pretrained(source.model_dir, map_location=device).eval()
+    summary = score_file(model, load_tokenizer_for(source), args.data, args.out,
                          batch_size=args.batch_size, max_len=args.max_len)
     print(json.dumps({"out": args.out, **summary}))
     return 0

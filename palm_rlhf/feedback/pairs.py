@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
 
+from ..data.prompts import read_prompts  # noqa: F401 - re-exported: the app's prompt files
 from ..errors import CheckpointError, ConfigError
 from .store import FeedbackStore
 
@@ -43,21 +44,22 @@ class LoadedCheckpoint:
     tokenizer: object
 
 
-def checkpoint_identity(directory) -> str:
-    """Name plus content hash: two runs that both save to `ckpt/` stay distinguishable."""
+def checkpoint_identity(directory, name: str | None = None) -> str:
+    """Name (default: the directory's) plus content hash: two runs that both save to `ckpt/` stay distinguishable."""
     directory = Path(directory)
     digest = hashlib.sha256()
-    for name in ("config.json", "model.safetensors"):
-        path = directory / name
+    for file in ("config.json", "model.safetensors"):
+        path = directory / file
         if path.is_file():
             with open(path, "rb") as f:
                 for block in iter(lambda: f.read(1 << 20), b""):
                     digest.update(block)
-    return f"{directory.resolve().name}@{digest.hexdigest()[:12]}"
+    return f"{name or directory.resolve().name}@{digest.hexdigest()[:12]}"
 
 
-def load_checkpoint(directory) -> LoadedCheckpoint:
-    """`PaLM.from_pretrained(directory)` and its tokenizer (UTF-8 bytes when none was saved)."""
+def load_checkpoint(directory, name: str | None = None) -> LoadedCheckpoint:
+    """`PaLM.from_pretrained(directory)` and its tokenizer (UTF-8 bytes when none was saved); `name` labels it
+    (the CLI passes the run's name, so raters' records say `ppo@...`, not `final@...`)."""
     from ..data.tokenizer import load_tokenizer_or_bytes
     from ..model import PaLM
 
@@ -74,7 +76,7 @@ def load_checkpoint(directory) -> LoadedCheckpoint:
     if vocab < num_tokens:
         log.warning("%s: the model has %d tokens but its tokenizer %d; sampled ids >= %d are left out of "
                     "the text raters see", directory, num_tokens, vocab, vocab)
-    return LoadedCheckpoint(identity=checkpoint_identity(directory), model=model, tokenizer=tokenizer)
+    return LoadedCheckpoint(identity=checkpoint_identity(directory, name), model=model, tokenizer=tokenizer)
 
 
 class ModelPairSource:
@@ -183,33 +185,3 @@ class PairQueue:
                                 draft.checkpoint_b, draft.sampling)
             with self._ready:
                 self._ready.notify_all()
-
-
-def read_prompts(path) -> list[str]:
-    """Prompts, one per line (`.txt`), or JSON lines with a "prompt" field (`.jsonl`)."""
-    import json
-
-    from ..errors import DataError
-
-    path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as e:
-        raise DataError(f"--prompts {path}: cannot read ({e.strerror or e})") from e
-    prompts = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        if path.suffix == ".jsonl":
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{number}: not valid JSON ({e.msg})") from e
-            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-                raise DataError(f'{path}:{number}: expected an object with a string "prompt" field')
-            prompts.append(record["prompt"])
-        else:
-            prompts.append(line.replace("\\n", "\n"))
-    if not prompts:
-        raise DataError(f"--prompts {path}: no prompts found (one per line, or JSONL with \"prompt\")")
-    return prompts

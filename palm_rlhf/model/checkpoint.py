@@ -34,11 +34,19 @@ TIED_KEYS = ("to_logits.weight",)
 # ---------------------------------------------------------------- atomic writes
 
 
+# mkstemp creates 0600 files; published files get what open() would give: 0666 minus the umask
+# (0644 under the usual 022), so a tokenizer or checkpoint can be read by whoever serves it
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -56,6 +64,7 @@ def atomic_save_tensors(tensors: dict, path: Path, metadata: dict | None = None)
     os.close(fd)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

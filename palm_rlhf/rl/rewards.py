@@ -7,10 +7,13 @@ generation's stop reasons, and returns float scores (b,). Build one with
 
 * a `RewardModel` (scored in eval mode, batched);
 * any callable ``fn(prompts, completions) -> scores`` (a verifier, a rule, a remote
-  judge); with `tokenizer=` it receives decoded strings instead of token ids. A callable
-  that declares a ``stop_reasons`` parameter also gets each completion's stop reason
-  ("eos", "length", ...) by keyword, one that declares ``finished`` gets booleans (True =
-  ended with EOS), so it can tell a finished answer from one cut at `max_new_tokens`;
+  judge); with `tokenizer=` it receives decoded strings instead of token ids. One of
+  another shape (TRL's ``f(completions)``) is a ConfigError showing the expected one;
+  `import_reward_function("module:function")` finds it as ``python script.py`` would,
+  in the working directory first (or in a file: ``path/to/rewards.py:function``).
+  A callable that declares a ``stop_reasons`` parameter also gets each completion's stop
+  reason ("eos", "max_new_tokens", ...) by keyword, one that declares ``finished`` gets
+  booleans (True = ended with EOS), so it can tell a finished answer from one cut short;
 * a list of ``(source, weight)`` pairs: their weighted sum;
 * an existing `RewardSource`.
 
@@ -21,7 +24,12 @@ RLHF with PPO", detail 10).
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import inspect
+import os
+import sys
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -66,6 +74,7 @@ class CallableReward(RewardSource):
     def __init__(self, fn: Callable, tokenizer=None):
         if not callable(fn):
             raise ConfigError(f"reward function {fn!r} is not callable")
+        _check_signature(fn, "strings" if tokenizer is not None else "token-id tensors")
         self.fn, self.tokenizer = fn, tokenizer
         self.extras = _declared(fn, ("stop_reasons", "finished"))
 
@@ -85,6 +94,56 @@ def _declared(fn: Callable, names: Sequence[str]) -> list[str]:
         return []
     kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
     return [n for n in names if n in params and params[n].kind in kinds]
+
+
+def _check_signature(fn: Callable, items: str) -> None:
+    """ConfigError unless `fn` can be called as fn(prompts, completions)."""
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # a builtin without introspectable parameters: trust it
+        return
+    try:
+        signature.bind([], [])
+    except TypeError:
+        name = getattr(fn, "__qualname__", None) or type(fn).__name__
+        raise ConfigError(f"reward function {name}{signature} cannot be called as fn(prompts, completions); "
+                          f"write it as def {name.rsplit('.', 1)[-1]}(prompts, completions) -> list[float], "
+                          f"taking two lists of {items} and returning one score per completion "
+                          f"(wrap a TRL-style f(completions) as lambda prompts, completions: f(completions))") from None
+
+
+def import_reward_function(spec: str) -> Callable:
+    """`module:function` (or `path/to/file.py:function`), found as `python script.py` would find it: the
+    working directory comes first on the import path."""
+    module, _, name = str(spec).rpartition(":")
+    if not module or not name:
+        raise ConfigError(f"reward_fn={spec!r} must look like 'module:function' (e.g. my_rewards:score for a "
+                          f"my_rewards.py in the working directory) or 'path/to/file.py:function'")
+    try:
+        if module.endswith(".py"):
+            path = Path(module).expanduser()
+            if not path.is_file():
+                raise ConfigError(f"reward_fn={spec!r}: no such file {path} (relative to {os.getcwd()})")
+            loader = importlib.util.spec_from_file_location(path.stem, path)
+            loaded = importlib.util.module_from_spec(loader)
+            loader.loader.exec_module(loaded)
+        else:
+            cwd = os.getcwd()
+            if cwd not in sys.path and "" not in sys.path:
+                sys.path.insert(0, cwd)
+            loaded = importlib.import_module(module)
+    except ImportError as e:
+        raise ConfigError(f"reward_fn={spec!r} cannot be imported: {e} (searched the working directory "
+                          f"{os.getcwd()} and the installed packages)") from None
+    except SyntaxError as e:
+        raise ConfigError(f"reward_fn={spec!r}: {e.filename}:{e.lineno}: {e.msg}") from None
+    fn = getattr(loaded, name, None)
+    if fn is None:
+        public = sorted(n for n, v in vars(loaded).items() if callable(v) and not n.startswith("_"))
+        raise ConfigError(f"reward_fn={spec!r}: {module} has no {name!r}; its functions: {', '.join(public) or 'none'}")
+    if not callable(fn):
+        raise ConfigError(f"reward_fn={spec!r}: {name} is a {type(fn).__name__}, not a function")
+    return fn
 
 
 class WeightedReward(RewardSource):
@@ -129,4 +188,4 @@ def as_reward_source(source, tokenizer=None) -> RewardSource:
 
 
 __all__ = ["RewardSource", "ModelReward", "CallableReward", "WeightedReward", "MissingEOSPenalty",
-           "as_reward_source"]
+           "as_reward_source", "import_reward_function"]

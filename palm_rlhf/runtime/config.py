@@ -13,11 +13,24 @@ Nested dataclass fields are addressed with dots (`optim.lr`). Values are parsed 
 stays a string and `lr=1e-3` (which YAML 1.1 reads as a string) becomes a float. An unknown
 key raises `ConfigError` listing the valid keys. Validation itself lives in each dataclass's
 `__post_init__`, which runs once when the object is built here.
+
+Renamed keys keep working: a config dataclass declares its old spellings as a class attribute
+`ALIASES: ClassVar[dict[str, str]] = {"steps": "max_steps"}`; YAML keys and overrides alike are
+translated, with one deprecation line per old spelling used. `config_help(cls)` lists every key
+with its type, default and one-line meaning: `field(metadata={"help": ...})` if given, else the
+trailing `# comment` of the field's line in the class body (a subclass that redeclares a field
+without a comment inherits its parent's).
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
+import io
+import logging
+import textwrap
+import tokenize
 import typing
 from pathlib import Path
 from typing import Any, Iterable
@@ -26,8 +39,10 @@ import yaml
 
 from ..errors import ConfigError
 
-__all__ = ["load_config", "config_to_dict", "config_from_dict", "config_keys", "list_run_presets",
+__all__ = ["load_config", "config_to_dict", "config_from_dict", "config_keys", "config_help", "list_run_presets",
            "resolve_config_path", "PRESET_DIR"]
+
+log = logging.getLogger(__name__)
 
 # the YAML presets, shipped as package data (pyproject [tool.setuptools.package-data])
 PRESET_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -124,12 +139,47 @@ def _coerce(key: str, value, tp):
     return value
 
 
-def config_from_dict(cls, values: dict, prefix: str = ""):
+def _aliases(cls) -> dict[str, str]:
+    return getattr(cls, "ALIASES", None) or {}
+
+
+def _canonical(cls, name: str, prefix: str, seen: set) -> str:
+    """`name`, or the field it is an old spelling of (logged once per load)."""
+    new = _aliases(cls).get(name)
+    if new is None:
+        return name
+    if prefix + name not in seen:
+        seen.add(prefix + name)
+        log.warning("config key %r is deprecated; write %s= instead", prefix + name, prefix + new)
+    return new
+
+
+def _normalize(cls, values: dict, prefix: str, seen: set) -> dict:
+    """`values` with every old spelling (ALIASES, nested groups included) renamed to its field."""
+    if not isinstance(values, dict):
+        return values
+    types = _field_types(cls)
+    out: dict = {}
+    for name, value in values.items():
+        new = _canonical(cls, name, prefix, seen) if isinstance(name, str) else name
+        if new in out:
+            old = name if new != name else next(k for k, v in _aliases(cls).items() if v == new and k in values)
+            raise ConfigError(f"{prefix}{old} and {prefix}{new} are both set; keep {prefix}{new} "
+                              f"({prefix}{old} is its old name)")
+        tp = types.get(new)
+        if tp is not None and _is_dataclass_type(tp) and isinstance(value, dict):
+            value = _normalize(tp, value, f"{prefix}{new}.", seen)
+        out[new] = value
+    return out
+
+
+def config_from_dict(cls, values: dict, prefix: str = "", _seen: set | None = None):
     """Build (and so validate) `cls` from a nested dict; unknown keys raise ConfigError."""
     if values is None:
         values = {}
     if not isinstance(values, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping of fields, got {values!r}")
+    values = _normalize(cls, values, prefix, set() if _seen is None else _seen)
     types = _field_types(cls)
     unknown = sorted(set(values) - set(types))
     if unknown:
@@ -158,11 +208,12 @@ def config_to_dict(config) -> dict:
     return plain(dataclasses.asdict(config))
 
 
-def _set_dotted(values: dict, cls, key: str, raw: str) -> None:
+def _set_dotted(values: dict, cls, key: str, raw: str, seen: set) -> None:
     parts = key.split(".")
     valid = config_keys(cls)
     node, node_cls = values, cls
     for i, part in enumerate(parts):
+        part = parts[i] = _canonical(node_cls, part, ".".join(parts[:i]) + "." if i else "", seen)
         types = _field_types(node_cls)
         if part not in types:
             raise ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(valid)}")
@@ -222,9 +273,63 @@ def load_config(cls, path: str | Path | None = None, overrides: Iterable[str] = 
             raise ConfigError(f"--config {path}: cannot read YAML ({e})") from None
         if not isinstance(values, dict):
             raise ConfigError(f"--config {path}: expected a mapping of config fields at the top level")
+    seen: set = set()
+    values = _normalize(cls, values, "", seen)
     for item in overrides or ():
         if "=" not in item:
             raise ConfigError(f"override {item!r}: write it as key=value (e.g. optim.lr=1e-3)")
         key, raw = item.split("=", 1)
-        _set_dotted(values, cls, key.strip(), raw)
-    return config_from_dict(cls, values)
+        _set_dotted(values, cls, key.strip(), raw, seen)
+    return config_from_dict(cls, values, _seen=seen)
+
+
+# ---------------------------------------------------------------- help text for `CMD --help`
+
+
+def _field_comments(cls) -> dict[str, str]:
+    """{field: trailing `# comment`} for the fields declared in `cls`'s own body."""
+    try:
+        source = textwrap.dedent(inspect.getsource(cls))
+        tree = ast.parse(source)
+        comments = {tok.start[0]: tok.string.lstrip("#").strip()
+                    for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
+    except (OSError, TypeError, SyntaxError, tokenize.TokenError):  # no source (e.g. built in a REPL)
+        return {}
+    body = next((n.body for n in tree.body if isinstance(n, ast.ClassDef)), [])
+    found = {}
+    for node in body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            lines = range(node.lineno, (node.end_lineno or node.lineno) + 1)
+            text = next((comments[i] for i in lines if i in comments), "")
+            if text and not text.startswith("noqa"):
+                found[node.target.id] = text
+    return found
+
+
+def _type_name(annotation, resolved) -> str:
+    if isinstance(annotation, str):  # postponed annotations read as written: "str | None"
+        return annotation
+    return getattr(resolved, "__name__", None) or str(resolved).replace("typing.", "")
+
+
+def config_help(cls, prefix: str = "") -> list[tuple[str, str, object, str]]:
+    """(dotted key, type, default, one-line meaning) for every key `cls` accepts, nested groups flattened."""
+    comments: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):  # a subclass's comment wins; a redeclared field keeps its parent's
+        if dataclasses.is_dataclass(klass):
+            comments.update(_field_comments(klass))
+    types = _field_types(cls)
+    rows = []
+    for f in dataclasses.fields(cls):
+        tp = types[f.name]
+        if _is_dataclass_type(tp):
+            rows.extend(config_help(tp, f"{prefix}{f.name}."))
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = "(required)"
+        rows.append((prefix + f.name, _type_name(f.type, tp), default, f.metadata.get("help") or comments.get(f.name, "")))
+    return rows

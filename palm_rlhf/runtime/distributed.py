@@ -1,11 +1,21 @@
-"""Process-group setup from torchrun's environment: gloo on CPU, nccl on CUDA.
+"""Process-group setup from torchrun's environment (gloo on CPU, nccl on CUDA) and the collectives
+every trainer uses.
 
     env = init_distributed()        # WORLD_SIZE/RANK/LOCAL_RANK from torchrun, or 1 process
+    sums = all_reduce_sum({"reward": r, "rows": n})        # numbers, a list, or a tensor
     ...
     cleanup()
 
-Without torchrun everything degrades to a single process: `all_reduce_mean` returns its input
-and `barrier` does nothing, so trainers call these unconditionally.
+Collectives run on tensors of a device the process group serves: NCCL takes only CUDA tensors
+(a CPU tensor raises `No backend type associated with device type cpu`), so a value built on the
+CPU is copied to this process's CUDA device for the reduction and the result comes back where the
+caller had it. Trainers call these helpers, never `torch.distributed` collectives directly
+(tests/runtime/test_nccl_rule.py enforces it). Gradients are not reduced here: `TrainStep`
+puts the trained parameters under DDP (`data_parallel`), whose bucketed all-reduce overlaps the
+backward pass.
+
+Without a process group everything degrades to a single process: the reductions return their
+input and `barrier` does nothing, so trainers call these unconditionally.
 """
 
 from __future__ import annotations
@@ -14,13 +24,19 @@ import os
 from dataclasses import dataclass
 from datetime import timedelta
 
+from typing import Sequence, TypeVar
+
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from ..errors import ConfigError
 
-__all__ = ["DistEnv", "init_distributed", "resolve_device", "is_distributed", "all_reduce_mean",
-           "all_reduce_sum", "barrier", "broadcast_object", "cleanup"]
+__all__ = ["DistEnv", "init_distributed", "resolve_device", "is_distributed", "has_group", "group_devices",
+           "collective_device", "all_reduce_mean", "all_reduce_sum", "barrier", "broadcast_object", "cleanup",
+           "LossForward", "data_parallel"]
+
+Values = TypeVar("Values", torch.Tensor, dict, list)
 
 
 @dataclass(frozen=True)
@@ -77,28 +93,74 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistEnv
     return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
 
 
+def has_group() -> bool:
+    """A process group exists (torchrun, any number of processes, 1 included)."""
+    return dist.is_available() and dist.is_initialized()
+
+
 def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return has_group() and dist.get_world_size() > 1
 
 
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum over processes (in place on a copy); identity in a single process."""
-    if not is_distributed():
-        return t
-    t = t.clone()
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
+def group_devices() -> tuple[str, ...]:
+    """Device types the default process group takes tensors on: ('cuda',) for NCCL, ('cpu', 'cuda')
+    for gloo or a group created for both backends (`cpu:gloo,cuda:nccl`)."""
+    pg = dist.group.WORLD
+    types = getattr(pg, "_device_types", None)  # the backends registered per device type
+    if types:
+        return tuple(sorted(torch.device(t).type for t in types))
+    backend = str(dist.get_backend())  # older torch: "nccl", "gloo" or "cpu:gloo,cuda:nccl"
+    if ":" in backend:
+        return tuple(sorted(part.split(":")[0] for part in backend.split(",")))
+    return ("cuda",) if backend == "nccl" else ("cpu", "cuda")
 
 
-def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
-    """Mean over processes; identity in a single process."""
-    if not is_distributed():
-        return t
-    return all_reduce_sum(t) / dist.get_world_size()
+def collective_device(preferred: torch.device | str | None = None) -> torch.device:
+    """Where a collective's tensor goes: `preferred` when the group serves its type, else this
+    process's CUDA device under NCCL, else the CPU."""
+    served = group_devices()
+    if preferred is not None and torch.device(preferred).type in served:
+        return torch.device(preferred)
+    if "cpu" in served:
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def _reduce(values: Values, device, op) -> Values:
+    """All-reduce `values` (a tensor, a list of numbers or a dict name -> number) with `op`. A tensor
+    comes back on its own device with its dtype; numbers come back as floats."""
+    if isinstance(values, torch.Tensor):
+        t = values.detach()
+        staged = t.to(collective_device(t.device if device is None else device), copy=True)
+        if has_group():
+            dist.all_reduce(staged, op=op)
+        return staged.to(t.device)
+    keys = list(values) if isinstance(values, dict) else None
+    numbers = [float(values[k]) for k in keys] if keys is not None else [float(v) for v in values]
+    out = _reduce(torch.tensor(numbers, dtype=torch.float64), device, op).tolist()
+    return dict(zip(keys, out)) if keys is not None else out
+
+
+def all_reduce_sum(values: Values, device: torch.device | str | None = None) -> Values:
+    """Sum over processes (the input is not modified); identity without a process group.
+    `device`: where to reduce when the group serves it (default: the tensor's own device, and
+    the CPU for numbers under gloo, this process's CUDA device under NCCL)."""
+    return _reduce(values, device, dist.ReduceOp.SUM) if has_group() else values
+
+
+def all_reduce_mean(values: Values, device: torch.device | str | None = None) -> Values:
+    """Mean over processes; identity without a process group."""
+    if not has_group():
+        return values
+    world = dist.get_world_size()
+    total = all_reduce_sum(values, device)
+    if isinstance(total, torch.Tensor):
+        return total / world
+    return {k: v / world for k, v in total.items()} if isinstance(total, dict) else [v / world for v in total]
 
 
 def barrier() -> None:
-    if is_distributed():
+    if has_group():
         dist.barrier()
 
 
@@ -114,3 +176,32 @@ def broadcast_object(obj, src: int = 0):
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+class LossForward(nn.Module):
+    """The trained parameters as one module whose forward runs a loss function.
+
+    DDP reduces the gradients of the parameters of the module it wraps, and arms its hooks in that
+    module's forward. An RL or DPO loss calls several methods of the model (scoped log-probs, the
+    critic's values) rather than one `forward`, and trains a few LoRA scopes of a larger frozen
+    model; so DDP wraps exactly the optimizer's parameters here, and the loss function runs
+    inside its forward: `ddp(loss_fn, batch)`.
+    """
+
+    def __init__(self, params: Sequence[nn.Parameter]):
+        super().__init__()
+        self.trained = nn.ParameterList(params)  # the same Parameter objects, not copies
+
+    def forward(self, loss_fn, *args, **kwargs):
+        return loss_fn(*args, **kwargs)
+
+
+def data_parallel(params: Sequence[nn.Parameter]) -> nn.Module:
+    """DDP over `params` (bucketed all-reduce, overlapped with the backward pass): call the result
+    as `wrapped(loss_fn, batch)` and backpropagate its loss. Every process must call this, with
+    its parameters in the same order; rank 0's values are broadcast to the others."""
+    module = LossForward(params)
+    if not has_group():
+        return module
+    # device_ids=None: inputs are not moved (the batch is already on the model's device); no buffers
+    return nn.parallel.DistributedDataParallel(module, device_ids=None, broadcast_buffers=False)

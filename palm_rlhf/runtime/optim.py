@@ -29,10 +29,10 @@ class OptimConfig:
     name: str = "adamw"            # adamw | lion
     lr: float = 3e-4               # peak learning rate (Lion wants ~3-10x smaller than AdamW)
     weight_decay: float = 0.1      # applied to matrices only
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    warmup_steps: int = 100
+    beta1: float = 0.9             # first-moment decay (AdamW) / interpolation (Lion)
+    beta2: float = 0.95            # second-moment decay (AdamW) / momentum decay (Lion)
+    eps: float = 1e-8              # AdamW's denominator floor
+    warmup_steps: int = 100        # linear warmup from 0 to lr, then cosine decay
     min_lr_ratio: float = 0.1      # the cosine ends at lr * min_lr_ratio
     clip_grad_norm: float = 1.0    # 0 disables clipping
 

@@ -16,6 +16,13 @@ which is exactly the gradient of L. So micro-batch x accumulation equals one big
 processes equal one process with the same global batch, also when micro-batches hold different
 numbers of response tokens. With the default weight 1 this is the familiar mean of micro-batch
 means (the seed divided by the accumulation count twice; this divides once).
+
+Under torchrun the gradients are averaged by DDP or FSDP2, never tensor by tensor here: pass a
+DDP/FSDP-wrapped model (pretraining does) or a bare one, whose trained parameters (the
+optimizer's) TrainStep puts under DDP itself (`distributed.data_parallel`): `loss_fn` then runs
+inside DDP's forward, and DDP's bucketed all-reduce overlaps the backward pass. Every process
+must build its TrainStep (a collective), and every trained parameter must get a gradient from
+each loss (DDP's default; an unused one is an error naming it at the next step).
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, TrainingError
-from .distributed import all_reduce_sum, is_distributed
+from .distributed import all_reduce_sum, data_parallel, has_group, is_distributed
 
 __all__ = ["TrainStep", "StepResult", "PRECISIONS", "autocast_context"]
 
@@ -88,6 +95,8 @@ class TrainStep:
         self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
         # the trained parameters are exactly the optimizer's
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
+        # a bare model under torchrun: DDP over the trained parameters, the loss run in its forward
+        self.ddp = data_parallel(self.params) if has_group() and not _wrapper_syncs_grads(model) else None
 
     def autocast(self):
         """The forward-pass precision context (use it for evaluation too)."""
@@ -96,7 +105,7 @@ class TrainStep:
     @contextlib.contextmanager
     def _no_grad_sync(self, sync: bool):
         """Skip the cross-process gradient reduction on all but the last micro-batch."""
-        m = self.model
+        m = self.ddp if self.ddp is not None else self.model
         if sync:
             yield
         elif isinstance(m, nn.parallel.DistributedDataParallel):
@@ -120,7 +129,7 @@ class TrainStep:
         for i, batch in enumerate(micro_batches):
             with self._no_grad_sync(sync=i == n - 1):
                 with self.autocast():
-                    out = loss_fn(batch)
+                    out = self.ddp(loss_fn, batch) if self.ddp is not None else loss_fn(batch)
                 loss, weight = out if isinstance(out, tuple) else (out, 1.0)
                 weight = torch.as_tensor(weight, dtype=torch.float32, device=self.device).detach()
                 weighted = loss.float() * weight
@@ -158,16 +167,9 @@ class TrainStep:
         return StepResult(loss=mean_loss, grad_norm=grad_norm, lr=lr, weight=total_weight, skipped=skipped)
 
     def _finish_grads(self, total_weight: float) -> None:
-        """Turn the accumulated sum of w_i * grad_i into the gradient of the global weighted mean."""
-        if is_distributed() and not _wrapper_syncs_grads(self.model):
-            # a bare module under torchrun: sum the gradients here
-            for p in self.params:
-                if p.grad is not None:
-                    torch.distributed.all_reduce(p.grad)
-            averaged_over = 1
-        else:
-            averaged_over = torch.distributed.get_world_size() if is_distributed() else 1
-        factor = averaged_over / total_weight
+        """Turn the accumulated sum of w_i * grad_i (averaged over the R processes by DDP/FSDP)
+        into the gradient of the global weighted mean: multiply by R / W."""
+        factor = (torch.distributed.get_world_size() if is_distributed() else 1) / total_weight
         if factor != 1.0:  # e.g. one process, one micro-batch of weight 1: already the mean's gradient
             for p in self.params:
                 if p.grad is not None:

@@ -1,44 +1,42 @@
-"""Supervised finetuning: `palm-rlhf finetune --base CKPT --data sft.jsonl [--config ...] [KEY=VALUE ...]`.
+"""Supervised finetuning: `palm-rlhf finetune --config PRESET model=RUN data=sft.jsonl [KEY=VALUE ...]`.
 
 Loss: cross entropy on response tokens (+ the appended EOS) only, averaged over all response
 tokens of the optimizer step (micro-batches are weighted by their token counts, so accumulation
 and processes do not change the objective). Full finetuning, or a LoRA scope (`lora.scope=sft`)
 on a frozen base.
 
-OUT/final is a plain PaLM directory (LoRA merged into the weights) with the tokenizer; with
-LoRA, OUT/final/adapter.safetensors also holds the scope alone (`load_adapter(base, path)`).
+OUT/final is a plain PaLM directory (LoRA merged into the weights) with the tokenizer saved with
+`model`; with LoRA, OUT/final/adapter.safetensors also holds the scope alone (`load_adapter(base, path)`).
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import ClassVar
 
 import torch
 
 from ..data.sft import encode_sft, read_sft, sft_batch, split_records
-from ..data.tokenizer import load_tokenizer_or_bytes
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError
 from ..model import PaLM
-from ..model.checkpoint import save_adapter
 from ..model.lora import DEFAULT_LORA_ALPHA
 from ..ops import token_cross_entropy
-from ..runtime import distributed as rdist
+from ..runtime import distributed as rdist, fsdp
+from ..runtime.run import ADAPTER_NAME, MergedAdapter
 from .base import LMTrainer, RunConfig
+from .rl_setup import load_start
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FinetuneConfig", "LoraConfig", "FinetuneTrainer", "ADAPTER_NAME"]
+__all__ = ["FinetuneConfig", "LoraConfig", "FinetuneTrainer", "ADAPTER_NAME"]  # ADAPTER_NAME: re-exported
 
-ADAPTER_NAME = "adapter.safetensors"
 
 
 @dataclass
 class LoraConfig:
     scope: str = ""     # "" = full finetune; a name (e.g. "sft") = train only that LoRA scope
-    r: int = 8
+    r: int = 8                       # LoRA rank
     alpha: float = DEFAULT_LORA_ALPHA  # LoRA output scale alpha / r: a learning rate transfers across ranks
 
     def __post_init__(self):
@@ -48,11 +46,14 @@ class LoraConfig:
 
 @dataclass
 class FinetuneConfig(RunConfig):
+    ALIASES: ClassVar[dict[str, str]] = {"base": "model"}
+
     out_dir: str = "runs/sft"
-    base: str = ""              # a save_pretrained directory, e.g. runs/pretrain/final
+    model: str = ""             # the starting point: a run directory (its final/), a final/ or checkpoint directory
+    tokenizer: str | None = None  # None: the tokenizer saved with `model`
     data: str = ""              # JSONL of {"prompt", "response"}
     val_data: str = ""          # held-out JSONL; empty: hold out val_fraction of `data`
-    val_fraction: float = 0.05
+    val_fraction: float = 0.05       # share of `data` held out when val_data is empty
     seq_len: int = 256          # prompt + response + EOS longer than seq_len + 1 are truncated
     lora: LoraConfig = field(default_factory=LoraConfig)
 
@@ -74,18 +75,16 @@ class FinetuneTrainer(LMTrainer):
 
     def build_data(self) -> None:
         c = self.config
-        if not c.base:
-            raise ConfigError("base is not set; pass --base CHECKPOINT (e.g. runs/pretrain/final)")
-        if not Path(c.base).is_dir():
-            raise ConfigError(f"base={c.base!r}: no such directory; pass a PaLM.save_pretrained directory")
+        if not c.model:
+            raise ConfigError("model is not set; pass model=RUN_DIR (e.g. runs/pretrain) or a final/ directory")
         if not c.data:
-            raise ConfigError("data is not set; pass --data FILE.jsonl of {\"prompt\", \"response\"} lines")
+            raise ConfigError("data is not set; pass data=FILE.jsonl of {\"prompt\", \"response\"} lines")
+        self.start_model, self.tokenizer = load_start(c.model, c.tokenizer)
         records = read_sft(c.data)
         if c.val_data:
             train, val = records, read_sft(c.val_data)
         else:
             train, val = split_records(records, c.val_fraction, c.seed)
-        self.tokenizer = load_tokenizer_or_bytes(c.base)
         self.train_examples = encode_sft(train, self.tokenizer, c.seq_len)
         self.val_examples = encode_sft(val, self.tokenizer, c.seq_len) if val else []
         self.val_prompts = [r.prompt for r in val[:1]] or [train[0].prompt]
@@ -93,14 +92,11 @@ class FinetuneTrainer(LMTrainer):
 
     def build_model(self) -> PaLM:
         c = self.config
-        model = PaLM.from_pretrained(c.base)
-        if model.num_tokens < self.tokenizer.vocab_size:
-            raise DataError(f"{c.base}: the model has {model.num_tokens} tokens but its tokenizer "
-                            f"{self.tokenizer.vocab_size}; save the matching tokenizer with the model")
+        model, self.start_model = self.start_model, None
         self.scope = c.lora.scope or None
         if self.scope:
             if self.scope in model.finetune_modules:
-                raise ConfigError(f"lora.scope={self.scope!r} already exists in {c.base}; choose another name")
+                raise ConfigError(f"lora.scope={self.scope!r} already exists in {c.model}; choose another name")
             model.add_finetune_params(self.scope, c.lora.r, c.lora.alpha)
             for p in model.parameters():
                 p.requires_grad_(False)
@@ -163,11 +159,10 @@ class FinetuneTrainer(LMTrainer):
         return self.val_prompts[0] + " => " + self.tokenizer.decode([t for t in out.sequences()[0]
                                                                      if t != self.tokenizer.eos_id])
 
-    def save_final(self, directory: Path) -> None:
-        if not self.scope:
-            return super().save_final(directory)
-        merged = copy.deepcopy(self.model).cpu()
-        merged.merge_finetune_params(self.scope)
-        merged.save_pretrained(directory)
-        self.tokenizer.save(directory)
-        save_adapter(self.model, self.scope, Path(directory) / ADAPTER_NAME)
+    def saveable(self, final: bool = False):
+        if final and self.scope and not fsdp.is_sharded(self.wrapped):
+            return MergedAdapter(self.model, self.scope)
+        return super().saveable(final)
+
+    def final_record(self) -> dict:
+        return {"scope": self.scope} if self.scope else {}

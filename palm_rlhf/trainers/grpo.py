@@ -11,24 +11,24 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import ConfigError
 from ..model.checkpoint import load_adapter
 from ..rl.losses import aggregation_count
 from ..rl.grpo import GRPOHyperparams, grpo_loss, grpo_prepare
+from ..runtime.distributed import all_reduce_sum
 from .rl_base import RLRunConfig, RLTrainerBase
 
 
 @dataclass
 class GRPOConfig(RLRunConfig):
     out_dir: str = "runs/grpo"
-    group_size: int = 8
-    clip_eps: float = 0.2
-    clip_eps_high: float | None = None
-    kl_coef: float = 0.04
-    scale_by_std: bool = True
+    group_size: int = 8              # samples per prompt (one group)
+    clip_eps: float = 0.2            # ratio clip (low side, and high unless clip_eps_high)
+    clip_eps_high: float | None = None  # upper ratio clip, e.g. 0.28 (DAPO); null: clip_eps
+    kl_coef: float = 0.04            # weight of the k3 KL to the reference in the loss
+    scale_by_std: bool = True        # divide advantages by the group's std (false: Dr. GRPO)
     aggregation: str = "seq_mean"        # seq_mean (GRPO) | token_mean (DAPO) | seq_sum_norm (Dr. GRPO)
-    ent_coef: float = 0.0
-    actor_scope: str = "actor"
+    ent_coef: float = 0.0            # entropy bonus weight
+    actor_scope: str = "actor"       # name of the trained LoRA scope
 
     def __post_init__(self):
         super().__post_init__()
@@ -46,9 +46,6 @@ class GRPOTrainer(RLTrainerBase):
     def _build(self) -> None:
         c = self.config
         self.hp = c.hyperparams()
-        if self.dist.world > 1 and (c.prompts_per_step * c.group_size) % self.dist.world:
-            raise ConfigError(f"prompts_per_step * group_size = {c.prompts_per_step * c.group_size} must divide "
-                              f"evenly over {self.dist.world} ranks")
         self.actor_scope = c.actor_scope
         if self.actor_scope not in self.model.finetune_modules:
             self.model.add_finetune_params(self.actor_scope, lora_r=c.lora_r, lora_alpha=c.lora_alpha)
@@ -58,7 +55,8 @@ class GRPOTrainer(RLTrainerBase):
             p.requires_grad_(False)
 
     def _expand_prompts(self, rows):
-        # group by group: rows i*G .. i*G+G-1 share prompt i (a rank holds whole groups when G | rows/rank)
+        # group by group: rows i*G .. i*G+G-1 share prompt i (a rank holds whole groups: the run checked
+        # prompts_per_step % world == 0)
         return [p for p in rows for _ in range(self.config.group_size)]
 
     def _parameters(self):
@@ -67,7 +65,7 @@ class GRPOTrainer(RLTrainerBase):
     def _prepare(self, rollout) -> dict:
         stats = grpo_prepare(rollout, self.hp)  # each rank holds whole groups: advantages are local
         # the logged counts are the global batch's
-        zero, groups = self.dist.reduce_sum(torch.tensor(
+        zero, groups = all_reduce_sum(torch.tensor(
             [stats["zero_variance_groups"], float(len(rollout) // self.hp.group_size)], dtype=torch.float64,
             device=rollout.scores.device)).tolist()
         return {"zero_variance_groups": zero, "zero_variance_frac": zero / max(groups, 1.0)}

@@ -1,7 +1,7 @@
 """PPO trainer: `palm-rlhf ppo --config configs/rl/ppo.yaml [key=value ...]`.
 
     trainer = PPOTrainer(PPOConfig(model="runs/sft", prompts="prompts.txt", reward_model="runs/rm"))
-    trainer.setup().train()
+    trainer.setup().train()     # OUT/final: the base with the actor merged, adapter.safetensors, tokenizer
 
 The loop lives in `rl_base`; this file adds the critic, the KL controller, and the
 PPO prepare/loss from `palm_rlhf.rl.ppo`.
@@ -18,24 +18,25 @@ from ..model.checkpoint import load_adapter
 from ..rl.actor_critic import ActorCritic
 from ..rl.kl import make_kl_controller
 from ..rl.ppo import PPOHyperparams, ppo_loss, ppo_prepare
+from ..runtime.distributed import all_reduce_sum
 from .rl_base import RLRunConfig, RLTrainerBase
 
 
 @dataclass
 class PPOConfig(RLRunConfig):
     out_dir: str = "runs/ppo"
-    critic_lr: float = 1e-4
+    critic_lr: float = 1e-4          # critic (value scope + head) learning rate
     kl_coef: float = 0.05                # initial (or fixed) coefficient of the k1 penalty in the reward
     kl_target: float | None = None       # set to use the adaptive controller (target KL per sequence)
-    kl_horizon: int = 10000
-    gamma: float = 1.0
-    lam: float = 0.95
-    clip_eps: float = 0.2
-    value_clip: float | None = 0.2
-    vf_coef: float = 0.5
-    ent_coef: float = 0.0
-    whiten_rewards: bool = False
-    whiten_advantages: bool = True
+    kl_horizon: int = 10000          # steps over which the adaptive controller moves
+    gamma: float = 1.0               # discount
+    lam: float = 0.95                # GAE lambda
+    clip_eps: float = 0.2            # PPO ratio clip
+    value_clip: float | None = 0.2   # value-loss clip; null: off
+    vf_coef: float = 0.5             # weight of the value loss
+    ent_coef: float = 0.0            # entropy bonus weight
+    whiten_rewards: bool = False     # whiten rewards over the batch
+    whiten_advantages: bool = True   # whiten advantages over the batch
 
     def __post_init__(self):
         super().__post_init__()
@@ -83,16 +84,17 @@ class PPOTrainer(RLTrainerBase):
         return self.actor_critic
 
     def _prepare(self, rollout) -> dict:
-        stats = ppo_prepare(rollout, self.hp, self.kl_ctl.value, self.dist.reduce_sum)
+        stats = ppo_prepare(rollout, self.hp, self.kl_ctl.value, all_reduce_sum)
         stats["kl_coef"] = self.kl_ctl.value
         return stats
 
     def _learn(self, rollout, step):
         stats = super()._learn(rollout, step)
-        # the controller sees the global batch's mean sequence KL (lm-human-preferences), the same on every rank
+        # the controller sees the global batch's mean sequence KL (lm-human-preferences), the same on every
+        # rank, and the number of rows actually collected over all ranks
         kl = (rollout.old_log_probs - rollout.ref_log_probs).masked_fill(~rollout.mask, 0).sum(-1)
-        total = self.dist.reduce_sum(torch.stack([kl.sum(), torch.tensor(float(len(kl)), device=kl.device)]).double())
-        self.kl_ctl.update(float(total[0] / total[1]), self.config.prompts_per_step)
+        total = all_reduce_sum(torch.stack([kl.sum(), torch.tensor(float(len(kl)), device=kl.device)]).double())
+        self.kl_ctl.update(float(total[0] / total[1]), int(total[1]))
         return stats
 
     def _loss(self, mb):

@@ -50,7 +50,7 @@ class PretrainConfig(RunConfig):
     out_dir: str = "runs/pretrain"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    seq_len: int = 256
+    seq_len: int = 256               # tokens per training window
     init_from: str = ""            # start from a save_pretrained directory instead of random weights
 
     def __post_init__(self):

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from ..data.preferences import read_preferences, write_preferences
+from ..data.preferences import write_preferences
 from ..data.synthetic import rule_annotator, rule_score
 from ..errors import ConfigError, TrainingError
 from ..generation import SamplingConfig, generate
@@ -33,7 +33,7 @@ from ..model import PaLM
 from ..model.checkpoint import atomic_write_bytes
 from ..model.reward import RewardModel
 from ..rl.collect import collect_rollout, strip_eos
-from ..runtime.metrics import read_metrics
+from ..runtime.run import ADAPTER_NAME, FINAL_NAME
 from .base import ModelConfig
 from .grpo import GRPOConfig, GRPOTrainer
 from .ppo import PPOConfig, PPOTrainer
@@ -102,6 +102,10 @@ class Quickstart:
     def _pretrained(self) -> Path:
         return self.out / "pretrain" / "final"
 
+    def _adapter(self) -> Path:
+        """The RL step's trained actor scope alone (written by the run into final/)."""
+        return self.out / "rl" / FINAL_NAME / ADAPTER_NAME
+
     def _load_policy(self) -> tuple[PaLM, object]:
         from ..data.tokenizer import load_tokenizer
 
@@ -138,11 +142,9 @@ class Quickstart:
         config.optim.warmup_steps = max(1, steps // 20)
         trainer = PretrainTrainer(config).setup()
         try:
-            summary = trainer.train()
+            summary = trainer.train()  # Ctrl-C: checkpoint saved, RunInterrupted (a KeyboardInterrupt) propagates
         finally:
             trainer.cleanup()
-        if summary.get("interrupted"):
-            raise KeyboardInterrupt
         return {"steps": steps, "val_loss": summary.get("val/loss"), "val_bpb": summary.get("val/bpb"),
                 "parameters": trainer.model.num_parameters()}
 
@@ -176,7 +178,7 @@ class Quickstart:
         c = self.config
         steps = c.scaled(200, minimum=10)
         prefs = self.out / "preferences"
-        config = RewardTrainConfig(base=str(self._pretrained()), data=str(prefs / "train.jsonl"),
+        config = RewardTrainConfig(model=str(self._pretrained()), data=str(prefs / "train.jsonl"),
                                    val_data=str(prefs / "val.jsonl"), out_dir=str(step_dir), max_steps=steps,
                                    batch_size=16, lr=3e-3, eval_every=max(1, steps // 5), save_every=max(1, steps // 5),
                                    keep_last=1, seed=c.seed, progress=c.progress)
@@ -193,7 +195,7 @@ class Quickstart:
         model, tokenizer = self._load_policy()
         reward = RewardModel.from_pretrained(self.out / "reward" / "final", dropout=0.0).eval()
         prompts = self._prompts(tokenizer, 512, seed=c.seed + 3)
-        common = dict(out_dir=str(step_dir), steps=c.scaled(40, minimum=2), max_new_tokens=c.response_tokens,
+        common = dict(out_dir=str(step_dir), max_steps=c.scaled(40, minimum=2), max_new_tokens=c.response_tokens,
                       temperature=1.0, eos_token=None, lr=1e-3, seed=c.seed, save_every=5, keep_last=1,
                       sample_every=10, progress=c.progress)
         # The reward model's scores spread over about +-10 on this task, so the KL coefficients are
@@ -209,16 +211,13 @@ class Quickstart:
         return cls(config, model=model, reward=reward, prompts=prompt_ids, tokenizer=tokenizer).setup(), tokenizer
 
     def step_rl(self, step_dir: Path) -> dict:
-        from ..model.checkpoint import save_adapter
-
         trainer, _ = self._rl_trainer(step_dir)
         try:
             history = trainer.train()
-            save_adapter(trainer.model, trainer.actor_scope, step_dir / "actor.safetensors")
         finally:
             trainer.cleanup()
         last = history[-1] if history else {}
-        return {"steps": trainer.step_done, "adapter": str(step_dir / "actor.safetensors"),
+        return {"steps": trainer.step_done, "adapter": str(self._adapter()),
                 "last_reward_mean": last.get("reward_mean"), "last_kl_ref": last.get("kl_ref")}
 
     @torch.no_grad()
@@ -234,7 +233,7 @@ class Quickstart:
         rows = {}
         for label in ("before", "after"):
             if label == "after":
-                load_adapter(model, self.out / "rl" / "actor.safetensors", scope=scope)
+                load_adapter(model, self._adapter(), scope=scope)
             gen = torch.Generator().manual_seed(c.seed + 5)
             r = collect_rollout(model, prompts, sampling, trainer.reward, trainer.reference, actor_scope=scope,
                                 generator=gen)

@@ -1,10 +1,9 @@
-"""Reward-model training: `palm-rlhf reward train --base CHECKPOINT --data FILE.jsonl`.
+"""Reward-model training: `palm-rlhf reward train --config PRESET model=RUN data=FILE.jsonl`.
 
 Pairwise records train with the Bradley-Terry loss, rating records with binned cross-entropy
 or MSE. The loop is thin: batches come from `reward_data` (a pure function of the step, so
-resume is exact), and the distributed environment, THE optimizer step (accumulation, AMP,
-clipping, non-finite checks), the optimizer and schedule, checkpoints, RNG states and metrics
-all come from `palm_rlhf.runtime`.
+resume is exact); the run itself (out_dir, signals, checkpoints, resume, metrics, final/) is
+`palm_rlhf.runtime.run`, THE optimizer step and the optimizer and schedule `palm_rlhf.runtime`.
 """
 
 from __future__ import annotations
@@ -12,23 +11,18 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
-import torch
 
 from ..data.preferences import read_preferences
-from ..data.tokenizer import load_tokenizer_or_bytes
 from ..errors import CheckpointError, ConfigError, DataError
-from ..model import PaLM
 from ..model.reward import POOLINGS, RewardModel
 from ..model.lora import DEFAULT_LORA_ALPHA
-from ..runtime.checkpoint import CheckpointManager
-from ..runtime.config import config_to_dict
-from ..runtime.distributed import DistEnv, barrier, cleanup, init_distributed
-from ..runtime.metrics import MetricsLogger
 from ..runtime.optim import OPTIMIZERS, OptimConfig, build_optimizer, build_scheduler
-from ..runtime.seed import rng_state, seed_everything, set_rng_state
-from ..runtime.step import PRECISIONS, StepResult, TrainStep
+from ..runtime.run import OnRun, Run, RunSettings
+from ..runtime.step import PRECISIONS, StepResult
 from .reward_data import batch_indices, encode_records, evaluate, make_batch, record_kind, reward_loss, split_validation
+from .rl_setup import check_tokenizer, load_start
 
 log = logging.getLogger(__name__)
 
@@ -38,46 +32,45 @@ _DATA_FIELDS = ("data", "val_data", "val_fraction", "batch_size", "grad_accum", 
 
 
 @dataclass
-class RewardTrainConfig:
-    base: str = ""                 # a PaLM.save_pretrained directory
-    data: str = ""                 # preference JSONL (palm_rlhf.data.preferences)
+class RewardTrainConfig(RunSettings):
+    ALIASES: ClassVar[dict[str, str]] = {"base": "model"}
+
     out_dir: str = "runs/reward"
+    max_steps: int = 300
+    save_every: int = 100
+    log_every: int = 10
+    model: str = ""                # the starting PaLM: a run directory (its final/), a final/ or checkpoint directory
+    tokenizer: str | None = None   # None: the tokenizer saved with `model`
+    data: str = ""                 # preference JSONL (palm_rlhf.data.preferences)
     val_data: str = ""             # held-out JSONL; empty: hold out val_fraction of `data`
-    val_fraction: float = 0.1
+    val_fraction: float = 0.1        # share of `data` held out when val_data is empty
     objective: str = "auto"        # auto: pairwise for pairwise records, binned for ratings
     num_bins: int = 5              # binned head: ratings are whole numbers in [0, num_bins - 1]
-    pooling: str = "response_mean"
-    use_lora: bool = True
-    lora_r: int = 8
+    pooling: str = "response_mean"   # how response positions become one score (palm_rlhf.model.reward.POOLINGS)
+    use_lora: bool = True            # train a LoRA scope + head (false: every weight)
+    lora_r: int = 8                  # LoRA rank
     lora_alpha: float = DEFAULT_LORA_ALPHA  # LoRA output scale alpha / r: a learning rate transfers across ranks
-    dropout: float = 0.0
+    dropout: float = 0.0             # dropout in the reward model
     use_margin: bool = True        # subtract each record's margin inside the Bradley-Terry loss
-    max_len: int = 256
+    max_len: int = 256               # prompt + response tokens per record (prompt cut from the left)
     batch_size: int = 16           # pairs (or ratings) per micro-batch per process
-    grad_accum: int = 1
-    max_steps: int = 300
+    grad_accum: int = 1              # micro-batches per optimizer step
     optimizer: str = "adamw"       # adamw | lion (palm_rlhf.runtime.optim)
     lr: float = 1e-3               # peak learning rate
     weight_decay: float = 0.0      # decoupled, on matrices only (not on norm gains or biases)
     warmup_steps: int = 10         # linear warmup, then cosine decay to lr * min_lr_ratio at max_steps
-    min_lr_ratio: float = 0.1
+    min_lr_ratio: float = 0.1        # the cosine ends at lr * min_lr_ratio
     clip_grad_norm: float = 1.0    # 0 disables clipping
-    eval_every: int = 50
-    save_every: int = 100
-    keep_last: int = 2
-    log_every: int = 10
-    seed: int = 0
-    device: str = "auto"
+    eval_every: int = 50             # validate every N steps (and at the end)
     precision: str = "fp32"        # fp32 | bf16 (autocast, CPU or CUDA) | fp16 (CUDA, with a grad scaler)
-    progress: bool = True
 
     def __post_init__(self):
+        super().__post_init__()
         if self.objective not in OBJECTIVES:
             raise ConfigError(f"objective={self.objective!r}: use one of {', '.join(OBJECTIVES)}")
         if self.pooling not in POOLINGS:
             raise ConfigError(f"pooling={self.pooling!r}: use one of {', '.join(POOLINGS)}")
-        for name in ("batch_size", "grad_accum", "max_steps", "max_len", "lora_r", "eval_every", "save_every",
-                     "keep_last", "log_every"):
+        for name in ("batch_size", "grad_accum", "max_len", "lora_r", "eval_every"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{name}={value!r}: must be a positive integer")
@@ -104,30 +97,27 @@ class RewardTrainConfig:
                                  clip_grad_norm=self.clip_grad_norm)
 
 
-class RewardTrainer:
+class RewardTrainer(OnRun):
     """setup() -> train() -> cleanup(). One process, or one per device under torchrun."""
+
+    name = "reward"
+    postfix = ("train/loss",)
 
     def __init__(self, config: RewardTrainConfig, tokenizer=None):
         self.config = config
         self.tokenizer = tokenizer
-        self.step = 0
-        self.env = DistEnv()
-        self.metrics = None
-
-    @property
-    def is_main(self) -> bool:
-        return self.env.is_main
+        self.run = Run(config, self.name)
+        self.metrics_: dict = {}
 
     # ------------------------------------------------------------------ setup
 
-    def setup(self, resume: bool = True) -> "RewardTrainer":
+    def setup(self) -> "RewardTrainer":
         c = self.config
-        if not c.base:
-            raise ConfigError("base is not set; pass --base CHECKPOINT (a PaLM.save_pretrained directory)")
+        if not c.model:
+            raise ConfigError("model is not set; pass model=RUN_DIR (a run, final/ or save_pretrained directory)")
         if not c.data:
-            raise ConfigError("data is not set; pass --data FILE.jsonl")
-        self.env = init_distributed(c.device)
-        seed_everything(c.seed)
+            raise ConfigError("data is not set; pass data=FILE.jsonl")
+        self.run.open()
         records = read_preferences(c.data)
         kind = record_kind(records, c.data)
         objective = c.objective
@@ -150,13 +140,10 @@ class RewardTrainer:
         else:
             train_records, val_records = split_validation(records, c.val_fraction, c.seed)
 
-        palm = PaLM.from_pretrained(c.base)
+        palm, tokenizer = load_start(c.model, c.tokenizer)
         if self.tokenizer is None:
-            self.tokenizer = load_tokenizer_or_bytes(c.base)
-        vocab = getattr(self.tokenizer, "vocab_size", None)
-        if vocab is not None and vocab > palm.num_tokens:
-            raise CheckpointError(f"{c.base}: the tokenizer has {vocab} ids but the model only {palm.num_tokens}; "
-                                  f"save the tokenizer the base model was trained with next to it")
+            self.tokenizer = tokenizer
+        check_tokenizer(self.tokenizer, palm, where=f"model={c.model}")
         self.train_data = encode_records(train_records, self.tokenizer)
         self.val_data = encode_records(val_records, self.tokenizer) if val_records else None
 
@@ -171,15 +158,9 @@ class RewardTrainer:
         self.optimizer = build_optimizer([(n, p) for n, p in self.model.named_parameters() if p.requires_grad],
                                          c.optim)
         self.scheduler = build_scheduler(self.optimizer, c.optim, c.max_steps)
-        self.stepper = TrainStep(self.model, self.optimizer, self.scheduler, grad_accum=c.grad_accum,
-                                 clip_grad_norm=c.clip_grad_norm, precision=c.precision, device=self.env.device)
-        self.run_dir = Path(c.out_dir)
-        self.checkpoints = CheckpointManager(self.run_dir, keep_last=c.keep_last, is_main=self.is_main)
-        latest = self.checkpoints.latest() if resume else None
-        if latest is not None:
-            self._resume(latest)
-        self.metrics = MetricsLogger(self.run_dir, is_main=self.is_main,
-                                     resume_step=self.step if latest is not None else None)
+        self.run.stepper(self.model, self.optimizer, self.scheduler, grad_accum=c.grad_accum,
+                         clip_grad_norm=c.clip_grad_norm, precision=c.precision)
+        self.run.start(self)
         n_train = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         log.info("reward training: %d %s records (%d held out), objective %s, %s, %d trainable parameters, "
                  "%d process(es) on %s, %s", len(self.train_data), kind, len(val_records), objective,
@@ -199,86 +180,60 @@ class RewardTrainer:
         loss, _ = reward_loss(self.model, batch, use_margin=self.config.use_margin)
         return loss, batch["margins" if "margins" in batch else "ratings"].shape[0]
 
-    def train_step(self) -> StepResult:
+    def train_step(self, step: int) -> dict:
         """One optimizer step over grad_accum micro-batches (and every process's share)."""
-        micro_batches = [self._batch(self.step, m) for m in range(self.config.grad_accum)]
-        result = self.stepper(self._loss, micro_batches, step=self.step)
-        self.step += 1
-        return result
+        c = self.config
+        micro_batches = [self._batch(step, m) for m in range(c.grad_accum)]
+        result: StepResult = self.run.optimizer_step(self._loss, micro_batches)
+        done = step + 1
+        if self.val_data is not None and (done % c.eval_every == 0 or done == c.max_steps):
+            self.metrics_ = self.validate(done)
+        return {"train/loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
+                **({"skipped": 1} if result.skipped else {})}
 
     def train(self) -> dict:
-        from tqdm import tqdm
-
-        c = self.config
         self.model.train()
-        metrics: dict = {}
-        bar = tqdm(total=c.max_steps, initial=self.step, disable=not (c.progress and self.is_main),
-                   desc="reward", dynamic_ncols=True)
-        while self.step < c.max_steps:
-            result = self.train_step()
-            bar.update(1)
-            bar.set_postfix(loss=f"{result.loss:.4f}")
-            if self.step % c.log_every == 0 or self.step == c.max_steps:
-                self.metrics.log(self.step, {"train/loss": result.loss, "lr": result.lr,
-                                             "grad_norm": result.grad_norm, **({"skipped": 1} if result.skipped else {})})
-            if self.val_data is not None and (self.step % c.eval_every == 0 or self.step == c.max_steps):
-                metrics = self.validate()
-            if self.step % c.save_every == 0 or self.step == c.max_steps:
-                self.save_checkpoint()
-        bar.close()
-        if self.val_data is not None and not metrics:
-            metrics = self.validate()
-        if self.is_main:
-            self.model.save_pretrained(self.run_dir / "final")
-            if hasattr(self.tokenizer, "save"):
-                self.tokenizer.save(self.run_dir / "final")
-        barrier()
-        return metrics
+        self.run.train(self)
+        if self.val_data is not None and not self.metrics_:
+            self.metrics_ = self.validate()
+        return self.metrics_
 
-    def validate(self) -> dict:
+    def validate(self, step: int | None = None) -> dict:
         """Held-out metrics under the training precision (every rank computes them; rank 0 logs)."""
-        with self.stepper.autocast():
+        with self.run.stepper_.autocast():
             metrics = evaluate(self.model, self.val_data, self.config.batch_size, self.config.max_len,
                                self.env.device)
-        self.metrics.log(self.step, {f"val/{k}": v for k, v in metrics.items()})
-        log.info("step %d validation: %s", self.step, metrics)
+        step = self.step if step is None else step
+        self.run.log({f"val/{k}": v for k, v in metrics.items()}, step=step)
+        log.info("step %d validation: %s", step, metrics)
         return metrics
 
-    # ------------------------------------------------------------------ checkpoints
+    # ------------------------------------------------------------------ what a checkpoint holds
 
-    def save_checkpoint(self) -> Path | None:
-        """OUT/checkpoints/step_XXXXXXXX (reward model, tokenizer, trainer state) + `latest`, atomically."""
-        state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "step_state": self.stepper.state_dict(), "rng": rng_state(), "config": config_to_dict(self.config),
-                 "world_size": self.env.world_size}
-        tokenizer = self.tokenizer if hasattr(self.tokenizer, "save") else None
-        path = self.checkpoints.save(self.step, state, model=self.model, tokenizer=tokenizer)
-        barrier()
-        return path
+    def state_dict(self) -> dict:
+        c = self.config
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "data": {k: getattr(c, k) for k in _DATA_FIELDS}}
 
-    def _resume(self, directory: Path) -> None:
-        state = self.checkpoints.load(directory)
-        saved = state.get("config", {})
+    def load_state_dict(self, state: dict, directory: Path) -> None:
+        saved = state.get("data", {})
         changed = [k for k in _DATA_FIELDS if k in saved and saved[k] != getattr(self.config, k)]
-        if changed or state.get("world_size", 1) != self.env.world_size:
+        if changed:
             log.warning("resuming %s with different %s: later batches differ from the interrupted run", directory,
-                        ", ".join(changed) or "world size")
+                        ", ".join(changed))
         try:
             self.model.load_state_dict(RewardModel.from_pretrained(directory).state_dict())
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
         except (KeyError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"{directory}: does not fit this run ({e}); resume with the same model settings "
-                                  f"(use_lora, lora_r, objective, num_bins, optimizer), or pass --no-resume") from e
-        self.stepper.load_state_dict(state.get("step_state", {}))
-        set_rng_state(state["rng"])
-        self.step = int(state["step"])
-        log.info("resumed from %s at step %d", directory, self.step)
+                                  f"(use_lora, lora_r, objective, num_bins, optimizer), or set resume=never") from e
+
+    def saveable(self, final: bool = False):
+        return self.model
 
     def cleanup(self) -> None:
-        if self.metrics is not None:
-            self.metrics.close()
-        cleanup()
+        self.run.close()
 
 
 __all__ = ["RewardTrainConfig", "RewardTrainer", "OBJECTIVES"]

@@ -12,24 +12,20 @@ and loss normalisers are summed across ranks, and gradients are averaged.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from ..errors import ConfigError
 from ..generation import SamplingConfig
-from ..model.checkpoint import save_adapter
 from ..model.lora import DEFAULT_LORA_ALPHA
-from ..runtime.checkpoint import CheckpointManager
-from ..runtime.distributed import all_reduce_sum, barrier
-from ..runtime.metrics import MetricsLogger
-from ..runtime.step import TrainStep
+from ..runtime.distributed import all_reduce_sum
+from ..runtime.run import MergedAdapter, OnRun, Run, RunSettings
 from ..rl.collect import collect_rollout, policy_temperature, strip_eos
 from ..rl.kl import kl_per_token, negative_kl_is_significant
 from ..rl.reference import Reference
@@ -39,41 +35,39 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class RLRunConfig:
+class RLRunConfig(RunSettings):
     """Fields every RL run shares (see configs/rl/*.yaml for commented examples)."""
 
-    model: str = ""                      # PaLM directory (save_pretrained); unused when a model is passed in
+    ALIASES: ClassVar[dict[str, str]] = {"steps": "max_steps"}
+
+    out_dir: str = "runs/rl"
+    model: str = ""                      # the starting PaLM: a run directory (its final/), a final/ or checkpoint dir
     actor_adapter: str | None = None     # optional adapter (e.g. SFT) loaded into the actor scope first
     prompts: str = ""                    # prompts file: .txt (one per line) or .jsonl with a "prompt" field
-    tokenizer: str | None = None         # tokenizer directory; None = byte-level
+    tokenizer: str | None = None         # None: the tokenizer saved with `model`
     reward_model: str | None = None      # RewardModel directory
     reward_fn: str | None = None         # "package.module:function", called as fn(prompts, completions)
-    reward_fn_weight: float = 1.0
-    reward_model_weight: float = 1.0
+    reward_fn_weight: float = 1.0    # weight of reward_fn in the summed reward
+    reward_model_weight: float = 1.0  # weight of reward_model in the summed reward
     missing_eos_penalty: float = 0.0     # subtracted from responses that hit max_new_tokens
-    out_dir: str = "runs/rl"
-    steps: int = 100
-    prompts_per_step: int = 16
+    prompts_per_step: int = 16           # a multiple of the number of processes
     rollout_batch_size: int = 64         # rows generated together (a step's rows are collected in chunks)
     minibatch_size: int = 16             # rows per optimizer step (global, over all ranks)
-    epochs: int = 1
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    eos_token: int | None = 0
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = 1.0
+    epochs: int = 1                  # passes over each step's rollouts
+    max_new_tokens: int = 64         # tokens generated per rollout
+    temperature: float = 1.0         # sampling temperature of rollouts (the policy optimised)
+    eos_token: int | None = None         # None: the tokenizer's EOS id
+    lr: float = 1e-4                 # actor learning rate
+    weight_decay: float = 0.0        # AdamW weight decay
+    max_grad_norm: float | None = 1.0  # gradient clipping; null: off
     precision: str = "fp32"              # fp32 | bf16 (autocast) | fp16 (CUDA)
-    lora_r: int = 8
+    lora_r: int = 8                  # LoRA rank of the trained scopes
     lora_alpha: float = DEFAULT_LORA_ALPHA  # LoRA output scale alpha / r: a learning rate transfers across ranks
-    seed: int = 0
     sample_every: int = 10               # log a table of completions every N steps (0 = never)
-    save_every: int = 0                  # checkpoint every N steps (0 = only at the end)
-    keep_last: int = 2
-    progress: bool = True                # a tqdm bar on stderr (main process only); false for logs
 
     def __post_init__(self):
-        for name in ("steps", "prompts_per_step", "rollout_batch_size", "minibatch_size", "epochs",
+        super().__post_init__()
+        for name in ("prompts_per_step", "rollout_batch_size", "minibatch_size", "epochs",
                      "max_new_tokens", "lora_r"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
@@ -98,57 +92,66 @@ def row_generators(seed: int, step: int, rows: range, device) -> list[torch.Gene
     return [torch.Generator(device=device).manual_seed((base + r + (1 << 40)) % (2 ** 63)) for r in rows]
 
 
-class DistInfo:
-    def __init__(self):
-        on = dist.is_available() and dist.is_initialized()
-        self.rank = dist.get_rank() if on else 0
-        self.world = dist.get_world_size() if on else 1
+def start_policy(trainer) -> None:
+    """What every preference-learning trainer (PPO, GRPO, DPO) starts from: `model=` and the tokenizer
+    that follows it unless objects were passed in, on this run's device, learning with dropout off
+    (the old and reference log-probs are taken without it, so dropout would bias the ratio and KL)."""
+    from .rl_setup import check_tokenizer, load_start
 
-    @staticmethod
-    def reduce_sum(t: Tensor) -> Tensor:
-        return all_reduce_sum(t)
+    c = trainer.config
+    if trainer.model is None:
+        model, tokenizer = load_start(c.model, c.tokenizer)
+        trainer.model = model
+        trainer.tokenizer = trainer.tokenizer if trainer.tokenizer is not None else tokenizer
+    elif trainer.tokenizer is None and (c.model or c.tokenizer):
+        from ..runtime.resolve import load_tokenizer_for, resolve_model
+
+        trainer.tokenizer = load_tokenizer_for(resolve_model(c.model) if c.model else None, c.tokenizer)
+    check_tokenizer(trainer.tokenizer, trainer.model, where=f"model={c.model or 'the model passed in'}")
+    trainer.model.to(trainer.env.device).set_dropout(0.0)
 
 
-class RLTrainerBase:
+def eos_token(config, tokenizer) -> int | None:
+    """eos_token=None means the tokenizer's EOS."""
+    if config.eos_token is not None:
+        return config.eos_token
+    return getattr(tokenizer, "eos_id", None)
+
+
+class RLTrainerBase(OnRun):
     """Subclasses implement `_build`, `_prepare`, `_loss`, `_trainable_state`, `_load_trainable_state`."""
 
     name = "rl"
+    postfix = ("reward_mean", "kl_ref")
 
     def __init__(self, config: RLRunConfig, *, model=None, reward=None, prompts=None, tokenizer=None):
         self.config = config
         self.model, self.reward, self.prompt_list, self.tokenizer = model, reward, prompts, tokenizer
-        self.dist = DistInfo()
-        self.step_done = 0
-        self.history: list[dict] = []
+        self.run = Run(config, self.name)
         self._first_length = None
 
     # ------------------------------------------------------------------ setup
 
     def setup(self) -> "RLTrainerBase":
-        from .rl_setup import load_model, load_prompts, load_reward, load_tokenizer_for
+        from .rl_setup import load_prompts, load_reward
 
         c = self.config
-        torch.manual_seed(c.seed)
-        self.tokenizer = self.tokenizer if self.tokenizer is not None else load_tokenizer_for(c)
-        if self.model is None:
-            self.model = load_model(c)
+        self.run.open()
+        self.run.check_divides("prompts_per_step", c.prompts_per_step)
+        self.run.check_divides("minibatch_size", c.minibatch_size)
+        start_policy(self)
         self.prompt_list = load_prompts(self.prompt_list if self.prompt_list is not None else c.prompts,
                                         self.tokenizer)
         self.reward = load_reward(self.reward, c, self.tokenizer)
         self.sampling = SamplingConfig(max_new_tokens=c.max_new_tokens, temperature=c.temperature,
-                                       eos_token=c.eos_token)
+                                       eos_token=eos_token(c, self.tokenizer))
         self.temperature = policy_temperature(self.sampling)
         self._build()  # adds the actor (and critic) scopes, loads actor_adapter
         self.reference = Reference(self.model, self.actor_scope)
         self.params = [p for p in self._parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self._param_groups(), lr=c.lr, weight_decay=c.weight_decay)
-        self.stepper = TrainStep(self.model, self.optimizer, clip_grad_norm=c.max_grad_norm or 0.0,
-                                 precision=c.precision)
-        self.out_dir = Path(c.out_dir)
-        self.checkpoints = CheckpointManager(self.out_dir, keep_last=c.keep_last, is_main=self.dist.rank == 0)
-        self._maybe_resume()
-        self.metrics = MetricsLogger(self.out_dir, is_main=self.dist.rank == 0,
-                                     resume_step=self.step_done if self.step_done else None)
+        self.run.stepper(self.model, self.optimizer, clip_grad_norm=c.max_grad_norm or 0.0, precision=c.precision)
+        self.run.start(self)
         return self
 
     # ------------------------------------------------------------------ loop
@@ -161,50 +164,21 @@ class RLTrainerBase:
         idx = torch.randint(len(self.prompt_list), (self.config.prompts_per_step,), generator=g)
         rows = [self.prompt_list[i] for i in idx.tolist()]
         rows = self._expand_prompts(rows)  # GRPO repeats each prompt G times
-        # contiguous shares: rank r takes rows r*k .. r*k+k-1 (whole GRPO groups when G divides k)
-        share = len(rows) // self.dist.world
-        return rows[self.dist.rank * share:(self.dist.rank + 1) * share]
+        # contiguous shares: rank r takes rows r*k .. r*k+k-1 (whole GRPO groups: prompts_per_step % world == 0)
+        share = len(rows) // self.env.world_size
+        return rows[self.env.rank * share:(self.env.rank + 1) * share]
 
     def _expand_prompts(self, rows):
         return rows
 
     def train(self) -> list[dict]:
-        from tqdm import tqdm
-
-        c = self.config
-        bar = tqdm(total=c.steps, initial=self.step_done, desc=self.name, dynamic_ncols=True,
-                   disable=not (c.progress and self.dist.rank == 0))
-        try:
-            for step in range(self.step_done, c.steps):
-                metrics = self.train_step(step)
-                self.history.append(metrics)
-                self._write_metrics(metrics)
-                bar.update(1)
-                bar.set_postfix(reward=f"{metrics['reward_mean']:.4f}", kl=f"{metrics['kl_ref']:.4f}",
-                                s_step=f"{metrics['seconds_generation'] + metrics['seconds_learning']:.2f}")
-                if c.save_every and (step + 1) % c.save_every == 0:
-                    self.save_checkpoint()
-        finally:
-            bar.close()
-        if c.save_every == 0 or c.steps % c.save_every:
-            self.save_checkpoint()
-        self.export()
-        # rank 0 writes the last checkpoint and the adapter; no rank may tear the process group
-        # down while it does (a rank that did so early aborted at exit now and then)
-        barrier()
-        return self.history
-
-    def export(self):
-        """Write the trained actor adapter to OUT/actor.safetensors (load with load_adapter)."""
-        if self.dist.rank != 0 or self.actor_scope is None:
-            return None
-        return save_adapter(self.model, self.actor_scope, self.out_dir / "actor.safetensors")
+        return self.run.train(self)
 
     def train_step(self, step: int) -> dict:
         c = self.config
         t0 = time.perf_counter()
         rows = self._prompts_for(step)
-        first = self.dist.rank * len(rows)  # global index of this rank's first row
+        first = self.env.rank * len(rows)  # global index of this rank's first row
         gens = row_generators(c.seed, step, range(first, first + len(rows)), self.model.token_emb.weight.device)
         chunk = c.rollout_batch_size
         rollout = concat_rollouts([
@@ -212,17 +186,18 @@ class RLTrainerBase:
                             actor_scope=self.actor_scope, actor_critic=self._critic(), generator=gens[i:i + chunk])
             for i in range(0, len(rows), chunk)])
         t1 = time.perf_counter()
-        metrics = {"step": step + 1, **self._rollout_metrics(rollout, step)}
+        metrics = self._rollout_metrics(rollout, step)
         metrics.update(self._prepare(rollout))
         metrics.update(self._learn(rollout, step))
         metrics["seconds_generation"] = t1 - t0
         metrics["seconds_learning"] = time.perf_counter() - t1
-        self.step_done = step + 1
-        if c.sample_every and (step + 1) % c.sample_every == 0 and self.dist.rank == 0:
+        if self.run.is_main:
+            log.info("%s step %d: reward %.4f kl %.4f len %.1f", self.name, step + 1, metrics["reward_mean"],
+                     metrics["kl_ref"], metrics["response_length"])
+        if c.sample_every and (step + 1) % c.sample_every == 0 and self.run.is_main:
             table = self.sample_table(rollout)
             log.info("step %d samples:\n%s", step + 1, table)
-            if getattr(self, "metrics", None) is not None:
-                self.metrics.log_text(step + 1, "samples", table)
+            self.run.metrics.log_text(step + 1, "samples", table)
         return metrics
 
     def _learn(self, rollout: Rollout, step: int) -> dict:
@@ -231,7 +206,7 @@ class RLTrainerBase:
         uneven sizes give exactly the mean over the global minibatch."""
         c = self.config
         n = len(rollout)
-        local_mb = max(1, c.minibatch_size // self.dist.world)
+        local_mb = c.minibatch_size // self.env.world_size
         sums: dict[str, float] = {}
         count = 0
         self.model.train()
@@ -246,7 +221,7 @@ class RLTrainerBase:
                     captured.update(stats)
                     return loss, self._weight(batch)
 
-                result = self.stepper(loss_fn, [mb], step=step + 1)
+                result = self.run.optimizer_step(loss_fn, [mb])
                 captured.pop("tokens", None)
                 # the statistics are token means: weighting each rank's by its token count gives the
                 # global minibatch's values
@@ -254,7 +229,7 @@ class RLTrainerBase:
                 w = float(mb.mask.sum())
                 local = torch.tensor([float(captured[k]) * w for k in keys] + [w], dtype=torch.float64,
                                      device=self.model.token_emb.weight.device)
-                reduced = self.dist.reduce_sum(local).tolist()
+                reduced = all_reduce_sum(local).tolist()
                 for k, v in zip(keys, reduced[:-1]):
                     sums[k] = sums.get(k, 0.0) + v / max(reduced[-1], 1e-12)
                 sums["grad_norm"] = sums.get("grad_norm", 0.0) + result.grad_norm  # already global
@@ -275,7 +250,7 @@ class RLTrainerBase:
         stats = torch.stack([rollout.scores.float().sum().cpu(), (rollout.scores.float() ** 2).sum().cpu(),
                              kl_tok.sum(-1).sum().cpu(), lengths.sum().cpu(), eos.sum(),
                              torch.tensor(float(len(rollout)))]).double()
-        s, s2, kl, ln, e, n = self.dist.reduce_sum(stats).tolist()
+        s, s2, kl, ln, e, n = all_reduce_sum(stats).tolist()
         mean = s / n
         out = {"reward_mean": mean, "reward_std": max(s2 / n - mean * mean, 0.0) ** 0.5, "kl_ref": kl / n,
                "response_length": ln / n, "eos_rate": e / n}
@@ -299,35 +274,25 @@ class RLTrainerBase:
             lines.append(f"| {float(rollout.scores[i]):.3f} | {text[0]} | {text[1]} |")
         return "\n".join(lines)
 
-    def _write_metrics(self, metrics: dict) -> None:
-        if getattr(self, "metrics", None) is not None:
-            self.metrics.log(metrics["step"], {k: v for k, v in metrics.items() if k != "step"})
-        if self.dist.rank == 0:
-            log.info("%s step %d: reward %.4f kl %.4f len %.1f", self.name, metrics["step"], metrics["reward_mean"],
-                     metrics["kl_ref"], metrics["response_length"])
-
-    # ------------------------------------------------------------------ checkpoints
+    # ------------------------------------------------------------------ what a checkpoint holds
 
     def state_dict(self) -> dict:
-        """Trainable weights, optimizer, KL controller (PPO), step. Rollout randomness is a function of
-        (seed, step, row), so no RNG state is needed for an exact resume."""
-        return {"step": self.step_done, "trainable": self._trainable_state(),
-                "optimizer": self.optimizer.state_dict(), "stepper": self.stepper.state_dict(),
-                "extra": self._extra_state(), "config": json.dumps(asdict(self.config))}
+        """Trainable weights, optimizer, KL controller (PPO). Rollout randomness is a function of
+        (seed, step, row), so the RNG states the run saves are all it needs for an exact resume."""
+        return {"trainable": self._trainable_state(), "optimizer": self.optimizer.state_dict(),
+                "extra": self._extra_state()}
 
-    def save_checkpoint(self) -> Path | None:
-        return self.checkpoints.save(self.step_done, self.state_dict())
-
-    def _maybe_resume(self) -> None:
-        if self.checkpoints.latest() is None:
-            return
-        state = self.checkpoints.load()
+    def load_state_dict(self, state: dict, directory: Path) -> None:
         self._load_trainable_state(state["trainable"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.stepper.load_state_dict(state["stepper"])
         self._load_extra_state(state["extra"])
-        self.step_done = int(state["step"])
-        log.info("resumed %s from %s at step %d", self.name, state["dir"], self.step_done)
+
+    def saveable(self, final: bool = False):
+        """The base with the actor merged + adapter.safetensors (checkpoints and final/ alike)."""
+        return MergedAdapter(self.model, self.actor_scope)
+
+    def final_record(self) -> dict:
+        return {"scope": self.actor_scope, "actor_adapter": self.config.actor_adapter}
 
     def _extra_state(self) -> dict:
         return {}
@@ -342,5 +307,4 @@ class RLTrainerBase:
         return [{"params": self.params}]
 
     def cleanup(self) -> None:
-        if getattr(self, "metrics", None) is not None:
-            self.metrics.close()
+        self.run.close()

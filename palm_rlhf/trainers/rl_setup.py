@@ -1,52 +1,40 @@
-"""Building what an RL run needs from its config: model, tokenizer, prompts, reward."""
+"""Building what a run starts from: the model and its tokenizer (every trainer), prompts and reward (RL)."""
 
 from __future__ import annotations
 
-import importlib
-import json
 from pathlib import Path
 
 import torch
 
 from ..errors import ConfigError, DataError
+from ..data.prompts import read_prompts
 from ..model.palm import PaLM
 from ..model.reward import RewardModel
-from ..rl.rewards import MissingEOSPenalty, as_reward_source
+from ..rl.rewards import MissingEOSPenalty, as_reward_source, import_reward_function
+from ..runtime.resolve import check_tokenizer_fits, load_tokenizer_for, resolve_model
 
 
-def load_tokenizer_for(config):
-    try:
-        from ..data.tokenizer import ByteTokenizer, load_tokenizer
-    except ImportError:  # the data layer's tokenizer is not available: prompts must be token ids
-        return None
-    return load_tokenizer(config.tokenizer) if config.tokenizer else ByteTokenizer()
+def load_start(model_path, tokenizer: str | None = None) -> tuple[PaLM, object]:
+    """The starting model `model=` names (a run, final/, model or checkpoint directory) and the
+    tokenizer that follows it (`tokenizer=` overrides); a tokenizer the model cannot embed is a
+    ConfigError here, before any training."""
+    source = resolve_model(model_path)
+    model = PaLM.from_pretrained(source.model_dir)
+    tok = load_tokenizer_for(source, tokenizer)
+    check_tokenizer_fits(tok, model.num_tokens, where=f"model={model_path}")
+    return model, tok
 
 
-def load_model(config) -> PaLM:
-    if not config.model:
-        raise ConfigError("model is empty: set model=path/to/palm (a PaLM.save_pretrained directory)")
-    return PaLM.from_pretrained(config.model)
+def check_tokenizer(tokenizer, model, where: str = "model") -> None:
+    """For a model and tokenizer passed in as objects."""
+    if tokenizer is not None and hasattr(tokenizer, "vocab_size"):
+        check_tokenizer_fits(tokenizer, model.num_tokens, where=where)
 
 
 def load_prompts(source, tokenizer) -> list[torch.Tensor]:
     """Prompts from a list (of token tensors, or of strings with a tokenizer) or a .txt/.jsonl file."""
     if isinstance(source, (str, Path)):
-        path = Path(source)
-        if not str(source) or not path.exists():
-            raise DataError(f"prompts file {str(source)!r} not found; set prompts=path/to/prompts.txt or .jsonl")
-        lines = path.read_text(encoding="utf-8").splitlines()
-        if path.suffix == ".jsonl":
-            texts = []
-            for i, line in enumerate(lines, 1):
-                if not line.strip():
-                    continue
-                try:
-                    texts.append(json.loads(line)["prompt"])
-                except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise DataError(f"{path}:{i}: expected a JSON object with a 'prompt' string ({e})") from None
-        else:
-            texts = [line for line in lines if line.strip()]
-        source = texts
+        source = read_prompts(source, key="prompts=")  # the feedback app's reader: \n, .jsonl
     out = []
     for i, p in enumerate(source):
         if isinstance(p, str):
@@ -62,24 +50,19 @@ def load_prompts(source, tokenizer) -> list[torch.Tensor]:
     return out
 
 
-def import_function(spec: str):
-    module, _, name = spec.partition(":")
-    if not module or not name:
-        raise ConfigError(f"reward_fn={spec!r} must look like 'package.module:function'")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(f"reward_fn={spec!r} cannot be imported: {e}") from e
-
-
 def load_reward(reward, config, tokenizer):
     """The run's reward source: an object passed in, else the config's reward model and/or function."""
     if reward is None:
         parts = []
         if config.reward_model:
-            parts.append((RewardModel.from_pretrained(config.reward_model, dropout=0.0), config.reward_model_weight))
+            # a run directory, final/ or step directory, like model=
+            reward_model = RewardModel.from_pretrained(resolve_model(config.reward_model).model_dir, dropout=0.0)
+            if tokenizer is not None:
+                check_tokenizer_fits(tokenizer, reward_model.palm.num_tokens, f"reward_model={config.reward_model}")
+            parts.append((reward_model, config.reward_model_weight))
         if config.reward_fn:
-            parts.append((as_reward_source(import_function(config.reward_fn), tokenizer), config.reward_fn_weight))
+            fn = import_reward_function(config.reward_fn)
+            parts.append((as_reward_source(fn, tokenizer), config.reward_fn_weight))
         if not parts:
             raise ConfigError("no reward: set reward_model=path/to/reward_model and/or reward_fn=module:function")
         reward = parts[0][0] if len(parts) == 1 and parts[0][1] == 1.0 else parts

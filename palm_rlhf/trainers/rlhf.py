@@ -59,7 +59,7 @@ class RLHFTrainer:
                  critic: PaLM | None = None, actor_critic: ActorCritic | None = None, actor_lr: float = 1e-4,
                  critic_lr: float = 1e-4, actor_wd: float = 0.0, critic_wd: float = 0.0, actor_lora: bool = True,
                  critic_lora: bool = True, actor_lora_r: int = 8, critic_lora_r: int = 8,
-                 critic_pooled_values: bool = True, actor_dropout: float = 0.0, critic_dropout: float = 0.0,
+                 critic_pooled_values: bool | None = None, actor_dropout: float = 0.0, critic_dropout: float = 0.0,
                  betas=(0.9, 0.999), max_norm: float | None = None, eps_clip: float = 0.2, value_clip: float = 0.4,
                  beta_s: float = 0.01, pad_value: float = 0.0, minibatch_size: int = 16, epochs: int = 1,
                  kl_div_loss_weight: float = 0.1, accelerate_kwargs: dict | None = None,
@@ -72,7 +72,8 @@ class RLHFTrainer:
         self.num_prompts = len(self.prompt_rows)
         self.reward_model = reward_model.eval()
         if actor_critic is None:
-            actor_critic = ActorCritic(palm, critic=critic, pooled_values=critic_pooled_values,
+            # the seed defaults critic_pooled_values to True; ActorCritic warns only when a caller asks for it
+            actor_critic = ActorCritic(palm, critic=critic, pooled_values=critic_pooled_values is True,
                                        actor_lora=actor_lora, critic_lora=critic_lora, actor_lora_r=actor_lora_r,
                                        critic_lora_r=critic_lora_r, actor_dropout=actor_dropout,
                                        critic_dropout=critic_dropout, critic_dim_out=critic_num_pred_bins)
@@ -112,7 +113,7 @@ class RLHFTrainer:
                         update_timesteps)
             return self.history
         s = self.settings
-        config = PPOConfig(out_dir=self.out_dir or tempfile.mkdtemp(prefix="rlhf-"), steps=updates,
+        config = PPOConfig(out_dir=self.out_dir or tempfile.mkdtemp(prefix="rlhf-"), max_steps=updates,
                            prompts_per_step=update_timesteps, rollout_batch_size=max_batch_size,
                            minibatch_size=min(s["minibatch_size"], update_timesteps), epochs=s["epochs"],
                            max_new_tokens=max_new, temperature=temperature, eos_token=eos_token, lr=s["lr"],

@@ -45,3 +45,33 @@ def test_state_dict_and_adapter(tmp_path, capsys):
 def test_missing_path_is_a_clear_error(tmp_path, capsys):
     assert main(["info", str(tmp_path / "nothere")]) == 2
     assert "no such file or directory" in capsys.readouterr().err
+
+
+def test_reader_gone_exits_quietly(tmp_path):
+    """`palm-rlhf info RUN | head` must not print a BrokenPipeError traceback."""
+    import os
+    import subprocess
+    import sys
+
+    _model().save_pretrained(tmp_path / "m")
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first write
+    try:
+        done = subprocess.run([sys.executable, "-m", "palm_rlhf", "info", str(tmp_path / "m")], stdout=write,
+                              stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write)
+    assert done.stderr == "" and done.returncode == 141
+
+
+def test_run_directory_with_record(tmp_path, capsys):
+    from palm_rlhf.data.tokenizer import ByteTokenizer
+
+    final = tmp_path / "ppo" / "final"
+    _model().save_pretrained(final)
+    ByteTokenizer().save(final)
+    (final / "run.json").write_text(json.dumps({"algorithm": "ppo", "steps": 3}))
+    info = _info(capsys, str(tmp_path / "ppo"))
+    assert info["resolved"] == str(final)
+    assert info["run"] == {"algorithm": "ppo", "steps": 3}
+    assert info["tokenizer"] == "ByteTokenizer(vocab_size=256)"

@@ -97,8 +97,8 @@ def test_exported_judgements_train_a_reward_model(tmp_path, capsys):
     assert main(["feedback", "export", "--db", str(tmp_path / "f.sqlite"), "--out", str(out)]) == 0
     assert len(read_preferences(out)) == 8
     base = tiny_checkpoint(tmp_path / "base", 0)
-    assert main(["reward", "train", "--base", str(base), "--data", str(out), "--out", str(tmp_path / "rm"),
-                 "--no-progress", "--set", "max_steps=2", "batch_size=2", "val_fraction=0.25"]) == 0
+    assert main(["reward", "train", f"model={base}", f"data={out}", f"out_dir={tmp_path / 'rm'}",
+                 "--no-progress", "max_steps=2", "batch_size=2", "val_fraction=0.25"]) == 0
     assert (tmp_path / "rm" / "final").is_dir()
 
 
@@ -119,7 +119,7 @@ def test_serve_rejects_bad_arguments_before_listening(tmp_path, capsys):
     assert "no prompts" in capsys.readouterr().err
     (tmp_path / "p.txt").write_text("hi\n")
     assert main(["feedback", "serve", "--checkpoint", str(tmp_path), "--prompts", str(tmp_path / "p.txt")]) == 2
-    assert "no config.json" in capsys.readouterr().err
+    assert "no model here" in capsys.readouterr().err
     assert main(["feedback", "serve", "--checkpoint", str(a), "--prompts", str(tmp_path / "p.txt"),
                  "--shared-fraction", "2"]) == 2
     assert "--shared-fraction" in capsys.readouterr().err

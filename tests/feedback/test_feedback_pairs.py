@@ -103,3 +103,11 @@ def test_read_prompts(tmp_path):
             read_prompts(jsonl)
     with pytest.raises(DataError, match="cannot read"):
         read_prompts(tmp_path / "missing.txt")
+
+
+def test_identity_takes_the_run_name(tmp_path):
+    """The CLI passes the run directory's name: `ppo@...`, not `final@...`."""
+    tiny(tmp_path / "ppo" / "final", 0)
+    ckpt = load_checkpoint(tmp_path / "ppo" / "final", name="ppo")
+    digest = checkpoint_identity(tmp_path / "ppo" / "final").split("@")[1]
+    assert ckpt.identity == f"ppo@{digest}"

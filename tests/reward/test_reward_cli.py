@@ -20,14 +20,14 @@ def test_train_then_score_from_the_command_line(tmp_path, capsys):
     prefs = tmp_path / "prefs.jsonl"
     write_preferences(prefs, rule_preference_pairs(20, seed=0))
     out = tmp_path / "run"
-    assert main(["reward", "train", "--base", str(base), "--data", str(prefs), "--out", str(out), "--no-progress",
-                 "--set", "max_steps=2", "batch_size=4", "val_fraction=0.2"]) == 0
+    assert main(["reward", "train", f"model={base}", f"data={prefs}", f"out_dir={out}", "--no-progress",
+                 "max_steps=2", "batch_size=4", "val_fraction=0.2"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["final"] == str(out / "final")
 
     responses = tmp_path / "responses.jsonl"
     responses.write_text('{"prompt": "Reply: ", "response": "aeiou", "id": 7}\n')
     scores = tmp_path / "scores.jsonl"
-    assert main(["reward", "score", str(out / "final"), "--data", str(responses), "--out", str(scores)]) == 0
+    assert main(["reward", "score", str(out), "--data", str(responses), "--out", str(scores)]) == 0  # the run dir
     row = json.loads(scores.read_text())
     assert row["id"] == 7 and isinstance(row["reward"], float)
 
@@ -40,7 +40,7 @@ def test_bad_data_exits_2_with_line_and_field(tmp_path, capsys):
     base = PaLM(num_tokens=256, dim=32, depth=1, heads=2, dim_head=16).save_pretrained(tmp_path / "base")
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(PairwiseRecord("p", "a", "b").to_dict()) + "\n" + '{"prompt": "p", "chosen": "a"}\n')
-    assert main(["reward", "train", "--base", str(base), "--data", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert main(["reward", "train", f"model={base}", f"data={bad}", f"out_dir={tmp_path / 'o'}"]) == 2
     assert "bad.jsonl:2: missing field 'rejected'" in capsys.readouterr().err
 
 
@@ -53,14 +53,14 @@ def test_two_torchrun_processes_equal_one_process_with_the_same_global_batch(tmp
     base = PaLM(num_tokens=256, dim=32, depth=1, heads=2, dim_head=16).save_pretrained(tmp_path / "base")
     prefs = tmp_path / "prefs.jsonl"
     write_preferences(prefs, rule_preference_pairs(40, seed=0))
-    common = ["reward", "train", "--base", str(base), "--data", str(prefs), "--no-progress",
-              "--set", "max_steps=2", "val_fraction=0", "device=cpu", "log_every=1"]
+    common = ["reward", "train", f"model={base}", f"data={prefs}", "--no-progress",
+              "max_steps=2", "val_fraction=0", "device=cpu", "log_every=1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "palm_rlhf", *common, "batch_size=4", "--out", str(tmp_path / "two")],
+                          "-m", "palm_rlhf", *common, "batch_size=4", f"out_dir={tmp_path / 'two'}"],
                          env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
-    assert main([*common, "batch_size=8", "--out", str(tmp_path / "one")]) == 0
+    assert main([*common, "batch_size=8", f"out_dir={tmp_path / 'one'}"]) == 0
 
     one_state = RewardModel.from_pretrained(tmp_path / "one" / "final").state_dict()
     two_state = RewardModel.from_pretrained(tmp_path / "two" / "final").state_dict()

@@ -29,7 +29,7 @@ def base(tmp_path):
 
 
 def _config(base, data, out, **kw):
-    overrides = [f"base={base}", f"data={data}", f"out_dir={out}", "progress=false", *[f"{k}={v}" for k, v in kw.items()]]
+    overrides = [f"model={base}", f"data={data}", f"out_dir={out}", "progress=false", *[f"{k}={v}" for k, v in kw.items()]]
     return load_config(RewardTrainConfig, None, overrides)
 
 
@@ -45,8 +45,8 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, base):
 
     first = RewardTrainer(_config(base, data, tmp_path / "b", **kw), tokenizer=Bytes()).setup()
     for _ in range(3):
-        first.train_step()
-    first.save_checkpoint()
+        first.run.advance(first)
+    first.run.save_checkpoint(first)
     second = RewardTrainer(_config(base, data, tmp_path / "b", **kw), tokenizer=Bytes()).setup()
     assert second.step == 3
     second.train()
@@ -119,7 +119,7 @@ def test_accumulated_micro_batches_equal_one_big_batch(tmp_path, base):
     kw = dict(max_steps=2, val_fraction=0.0, lr=1e-2, warmup_steps=0)
     small = RewardTrainer(_config(base, data, tmp_path / "a", batch_size=4, grad_accum=2, **kw), tokenizer=Bytes()).setup()
     big = RewardTrainer(_config(base, data, tmp_path / "b", batch_size=8, grad_accum=1, **kw), tokenizer=Bytes()).setup()
-    losses = [(small.train_step().loss, big.train_step().loss) for _ in range(2)]
+    losses = [(small.run.advance(small)["train/loss"], big.run.advance(big)["train/loss"]) for _ in range(2)]
     assert all(abs(a - b) < 1e-6 for a, b in losses), losses
     a, b = small.model.state_dict(), big.model.state_dict()
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
@@ -136,7 +136,7 @@ def test_precision_runs_the_forward_under_autocast(tmp_path, base):
                                         precision=precision), tokenizer=Bytes()).setup()
         seen = []
         trainer.model.to_pred.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
-        losses[precision] = trainer.train_step().loss
+        losses[precision] = trainer.run.advance(trainer)["train/loss"]
         dtypes[precision] = set(seen)
     assert dtypes == {"fp32": {torch.float32}, "bf16": {torch.bfloat16}}
     assert abs(losses["bf16"] - losses["fp32"]) < 1e-2, losses

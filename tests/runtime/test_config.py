@@ -1,11 +1,12 @@
 """load_config: YAML + dotted overrides, type coercion, unknown keys listed."""
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import pytest
 
 from palm_rlhf.errors import ConfigError
-from palm_rlhf.runtime.config import config_from_dict, config_keys, config_to_dict, load_config
+from palm_rlhf.runtime.config import config_from_dict, config_help, config_keys, config_to_dict, load_config
 from palm_rlhf.runtime.optim import OptimConfig
 
 
@@ -97,3 +98,73 @@ def test_unknown_preset_lists_the_available_ones():
         load_config(_Cfg, "tiny-stdlb")
     with pytest.raises(ConfigError, match="no such file or preset"):
         load_config(_Cfg, "palm-8b")  # a model size, not a run config
+
+
+# ---------------------------------------------------------------- ALIASES and help text
+
+
+@dataclass
+class _Group:
+    ALIASES: ClassVar[dict[str, str]] = {"width": "dim"}
+
+    dim: int = 8          # hidden width
+    depth: int = 1
+
+
+@dataclass
+class _Base:
+    out_dir: str = "runs/x"   # the run directory
+    max_steps: int = 10       # steps in all
+
+
+@dataclass
+class _Renamed(_Base):
+    ALIASES: ClassVar[dict[str, str]] = {"steps": "max_steps", "preferences": "data"}
+
+    max_steps: int = 20       # redeclared without changing the meaning
+    data: str = field(default="", metadata={"help": "preference JSONL"})
+    group: _Group = field(default_factory=_Group)
+
+
+def test_aliases_in_yaml_and_overrides(tmp_path, caplog):
+    path = tmp_path / "c.yaml"
+    path.write_text("steps: 5\npreferences: p.jsonl\ngroup:\n  width: 16\n")
+    with caplog.at_level("WARNING", logger="palm_rlhf.runtime.config"):
+        cfg = load_config(_Renamed, path, ["steps=7", "group.width=32"])
+    assert (cfg.max_steps, cfg.data, cfg.group.dim) == (7, "p.jsonl", 32)   # the override wins over the YAML
+    lines = [r.getMessage() for r in caplog.records]
+    # one line per old spelling used, naming the new key
+    assert sorted(lines) == sorted([
+        "config key 'steps' is deprecated; write max_steps= instead",
+        "config key 'preferences' is deprecated; write data= instead",
+        "config key 'group.width' is deprecated; write group.dim= instead",
+    ])
+
+
+def test_alias_and_new_name_together_in_yaml_is_an_error(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("steps: 5\nmax_steps: 6\n")
+    with pytest.raises(ConfigError, match="steps and max_steps are both set; keep max_steps"):
+        load_config(_Renamed, path)
+    # config_from_dict (what reads a run's config.yaml back) translates too
+    assert config_from_dict(_Renamed, {"steps": 3}).max_steps == 3
+
+
+def test_config_help_rows():
+    rows = {key: (tp, default, text) for key, tp, default, text in config_help(_Renamed)}
+    assert list(rows) == ["out_dir", "max_steps", "data", "group.dim", "group.depth"]
+    assert rows["out_dir"] == ("str", "runs/x", "the run directory")
+    # a redeclared field keeps its own comment when it has one
+    assert rows["max_steps"] == ("int", 20, "redeclared without changing the meaning")
+    assert rows["data"] == ("str", "", "preference JSONL")          # field(metadata={"help": ...}) wins
+    assert rows["group.dim"] == ("int", 8, "hidden width")
+    assert rows["group.depth"] == ("int", 1, "")
+
+
+def test_config_help_inherits_the_parents_comment():
+    @dataclass
+    class Child(_Base):
+        max_steps: int = 3
+
+    rows = {key: (default, text) for key, _, default, text in config_help(Child)}
+    assert rows["max_steps"] == (3, "steps in all")

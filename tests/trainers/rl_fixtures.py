@@ -30,7 +30,7 @@ def vowel_fraction(prompts, completions) -> list[float]:
 
 def pretrain_tiny(steps: int = 250, seed: int = 0) -> PaLM:
     torch.manual_seed(seed)
-    model = PaLM(dim=48, num_tokens=128, depth=2, heads=2, dim_head=24, cross_entropy_ignore_index=-1)
+    model = PaLM(dim=48, num_tokens=256, depth=2, heads=2, dim_head=24, cross_entropy_ignore_index=-1)
     data = torch.tensor(list(corpus()), dtype=torch.long)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(seed)

@@ -28,7 +28,7 @@ def test_dpo_raises_heldout_preference_accuracy(tmp_path, tiny_model, loss_type)
     is >= 0.75 and the policy's own preference accuracy rises by >= 0.15."""
     train = rule_preference_pairs(400, seed=0)
     heldout = rule_preference_pairs(64, seed=1)
-    config = DPOConfig(out_dir=str(tmp_path / loss_type), steps=60, batch_size=16, lr=3e-3, beta=0.1,
+    config = DPOConfig(out_dir=str(tmp_path / loss_type), max_steps=60, batch_size=16, lr=3e-3, beta=0.1,
                        loss_type=loss_type, eval_every=60, max_len=48)
     trainer = DPOTrainer(config, model=tiny_model, tokenizer=ByteTokenizer(), train_records=train,
                          heldout_records=heldout).setup()

@@ -30,7 +30,7 @@ def base_and_data(tmp_path):
 
 def _config(tmp_path, base, data, *overrides, out="sft"):
     return load_config(FinetuneConfig, None, [
-        f"out_dir={tmp_path / out}", f"base={base}", f"data={data}", "seq_len=32", "batch_size=4", "max_steps=4",
+        f"out_dir={tmp_path / out}", f"model={base}", f"data={data}", "seq_len=32", "batch_size=4", "max_steps=4",
         "log_every=1", "eval_every=0", "save_every=0", "progress=false", "device=cpu", "val_fraction=0.2",
         "optim.lr=1e-2", "optim.warmup_steps=0", *overrides])
 

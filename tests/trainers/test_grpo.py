@@ -28,7 +28,7 @@ def test_grpo_raises_vowel_reward_with_bounded_kl(tmp_path, tiny_model, variant,
     the mean reward of the last 3 steps is >= `margin` above the first step's, with KL <= 20 nats/sequence."""
     config = GRPOConfig(out_dir=str(tmp_path / "grpo"), prompts_per_step=8, group_size=4,
                         minibatch_size=16, max_new_tokens=16, eos_token=EOS, sample_every=5,
-                        **{"lr": 3e-3, "steps": 20, **variant})
+                        **{"lr": 3e-3, "max_steps": 20, **variant})
     trainer = GRPOTrainer(config, model=tiny_model, reward=vowel_fraction, prompts=rl_prompts())
     history = trainer.setup().train()
     trainer.cleanup()

@@ -11,7 +11,7 @@ from rl_fixtures import EOS, pretrained_tiny_state, rl_prompts, tiny_model, vowe
 
 
 def ppo_config(tmp_path, **kw):
-    base = dict(out_dir=str(tmp_path / "ppo"), steps=16, prompts_per_step=32, minibatch_size=16, epochs=2,
+    base = dict(out_dir=str(tmp_path / "ppo"), max_steps=16, prompts_per_step=32, minibatch_size=16, epochs=2,
                 max_new_tokens=16, eos_token=EOS, lr=3e-3, critic_lr=3e-3, kl_coef=0.05, sample_every=0, seed=0)
     base.update(kw)
     return PPOConfig(**base)
@@ -53,14 +53,14 @@ def test_resume_matches_uninterrupted_run(tmp_path, pretrained_tiny_state):
         return m
 
     kw = dict(prompts_per_step=8, minibatch_size=4, max_new_tokens=6, kl_target=1.0, kl_horizon=100)
-    full = PPOTrainer(ppo_config(tmp_path / "a", steps=4, **kw), model=fresh(), reward=vowel_fraction,
+    full = PPOTrainer(ppo_config(tmp_path / "a", max_steps=4, **kw), model=fresh(), reward=vowel_fraction,
                       prompts=rl_prompts())
     full_hist = full.setup().train()
-    first = PPOTrainer(ppo_config(tmp_path / "b", steps=2, **kw), model=fresh(), reward=vowel_fraction,
+    first = PPOTrainer(ppo_config(tmp_path / "b", max_steps=2, **kw), model=fresh(), reward=vowel_fraction,
                        prompts=rl_prompts())
     first.setup().train()
     first.cleanup()
-    resumed = PPOTrainer(ppo_config(tmp_path / "b", steps=4, **kw), model=fresh(), reward=vowel_fraction,
+    resumed = PPOTrainer(ppo_config(tmp_path / "b", max_steps=4, **kw), model=fresh(), reward=vowel_fraction,
                          prompts=rl_prompts())
     resumed.setup()
     assert resumed.step_done == 2

@@ -28,8 +28,8 @@ from palm_rlhf.runtime.metrics import read_metrics
 HERE = Path(__file__).resolve().parent
 
 COMMON = {
-    "ppo": ["steps=2", "prompts_per_step=8", "kl_target=1.0", "kl_horizon=100"],  # the adaptive controller too
-    "grpo": ["steps=2", "prompts_per_step=4", "group_size=2"],
+    "ppo": ["max_steps=2", "prompts_per_step=8", "kl_target=1.0", "kl_horizon=100"],  # the adaptive controller too
+    "grpo": ["max_steps=2", "prompts_per_step=4", "group_size=2"],
 }
 
 
@@ -60,7 +60,7 @@ def test_two_torchrun_processes_equal_one_process(tmp_path, algo):
     assert two.returncode == 0, two.stderr[-3000:]
     assert main(run_args(algo, tmp_path, tmp_path / "one")) == 0
 
-    one_adapter, two_adapter = (load_file(tmp_path / run / "actor.safetensors") for run in ("one", "two"))
+    one_adapter, two_adapter = (load_file(tmp_path / run / "final" / "adapter.safetensors") for run in ("one", "two"))
     assert one_adapter.keys() == two_adapter.keys()
     # the actor's LoRA B starts at 0, so a non-zero B shows the runs really learned something
     assert any(v.abs().max() > 1e-4 for k, v in one_adapter.items() if k.endswith("B"))

@@ -12,7 +12,7 @@ from rl_fixtures import EOS, rl_prompts, vowel_fraction
 def run_grpo(tmp_path, progress: bool):
     torch.manual_seed(0)
     model = PaLM(dim=16, num_tokens=128, depth=1, heads=2, dim_head=8)
-    config = GRPOConfig(out_dir=str(tmp_path / f"grpo_{progress}"), steps=2, prompts_per_step=2, group_size=2,
+    config = GRPOConfig(out_dir=str(tmp_path / f"grpo_{progress}"), max_steps=2, prompts_per_step=2, group_size=2,
                         minibatch_size=4, max_new_tokens=4, eos_token=EOS, sample_every=0, progress=progress)
     trainer = GRPOTrainer(config, model=model, reward=vowel_fraction, prompts=rl_prompts())
     try:
@@ -28,7 +28,7 @@ def test_bar_on_stderr_only_when_progress_is_on(tmp_path, capsys, progress):
     err = capsys.readouterr().err
     if progress:
         assert "grpo" in err and "2/2" in err, err
-        assert "reward=" in err and "kl=" in err and "s_step=" in err, err
+        assert "reward_mean=" in err and "kl_ref=" in err, err
     else:
         assert "2/2" not in err and "reward=" not in err, err
 

@@ -1,0 +1,44 @@
+"""Prompt files, read one way everywhere (the feedback app, PPO and GRPO).
+
+    prompts.txt     one prompt per line; `\\n` inside a line is a line break; blank lines are skipped
+    prompts.jsonl   one JSON object per line with a string "prompt" field (other fields ignored)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import DataError
+
+__all__ = ["read_prompts"]
+
+
+def read_prompts(path, key: str = "--prompts") -> list[str]:
+    """The prompts in `path`; DataError naming `key` (the flag or config key that gave it) otherwise."""
+    path = Path(path)
+    where = f"{key}{path}" if key.endswith("=") else f"{key} {path}"
+    if not str(path) or not path.is_file():
+        raise DataError(f"{where}: cannot read (no such file); give a .txt file (one prompt per line) "
+                        f"or .jsonl with a \"prompt\" field")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{where}: cannot read ({getattr(e, 'strerror', None) or e})") from e
+    prompts = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if path.suffix == ".jsonl":
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{number}: not valid JSON ({e.msg})") from e
+            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+                raise DataError(f'{path}:{number}: expected an object with a string "prompt" field')
+            prompts.append(record["prompt"])
+        else:
+            prompts.append(line.replace("\\n", "\n"))
+    if not prompts:
+        raise DataError(f"{where}: no prompts found (one per line, or JSONL with \"prompt\")")
+    return prompts

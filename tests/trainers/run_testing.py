@@ -1,0 +1,87 @@
+"""One tiny run of every trainer, built the way the CLI builds it (config keys, files on disk), so the
+runtime's promises can be checked for each: signals, exact resume, the NaN step, setup errors."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from palm_rlhf.data.preferences import write_preferences
+from palm_rlhf.data.synthetic import rule_preference_pairs
+from palm_rlhf.data.tokenizer import ByteTokenizer
+from palm_rlhf.model import PaLM
+from palm_rlhf.runtime.config import load_config
+
+TRAINERS = ("pretrain", "finetune", "reward", "ppo", "grpo", "dpo")
+TINY = dict(num_tokens=256, dim=16, depth=1, heads=2, dim_head=8)
+TEXT = "".join(f"line {i}: the quick brown fox jumps over the lazy dog {i * 7 % 13}\n" for i in range(200))
+
+
+def vowels(prompts, completions) -> list[float]:
+    """A verifiable reward (reward_fn=run_testing:vowels): the share of vowels in each completion."""
+    return [sum(ch in "aeiou" for ch in c) / max(len(c), 1) for c in completions]
+
+
+def write_inputs(tmp_path, dropout: float = 0.0):
+    """A tiny base model saved with its (byte) tokenizer, and data files for every trainer."""
+    torch.manual_seed(0)
+    base = tmp_path / "base"
+    PaLM(**TINY, attn_dropout=dropout, ff_dropout=dropout).save_pretrained(base)
+    ByteTokenizer().save(base)
+    (tmp_path / "corpus.txt").write_text(TEXT)
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps({"prompt": f"q{i}: ", "response": f"answer {i}"}) + "\n"
+                                                for i in range(24)))
+    write_preferences(tmp_path / "prefs.jsonl", rule_preference_pairs(24, seed=0))
+    (tmp_path / "prompts.txt").write_text("".join(f"{w} \n" for w in ["the", "cat", "sat", "on", "a", "mat"]))
+    return base
+
+
+def overrides(kind: str, tmp_path, out: str, max_steps: int = 4) -> list[str]:
+    common = [f"out_dir={tmp_path / out}", f"max_steps={max_steps}", "progress=false", "device=cpu",
+              "report_to=[jsonl]", "log_every=1"]
+    base = f"model={tmp_path / 'base'}"
+    if kind == "pretrain":
+        return common + [f"data.sources=[{tmp_path / 'corpus.txt'}]", "data.val_fraction=0.1", "model.dim=16",
+                         "model.depth=1", "model.heads=2", "model.dim_head=8", "seq_len=16", "batch_size=2",
+                         "eval_every=0", "save_every=0", "optim.warmup_steps=1", "threads=1"]
+    if kind == "finetune":
+        return common + [base, f"data={tmp_path / 'sft.jsonl'}", "seq_len=24", "batch_size=2", "eval_every=0",
+                         "save_every=0", "lora.scope=sft", "optim.warmup_steps=1", "threads=1"]
+    if kind == "reward":
+        return common + [base, f"data={tmp_path / 'prefs.jsonl'}", "batch_size=2", "val_fraction=0",
+                         "dropout=0.1", "max_len=32", "warmup_steps=1"]
+    if kind in ("ppo", "grpo"):
+        extra = ["prompts_per_step=2", "minibatch_size=2"] if kind == "ppo" else \
+            ["prompts_per_step=2", "group_size=2", "minibatch_size=4"]
+        return common + [base, f"prompts={tmp_path / 'prompts.txt'}", "reward_fn=run_testing:vowels",
+                         "max_new_tokens=4", "sample_every=0", "lr=1e-2", *extra]
+    if kind == "dpo":
+        return common + [base, f"data={tmp_path / 'prefs.jsonl'}", "batch_size=2", "max_len=32", "eval_every=2",
+                         "lr=1e-2"]
+    raise ValueError(kind)
+
+
+def config_and_trainer_classes(kind: str):
+    if kind == "pretrain":
+        from palm_rlhf.trainers.pretrain import PretrainConfig, PretrainTrainer
+        return PretrainConfig, PretrainTrainer
+    if kind == "finetune":
+        from palm_rlhf.trainers.finetune import FinetuneConfig, FinetuneTrainer
+        return FinetuneConfig, FinetuneTrainer
+    if kind == "reward":
+        from palm_rlhf.trainers.reward import RewardTrainConfig, RewardTrainer
+        return RewardTrainConfig, RewardTrainer
+    if kind == "ppo":
+        from palm_rlhf.trainers.ppo import PPOConfig, PPOTrainer
+        return PPOConfig, PPOTrainer
+    if kind == "grpo":
+        from palm_rlhf.trainers.grpo import GRPOConfig, GRPOTrainer
+        return GRPOConfig, GRPOTrainer
+    from palm_rlhf.trainers.dpo import DPOConfig, DPOTrainer
+    return DPOConfig, DPOTrainer
+
+
+def make_trainer(kind: str, tmp_path, out: str, *extra: str, max_steps: int = 4):
+    config_cls, trainer_cls = config_and_trainer_classes(kind)
+    return trainer_cls(load_config(config_cls, None, overrides(kind, tmp_path, out, max_steps) + list(extra)))
