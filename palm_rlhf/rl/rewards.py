@@ -74,9 +74,9 @@ class CallableReward(RewardSource):
     def __init__(self, fn: Callable, tokenizer=None):
         if not callable(fn):
             raise ConfigError(f"reward function {fn!r} is not callable")
-        _check_signature(fn, "strings" if tokenizer is not None else "token-id tensors")
-        self.fn, self.tokenizer = fn, tokenizer
         self.extras = _declared(fn, ("stop_reasons", "finished"))
+        _check_signature(fn, "strings" if tokenizer is not None else "token-id tensors", self.extras)
+        self.fn, self.tokenizer = fn, tokenizer
 
     def score(self, prompts, completions, stop_reasons):
         if self.tokenizer is not None:
@@ -96,14 +96,14 @@ def _declared(fn: Callable, names: Sequence[str]) -> list[str]:
     return [n for n in names if n in params and params[n].kind in kinds]
 
 
-def _check_signature(fn: Callable, items: str) -> None:
-    """ConfigError unless `fn` can be called as fn(prompts, completions)."""
+def _check_signature(fn: Callable, items: str, extras: Sequence[str] = ()) -> None:
+    """ConfigError unless `fn` can be called as fn(prompts, completions, **extras)."""
     try:
         signature = inspect.signature(fn)
     except (TypeError, ValueError):  # a builtin without introspectable parameters: trust it
         return
     try:
-        signature.bind([], [])
+        signature.bind([], [], **{name: [] for name in extras})
     except TypeError:
         name = getattr(fn, "__qualname__", None) or type(fn).__name__
         raise ConfigError(f"reward function {name}{signature} cannot be called as fn(prompts, completions); "
