@@ -105,7 +105,8 @@ def pretrain(cache: Path, steps: int, threads: int) -> Path:
     out = cache / f"pretrain-tiny-stdlib-{steps}"
     if not (out / "final" / "config.json").is_file():
         out.mkdir(parents=True, exist_ok=True)
-        cli(["pretrain", "--config", "configs/pretrain/tiny-stdlib.yaml", f"out_dir={out}", f"max_steps={steps}"],
+        cli(["pretrain", "--config", "configs/pretrain/tiny-stdlib.yaml", f"out_dir={out}", f"max_steps={steps}",
+             "progress=false"],
             cache / "pretrain.log", threads)
     return out
 
@@ -210,11 +211,11 @@ def job(pre: Path, rule: str, seed: int, work: Path, args, threads: int) -> dict
     data = work.parent
     log = work / "commands.log"
     work.mkdir(parents=True, exist_ok=True)
-    common = [f"seed={seed}"]
+    common = [f"seed={seed}", "progress=false"]
     rm_dir = work / "rm"
     if not (rm_dir / "final").is_dir():
-        cli(["reward", "train", "--config", "configs/reward/pairwise.yaml", "--base", str(pre / "final"),
-             "--data", str(data / "train.jsonl"), "--set", f"val_data={data / 'val.jsonl'}", f"out_dir={rm_dir}",
+        cli(["reward", "train", "--config", "configs/reward/pairwise.yaml", f"model={pre / 'final'}",
+             f"data={data / 'train.jsonl'}", f"val_data={data / 'val.jsonl'}", f"out_dir={rm_dir}",
              f"max_steps={args.rm_steps}", *common], log, threads)
     rm = RewardModel.from_pretrained(rm_dir / "final", dropout=0.0).eval()
     val = read_preferences(data / "val.jsonl")
@@ -226,28 +227,26 @@ def job(pre: Path, rule: str, seed: int, work: Path, args, threads: int) -> dict
     result = {"rule": rule, "seed": seed, "rm_accuracy": float((chosen > rejected).float().mean()),
               "rm_curve": curve(rm_dir, "val/accuracy")}
 
+    stage(args, {"rule": rule, "seed": seed, "stage": "rm", "rm_accuracy": result["rm_accuracy"]})
+
     prompts = json.loads((data / "eval_prompts.json").read_text())
     score = RULES[rule]
-    scope_runs = {}
-    for algo in ALGOS:
-        out = work / algo
-        if not adapter_exists(out):
-            keys = [f"out_dir={out}", f"steps={args.rl_steps if algo != 'dpo' else args.dpo_steps}", *common]
-            if algo == "dpo":
-                keys += [f"preferences={data / 'train.jsonl'}", f"heldout={data / 'val.jsonl'}"]
-            else:
-                keys += [f"prompts={data / 'prompts.jsonl'}", f"reward_model={rm_dir / 'final'}",
-                         f"max_new_tokens={args.tokens}"]
-            cli([algo, "--config", f"configs/rl/{algo}.yaml", f"model={pre / 'final'}", *keys], log, threads)
-        scope_runs[algo] = adapter_of(out)
-
     model, tok = load_base(pre)
     texts, *_ = sample(model, tok, prompts, args.tokens, seed=100 + seed)
     rule_before = mean_se(map(score, texts))
     rm_before = mean_se(rm.score([enc(p) for p in prompts], [enc(t) for t in texts]).tolist())
     result["before"] = {"rule": rule_before, "rm": rm_before}
-    for algo, adapter in scope_runs.items():
-        load_adapter(model, adapter, scope="actor")
+    for algo in ALGOS:  # train, then measure at once: an interrupted benchmark keeps what finished
+        out = work / algo
+        if not adapter_exists(out):
+            keys = [f"out_dir={out}", f"max_steps={args.rl_steps if algo != 'dpo' else args.dpo_steps}", *common]
+            if algo == "dpo":
+                keys += [f"data={data / 'train.jsonl'}", f"heldout={data / 'val.jsonl'}"]
+            else:
+                keys += [f"prompts={data / 'prompts.jsonl'}", f"reward_model={rm_dir / 'final'}",
+                         f"max_new_tokens={args.tokens}"]
+            cli([algo, "--config", f"configs/rl/{algo}.yaml", f"model={pre / 'final'}", *keys], log, threads)
+        load_adapter(model, adapter_of(out), scope="actor")
         texts, logp, ref, mask = sample(model, tok, prompts, args.tokens, seed=100 + seed, scope="actor")
         kl = sequence_kl(logp, ref, mask)
         rule_after = mean_se(map(score, texts))
@@ -258,12 +257,19 @@ def job(pre: Path, rule: str, seed: int, work: Path, args, threads: int) -> dict
                "rm_gain_se": math.hypot(rm_after[1], rm_before[1]), "sample": texts[0]}
         if algo == "dpo":
             row["heldout_accuracy"] = dpo_accuracy(model, tok, val)
-            row["curve"] = curve(work / algo, "heldout_reward_accuracy")
-            row["kl_curve"] = curve(work / algo, "kl_ref")
+            row["curve"] = curve(out, "heldout_reward_accuracy")
+            row["kl_curve"] = curve(out, "kl_ref")
         result[algo] = row
         model.remove_finetune_params("actor")
+        stage(args, {"rule": rule, "seed": seed, "stage": algo, **{k: v for k, v in row.items() if k != "sample"}})
     (work / "result.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+def stage(args, row: dict) -> None:
+    """One finished measurement, appended to OUT/stages.jsonl at once (survives a killed benchmark)."""
+    with open(Path(args.out) / "stages.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
 
 
 def curve(run: Path, key: str) -> list:
