@@ -31,6 +31,7 @@ import argparse
 import json
 import keyword
 import math
+import multiprocessing
 import os
 import random
 import re
@@ -390,7 +391,8 @@ def main() -> None:
     tasks = [(pre, rule, seed, cache / f"{pre.name}-{tag}" / rule / f"{runs}-s{seed}", args, threads)
              for rule in rules for seed in seeds]
     results = []
-    with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+    # spawn, not fork: a forked child of a process that already ran torch ops can hang in its thread pool
+    with ProcessPoolExecutor(max_workers=max(1, args.jobs), mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {pool.submit(job, *t): t for t in tasks}
         for future in as_completed(futures):
             _, rule, seed, work, *_ = futures[future]
