@@ -20,9 +20,11 @@ after minus before, with its standard error. KL: `palm_rlhf.rl.kl.sequence_kl` o
 sum over the response of log pi(y_t) - log ref(y_t) (ref = the pretrained model), nats/sequence.
 
 The rules are this file's own (the issue keeps its rules private; these are not in the library):
-    vowel   share of vowels among the characters        (a byte-count shortcut solves it)
-    word    share of words that are Python keywords      (word-level)
-    format  brackets balanced and no trailing spaces      (format; graded by how many lines comply)
+    vowel   share of vowels among the characters            (a byte-count shortcut solves it)
+    word    share of space-separated words that are lowercase letters, >= 3 long   (word-level)
+    format  share of lines with balanced brackets and no trailing spaces     (format)
+    keyword share of words that are Python keywords (--rules keyword; too sparse for a barely
+            trained model: 5 of 96 sampled pairs differed after 60 pretraining steps)
 """
 
 from __future__ import annotations
@@ -59,6 +61,13 @@ def vowel_rule(text: str) -> float:
 
 
 def word_rule(text: str) -> float:
+    """Share of the whitespace-separated words that look like words: lowercase letters only, >= 3 long."""
+    words = text.split()
+    return sum(w.isalpha() and w.islower() and len(w) >= 3 for w in words) / len(words) if words else 0.0
+
+
+def keyword_rule(text: str) -> float:
+    """Share of the words that are Python keywords (ties on most pairs of a barely trained model)."""
     words = re.findall(r"[A-Za-z_]+", text)
     return sum(w in KEYWORDS for w in words) / len(words) if words else 0.0
 
@@ -77,7 +86,7 @@ def format_rule(text: str) -> float:
     return sum(map(ok, lines)) / len(lines)
 
 
-RULES = {"vowel": vowel_rule, "word": word_rule, "format": format_rule}
+RULES = {"vowel": vowel_rule, "word": word_rule, "format": format_rule, "keyword": keyword_rule}
 
 
 # ---------------------------------------------------------------- helpers
