@@ -59,12 +59,10 @@ def pretrain(out_dir: Path, sources: list, *, model: dict, steps: int, batch_siz
                             eval_every=0, eval_batches=4, save_every=0, log_every=max(1, steps // 5),
                             progress=progress, seed=seed)
     trainer = PretrainTrainer(config)
-    try:
+    try:  # Ctrl-C / SIGTERM: the trainer saves a checkpoint and raises RunInterrupted (rerun to resume)
         summary = trainer.setup().train()
     finally:
         trainer.cleanup()
-    if summary.get("interrupted"):  # Ctrl-C / SIGTERM: the trainer saved a checkpoint
-        raise SystemExit(f"pretraining interrupted at step {trainer.step}; run the same command to resume")
     log.info("pretrained %d steps: train loss %.3f, validation loss %.3f", steps, summary.get("train/loss", math.nan),
              summary.get("val/loss", math.nan))
     return PaLM.from_pretrained(Path(out_dir) / "final").eval(), summary

@@ -99,9 +99,12 @@ def main() -> int:
     # 4. reward model on the exported file, the same file `palm-rlhf reward train` reads
     rm = RewardTrainer(RewardTrainConfig(model=str(base), data=str(out / "prefs.jsonl"),
                                          out_dir=str(out / "reward"), val_fraction=0.2, max_steps=30 if q else 200,
-                                         lr=3e-3, eval_every=10_000, progress=not q, seed=args.seed))
-    rm_metrics = rm.setup(resume=False).train()
-    rm.cleanup()
+                                         lr=3e-3, eval_every=10_000, progress=not q, seed=args.seed,
+                                         resume="never"))
+    try:
+        rm_metrics = rm.setup().train()
+    finally:
+        rm.cleanup()
     reward_model = RewardModel.from_pretrained(out / "reward" / "final")
 
     # 5. PPO against the reward model

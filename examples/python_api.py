@@ -41,10 +41,10 @@ pre = PretrainTrainer(PretrainConfig(
     model=ModelConfig(dim=32 if q else 96, depth=1 if q else 3, heads=2 if q else 4, dim_head=16 if q else 24),
     seq_len=64 if q else 128, batch_size=16, max_steps=steps, eval_every=0, save_every=0,
     optim=OptimConfig(lr=3e-3, weight_decay=0.01, warmup_steps=steps // 10), progress=not q))
-pre_summary = pre.setup().train()  # writes out/pretrain/final: save_pretrained weights + tokenizer
-pre.cleanup()
-if pre_summary["interrupted"]:
-    raise SystemExit("pretraining interrupted (checkpoint saved); run the same command to resume")
+try:  # Ctrl-C saves a checkpoint and raises RunInterrupted: run the same command to resume
+    pre_summary = pre.setup().train()  # writes out/pretrain/final: save_pretrained weights + tokenizer
+finally:
+    pre.cleanup()
 model = PaLM.from_pretrained(out / "pretrain" / "final")
 loss = pre_summary.get("val/loss")  # None when a finished run was only reloaded
 print(f"pretraining: {steps} steps" + (f", validation loss {loss:.3f} nats/byte" if loss is not None else " (reused)"))

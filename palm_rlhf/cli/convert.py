@@ -9,7 +9,7 @@ EXAMPLES = """examples:
   palm-rlhf convert palm.pt converted/                 # guess the format from the gains
   palm-rlhf convert palm.pt converted/ --from 0.8      # palm-rlhf-pytorch 0.8.x
   palm-rlhf convert encoder.pt out/ --non-causal
-  palm-rlhf convert runs/ppo exported/                  # a run (its final/), final/ or step directory, with its tokenizer
+  palm-rlhf convert runs/ppo exported/                 # a run (final/) or step directory, with its tokenizer
 """
 
 

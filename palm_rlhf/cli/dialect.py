@@ -66,7 +66,8 @@ def keys_help(config_cls) -> str:
             lines += [head, " " * 8 + text]
         else:
             lines.append(head.ljust(width) + text)
-    aliases = {k: v for klass in reversed(config_cls.__mro__) for k, v in (getattr(klass, "ALIASES", None) or {}).items()}
+    aliases = {k: v for klass in reversed(config_cls.__mro__)
+               for k, v in (getattr(klass, "ALIASES", None) or {}).items()}
     if aliases:
         lines.append("deprecated keys (still accepted): " + ", ".join(f"{k}= -> {v}=" for k, v in aliases.items()))
     return "\n".join(lines)
@@ -153,7 +154,8 @@ def print_config(config) -> None:
 
 
 def run_trainer(trainer, out_dir) -> int:
-    """setup, train, cleanup; print one JSON summary line (rank 0); exit code 130 when interrupted."""
+    """setup, train, cleanup; print one JSON summary line (rank 0). Ctrl-C/SIGTERM: the run saves a checkpoint
+    and raises RunInterrupted, a KeyboardInterrupt that `main` turns into exit code 130."""
     try:
         trainer.setup()
         summary = trainer.train()
@@ -167,4 +169,4 @@ def run_trainer(trainer, out_dir) -> int:
         shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items()}
         print(json.dumps({"out_dir": str(out_dir), **({"final": str(final)} if final.is_dir() else {}), **shown},
                          default=str))
-    return 130 if summary.get("interrupted") else 0
+    return 0

@@ -102,7 +102,8 @@ def _check_scope(model, source, scope: str) -> None:
     if (source.model_dir / ADAPTER_NAME).is_file():
         hint = (f"{source.model_dir} has its adapter merged in already, so drop --scope; to apply an adapter to "
                 f"another model use --adapter {source.model_dir / ADAPTER_NAME}")
-    raise ConfigError(f"--scope {scope}: {source.model_dir} has no LoRA scope {scope!r} (scopes saved: {saved}); {hint}")
+    raise ConfigError(f"--scope {scope}: {source.model_dir} has no LoRA scope {scope!r} (scopes saved: {saved}); "
+                      f"{hint}")
 
 
 def _print_stream(model, tokenizer, ids, config, scope) -> None:

@@ -40,7 +40,8 @@ def register(sub) -> None:
 
     s = actions.add_parser("score", help="score prompt/response pairs in a JSONL file",
                            epilog=SCORE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    s.add_argument("checkpoint", help="a reward model: its run directory (runs/rm), final/ or a checkpoint step directory")
+    s.add_argument("checkpoint", help="a reward model: its run directory (runs/rm), final/ or a checkpoint step "
+                   "directory")
     s.add_argument("--data", required=True, help="JSONL of prompt/response or prompt/chosen/rejected lines")
     s.add_argument("--out", required=True, help="where to write the scored JSONL")
     s.add_argument("--batch-size", type=int, default=32)

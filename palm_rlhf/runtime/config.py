@@ -331,5 +331,6 @@ def config_help(cls, prefix: str = "") -> list[tuple[str, str, object, str]]:
             default = f.default_factory()
         else:
             default = "(required)"
-        rows.append((prefix + f.name, _type_name(f.type, tp), default, f.metadata.get("help") or comments.get(f.name, "")))
+        meaning = f.metadata.get("help") or comments.get(f.name, "")
+        rows.append((prefix + f.name, _type_name(f.type, tp), default, meaning))
     return rows

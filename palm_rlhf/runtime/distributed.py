@@ -132,8 +132,7 @@ def _reduce(values: Values, device, op) -> Values:
     if isinstance(values, torch.Tensor):
         t = values.detach()
         staged = t.to(collective_device(t.device if device is None else device), copy=True)
-        if has_group():
-            dist.all_reduce(staged, op=op)
+        dist.all_reduce(staged, op=op)
         return staged.to(t.device)
     keys = list(values) if isinstance(values, dict) else None
     numbers = [float(values[k]) for k in keys] if keys is not None else [float(v) for v in values]

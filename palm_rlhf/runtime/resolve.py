@@ -119,7 +119,8 @@ def load_tokenizer_for(source: ModelSource | None, override: str | None = None):
                           f"`palm-rlhf tokenizer train` (or a model/run directory saved with one), or tokenizer=byte")
     if source is not None and source.tokenizer_dir is not None:
         return load_tokenizer(source.tokenizer_dir)
-    where = f"{source.model_dir} has no {TOKENIZER_CONFIG}" if source is not None else "no model and no tokenizer= given"
+    where = (f"{source.model_dir} has no {TOKENIZER_CONFIG}" if source is not None
+             else "no model and no tokenizer= given")
     log.warning("%s: using the byte tokenizer (UTF-8 bytes); pass tokenizer=DIR if the model was trained "
                 "with another", where)
     return ByteTokenizer()

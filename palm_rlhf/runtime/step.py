@@ -22,7 +22,8 @@ DDP/FSDP-wrapped model (pretraining does) or a bare one, whose trained parameter
 optimizer's) TrainStep puts under DDP itself (`distributed.data_parallel`): `loss_fn` then runs
 inside DDP's forward, and DDP's bucketed all-reduce overlaps the backward pass. Every process
 must build its TrainStep (a collective), and every trained parameter must get a gradient from
-each loss (DDP's default; an unused one is an error naming it at the next step).
+each loss (DDP's default mode; DDP reports an unused one at the next step, by index, or by name
+with TORCH_DISTRIBUTED_DEBUG=DETAIL).
 """
 
 from __future__ import annotations

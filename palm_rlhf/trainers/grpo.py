@@ -1,8 +1,9 @@
-"""GRPO trainer: `palm-rlhf grpo --config configs/rl/grpo.yaml [key=value ...]`.
+"""GRPO trainer: `palm-rlhf grpo --config grpo model=RUN prompts=FILE reward_fn=module:function [key=value ...]`.
 
 No critic: each prompt is sampled `group_size` times and the group's scores
 give the advantages (`palm_rlhf.rl.grpo`). `prompts_per_step` counts distinct
-prompts, so a step collects prompts_per_step * group_size responses.
+prompts, so a step collects prompts_per_step * group_size responses; under torchrun
+prompts_per_step must divide by the number of processes, so every rank holds whole groups.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""PPO trainer: `palm-rlhf ppo --config configs/rl/ppo.yaml [key=value ...]`.
+"""PPO trainer: `palm-rlhf ppo --config ppo model=RUN prompts=FILE reward_model=RUN [key=value ...]`.
 
     trainer = PPOTrainer(PPOConfig(model="runs/sft", prompts="prompts.txt", reward_model="runs/rm"))
     trainer.setup().train()     # OUT/final: the base with the actor merged, adapter.safetensors, tokenizer

@@ -1,11 +1,12 @@
-"""The loop PPO and GRPO share: sample prompts, collect a rollout, prepare
-advantages, a few epochs of minibatch updates, log, checkpoint.
+"""The step PPO and GRPO share: sample prompts, collect a rollout, prepare advantages, a few
+epochs of minibatch updates. The run around it (signals, checkpoints, resume, metrics, final/)
+is `palm_rlhf.runtime.run.Run`; `start_policy` is what PPO, GRPO and DPO start from.
 
 Determinism: the prompts and the minibatch order of step s come from generators
 seeded by (seed, s), and the sampling noise of each row from one seeded by
 (seed, s, global row index), so a resumed run replays exactly
-what an uninterrupted one would do; a checkpoint therefore holds the trainable
-weights, the optimizer, the KL controller and the step, nothing else.
+what an uninterrupted one would do; a checkpoint holds the trainable weights, the
+optimizer, the KL controller, the step and RNG states (and, for use, the merged model).
 Under torchrun each rank collects its share of the prompts, whitening statistics
 and loss normalisers are summed across ranks, and gradients are averaged.
 """

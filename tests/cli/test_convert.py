@@ -93,3 +93,17 @@ def test_convert_rejects_bad_files(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "not a PaLM state dict" in err and "token_emb.weight" in err
     assert not (tmp_path / "o2").exists()
+
+
+def test_a_run_directory_exports_its_final_model_and_tokenizer(tmp_path, capsys):
+    from palm_rlhf.data.tokenizer import ByteTokenizer, load_tokenizer
+
+    torch.manual_seed(0)
+    model = PaLM(**CFG)
+    model.save_pretrained(tmp_path / "run" / "final")
+    ByteTokenizer().save(tmp_path / "run" / "final")
+    assert main(["convert", str(tmp_path / "run"), str(tmp_path / "out")]) == 0
+    assert "from " + str(tmp_path / "run" / "final") in capsys.readouterr().out
+    again = PaLM.from_pretrained(tmp_path / "out")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    assert load_tokenizer(tmp_path / "out") == ByteTokenizer()

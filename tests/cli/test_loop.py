@@ -15,14 +15,14 @@ import re
 import signal
 import subprocess
 import sys
-import threading
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests" / "feedback"))
+from feedback_testing import launch, wait_healthy  # noqa: E402  (the feedback tests' process helpers)
 PAGE = ROOT / "docs" / "loop.md"
 BIN = Path(sys.executable).parent          # the venv whose python runs the tests
 EXE = BIN / "palm-rlhf"
@@ -109,32 +109,15 @@ def serve_and_judge(snippet: str, cwd: Path, judgements: int) -> dict:
     """Start `feedback serve`, judge pairs like a rater (prefer the completion that ends its line),
     read the stats, stop it with Ctrl-C. Returns /api/stats."""
     token = (cwd / "raters.txt").read_text().split()[1]
-    proc = subprocess.Popen(["bash", "-c", f"exec {snippet}"], cwd=cwd, env=env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    lines: list[str] = []
-    url_seen = threading.Event()
-
-    def read():
-        for line in proc.stdout:
-            lines.append(line)
-            if "feedback app on http" in line:
-                url_seen.set()
-
-    threading.Thread(target=read, daemon=True).start()
+    proc, lines = launch(["bash", "-c", f"exec {snippet}"], "feedback app on http", timeout=180, cwd=cwd, env=env())
     try:
-        assert url_seen.wait(180), f"`{snippet}` did not start:\n{''.join(lines)}"
         url = re.search(r"(http://\S+?)/? ", next(l for l in lines if "feedback app on" in l)).group(1)
-        for _ in range(60):  # the port answers once uvicorn runs
-            try:
-                if _api(url, token, "/healthz").get("ok"):
-                    break
-            except OSError:
-                time.sleep(0.5)
+        wait_healthy(url, proc, lines)
         for _ in range(judgements):
             pair = _api(url, token, "/api/next?wait=10")["pair"]
             assert pair is not None, f"no pair in time:\n{''.join(lines)}"
             a, b = pair["completion_a"], pair["completion_b"]
-            choice = "b" if b.count("\n") > a.count("\n") or (b.count("\n") == a.count("\n") and len(b) < len(a)) else "a"
+            choice = "b" if (b.count("\n"), -len(b)) > (a.count("\n"), -len(a)) else "a"  # more lines, then shorter
             _api(url, token, "/api/judge", {"pair_id": pair["pair_id"], "choice": choice, "next": False})
         return _api(url, token, "/api/stats")
     finally:

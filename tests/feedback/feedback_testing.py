@@ -44,30 +44,36 @@ class Server:
         self.proc.wait(timeout=20)
 
 
-def start_server(db: Path, raters: Path, *extra: str, timeout: float = 60.0) -> Server:
-    """Start fake_feedback_server.py on a free loopback port; wait for its URL line."""
-    args = [sys.executable, str(HERE / "fake_feedback_server.py"), "--db", str(db), "--raters", str(raters), *extra]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env)
+def launch(args: list, needle: str, *, timeout: float = 60.0, **popen) -> tuple[subprocess.Popen, list[str]]:
+    """Start `args` (stdout and stderr merged) and wait for an output line containing `needle`;
+    returns the process and the lines read so far (a thread keeps appending)."""
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
     lines: list[str] = []
-    got_url = threading.Event()
+    seen = threading.Event()
 
     def read():
         for line in proc.stdout:
             lines.append(line)
-            if line.startswith("URL "):
-                got_url.set()
+            if needle in line:
+                seen.set()
 
     threading.Thread(target=read, daemon=True).start()
-    if not got_url.wait(timeout):
+    if not seen.wait(timeout):
         proc.kill()
-        raise RuntimeError("feedback server did not start:\n" + "".join(lines))
+        raise RuntimeError(f"{' '.join(map(str, args))} did not print {needle!r}:\n" + "".join(lines))
+    return proc, lines
+
+
+def start_server(db: Path, raters: Path, *extra: str, timeout: float = 60.0) -> Server:
+    """Start fake_feedback_server.py on a free loopback port; wait for its URL line."""
+    args = [sys.executable, str(HERE / "fake_feedback_server.py"), "--db", str(db), "--raters", str(raters), *extra]
+    proc, lines = launch(args, "URL ", timeout=timeout, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     url = next(l for l in lines if l.startswith("URL "))[4:].strip().rstrip("/")
-    _wait_healthy(url, proc, lines)
+    wait_healthy(url, proc, lines)
     return Server(url=url, proc=proc, args=args)
 
 
-def _wait_healthy(url: str, proc, lines, timeout: float = 30.0) -> None:
+def wait_healthy(url: str, proc, lines, timeout: float = 30.0) -> None:
     import httpx
 
     deadline = time.monotonic() + timeout

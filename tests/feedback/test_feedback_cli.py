@@ -7,14 +7,12 @@ import os
 import re
 import signal
 import sqlite3
-import subprocess
 import sys
-import threading
 
 import httpx
 import pytest
 import torch
-from feedback_testing import ROOT, write_raters
+from feedback_testing import ROOT, launch, write_raters
 
 from palm_rlhf.cli.main import main
 from palm_rlhf.data.preferences import PairwiseRecord, read_preferences
@@ -30,19 +28,8 @@ def tiny_checkpoint(path, seed):
 
 def serve(*args, timeout=120.0):
     cmd = [sys.executable, "-m", "palm_rlhf.cli.main", "feedback", "serve", "--port", "0", *map(str, args)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    lines, found = [], threading.Event()
-
-    def read():
-        for line in proc.stdout:
-            lines.append(line)
-            if "feedback app on http://" in line:
-                found.set()
-    threading.Thread(target=read, daemon=True).start()
-    if not found.wait(timeout):
-        proc.kill()
-        raise AssertionError("serve did not start:\n" + "".join(lines))
+    proc, lines = launch(cmd, "feedback app on http://", timeout=timeout, cwd=ROOT,
+                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
     url = re.search(r"http://[\d.]+:\d+", "".join(lines)).group(0)
     return proc, url, lines
 

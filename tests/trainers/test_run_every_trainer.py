@@ -256,3 +256,26 @@ def test_log_lines_do_not_glue_onto_the_progress_bar(tmp_path, capsys):
     assert len(lines) >= 3 and "reward:" in err, err
     for line in lines:
         assert line.split("\r")[-1].startswith("LOG step "), repr(line)
+
+
+@pytest.mark.parametrize("kind", ["pretrain", "dpo"])
+def test_ctrl_c_on_the_cli_saves_and_exits_130(tmp_path, kind):
+    """The command a user runs: SIGINT once training has begun -> checkpoint, the resume hint, exit 130."""
+    import time
+
+    from run_testing import overrides
+
+    write_inputs(tmp_path)
+    args = [o for o in overrides(kind, tmp_path, "cli", max_steps=100_000)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-m", "palm_rlhf", kind, *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    deadline = time.monotonic() + 240
+    while not read_metrics(tmp_path / "cli") and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 130, err[-2000:]
+    assert "resume with the same command" in err and "Traceback" not in err, err[-2000:]
+    step = CheckpointManager(tmp_path / "cli").load()["step"]
+    assert step >= 1 and max(r["step"] for r in read_metrics(tmp_path / "cli")) == step
