@@ -2,11 +2,13 @@
 
 Layout of a `save_pretrained` directory:
 
-    config.json          PaLM constructor arguments + finetune scopes and their ranks
+    config.json          PaLM constructor arguments + finetune scopes, their ranks and LoRA alphas
+                         (`finetune_scope_alphas`; a scope without one is a pre-alpha adapter: scale 1)
     model.safetensors    every persistent tensor except the tied `to_logits.weight`
 
 Adapters (one LoRA scope) are saved alone by `save_adapter` as a small
-safetensors file whose metadata records the scope name and rank.
+safetensors file whose metadata records the scope name, rank and `lora_alpha` (absent in
+files written before alpha existed: those load with alpha = r, the scale they were trained with).
 
 Every file is written under a temporary name `.NAME.XXXXXXXX.tmp` in the same directory and
 renamed into place; `remove_temporaries` deletes what a killed writer left behind (each atomic
@@ -277,6 +279,7 @@ def save_pretrained(model, directory) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     config = dict(model.config)
     config["finetune_scopes"] = dict(model.finetune_scope_ranks)
+    config["finetune_scope_alphas"] = dict(model.finetune_scope_alphas)
     config["format_version"] = FORMAT_VERSION
     config["layernorm_gain"] = "absolute"
     atomic_save_tensors(_persistent_state(model), directory / WEIGHTS_NAME, metadata={"format": "pt"})
@@ -298,6 +301,7 @@ def from_pretrained(cls, directory, map_location="cpu", **overrides):
     directory = Path(directory)
     config = read_config(directory)
     scopes = config.pop("finetune_scopes", {}) or {}
+    alphas = config.pop("finetune_scope_alphas", {}) or {}
     for key in ("format_version", "layernorm_gain"):
         config.pop(key, None)
     config.update(overrides)
@@ -305,10 +309,16 @@ def from_pretrained(cls, directory, map_location="cpu", **overrides):
         model = cls(**config)
     except TypeError as e:
         raise CheckpointError(f"{directory / CONFIG_NAME}: {e}") from e
-    for scope, r in scopes.items():
-        model.add_finetune_params(scope, lora_r=r)
+    add_saved_scopes(model, scopes, alphas)
     load_into(model, load_state_dict_file(directory / WEIGHTS_NAME), source=str(directory / WEIGHTS_NAME))
     return model.to(map_location)
+
+
+def add_saved_scopes(model, ranks: dict, alphas: dict) -> None:
+    """Recreate the scopes of a config.json record; a scope saved without an alpha
+    (before alpha existed) gets alpha = r, the output scale 1 it was trained with."""
+    for scope, r in ranks.items():
+        model.add_finetune_params(scope, lora_r=r, lora_alpha=alphas.get(scope, r))
 
 
 # ---------------------------------------------------------------- adapters
@@ -320,6 +330,7 @@ def save_adapter(model, scope: str, path) -> Path:
     prefix = f"finetune_modules.{scope}."
     tensors = {k[len(prefix):]: v for k, v in model.state_dict().items() if k.startswith(prefix)}
     meta = {"scope": scope, "lora_r": str(model.finetune_scope_ranks[scope]),
+            "lora_alpha": repr(model.finetune_scope_alphas[scope]),
             "dim": str(model.dim), "depth": str(len(model.layers))}
     path = Path(path)
     atomic_save_tensors(tensors, path, metadata=meta)
@@ -337,7 +348,8 @@ def load_adapter(model, path, scope: str | None = None) -> str:
     scope = scope or meta.get("scope", "default")
     if scope in model.finetune_modules:
         model.remove_finetune_params(scope)
-    model.add_finetune_params(scope, lora_r=int(meta["lora_r"]))
+    r = int(meta["lora_r"])
+    model.add_finetune_params(scope, lora_r=r, lora_alpha=float(meta.get("lora_alpha", r)))
     try:
         load_into(model.finetune_modules[scope], load_state_dict_file(path), source=str(path))
     except CheckpointError:

@@ -2,20 +2,41 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
+
+# the trainers' `lora_alpha` default. With the bounded A below and output scale alpha / r, Adam's
+# early steps move the outputs by an amount that does not depend on r; 64 makes a rank-8 scope's
+# first steps as large as the old init's (randn A, scale 1) on the tiny presets, so learning
+# rates tuned before alpha existed keep their meaning (tests/model/test_lora_alpha.py)
+DEFAULT_LORA_ALPHA = 64.0
 
 
 class LoRA(nn.Module):
     """Low-rank update W = A @ B * (alpha / r); B starts at zero, so a new
-    adapter leaves the model's outputs unchanged."""
+    adapter leaves the model's outputs unchanged.
+
+    A is drawn as peft and the LoRA paper's code do (Kaiming-uniform with a=sqrt(5) on the
+    (r, dim) down-projection, i.e. U(-1/sqrt(dim), 1/sqrt(dim))), so `x @ A` has the same scale
+    for every rank; the `alpha / r` factor then keeps Adam's early update size rank-independent
+    and a learning rate tuned at one rank transfers to another.
+
+    `alpha=None` is the seed's LoRA: A ~ randn and scale 1 (alpha = r), whose early step grows
+    with r. The seed-compatible constructors keep it, so seed weights load and behave as before.
+    """
 
     def __init__(self, dim: int, dim_out: int, r: int = 8, alpha: float | None = None):
         super().__init__()
-        alpha = r if alpha is None else alpha
-        self.scale = alpha / r
-        self.A = nn.Parameter(torch.randn(dim, r))
-        self.B = nn.Parameter(torch.zeros(r, dim_out))
+        self.alpha = float(r if alpha is None else alpha)
+        self.scale = self.alpha / r
+        if alpha is None:
+            self.A = nn.Parameter(torch.randn(dim, r))  # (dim, r)
+        else:
+            bound = 1.0 / math.sqrt(dim)
+            self.A = nn.Parameter(torch.empty(dim, r).uniform_(-bound, bound))  # (dim, r)
+        self.B = nn.Parameter(torch.zeros(r, dim_out))  # (r, dim_out)
 
     @property
     def weight(self) -> Tensor:

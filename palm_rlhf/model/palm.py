@@ -77,8 +77,10 @@ class PaLM(nn.Module):
         nn.init.normal_(self.token_emb.weight, std=0.02)
 
         self.lora_r = lora_r
+        self.lora_alpha: float | None = None  # alpha of new scopes; None: the seed's LoRA (see model/lora.py)
         self.finetune_modules = nn.ModuleDict({})
         self.finetune_scope_ranks: dict[str, int] = {}
+        self.finetune_scope_alphas: dict[str, float] = {}  # saved with the scope: output scale alpha / r
         for scope in finetune_scopes:
             self.add_finetune_params(scope)
         self.cross_entropy_ignore_index = cross_entropy_ignore_index
@@ -125,25 +127,33 @@ class PaLM(nn.Module):
 
     _require_scope = require_scope  # the name model/checkpoint.py calls
 
-    def add_finetune_params(self, scope: str, lora_r: int | None = None) -> None:
+    def add_finetune_params(self, scope: str, lora_r: int | None = None, lora_alpha: float | None = None) -> None:
+        """A new LoRA scope of rank `lora_r` (default: the model's) scaled by `lora_alpha / lora_r`
+        with a bounded A (the trainers pass `DEFAULT_LORA_ALPHA`). `lora_alpha=None` (and
+        `self.lora_alpha` None, the default) is the seed's LoRA: randn A, scale 1."""
         if scope in self.finetune_modules:
             existing = ", ".join(repr(s) for s in self.finetune_modules)
             raise ConfigError(f"finetune scope {scope!r} already exists (scopes: {existing}); "
                               f"pick a new name or remove_finetune_params({scope!r}) first.")
         r = self.lora_r if lora_r is None else lora_r
+        alpha = self.lora_alpha if lora_alpha is None else lora_alpha
+        if alpha is not None and not float(alpha) > 0:
+            raise ConfigError(f"lora_alpha={lora_alpha!r}: must be > 0 (the LoRA output is scaled by alpha / r)")
         q_inner, kv_inner = self.heads * self.dim_head, self.dim_head
         param = self.token_emb.weight
         modules = nn.ModuleList([
-            nn.ModuleList([LoRA(self.dim, q_inner, r=r), LoRA(self.dim, kv_inner, r=r),
-                           LoRA(self.dim, kv_inner, r=r), LoRA(q_inner, self.dim, r=r)])
+            nn.ModuleList([LoRA(self.dim, q_inner, r, alpha), LoRA(self.dim, kv_inner, r, alpha),
+                           LoRA(self.dim, kv_inner, r, alpha), LoRA(q_inner, self.dim, r, alpha)])
             for _ in self.layers
         ])
         self.finetune_modules[scope] = modules.to(device=param.device, dtype=param.dtype)
         self.finetune_scope_ranks[scope] = r
+        self.finetune_scope_alphas[scope] = modules[0][0].alpha
 
     def remove_finetune_params(self, scope: str) -> nn.ModuleList:
         self.require_scope(scope)
         self.finetune_scope_ranks.pop(scope, None)
+        self.finetune_scope_alphas.pop(scope, None)
         return self.finetune_modules.pop(scope)
 
     @torch.no_grad()

@@ -26,8 +26,8 @@ from torch import Tensor, nn
 
 from ..errors import CheckpointError, ConfigError, InputError
 from ..ops import gumbel_sample, masked_mean
-from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, atomic_save_tensors, atomic_write_bytes, load_into, \
-    load_state_dict_file, read_config
+from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, add_saved_scopes, atomic_save_tensors, atomic_write_bytes, \
+    load_into, load_state_dict_file, read_config
 from .palm import PaLM
 
 POOLINGS = ("response_mean", "last", "mean")
@@ -80,7 +80,8 @@ def pack_prompt_response(prompts: Sequence[Tensor], responses: Sequence[Tensor],
 class RewardModel(nn.Module):
     def __init__(self, palm: PaLM, dropout: float = 0.1, num_binned_output: float = 0.0, use_lora: bool = True,
                  lora_r: int = 8, reward_lora_scope: str = "reward", sample_from_bins: bool | None = None,
-                 sample_temperature: float = 1.0, *, pooling: str = "response_mean"):
+                 sample_temperature: float = 1.0, *, pooling: str = "response_mean",
+                 lora_alpha: float | None = None):
         super().__init__()
         if not isinstance(palm, PaLM):
             raise ConfigError(f"RewardModel(palm=...) needs a palm_rlhf PaLM, got {type(palm).__name__}")
@@ -99,7 +100,8 @@ class RewardModel(nn.Module):
         self.palm.set_dropout(dropout)
         self.reward_lora_scope = reward_lora_scope if use_lora else None
         if self.reward_lora_scope is not None:
-            self.palm.add_finetune_params(reward_lora_scope, lora_r=lora_r)
+            self.palm.add_finetune_params(reward_lora_scope, lora_r=lora_r, lora_alpha=lora_alpha)
+        lora_alpha = self.palm.finetune_scope_alphas.get(reward_lora_scope, lora_alpha)
 
         dim = palm.dim
         self.prompt_embed = nn.Parameter(torch.zeros(1, 1, dim))
@@ -115,7 +117,8 @@ class RewardModel(nn.Module):
         self.reward_config = dict(dropout=float(dropout), num_binned_output=int(num_binned_output) if
                                   self.binned_output else 0, use_lora=bool(use_lora), lora_r=int(lora_r),
                                   reward_lora_scope=reward_lora_scope, sample_from_bins=self.sample_from_bins,
-                                  sample_temperature=self.sample_temperature, pooling=pooling)
+                                  sample_temperature=self.sample_temperature, pooling=pooling,
+                                  lora_alpha=None if lora_alpha is None else float(lora_alpha))
 
     # ------------------------------------------------------------------ seed utilities
 
@@ -239,6 +242,8 @@ class RewardModel(nn.Module):
         # scopes the PaLM had before the reward scope was added are rebuilt by from_pretrained
         palm_config["finetune_scopes"] = {s: r for s, r in self.palm.finetune_scope_ranks.items()
                                           if s != self.reward_lora_scope}
+        palm_config["finetune_scope_alphas"] = {s: a for s, a in self.palm.finetune_scope_alphas.items()
+                                                if s != self.reward_lora_scope}
         config = {"model_type": "reward_model", "format_version": 1, "palm": palm_config,
                   "reward": self.reward_config}
         state = {k: v for k, v in self.state_dict().items() if k != _TIED}
@@ -257,10 +262,12 @@ class RewardModel(nn.Module):
                                   f"model_type 'reward_model'); a PaLM checkpoint loads with PaLM.from_pretrained")
         palm_config = dict(config["palm"])
         scopes = palm_config.pop("finetune_scopes", {}) or {}
+        alphas = palm_config.pop("finetune_scope_alphas", {}) or {}
         palm = PaLM(**palm_config)
-        for scope, r in scopes.items():
-            palm.add_finetune_params(scope, lora_r=r)
+        add_saved_scopes(palm, scopes, alphas)
         reward_config = {**config["reward"], **overrides}
+        # a reward model saved before alpha existed trained its scope at scale 1 (alpha = r)
+        reward_config.setdefault("lora_alpha", reward_config.get("lora_r", 8))
         try:
             model = cls(palm, **reward_config)
         except TypeError as e:

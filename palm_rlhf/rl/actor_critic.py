@@ -32,7 +32,7 @@ class ActorCritic(nn.Module):
     def __init__(self, palm: PaLM, critic: PaLM | None = None, pooled_values: bool = False, actor_lora: bool = True,
                  critic_lora: bool = True, actor_lora_r: int = 8, critic_lora_r: int = 8,
                  actor_lora_scope: str = "actor", critic_lora_scope: str = "critic", actor_dropout: float = 0.0,
-                 critic_dropout: float = 0.0, critic_dim_out: int = 6):
+                 critic_dropout: float = 0.0, critic_dim_out: int = 6, *, lora_alpha: float | None = None):
         super().__init__()
         if not isinstance(palm, PaLM):
             raise ConfigError(f"ActorCritic(palm=...) needs a palm_rlhf PaLM, got {type(palm).__name__}")
@@ -61,9 +61,9 @@ class ActorCritic(nn.Module):
         if not self.critic_shares_base:
             critic.set_dropout(critic_dropout)
         if self.actor_lora and actor_lora_scope not in palm.finetune_modules:
-            palm.add_finetune_params(actor_lora_scope, lora_r=actor_lora_r)
+            palm.add_finetune_params(actor_lora_scope, lora_r=actor_lora_r, lora_alpha=lora_alpha)
         if self.critic_lora and critic_lora_scope not in critic.finetune_modules:
-            critic.add_finetune_params(critic_lora_scope, lora_r=critic_lora_r)
+            critic.add_finetune_params(critic_lora_scope, lora_r=critic_lora_r, lora_alpha=lora_alpha)
         if self.actor_lora:
             # LoRA trains only the adapters: freezing the base skips its weight gradients in backward
             for p in palm.palm_parameters():

@@ -109,5 +109,43 @@ def negative_kl_is_significant(kl_tokens: Tensor, mask: Tensor, z: float = 3.0) 
     return bool(mean < -z * std / n ** 0.5) and bool(mean < -1e-6)
 
 
+@dataclass
+class SequenceKL:
+    """KL(policy || reference) per sequence, estimated on responses sampled from the policy.
+
+    mean: the mean over sequences of sum_t (logp - ref_logp) (nats per sequence, the k1
+    estimator summed over each response's tokens: unbiased, a single sequence can be < 0);
+    stderr: its standard error over sequences (0 with one sequence); per_token: the mean over
+    all real tokens; sequences: how many went in.
+    """
+
+    mean: float
+    stderr: float
+    per_token: float
+    sequences: int
+
+    def over(self, budget: float | None) -> bool:
+        """Whether the mean passed `budget` nats per sequence (None: no budget)."""
+        return budget is not None and self.mean > budget
+
+
+def sequence_kl(logp: Tensor, ref_logp: Tensor, mask: Tensor) -> SequenceKL:
+    """Summed log-ratio policy vs reference over each sampled response.
+
+    logp, ref_logp: (b, T) log-probs of the sampled tokens under the policy and the reference;
+    mask: (b, T) True on real response tokens (padding contributes nothing).
+    """
+    if logp.shape != ref_logp.shape or logp.shape != mask.shape or logp.dim() != 2:
+        raise ConfigError(f"sequence_kl: logp {tuple(logp.shape)}, ref_logp {tuple(ref_logp.shape)} and mask "
+                          f"{tuple(mask.shape)} must be the same (b, T) shape")
+    mask = mask.bool()
+    per_seq = ((logp.double() - ref_logp.double()) * mask).sum(-1)  # (b,)
+    b = per_seq.numel()
+    stderr = float(per_seq.std() / b ** 0.5) if b > 1 else 0.0
+    tokens = int(mask.sum())
+    per_token = float(per_seq.sum() / tokens) if tokens else 0.0
+    return SequenceKL(float(per_seq.mean()) if b else 0.0, stderr, per_token, b)
+
+
 __all__ = ["KL_ESTIMATORS", "kl_per_token", "FixedKLController", "AdaptiveKLController", "make_kl_controller",
-           "negative_kl_is_significant"]
+           "negative_kl_is_significant", "SequenceKL", "sequence_kl"]

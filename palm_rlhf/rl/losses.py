@@ -119,7 +119,7 @@ class PreferenceLossOutput:
 
     def metrics(self) -> dict[str, float]:
         margin = self.chosen_rewards - self.rejected_rewards
-        return {"loss": float(self.loss.mean()), "reward_accuracy": float((margin > 0).float().mean()),
+        return {"loss": float(self.loss.detach().mean()), "reward_accuracy": float((margin > 0).float().mean()),
                 "reward_margin": float(margin.mean()), "chosen_reward": float(self.chosen_rewards.mean()),
                 "rejected_reward": float(self.rejected_rewards.mean())}
 

@@ -37,7 +37,8 @@ class Reference:
             self.kind, self.model = "frozen_scope", model
             self.scope = f"{actor_scope}_ref"
             if self.scope not in model.finetune_modules:
-                model.add_finetune_params(self.scope, lora_r=model.finetune_scope_ranks[actor_scope])
+                model.add_finetune_params(self.scope, lora_r=model.finetune_scope_ranks[actor_scope],
+                                          lora_alpha=model.finetune_scope_alphas[actor_scope])
             model.finetune_modules[self.scope].load_state_dict(model.finetune_modules[actor_scope].state_dict())
             model.finetune_modules[self.scope].requires_grad_(False)
 

@@ -10,7 +10,10 @@ generation's stop reasons, and returns float scores (b,). Build one with
   judge); with `tokenizer=` it receives decoded strings instead of token ids. One of
   another shape (TRL's ``f(completions)``) is a ConfigError showing the expected one;
   `import_reward_function("module:function")` finds it as ``python script.py`` would,
-  in the working directory first (or in a file: ``path/to/rewards.py:function``);
+  in the working directory first (or in a file: ``path/to/rewards.py:function``).
+  A callable that declares a ``stop_reasons`` parameter also gets each completion's stop
+  reason ("eos", "max_new_tokens", ...) by keyword, one that declares ``finished`` gets
+  booleans (True = ended with EOS), so it can tell a finished answer from one cut short;
 * a list of ``(source, weight)`` pairs: their weighted sum;
 * an existing `RewardSource`.
 
@@ -71,24 +74,36 @@ class CallableReward(RewardSource):
     def __init__(self, fn: Callable, tokenizer=None):
         if not callable(fn):
             raise ConfigError(f"reward function {fn!r} is not callable")
-        _check_signature(fn, "strings" if tokenizer is not None else "token-id tensors")
+        self.extras = _declared(fn, ("stop_reasons", "finished"))
+        _check_signature(fn, "strings" if tokenizer is not None else "token-id tensors", self.extras)
         self.fn, self.tokenizer = fn, tokenizer
 
     def score(self, prompts, completions, stop_reasons):
         if self.tokenizer is not None:
             prompts = [self.tokenizer.decode(p.tolist()) for p in prompts]
             completions = [self.tokenizer.decode(c.tolist()) for c in completions]
-        return self.fn(prompts, completions)
+        given = {"stop_reasons": list(stop_reasons), "finished": [r == "eos" for r in stop_reasons]}
+        return self.fn(prompts, completions, **{name: given[name] for name in self.extras})
 
 
-def _check_signature(fn: Callable, items: str) -> None:
-    """ConfigError unless `fn` can be called as fn(prompts, completions)."""
+def _declared(fn: Callable, names: Sequence[str]) -> list[str]:
+    """Which of `names` fn declares as parameters (not via **kwargs: those may mean something else)."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # some builtins have no signature: the (prompts, completions) form
+        return []
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [n for n in names if n in params and params[n].kind in kinds]
+
+
+def _check_signature(fn: Callable, items: str, extras: Sequence[str] = ()) -> None:
+    """ConfigError unless `fn` can be called as fn(prompts, completions, **extras)."""
     try:
         signature = inspect.signature(fn)
     except (TypeError, ValueError):  # a builtin without introspectable parameters: trust it
         return
     try:
-        signature.bind([], [])
+        signature.bind([], [], **{name: [] for name in extras})
     except TypeError:
         name = getattr(fn, "__qualname__", None) or type(fn).__name__
         raise ConfigError(f"reward function {name}{signature} cannot be called as fn(prompts, completions); "

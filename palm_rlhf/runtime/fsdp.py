@@ -61,8 +61,9 @@ def full_model_state(model: nn.Module) -> dict:
 def unsharded_copy(model: nn.Module, state: dict) -> nn.Module:
     """A plain CPU PaLM with `model`'s config, LoRA scopes and the gathered `state`."""
     copy = type(model)(**model.config)
+    alphas = getattr(model, "finetune_scope_alphas", {})
     for scope, rank in getattr(model, "finetune_scope_ranks", {}).items():
-        copy.add_finetune_params(scope, rank)
+        copy.add_finetune_params(scope, rank, alphas.get(scope))
     load_into(copy, state, source="gathered FSDP state")
     return copy
 

@@ -8,6 +8,9 @@ from ..errors import DataError
 from .metrics import read_metrics
 
 
+KL_KEYS = ("kl_ref", "kl_budget")
+
+
 def series(rows: list[dict], key: str) -> tuple[list, list]:
     """(steps, values) of `key` over the rows that hold a number for it."""
     pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float)) and not isinstance(r[key], bool)]
@@ -54,14 +57,19 @@ def plot_series(rows: list[dict], keys, title: str, path) -> bool:
 
 
 def plot_run(run_dir, out=None) -> Path:
-    """RUN_DIR/curves.png: losses (and bits per byte) above, the learning rate below."""
+    """RUN_DIR/curves.png: losses (and bits per byte) above, the learning rate below, and between
+    them, for runs that log it (PPO, GRPO, DPO), the KL to the reference (and DPO's budget)."""
     rows = read_metrics(run_dir)
     if not rows:
         raise DataError(f"{run_dir}: no metrics.jsonl rows; is this a run directory (palm-rlhf pretrain --out)?")
     out = Path(out) if out else Path(run_dir) / "curves.png"
     plt = _pyplot()
-    fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
-    _draw(ax_loss, rows, ("train/loss", "val/loss", "val/bpb"), "loss (nats/token) / bits per byte")
+    has_kl = any(series(rows, key)[0] for key in KL_KEYS)  # RL and DPO runs: drift from the reference
+    fig, axes = plt.subplots(3 if has_kl else 2, 1, figsize=(8, 10 if has_kl else 7), sharex=True)
+    ax_loss, ax_lr = axes[0], axes[-1]
+    _draw(ax_loss, rows, ("train/loss", "val/loss", "val/bpb", "loss"), "loss (nats/token) / bits per byte")
+    if has_kl:
+        _draw(axes[1], rows, KL_KEYS, "KL to the reference (nats / sequence)")
     _draw(ax_lr, rows, ("lr",), "learning rate")
     ax_lr.set_xlabel("step")
     fig.suptitle(str(run_dir))

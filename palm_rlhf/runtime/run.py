@@ -291,6 +291,9 @@ class Run:
                     if c.save_every and self.step % c.save_every == 0:
                         self.save_checkpoint(trainer)
                         last_saved = self.step
+                    if getattr(trainer, "stop_requested", False):  # e.g. DPO past its KL budget
+                        log.info("%s: stopping at step %d (the trainer asked to)", self.name, self.step)
+                        break
                 if last_saved != self.step:
                     self.save_checkpoint(trainer)
                 self.write_final(trainer)

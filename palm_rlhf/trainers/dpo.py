@@ -4,7 +4,13 @@ Trains the actor LoRA scope on pairwise preference records (the JSONL schema of
 `palm_rlhf.data.preferences`). The reference is the same model with the actor
 scope disabled (fresh scope) or a frozen snapshot of a pretrained adapter
 (`palm_rlhf.rl.reference`). Reports held-out implicit-reward accuracy and margin,
-and the policy's own preference accuracy (log p(chosen) > log p(rejected)).
+the policy's own preference accuracy (log p(chosen) > log p(rejected)), and its drift:
+`kl_ref`, KL(policy || reference) in nats per sequence, measured on completions the policy
+samples (temperature 1, no filter) for the first `kl_samples` held-out prompts: the summed
+log-ratio of each sampled response (`palm_rlhf.rl.kl.sequence_kl`, the k1 estimator: unbiased).
+Past `kl_budget` it warns, and with `stop_at_kl_budget` it ends the run there (final/ is the
+policy at that evaluation). The learning rate warms up linearly, then decays (cosine) to
+`lr * min_lr_ratio` at `max_steps`, like every other trainer (`runtime.optim.build_scheduler`).
 The policy learns with dropout off (step 1 on a fresh scope has loss ln 2 exactly).
 """
 
@@ -20,10 +26,15 @@ import torch
 from ..data.preferences import PairwiseRecord, read_preferences
 from ..errors import ConfigError, DataError
 from ..model.checkpoint import load_adapter
+from ..generation import SamplingConfig, generate
+from ..model.lora import DEFAULT_LORA_ALPHA
+from ..rl.collect import right_pad
+from ..rl.kl import SequenceKL, sequence_kl
 from ..rl.losses import PREFERENCE_LOSSES, preference_loss
 from ..rl.reference import Reference
 from ..rl.rollout import pack_sequences, response_log_probs
 from ..runtime.distributed import all_reduce_mean, all_reduce_sum
+from ..runtime.optim import OptimConfig, build_scheduler
 from ..runtime.run import MergedAdapter, OnRun, Run, RunSettings
 from .rl_base import eos_token, seeded, start_policy
 
@@ -51,10 +62,17 @@ class DPOConfig(RunSettings):
     label_smoothing: float = 0.0     # conservative DPO: assumed share of flipped labels
     max_len: int = 256                   # prompt + response tokens per sequence (prompt cut from the left)
     lora_r: int = 8                  # LoRA rank
+    lora_alpha: float = DEFAULT_LORA_ALPHA  # LoRA output scale alpha / r: a learning rate transfers across ranks
     actor_scope: str = "actor"       # name of the trained LoRA scope
     max_grad_norm: float | None = 1.0  # gradient clipping; null: off
     precision: str = "fp32"          # fp32 | bf16 (autocast) | fp16 (CUDA)
-    eval_every: int = 50             # held-out accuracy every N steps (and at the end)
+    eval_every: int = 50             # held-out accuracy and kl_ref every N steps (and at the end)
+    warmup_steps: int = 10           # linear warmup, then cosine decay to lr * min_lr_ratio at max_steps
+    min_lr_ratio: float = 0.1        # the decay ends at lr * min_lr_ratio
+    kl_samples: int = 32             # held-out prompts the policy completes to measure kl_ref (0: no kl_ref)
+    kl_max_new_tokens: int = 64      # length of those completions
+    kl_budget: float | None = None   # nats/sequence: warn when kl_ref passes it (null: no budget)
+    stop_at_kl_budget: bool = False  # end the run (checkpoint + final/) at the first kl_ref over kl_budget
 
     def __post_init__(self):
         super().__post_init__()
@@ -69,6 +87,16 @@ class DPOConfig(RunSettings):
             raise ConfigError(f"label_smoothing={self.label_smoothing} must be in [0, 0.5)")
         if not 0.0 <= self.heldout_fraction < 1.0:
             raise ConfigError(f"heldout_fraction={self.heldout_fraction} must be in [0, 1)")
+        if int(self.warmup_steps) < 0 or int(self.kl_samples) < 0 or int(self.kl_max_new_tokens) < 1:
+            raise ConfigError(f"warmup_steps={self.warmup_steps}, kl_samples={self.kl_samples} must be >= 0 and "
+                              f"kl_max_new_tokens={self.kl_max_new_tokens} >= 1")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        if self.kl_budget is not None and not self.kl_budget > 0:
+            raise ConfigError(f"kl_budget={self.kl_budget} must be > 0 nats per sequence (or null: no budget)")
+        if self.stop_at_kl_budget and (self.kl_budget is None or not self.kl_samples):
+            raise ConfigError("stop_at_kl_budget=true needs kl_budget=NATS and kl_samples > 0 (kl_ref is what "
+                              "is compared with the budget)")
 
 
 def encode_pair(record: PairwiseRecord, tokenizer, max_len: int, eos: int | None = None):
@@ -101,7 +129,7 @@ class DPOTrainer(OnRun):
         start_policy(self)
         self.eos = eos_token(c, self.tokenizer)
         if c.actor_scope not in self.model.finetune_modules:
-            self.model.add_finetune_params(c.actor_scope, lora_r=c.lora_r)
+            self.model.add_finetune_params(c.actor_scope, lora_r=c.lora_r, lora_alpha=c.lora_alpha)
         if c.actor_adapter:
             load_adapter(self.model, c.actor_adapter, scope=c.actor_scope)
         for p in self.model.palm_parameters():
@@ -109,7 +137,12 @@ class DPOTrainer(OnRun):
         self.reference = Reference(self.model, c.actor_scope)
         self.params = list(self.model.finetune_parameters(c.actor_scope))
         self.optimizer = torch.optim.AdamW(self.params, lr=c.lr, weight_decay=c.weight_decay)
-        self.run.stepper(self.model, self.optimizer, clip_grad_norm=c.max_grad_norm or 0.0, precision=c.precision)
+        schedule = OptimConfig(lr=c.lr, weight_decay=c.weight_decay, warmup_steps=c.warmup_steps,
+                               min_lr_ratio=c.min_lr_ratio)
+        self.scheduler = build_scheduler(self.optimizer, schedule, c.max_steps)
+        self.run.stepper(self.model, self.optimizer, self.scheduler, clip_grad_norm=c.max_grad_norm or 0.0,
+                         precision=c.precision)
+        self.stop_requested, self.over_budget_since = False, None
         self.run.start(self)
         return self
 
@@ -191,12 +224,55 @@ class DPOTrainer(OnRun):
             captured.update(out.metrics())
             return out.loss.mean(), float(len(records))
 
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler steps after it)
         result = self.run.optimizer_step(loss_fn, [self._batch(step)])
         # every rank holds batch_size / world pairs: the mean of the ranks' means is the global batch's
-        row = {**all_reduce_mean(captured), "grad_norm": result.grad_norm}
+        row = {**all_reduce_mean(captured), "grad_norm": result.grad_norm, "lr": lr}
         if self.heldout_records and ((step + 1) % c.eval_every == 0 or step + 1 == c.max_steps):
             row.update({f"heldout_{k}": v for k, v in self.evaluate().items()})
+            row.update(self._drift(step + 1))
         return row
+
+    def _drift(self, step: int) -> dict:
+        """kl_ref (and the budget) for the metrics row; warns once the budget is passed."""
+        c = self.config
+        kl = self.measure_kl(seed=c.seed + step)
+        if kl is None:
+            return {}
+        row = {"kl_ref": kl.mean, "kl_ref_stderr": kl.stderr}
+        if c.kl_budget is not None:
+            row["kl_budget"] = c.kl_budget
+            if kl.over(c.kl_budget) and self.over_budget_since is None:
+                self.over_budget_since = step
+                log.warning("dpo step %d: kl_ref %.2f nats/sequence passed kl_budget=%g%s", step, kl.mean,
+                            c.kl_budget, "; stopping here (stop_at_kl_budget=true)" if c.stop_at_kl_budget else
+                            "; lower lr or max_steps, raise beta, or set stop_at_kl_budget=true to stop at the budget")
+            self.stop_requested = c.stop_at_kl_budget and kl.over(c.kl_budget)
+        return row
+
+    @torch.no_grad()
+    def measure_kl(self, records=None, seed: int = 0) -> SequenceKL | None:
+        """KL(policy || reference) on completions the policy samples for the first `kl_samples` held-out
+        prompts (every rank samples the same rows with the same seed, so no collective is needed)."""
+        c = self.config
+        records = (self.heldout_records if records is None else records)[: c.kl_samples]
+        if not records:
+            return None
+        keep = max(1, c.max_len - c.kl_max_new_tokens)  # prompts lose tokens from the left, as in training
+        prompts = [torch.tensor((self.tokenizer.encode(r.prompt) or [self.eos])[-keep:]) for r in records]
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            sampling = SamplingConfig(max_new_tokens=c.kl_max_new_tokens, temperature=1.0, eos_token=self.eos,
+                                      seed=seed)
+            out = generate(self.model, prompts, sampling, finetune_scope=c.actor_scope)
+            device = out.tokens.device
+            padded, lengths = right_pad(prompts)
+            packed = pack_sequences(padded.to(device), lengths.to(device), out.tokens, out.mask)
+            logp, _ = response_log_probs(self.model, packed, finetune_scope=c.actor_scope)
+            return sequence_kl(logp, self.reference.log_probs(packed), out.mask)
+        finally:
+            self.model.train(was_training)
 
     @torch.no_grad()
     def evaluate(self, records=None, batch_size: int = 32) -> dict[str, float]:
@@ -222,11 +298,13 @@ class DPOTrainer(OnRun):
 
     def state_dict(self) -> dict:
         return {"trainable": dict(self.model.finetune_modules[self.config.actor_scope].state_dict()),
-                "optimizer": self.optimizer.state_dict()}
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
 
     def load_state_dict(self, state: dict, directory: Path) -> None:
         self.model.finetune_modules[self.config.actor_scope].load_state_dict(state["trainable"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if "scheduler" in state:  # checkpoints written before DPO had a schedule have none
+            self.scheduler.load_state_dict(state["scheduler"])
 
     def saveable(self, final: bool = False):
         return MergedAdapter(self.model, self.config.actor_scope)

@@ -20,6 +20,7 @@ import torch
 from ..data.sft import encode_sft, read_sft, sft_batch, split_records
 from ..errors import ConfigError
 from ..model import PaLM
+from ..model.lora import DEFAULT_LORA_ALPHA
 from ..ops import token_cross_entropy
 from ..runtime import distributed as rdist, fsdp
 from ..runtime.run import ADAPTER_NAME, MergedAdapter
@@ -36,6 +37,7 @@ __all__ = ["FinetuneConfig", "LoraConfig", "FinetuneTrainer", "ADAPTER_NAME"]  #
 class LoraConfig:
     scope: str = ""     # "" = full finetune; a name (e.g. "sft") = train only that LoRA scope
     r: int = 8                       # LoRA rank
+    alpha: float = DEFAULT_LORA_ALPHA  # LoRA output scale alpha / r: a learning rate transfers across ranks
 
     def __post_init__(self):
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
@@ -95,7 +97,7 @@ class FinetuneTrainer(LMTrainer):
         if self.scope:
             if self.scope in model.finetune_modules:
                 raise ConfigError(f"lora.scope={self.scope!r} already exists in {c.model}; choose another name")
-            model.add_finetune_params(self.scope, c.lora.r)
+            model.add_finetune_params(self.scope, c.lora.r, c.lora.alpha)
             for p in model.parameters():
                 p.requires_grad_(False)
             for p in model.finetune_parameters(self.scope):

@@ -49,7 +49,7 @@ class GRPOTrainer(RLTrainerBase):
         self.hp = c.hyperparams()
         self.actor_scope = c.actor_scope
         if self.actor_scope not in self.model.finetune_modules:
-            self.model.add_finetune_params(self.actor_scope, lora_r=c.lora_r)
+            self.model.add_finetune_params(self.actor_scope, lora_r=c.lora_r, lora_alpha=c.lora_alpha)
         if c.actor_adapter:
             load_adapter(self.model, c.actor_adapter, scope=self.actor_scope)
         for p in self.model.palm_parameters():

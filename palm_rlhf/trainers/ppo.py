@@ -65,7 +65,8 @@ class PPOTrainer(RLTrainerBase):
         c = self.config
         self.hp = c.hyperparams()
         if self.actor_critic is None:
-            self.actor_critic = ActorCritic(self.model, actor_lora_r=c.lora_r, critic_lora_r=c.lora_r)
+            self.actor_critic = ActorCritic(self.model, actor_lora_r=c.lora_r, critic_lora_r=c.lora_r,
+                                            lora_alpha=c.lora_alpha)
         self.actor_scope = self.actor_critic.actor_lora_scope
         if c.actor_adapter:
             load_adapter(self.model, c.actor_adapter, scope=self.actor_scope)

@@ -17,6 +17,7 @@ from typing import ClassVar
 from ..data.preferences import read_preferences
 from ..errors import CheckpointError, ConfigError, DataError
 from ..model.reward import POOLINGS, RewardModel
+from ..model.lora import DEFAULT_LORA_ALPHA
 from ..runtime.optim import OPTIMIZERS, OptimConfig, build_optimizer, build_scheduler
 from ..runtime.run import OnRun, Run, RunSettings
 from ..runtime.step import PRECISIONS, StepResult
@@ -48,6 +49,7 @@ class RewardTrainConfig(RunSettings):
     pooling: str = "response_mean"   # how response positions become one score (palm_rlhf.model.reward.POOLINGS)
     use_lora: bool = True            # train a LoRA scope + head (false: every weight)
     lora_r: int = 8                  # LoRA rank
+    lora_alpha: float = DEFAULT_LORA_ALPHA  # LoRA output scale alpha / r: a learning rate transfers across ranks
     dropout: float = 0.0             # dropout in the reward model
     use_margin: bool = True        # subtract each record's margin inside the Bradley-Terry loss
     max_len: int = 256               # prompt + response tokens per record (prompt cut from the left)
@@ -146,7 +148,8 @@ class RewardTrainer(OnRun):
         self.val_data = encode_records(val_records, self.tokenizer) if val_records else None
 
         self.model = RewardModel(palm, dropout=c.dropout, num_binned_output=c.num_bins if objective == "binned" else 0,
-                                 use_lora=c.use_lora, lora_r=c.lora_r, pooling=c.pooling).to(self.env.device)
+                                 use_lora=c.use_lora, lora_r=c.lora_r, pooling=c.pooling,
+                                 lora_alpha=c.lora_alpha).to(self.env.device)
         del palm
         # freeze what does not train, so backward skips the base weights' gradients
         trainable = {id(p) for p in self.model.finetune_parameters()}

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from ..errors import ConfigError
 from ..generation import SamplingConfig
+from ..model.lora import DEFAULT_LORA_ALPHA
 from ..runtime.distributed import all_reduce_sum
 from ..runtime.run import MergedAdapter, OnRun, Run, RunSettings
 from ..rl.collect import collect_rollout, policy_temperature, strip_eos
@@ -62,6 +63,7 @@ class RLRunConfig(RunSettings):
     max_grad_norm: float | None = 1.0  # gradient clipping; null: off
     precision: str = "fp32"              # fp32 | bf16 (autocast) | fp16 (CUDA)
     lora_r: int = 8                  # LoRA rank of the trained scopes
+    lora_alpha: float = DEFAULT_LORA_ALPHA  # LoRA output scale alpha / r: a learning rate transfers across ranks
     sample_every: int = 10               # log a table of completions every N steps (0 = never)
 
     def __post_init__(self):

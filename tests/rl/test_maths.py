@@ -1,6 +1,7 @@
 """RL maths against numbers worked by hand (each docstring shows the arithmetic)."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -8,7 +9,8 @@ import torch
 from palm_rlhf.errors import ConfigError, InputError
 from palm_rlhf.ops import masked_whiten
 from palm_rlhf.rl.advantages import explained_variance, gae, group_advantages, kl_shaped_rewards, whiten
-from palm_rlhf.rl.kl import AdaptiveKLController, FixedKLController, kl_per_token, negative_kl_is_significant
+from palm_rlhf.rl.kl import AdaptiveKLController, FixedKLController, kl_per_token, negative_kl_is_significant, \
+    sequence_kl
 from palm_rlhf.rl.losses import aggregate, clipped_value_loss, ppo_policy_terms, preference_loss
 from palm_rlhf.rl.ppo import PPOHyperparams, ppo_prepare
 from palm_rlhf.rl.rollout import Rollout
@@ -243,3 +245,31 @@ def test_ppo_prepare_reward_whitening_keeps_the_mean():
     torch.testing.assert_close(ro.rewards, torch.tensor([[-0.05, 0.95], [-1.05, 0.0]]), atol=1e-6, rtol=0)
     torch.testing.assert_close(ro.advantages, torch.tensor([[0.4, 0.75], [-1.35, 0.0]]), atol=1e-6, rtol=0)
     torch.testing.assert_close(ro.returns, torch.tensor([[0.9, 0.95], [-1.05, 0.0]]), atol=1e-6, rtol=0)
+
+
+
+def test_preference_metrics_do_not_warn_on_a_graph():
+    """float() of a tensor that requires grad warned once per DPO run (torch UserWarning)."""
+    policy = [torch.tensor([v], requires_grad=True) for v in (-1.0, -2.0)]
+    out = preference_loss(*policy, torch.tensor([-1.5]), torch.tensor([-1.5]), beta=0.5)
+    assert out.loss.requires_grad
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert out.metrics()["loss"] == pytest.approx(math.log1p(math.exp(-0.5)))
+
+
+def test_sequence_kl_sums_the_log_ratio_per_response():
+    """Two sampled responses, the second padded after 2 tokens:
+    row 1: logp - ref = [-1 - -2, -0.5 - -0.5, -2 - -1] = [1, 0, -1]   -> sum 0
+    row 2: [-0.1 - -1.1, -0.2 - -2.2, (pad) 5]                    -> 1 + 2 = 3
+    mean (0 + 3) / 2 = 1.5; sample std sqrt(((0-1.5)^2 + (3-1.5)^2) / 1) = 2.1213;
+    stderr 2.1213 / sqrt(2) = 1.5; per token 3 / 5 = 0.6."""
+    logp = torch.tensor([[-1.0, -0.5, -2.0], [-0.1, -0.2, 0.0]])
+    ref = torch.tensor([[-2.0, -0.5, -1.0], [-1.1, -2.2, -5.0]])
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    kl = sequence_kl(logp, ref, mask)
+    assert kl.mean == pytest.approx(1.5) and kl.stderr == pytest.approx(1.5)
+    assert kl.per_token == pytest.approx(0.6) and kl.sequences == 2
+    assert kl.over(1.0) and not kl.over(2.0) and not kl.over(None)
+    with pytest.raises(ConfigError, match="same"):
+        sequence_kl(logp, ref[:, :2], mask)

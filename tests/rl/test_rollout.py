@@ -27,10 +27,10 @@ def count_of_token_5(prompts, completions):
     return [float((c == 5).float().mean()) if c.numel() else 0.0 for c in completions]
 
 
-@pytest.fixture
-def setup():
+@pytest.fixture(params=[None, 64.0], ids=["seed-lora", "alpha-64"])
+def setup(request):
     palm = tiny_palm()
-    ac = ActorCritic(palm)
+    ac = ActorCritic(palm, lora_alpha=request.param)  # the frozen reference scope copies the alpha
     # a non-zero actor adapter, so the actor differs from the reference base
     with torch.no_grad():
         for p in ac.actor_parameters():

@@ -26,3 +26,17 @@ def test_plot_series_and_plot_run(tmp_path):
     assert plot_run(tmp_path).stat().st_size > 1000
     with pytest.raises(DataError, match="no metrics.jsonl rows"):
         plot_run(tmp_path / "empty")
+
+
+def test_plot_run_draws_the_kl_of_rl_and_dpo_runs(tmp_path):
+    """A run that logs kl_ref (DPO every eval_every, PPO/GRPO every step) gets a third panel."""
+    from matplotlib.image import imread
+
+    plain, dpo = tmp_path / "plain", tmp_path / "dpo"
+    for run, extra in ((plain, {}), (dpo, {"kl_ref": 4.5, "kl_budget": 10.0})):
+        logger = MetricsLogger(run)
+        for step in range(1, 4):
+            logger.log(step, {"loss": 0.7 / step, "lr": 1e-3, **extra})
+        logger.close()
+    assert imread(plot_run(dpo)).shape[0] == 1000  # 10 in x 100 dpi: loss, KL, learning rate
+    assert imread(plot_run(plain)).shape[0] == 700  # 7 in: loss, learning rate

@@ -1,0 +1,426 @@
+"""Do the shipped presets align? RM accuracy, PPO/GRPO reward gain vs KL, DPO accuracy vs KL.
+
+    python benchmarks/alignment.py --quick                     # smoke run: minutes on a laptop CPU
+    nice -n 5 python benchmarks/alignment.py                   # the presets' own step counts, 3 seeds
+    python benchmarks/alignment.py --rm-steps 2000 --jobs 9    # the issue-19 targets, parallel runs
+
+Per pretrain preset (configs/pretrain/tiny-stdlib.yaml) the model is pretrained once and cached
+(`--cache`, default /tmp/palm-rlhf-cache/alignment). For each hidden rule, pairs of completions
+sampled from it are labelled by the rule (ties dropped); held-out pairs come from prompts never
+used for training. Then for each seed, exactly as a user would, through the CLI with nothing but
+the shipped preset, paths, a step count, the seed and the response length:
+
+    reward train --config pairwise     -> held-out pairwise accuracy
+    ppo  --config ppo  (reward_model = that RM)   -> mean reward gain (rule and RM) and KL
+    grpo --config grpo (reward_model = that RM)   -> the same
+    dpo  --config dpo                   -> held-out implicit-reward accuracy and KL
+
+Reward gain: mean score over `--eval-prompts` held-out prompts (one sample each, temperature 1)
+after minus before, with its standard error. KL: `palm_rlhf.rl.kl.sequence_kl` on those samples,
+sum over the response of log pi(y_t) - log ref(y_t) (ref = the pretrained model), nats/sequence.
+
+The rules are this file's own (the issue keeps its rules private; these are not in the library):
+    vowel   share of vowels among the characters            (a byte-count shortcut solves it)
+    word    share of space-separated words that are lowercase letters, >= 3 long   (word-level)
+    format  share of lines with balanced brackets and no trailing spaces     (format)
+    keyword share of words that are Python keywords (--rules keyword; too sparse for a barely
+            trained model: 5 of 96 sampled pairs differed after 60 pretraining steps)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import keyword
+import math
+import multiprocessing
+import os
+import random
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run from a checkout without installing
+
+import torch  # noqa: E402
+
+ALGOS = ("ppo", "grpo", "dpo")
+KEYWORDS = set(keyword.kwlist) | {"self", "None", "True", "False"}
+
+
+# ---------------------------------------------------------------- hidden rules
+
+
+def vowel_rule(text: str) -> float:
+    return sum(c in "aeiou" for c in text) / len(text) if text else 0.0
+
+
+def word_rule(text: str) -> float:
+    """Share of the whitespace-separated words that look like words: lowercase letters only, >= 3 long."""
+    words = text.split()
+    return sum(w.isalpha() and w.islower() and len(w) >= 3 for w in words) / len(words) if words else 0.0
+
+
+def keyword_rule(text: str) -> float:
+    """Share of the words that are Python keywords (ties on most pairs of a barely trained model)."""
+    words = re.findall(r"[A-Za-z_]+", text)
+    return sum(w in KEYWORDS for w in words) / len(words) if words else 0.0
+
+
+def format_rule(text: str) -> float:
+    """Fraction of lines whose brackets balance and that carry no trailing whitespace."""
+    lines = text.split("\n")
+
+    def ok(line: str) -> bool:
+        depth = 0
+        for c in line:
+            depth += (c in "([{") - (c in ")]}")
+            if depth < 0:
+                return False
+        return depth == 0 and line == line.rstrip()
+    return sum(map(ok, lines)) / len(lines)
+
+
+RULES = {"vowel": vowel_rule, "word": word_rule, "format": format_rule, "keyword": keyword_rule}
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def cli(args: list[str], log_path: Path, threads: int) -> None:
+    """One palm-rlhf command, as a user types it; its output goes to `log_path`."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(threads), "TQDM_DISABLE": "1"}
+    with open(log_path, "a") as log:
+        log.write("$ palm-rlhf " + " ".join(args) + "\n")
+        log.flush()
+        done = subprocess.run([sys.executable, "-m", "palm_rlhf", *args], stdout=log, stderr=subprocess.STDOUT,
+                              env=env, cwd=REPO)
+    if done.returncode:
+        tail = log_path.read_text().splitlines()[-15:]
+        raise RuntimeError(f"palm-rlhf {args[0]} failed (exit {done.returncode}):\n" + "\n".join(tail))
+
+
+def mean_se(values) -> tuple[float, float]:
+    values = [float(v) for v in values]
+    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
+    return statistics.fmean(values), se
+
+
+def pretrain(cache: Path, steps: int, threads: int) -> Path:
+    out = cache / f"pretrain-tiny-stdlib-{steps}"
+    if not (out / "final" / "config.json").is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        cli(["pretrain", "--config", "configs/pretrain/tiny-stdlib.yaml", f"out_dir={out}", f"max_steps={steps}",
+             "progress=false"],
+            cache / "pretrain.log", threads)
+    return out
+
+
+def load_base(pre: Path):
+    from palm_rlhf.data.tokenizer import load_tokenizer
+    from palm_rlhf.model import PaLM
+
+    return PaLM.from_pretrained(pre / "final").eval(), load_tokenizer(pre / "final")
+
+
+def snippets(pre: Path, tokenizer, n: int, size: int, seed: int) -> list[str]:
+    """`n` distinct prompts: `size`-byte snippets of the held-out split starting at a line start."""
+    from palm_rlhf.data.corpus import load_tokens
+
+    tokens = load_tokens(pre / "data", "val")
+    text = tokenizer.decode(tokens[: min(len(tokens), 400_000)].tolist())
+    starts = [i + 1 for i, c in enumerate(text) if c == "\n" and i + 1 + size < len(text)]
+    random.Random(seed).shuffle(starts)
+    out, seen = [], set()
+    for s in starts:
+        snippet = text[s:s + size]
+        if snippet.strip() and "\x00" not in snippet and snippet not in seen:
+            seen.add(snippet)
+            out.append(snippet)
+        if len(out) == n:
+            return out
+    raise RuntimeError(f"only {len(out)} distinct prompts in the held-out split; ask for fewer")
+
+
+@torch.no_grad()
+def sample(model, tokenizer, prompts: list[str], tokens: int, seed: int, scope: str | None = None):
+    """One completion per prompt (temperature 1); texts, the policy's and the base's log-probs, mask."""
+    from palm_rlhf.generation import SamplingConfig, generate
+    from palm_rlhf.rl.collect import right_pad
+    from palm_rlhf.rl.rollout import pack_sequences, response_log_probs
+
+    texts, logp, ref, masks = [], [], [], []
+    for i in range(0, len(prompts), 64):
+        ids = [torch.tensor(tokenizer.encode(p)) for p in prompts[i:i + 64]]
+        out = generate(model, ids, SamplingConfig(max_new_tokens=tokens, temperature=1.0, seed=seed + i),
+                       finetune_scope=scope)
+        texts += [tokenizer.decode(row[:k].tolist()) for row, k in zip(out.tokens, out.lengths.tolist())]
+        packed = pack_sequences(*right_pad(ids), out.tokens, out.mask)
+        pol, _ = response_log_probs(model, packed, finetune_scope=scope)
+        base, _ = response_log_probs(model, packed, disable_lora=True)
+        width = tokens  # rows of every chunk padded to the same width for one (b, T) tensor
+        pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]))  # noqa: E731
+        logp.append(pad(pol.float()))
+        ref.append(pad(base.float()))
+        masks.append(pad(out.mask.long()).bool())
+    return texts, torch.cat(logp), torch.cat(ref), torch.cat(masks)
+
+
+def make_pairs(pre: Path, rule: str, out: Path, args) -> dict:
+    """Train/held-out preference pairs and RL prompts for one rule (cached)."""
+    from palm_rlhf.data.preferences import PairwiseRecord, write_preferences
+
+    if (out / "pairs.json").is_file():
+        return json.loads((out / "pairs.json").read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    model, tok = load_base(pre)
+    prompts = snippets(pre, tok, args.pairs + args.heldout_pairs + args.eval_prompts, args.prompt_bytes, seed=1)
+    train_p, held_p = prompts[: args.pairs], prompts[args.pairs: args.pairs + args.heldout_pairs]
+    score = RULES[rule]
+    info = {}
+    for name, group in (("train", train_p), ("val", held_p)):
+        a, *_ = sample(model, tok, group, args.tokens, seed=2)
+        b, *_ = sample(model, tok, group, args.tokens, seed=3)
+        records = [PairwiseRecord(p, x, y, annotator=f"rule:{rule}") if score(x) > score(y) else
+                   PairwiseRecord(p, y, x, annotator=f"rule:{rule}")
+                   for p, x, y in zip(group, a, b) if score(x) != score(y)]
+        if len(records) < 2:
+            raise RuntimeError(f"{rule}: only {len(records)} of {len(group)} sampled {name} pairs differ under the "
+                               f"rule; pretrain longer (--pretrain-steps) or sample more (--pairs, --tokens)")
+        write_preferences(out / f"{name}.jsonl", records)
+        info[name] = len(records)
+    with open(out / "prompts.jsonl", "w") as f:  # RL trains on the training prompts only
+        f.writelines(json.dumps({"prompt": p}) + "\n" for p in train_p)
+    (out / "eval_prompts.json").write_text(json.dumps(prompts[args.pairs + args.heldout_pairs:]))
+    (out / "pairs.json").write_text(json.dumps(info))
+    return info
+
+
+def adapter_of(run: Path) -> Path:
+    for path in (run / "final" / "adapter.safetensors", run / "actor.safetensors"):
+        if path.is_file():
+            return path
+    raise RuntimeError(f"{run}: no trained adapter (final/adapter.safetensors or actor.safetensors)")
+
+
+# ---------------------------------------------------------------- one (rule, seed) job
+
+
+def job(pre: Path, rule: str, seed: int, work: Path, args, threads: int) -> dict:
+    from palm_rlhf.data.preferences import read_preferences
+    from palm_rlhf.model.checkpoint import load_adapter
+    from palm_rlhf.model.reward import RewardModel
+    from palm_rlhf.rl.kl import sequence_kl
+
+    torch.set_num_threads(threads)
+    data = work.parent
+    log = work / "commands.log"
+    work.mkdir(parents=True, exist_ok=True)
+    common = [f"seed={seed}", "progress=false"]
+    rm_dir = work / "rm"
+    if not (rm_dir / "final").is_dir():
+        cli(["reward", "train", "--config", "configs/reward/pairwise.yaml", f"model={pre / 'final'}",
+             f"data={data / 'train.jsonl'}", f"val_data={data / 'val.jsonl'}", f"out_dir={rm_dir}",
+             f"max_steps={args.rm_steps}", *common], log, threads)
+    rm = RewardModel.from_pretrained(rm_dir / "final", dropout=0.0).eval()
+    val = read_preferences(data / "val.jsonl")
+    tok_base = load_base(pre)[1]
+    enc = lambda s: torch.tensor(tok_base.encode(s))  # noqa: E731
+    with torch.no_grad():
+        chosen = rm.score([enc(r.prompt) for r in val], [enc(r.chosen) for r in val])
+        rejected = rm.score([enc(r.prompt) for r in val], [enc(r.rejected) for r in val])
+    result = {"rule": rule, "seed": seed, "rm_accuracy": float((chosen > rejected).float().mean()),
+              "rm_curve": curve(rm_dir, "val/accuracy")}
+
+    stage(args, {"rule": rule, "seed": seed, "stage": "rm", "rm_accuracy": result["rm_accuracy"]})
+
+    prompts = json.loads((data / "eval_prompts.json").read_text())
+    score = RULES[rule]
+    model, tok = load_base(pre)
+    texts, *_ = sample(model, tok, prompts, args.tokens, seed=100 + seed)
+    rule_before = mean_se(map(score, texts))
+    rm_before = mean_se(rm.score([enc(p) for p in prompts], [enc(t) for t in texts]).tolist())
+    result["before"] = {"rule": rule_before, "rm": rm_before}
+    for algo in ALGOS:  # train, then measure at once: an interrupted benchmark keeps what finished
+        out = work / algo
+        if not adapter_exists(out):
+            keys = [f"out_dir={out}", f"max_steps={args.rl_steps if algo != 'dpo' else args.dpo_steps}", *common]
+            if algo == "dpo":
+                keys += [f"data={data / 'train.jsonl'}", f"heldout={data / 'val.jsonl'}"]
+            else:
+                keys += [f"prompts={data / 'prompts.jsonl'}", f"reward_model={rm_dir / 'final'}",
+                         f"max_new_tokens={args.tokens}"]
+            cli([algo, "--config", f"configs/rl/{algo}.yaml", f"model={pre / 'final'}", *keys], log, threads)
+        load_adapter(model, adapter_of(out), scope="actor")
+        texts, logp, ref, mask = sample(model, tok, prompts, args.tokens, seed=100 + seed, scope="actor")
+        kl = sequence_kl(logp, ref, mask)
+        rule_after = mean_se(map(score, texts))
+        rm_after = mean_se(rm.score([enc(p) for p in prompts], [enc(t) for t in texts]).tolist())
+        row = {"kl": kl.mean, "kl_se": kl.stderr, "rule_after": rule_after, "rm_after": rm_after,
+               "rule_gain": rule_after[0] - rule_before[0], "rm_gain": rm_after[0] - rm_before[0],
+               "rule_gain_se": math.hypot(rule_after[1], rule_before[1]),
+               "rm_gain_se": math.hypot(rm_after[1], rm_before[1]), "sample": texts[0]}
+        if algo == "dpo":
+            row["heldout_accuracy"] = dpo_accuracy(model, tok, val)
+            row["curve"] = curve(out, "heldout_reward_accuracy")
+            row["kl_curve"] = curve(out, "kl_ref")
+        result[algo] = row
+        model.remove_finetune_params("actor")
+        stage(args, {"rule": rule, "seed": seed, "stage": algo, **{k: v for k, v in row.items() if k != "sample"}})
+    (work / "result.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def stage(args, row: dict) -> None:
+    """One finished measurement, appended to OUT/stages.jsonl at once (survives a killed benchmark)."""
+    with open(Path(args.out) / "stages.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def curve(run: Path, key: str) -> list:
+    """[(step, value)] of `key` in RUN/metrics.jsonl (how a metric moved during training)."""
+    path = run / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    return [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+
+
+def adapter_exists(run: Path) -> bool:
+    try:
+        adapter_of(run)
+        return True
+    except RuntimeError:
+        return False
+
+
+@torch.no_grad()
+def dpo_accuracy(model, tok, records) -> float:
+    """Held-out implicit-reward accuracy: log-ratio of chosen > log-ratio of rejected."""
+    from palm_rlhf.rl.collect import right_pad
+    from palm_rlhf.rl.rollout import pack_sequences, response_log_probs
+
+    def ratio(responses):
+        prompts = [torch.tensor(tok.encode(r.prompt)) for r in records]
+        rows = [torch.tensor(tok.encode(x)) for x in responses]
+        resp, lengths = right_pad(rows)
+        packed = pack_sequences(*right_pad(prompts), resp, torch.arange(resp.shape[1]) < lengths[:, None])
+        pol, _ = response_log_probs(model, packed, finetune_scope="actor")
+        ref, _ = response_log_probs(model, packed, disable_lora=True)
+        return (pol - ref).sum(-1)
+    return float((ratio([r.chosen for r in records]) > ratio([r.rejected for r in records])).float().mean())
+
+
+# ---------------------------------------------------------------- report
+
+
+def first_at(points: list, target: float) -> str:
+    """" [>=target@step]": the first logged step whose value reached target ("" if none did)."""
+    step = next((st for st, v in points if v >= target), None)
+    return "" if step is None else f" [>={target:g}@{step}]"
+
+
+def report(results: list[dict], out: Path) -> str:
+    lines = ["| rule | seeds | RM acc | algo | rule gain (x SE) | RM gain (x SE) | KL nats/seq | DPO held-out acc |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for rule in dict.fromkeys(r["rule"] for r in results):
+        rows = [r for r in results if r["rule"] == rule]
+        acc = ", ".join(f"{r['rm_accuracy']:.3f}" + first_at(r["rm_curve"], 0.95) for r in rows)
+        for algo in ALGOS:
+            gain = ", ".join(f"{r[algo]['rule_gain']:+.3f} ({r[algo]['rule_gain'] / max(r[algo]['rule_gain_se'], 1e-9):+.1f})"
+                             for r in rows)
+            rm_gain = ", ".join(f"{r[algo]['rm_gain']:+.2f} ({r[algo]['rm_gain'] / max(r[algo]['rm_gain_se'], 1e-9):+.1f})"
+                                for r in rows)
+            kl = ", ".join(f"{r[algo]['kl']:.1f}" for r in rows)
+            dpo = ", ".join(f"{r[algo]['heldout_accuracy']:.3f}" + first_at(r[algo]["curve"], 0.90)
+                            for r in rows) if algo == "dpo" else ""
+            lines.append(f"| {rule} | {','.join(str(r['seed']) for r in rows)} | {acc} | {algo} | {gain} | "
+                         f"{rm_gain} | {kl} | {dpo} |")
+    table = "\n".join(lines)
+    (out / "table.md").write_text(table + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return table + "\n(matplotlib not installed: no plots)"
+    for algo in ALGOS:
+        fig, ax = plt.subplots(figsize=(5, 3.6))
+        for rule in dict.fromkeys(r["rule"] for r in results):
+            pts = [(r[algo]["kl"], r[algo]["rm_gain"]) for r in results if r["rule"] == rule]
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], label=rule)
+        ax.axvline(10.0, color="grey", ls=":", lw=1)
+        ax.set_xlabel("KL to the pretrained model (nats / sequence)")
+        ax.set_ylabel("reward-model score gain")
+        ax.set_title(f"{algo}: reward gain vs KL (one point per seed)")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / f"reward_vs_kl_{algo}.png", dpi=100)
+        plt.close(fig)
+    return table
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="few steps and pairs: a smoke run in minutes")
+    p.add_argument("--rules", default="vowel,word,format")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--pretrain-steps", type=int, default=300)  # the tiny-stdlib preset's own
+    p.add_argument("--rm-steps", type=int, default=300)        # configs/reward/pairwise.yaml's
+    p.add_argument("--rl-steps", type=int, default=200)        # configs/rl/{ppo,grpo}.yaml's
+    p.add_argument("--dpo-steps", type=int, default=500)       # configs/rl/dpo.yaml's
+    p.add_argument("--pairs", type=int, default=2048, help="prompts sampled for training pairs")
+    p.add_argument("--heldout-pairs", type=int, default=256)
+    p.add_argument("--eval-prompts", type=int, default=128)
+    p.add_argument("--prompt-bytes", type=int, default=32)
+    p.add_argument("--tokens", type=int, default=32, help="response length (pairs, RL, evaluation)")
+    p.add_argument("--jobs", type=int, default=1, help="(rule, seed) jobs run in parallel processes")
+    p.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "palm-rlhf-cache" / "alignment"))
+    p.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "palm-rlhf-alignment"))
+    if p.parse_known_args()[0].quick:  # smaller defaults; flags given still win
+        p.set_defaults(pretrain_steps=60, rm_steps=40, rl_steps=4, dpo_steps=20, pairs=128, heldout_pairs=32,
+                       eval_prompts=32, tokens=16, seeds="0")
+    args = p.parse_args()
+    cache, out = Path(args.cache), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cores = os.cpu_count() or 1
+    threads = max(1, cores // max(1, args.jobs))
+    print(f"torch {torch.__version__}, {cores} cores, {args.jobs} jobs x {threads} threads, "
+          f"cuda={torch.cuda.is_available()}", flush=True)
+    pre = pretrain(cache, args.pretrain_steps, cores)
+    rules, seeds = args.rules.split(","), [int(s) for s in args.seeds.split(",")]
+    tag = f"p{args.pairs}-h{args.heldout_pairs}-e{args.eval_prompts}-t{args.tokens}-b{args.prompt_bytes}"
+    for rule in rules:
+        print(f"{rule}: pairs {make_pairs(pre, rule, cache / f'{pre.name}-{tag}' / rule, args)}", flush=True)
+    runs = f"run-{args.rm_steps}-{args.rl_steps}-{args.dpo_steps}"
+    tasks = [(pre, rule, seed, cache / f"{pre.name}-{tag}" / rule / f"{runs}-s{seed}", args, threads)
+             for rule in rules for seed in seeds]
+    results = []
+    # spawn, not fork: a forked child of a process that already ran torch ops can hang in its thread pool
+    with ProcessPoolExecutor(max_workers=max(1, args.jobs), mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(job, *t): t for t in tasks}
+        for future in as_completed(futures):
+            _, rule, seed, work, *_ = futures[future]
+            try:
+                result = future.result()
+            except Exception as e:  # one failed run must not hide the others' figures
+                print(f"{rule} seed {seed} failed: {e} (commands and output: {work / 'commands.log'})", flush=True)
+                continue
+            results.append(result)
+            with open(out / "partial.jsonl", "a") as f:  # figures survive an interrupted benchmark
+                f.write(json.dumps(result) + "\n")
+            print(f"{rule} seed {seed}: " + json.dumps({k: v for k, v in result.items() if k not in (*ALGOS, "rm_curve")})
+                  + " " + json.dumps({a: {k: result[a][k] for k in ("kl", "rule_gain", "rm_gain")} for a in ALGOS}),
+                  flush=True)
+    results.sort(key=lambda r: (rules.index(r["rule"]), r["seed"]))
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    print(report(results, out))
+    print(f"results, table and plots in {out}")
+
+
+if __name__ == "__main__":
+    main()

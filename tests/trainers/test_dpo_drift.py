@@ -1,0 +1,78 @@
+"""DPO reports its drift from the reference (kl_ref every eval_every, a budget that warns and can
+stop the run) and follows the shared warmup + cosine schedule."""
+
+import json
+import logging
+
+import pytest
+
+from palm_rlhf.data.synthetic import rule_preference_pairs
+from palm_rlhf.data.tokenizer import ByteTokenizer
+from palm_rlhf.errors import ConfigError
+from palm_rlhf.model import PaLM
+from palm_rlhf.runtime.optim import warmup_cosine
+from palm_rlhf.trainers.dpo import DPOConfig, DPOTrainer
+from rl_fixtures import pretrained_tiny_state, tiny_model  # noqa: F401
+
+TRAIN, HELDOUT = rule_preference_pairs(64, seed=0), rule_preference_pairs(8, seed=1)
+
+
+def make(tmp_path, model, **overrides):
+    config = DPOConfig(**{"out_dir": str(tmp_path / "dpo"), "max_steps": 6, "batch_size": 8, "lr": 3e-2,
+                          "eval_every": 3, "max_len": 40, "kl_samples": 4, "kl_max_new_tokens": 8,
+                          "warmup_steps": 2, "progress": False, **overrides})
+    return DPOTrainer(config, model=model, tokenizer=ByteTokenizer(), train_records=TRAIN,
+                      heldout_records=HELDOUT).setup()
+
+
+def test_config_checks():
+    with pytest.raises(ConfigError, match="kl_budget"):
+        DPOConfig(kl_budget=0.0)
+    with pytest.raises(ConfigError, match="stop_at_kl_budget=true needs kl_budget"):
+        DPOConfig(stop_at_kl_budget=True)
+    with pytest.raises(ConfigError, match="min_lr_ratio"):
+        DPOConfig(min_lr_ratio=2.0)
+
+
+def test_kl_ref_is_zero_at_the_start_and_logged_every_eval(tmp_path, tiny_model):
+    trainer = make(tmp_path, tiny_model)
+    start = trainer.measure_kl(seed=0)
+    assert start.mean == 0.0 and start.sequences == 4  # a fresh scope: the policy is its reference
+    history = trainer.train()
+    trainer.cleanup()
+    evals = [row for row in history if "kl_ref" in row]
+    assert [row["step"] for row in evals] == [3, 6] and "kl_budget" not in evals[0]
+    assert evals[-1]["kl_ref"] > 0.0  # three steps at lr 3e-2 moved the policy
+    # the logged figure is the measurement itself (same samples: the seed is c.seed + step)
+    assert trainer.measure_kl(seed=6).mean == pytest.approx(evals[-1]["kl_ref"], rel=1e-6)
+    logged = [json.loads(line) for line in (tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["kl_ref"] for r in logged if "kl_ref" in r] == [row["kl_ref"] for row in evals]
+
+
+def test_learning_rate_warms_up_then_decays(tmp_path, tiny_model):
+    trainer = make(tmp_path, tiny_model, kl_samples=0)
+    history = trainer.train()
+    trainer.cleanup()
+    expected = [3e-2 * warmup_cosine(s, 2, 6, 0.1) for s in range(6)]  # 0.5, 1, 1, 0.775, 0.325, 0.1 x lr
+    assert [row["lr"] for row in history] == pytest.approx(expected)
+    assert not any("kl_ref" in row for row in history)  # kl_samples=0: no kl_ref
+
+
+def test_budget_warns_and_stop_at_kl_budget_ends_the_run(tmp_path, tiny_model, pretrained_tiny_state, caplog):
+    warm = make(tmp_path / "warn", tiny_model, kl_budget=1e-6)
+    with caplog.at_level(logging.WARNING, logger="palm_rlhf.trainers.dpo"):
+        history = warm.train()
+    warm.cleanup()
+    assert len(history) == 6 and history[2]["kl_budget"] == 1e-6
+    warnings = [r.getMessage() for r in caplog.records if "passed kl_budget" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].startswith("dpo step 3: kl_ref")  # once, at the first eval over
+
+    config, state = pretrained_tiny_state
+    model = PaLM(**config)
+    model.load_state_dict(state)
+    stop = make(tmp_path / "stop", model, kl_budget=1e-6, stop_at_kl_budget=True)
+    history = stop.train()
+    stop.cleanup()
+    assert [row["step"] for row in history] == [1, 2, 3]  # stopped at the first eval over budget
+    run = json.loads((tmp_path / "stop" / "dpo" / "final" / "run.json").read_text())
+    assert run["steps"] == 3
