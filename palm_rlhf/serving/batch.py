@@ -9,8 +9,8 @@ once. So new requests join a running batch (continuous batching) and short ones 
 
 - Capacity comes in buckets (1, 2, 4, ... up to `max_batch`): a decode step costs about the
   same for every row of the bucket, so a lone request does not pay for 64 rows. Each bucket's
-  cache and `Decoder` (with its weights bound in the layout best for that many rows) are
-  built once and reused; moving to another bucket copies the live rows.
+  cache and decode engine (`backends.decoder_for`, weights bound in the layout best for that
+  many rows) are built once and reused; moving to another bucket copies the live rows.
 - Every row's keys were rotated by its own positions (0, 1, ... from its first token), and
   all caches share one `max_len`, hence one xpos centre, so copied keys stay valid.
 - When the shared slot counter reaches `max_len`, the slots no live row uses any more (the
@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..model.decode import Decoder
+from ..backends import decoder_for
 
 
 def _bucket(rows: int, max_batch: int) -> int:
@@ -129,7 +129,7 @@ class DecodeBatch:
     def _entry(self, cap: int):
         if cap not in self.pool:
             cache = self.model.new_kv_cache(cap, self.max_len)
-            self.pool[cap] = (cache, Decoder(self.model, cache, finetune_scope=self.scope))
+            self.pool[cap] = (cache, decoder_for(self.model, cache, finetune_scope=self.scope))
         return self.pool[cap]
 
     def _resize(self, cap: int) -> None:
