@@ -33,7 +33,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from ..errors import DataError
-from ..model.checkpoint import atomic_write_bytes, create_temporary
+from ..model.checkpoint import atomic_write_bytes, create_temporary, unusable_dir_reason
 from .tokenizer import ByteTokenizer
 
 log = logging.getLogger(__name__)
@@ -201,15 +201,6 @@ class _SplitWriter:
         self.tmp.unlink(missing_ok=True)
 
 
-def _check_writable(out_dir: Path) -> None:
-    try:
-        fd, probe = create_temporary(out_dir / "write_test")  # a temporary name: cleaned even after a kill
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise DataError(f"output directory {out_dir} is not writable ({e}); choose another --out") from e
-
-
 def prepare_corpus(inputs: Iterable[str], out_dir, tokenizer, val_fraction: float = 0.05,
                    chunk_bytes: int = 1 << 22, replace_invalid_utf8: bool = False) -> dict:
     """Tokenize `inputs` into `out_dir/{train,val}.bin` + manifest; returns the manifest.
@@ -222,7 +213,9 @@ def prepare_corpus(inputs: Iterable[str], out_dir, tokenizer, val_fraction: floa
         raise DataError(f"val_fraction={val_fraction}: must be in [0, 1)")
     out_dir = Path(out_dir)
     sources = resolve_sources(inputs)
-    _check_writable(out_dir)
+    why = unusable_dir_reason(out_dir)
+    if why is not None:
+        raise DataError(f"output directory {out_dir} is not writable ({why}); choose another --out")
     dtype = token_dtype(tokenizer.vocab_size)
     eos = np.array([tokenizer.eos_id], dtype=np.int64)
     writers = {s: _SplitWriter(out_dir / f"{s}.bin", dtype) for s in ("train", "val")}

@@ -86,6 +86,20 @@ def create_temporary(path: Path) -> tuple[int, str]:
     return tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
 
 
+
+def unusable_dir_reason(directory: Path) -> str | None:
+    """Why `directory` cannot be created and written to, or None if it can. The probe file has a
+    temporary name, so even a kill between its write and its removal leaves nothing for good."""
+    directory = Path(directory)
+    try:
+        fd, probe = create_temporary(directory / "write_test")
+        os.close(fd)
+        os.unlink(probe)
+        return None
+    except OSError as e:
+        blocker = next((p for p in [directory, *directory.parents] if p.exists() and not p.is_dir()), None)
+        return f"{str(blocker)!r} is a file" if blocker is not None else (e.strerror or str(e))
+
 # mkstemp creates 0600 files; published files get what open() would give: 0666 minus the umask
 # (0644 under the usual 022), so a tokenizer or checkpoint can be read by whoever serves it
 _UMASK = os.umask(0o022)

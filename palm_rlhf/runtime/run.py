@@ -44,7 +44,7 @@ import torch
 import yaml
 
 from ..errors import CheckpointError, ConfigError
-from ..model.checkpoint import atomic_write_bytes, save_adapter
+from ..model.checkpoint import atomic_write_bytes, save_adapter, unusable_dir_reason
 from . import distributed as rdist
 from .checkpoint import CheckpointManager
 from .config import config_to_dict
@@ -112,15 +112,9 @@ class RunInterrupted(KeyboardInterrupt):
 
 def check_out_dir(directory: Path) -> None:
     """Create `directory` and prove it writable, or raise a one-line ConfigError saying what to change."""
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / ".write_test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        blocker = next((p for p in [directory, *directory.parents] if p.exists() and not p.is_dir()), None)
-        why = f"{str(blocker)!r} is a file" if blocker is not None else (e.strerror or str(e))
-        raise ConfigError(f"out_dir={str(directory)!r} cannot be used: {why}; choose another out_dir") from None
+    why = unusable_dir_reason(directory)
+    if why is not None:
+        raise ConfigError(f"out_dir={str(directory)!r} cannot be used: {why}; choose another out_dir")
 
 
 class MergedAdapter:
