@@ -7,7 +7,7 @@ import re
 import sys
 from pathlib import Path
 
-from ..errors import CheckpointError, ConfigError
+from ..errors import ConfigError
 
 EXAMPLES = """examples:
   palm-rlhf generate runs/sft --prompt "ROMEO:" --max-new-tokens 200 --top-p 0.9 --seed 0
@@ -67,29 +67,12 @@ def load_model_and_tokenizer(path: Path, tokenizer: str | None = None):
     return model, tok, source
 
 
-def _adapter_file(path: Path) -> Path:
-    from ..runtime.resolve import resolve_model
-    from ..runtime.run import ADAPTER_NAME
-
-    if path.is_dir():
-        path = resolve_model(path).model_dir / ADAPTER_NAME
-        if not path.is_file():
-            raise CheckpointError(f"--adapter: no {ADAPTER_NAME} in {path.parent}; pass the adapter file or the "
-                                  f"directory of a LoRA/PPO/GRPO/DPO run")
-    return path
-
-
 def apply_adapter(model, source, path: Path) -> str:
     """Load the adapter at `path` into `model`; its scope name. Refuses one already merged into `source`."""
     from ..model.checkpoint import load_adapter
-    from ..runtime.run import ADAPTER_NAME
+    from ..runtime.resolve import adapter_file
 
-    path = _adapter_file(path)
-    merged = source.model_dir / ADAPTER_NAME
-    if merged.is_file() and path.is_file() and merged.read_bytes() == path.read_bytes():
-        raise ConfigError(f"--adapter {path}: {source.model_dir} already has this adapter merged in; drop --adapter "
-                          f"(or give the model it was trained from, e.g. the run's model=)")
-    return load_adapter(model, path)
+    return load_adapter(model, adapter_file(path, source))
 
 
 def _check_scope(model, source, scope: str) -> None:

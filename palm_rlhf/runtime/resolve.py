@@ -24,9 +24,10 @@ from .checkpoint import CheckpointManager
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ModelSource", "resolve_model", "load_tokenizer_for", "check_tokenizer_fits"]
+__all__ = ["ModelSource", "resolve_model", "load_tokenizer_for", "check_tokenizer_fits", "adapter_file", "ADAPTER_NAME"]
 
 MODEL_CONFIG = "config.json"
+ADAPTER_NAME = "adapter.safetensors"  # a trained LoRA scope alone, beside (or instead of) merged weights
 _STEP_PREFIX = "step_"
 _EXPECTED = ("a run directory (its final/ is used), a final/ or save_pretrained directory "
              "(config.json + model.safetensors), or a checkpoint step directory (RUN/checkpoints/step_NNNNNNNN)")
@@ -133,3 +134,19 @@ def check_tokenizer_fits(tokenizer, num_tokens: int, where: str) -> None:
         raise ConfigError(f"{where}: the tokenizer has {vocab} ids but the model embeds only {num_tokens} "
                           f"(num_tokens); use the tokenizer saved with the model (leave tokenizer= unset) or a "
                           f"model with num_tokens >= {vocab}")
+
+
+def adapter_file(adapter, source: ModelSource, flag: str = "--adapter") -> Path:
+    """The adapter file `adapter` names: a file, or the adapter.safetensors of a run / model directory.
+    Refuses the adapter already merged into `source`'s weights (LoRA, RL and DPO final/ hold both)."""
+    path = Path(adapter)
+    if path.is_dir():
+        path = resolve_model(path).model_dir / ADAPTER_NAME
+        if not path.is_file():
+            raise ConfigError(f"{flag}: no {ADAPTER_NAME} in {path.parent}; pass the adapter file or the "
+                              f"directory of a LoRA/PPO/GRPO/DPO run")
+    merged = source.model_dir / ADAPTER_NAME
+    if merged.is_file() and path.is_file() and merged.read_bytes() == path.read_bytes():
+        raise ConfigError(f"{flag} {path}: {source.model_dir} already has this adapter merged in; drop {flag} "
+                          f"(or give the model it was trained from, e.g. the run's model=)")
+    return path

@@ -48,6 +48,7 @@ from ..model.checkpoint import atomic_write_bytes, save_adapter, unusable_dir_re
 from . import distributed as rdist
 from .checkpoint import CheckpointManager
 from .config import config_to_dict
+from .resolve import ADAPTER_NAME
 from .metrics import MetricsLogger, check_report_to, default_report_to
 from .seed import rng_state, seed_everything, set_rng_state
 from .step import TrainStep
@@ -61,7 +62,6 @@ RESUME_MODES = ("auto", "never", "must")
 FINAL_NAME = "final"
 RUN_RECORD_NAME = "run.json"
 CONFIG_NAME = "config.yaml"
-ADAPTER_NAME = "adapter.safetensors"
 
 
 @dataclasses.dataclass

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from ..errors import CheckpointError, ConfigError
 from ..model import PaLM
 from ..model.checkpoint import load_adapter
-from ..runtime.resolve import check_tokenizer_fits, load_tokenizer_for, resolve_model
-from ..runtime.run import ADAPTER_NAME
+from ..runtime.resolve import adapter_file, check_tokenizer_fits, load_tokenizer_for, resolve_model
 from .template import ChatTemplate
 
 log = logging.getLogger(__name__)
@@ -35,22 +33,6 @@ def set_threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
-def _adapter_file(adapter: Path, model_dir: Path) -> Path:
-    """An adapter file, or the adapter.safetensors of a run / model directory; refuses the adapter
-    that is already merged into the model being served (RL and DPO final/ directories hold both)."""
-    path = Path(adapter)
-    if path.is_dir():
-        path = resolve_model(path).model_dir / ADAPTER_NAME
-        if not path.is_file():
-            raise ConfigError(f"--adapter: no {ADAPTER_NAME} in {path.parent}; pass the adapter file or the "
-                              f"directory of a LoRA/PPO/GRPO/DPO run")
-    merged = model_dir / ADAPTER_NAME
-    if merged.is_file() and path.is_file() and merged.read_bytes() == path.read_bytes():
-        raise ConfigError(f"--adapter {path}: {model_dir} already has this adapter merged in; drop --adapter "
-                          f"(or serve the model it was trained from)")
-    return path
-
-
 def load_for_inference(path, adapter=None, tokenizer: str | None = None) -> Loaded:
     """A run directory, final/ or checkpoint step directory (see `runtime.resolve.resolve_model`), plus
     an optional LoRA adapter -> the model in eval mode, its tokenizer (the one saved with it unless
@@ -62,7 +44,7 @@ def load_for_inference(path, adapter=None, tokenizer: str | None = None) -> Load
     scope = None
     if adapter is not None:
         try:
-            scope = load_adapter(model, _adapter_file(adapter, source.model_dir))
+            scope = load_adapter(model, adapter_file(adapter, source))
         except CheckpointError as e:
             raise ConfigError(f"--adapter: {e}") from e
     return Loaded(model, tok, ChatTemplate.load(source.model_dir), source.name, scope)
