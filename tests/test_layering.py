@@ -1,11 +1,11 @@
 """ARCHITECTURE.md's layer rule, enforced on every import statement (parsed with `ast`):
 
-    errors, ops (L0) -> model, data, runtime, backends (L1) -> generation (L2) -> rl (L3)
+    errors, ops, files (L0) -> model, data, runtime, backends (L1) -> generation (L2) -> rl (L3)
     -> trainers (L4) -> cli, feedback, serving (L5)
 
 A module imports only from its own layer or a lower one; nothing outside `cli`
 imports `palm_rlhf.cli`; `feedback` and `serving` never import `trainers`; `model` imports
-only the standard library, torch, einops, safetensors, `ops` and `errors`
+only the standard library, torch, einops, safetensors, `ops`, `files` and `errors`
 (plus two documented exceptions, both core dependencies: PyYAML in
 `model.presets`, which reads the YAML size presets, and tqdm in `model.palm`,
 imported only when the seed's `generate(use_tqdm=True)` asks for a progress
@@ -25,8 +25,8 @@ from pathlib import Path
 import palm_rlhf
 
 PACKAGE = Path(palm_rlhf.__file__).parent
-LAYERS = {"errors": 0, "ops": 0, "model": 1, "data": 1, "runtime": 1, "backends": 1, "generation": 2, "rl": 3,
-          "trainers": 4, "cli": 5, "feedback": 5, "serving": 5}
+LAYERS = {"errors": 0, "ops": 0, "files": 0, "model": 1, "data": 1, "runtime": 1, "backends": 1, "generation": 2,
+          "rl": 3, "trainers": 4, "cli": 5, "feedback": 5, "serving": 5}
 EXEMPT = {"palm_rlhf", "palm_rlhf.__main__"}  # the package root re-exports names from every layer
 MODEL_THIRD_PARTY = {"torch", "einops", "safetensors"}
 MODEL_EXTRA = {"palm_rlhf.model.presets": {"yaml"}, "palm_rlhf.model.palm": {"tqdm"}}
@@ -95,8 +95,8 @@ def violations_of(name: str, path: Path) -> list[str]:
                 problems.append(f"{where}: nothing imports the CLI")
             if own_package in ("feedback", "serving") and package == "trainers":
                 problems.append(f"{where}: the web apps never import trainers")
-            if own_package == "model" and package not in ("model", "ops", "errors"):
-                problems.append(f"{where}: model imports only ops and errors from palm_rlhf")
+            if own_package == "model" and package not in ("model", "ops", "files", "errors"):
+                problems.append(f"{where}: model imports only ops, files and errors from palm_rlhf")
         elif own_package == "model":
             allowed = MODEL_THIRD_PARTY | MODEL_EXTRA.get(name, set())
             if top not in allowed and top not in sys.stdlib_module_names and top != "__future__":

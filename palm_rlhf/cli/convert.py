@@ -44,7 +44,8 @@ def run(args) -> int:
     if args.source.is_dir():
         return _export_directory(args)
     from ..model import PaLM
-    from ..model.checkpoint import load_into, load_state_dict_file
+    from ..model.checkpoint import load_into
+    from ..files import load_state_dict_file
     from ..model.convert import convert_state_dict, infer_config
 
     state = convert_state_dict(load_state_dict_file(args.source), args.source_format)

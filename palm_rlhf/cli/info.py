@@ -26,7 +26,7 @@ def register(sub) -> None:
 
 
 def _tensor_shapes(path: Path) -> tuple[dict, dict]:
-    from ..model.checkpoint import read_safetensors_header  # CheckpointError naming a corrupt file
+    from ..files import read_safetensors_header  # CheckpointError naming a corrupt file
 
     return read_safetensors_header(path)
 
@@ -42,7 +42,8 @@ def _count(shapes: dict, exclude_prefix: str = "finetune_modules.") -> tuple[int
 
 def describe(path: Path) -> dict:
     from ..errors import CheckpointError, PalmRLHFError
-    from ..model.checkpoint import load_state_dict_file, read_config
+    from ..model.checkpoint import read_config
+    from ..files import load_state_dict_file
     from ..model.convert import infer_config, guess_gain_convention
 
     if not path.exists():

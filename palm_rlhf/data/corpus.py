@@ -33,7 +33,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from ..errors import DataError
-from ..model.checkpoint import atomic_write_bytes, create_temporary, unusable_dir_reason
+from ..files import atomic_write_bytes, create_temporary, unusable_dir_reason
 from .tokenizer import ByteTokenizer
 
 log = logging.getLogger(__name__)

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Iterable, Sequence, Union
 
 from ..errors import DataError
-from ..model.checkpoint import atomic_write_bytes
+from ..files import atomic_write_bytes
 from .jsonl import iter_jsonl
 
 PAIRWISE_FIELDS = ("prompt", "chosen", "rejected", "margin", "annotator", "source")

@@ -20,7 +20,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from ..errors import ConfigError, DataError
-from ..model.checkpoint import atomic_write_bytes
+from ..files import atomic_write_bytes
 
 __all__ = ["ByteTokenizer", "BPETokenizer", "load_tokenizer", "load_tokenizer_or_bytes", "train_bpe", "CONFIG_NAME",
            "EOS_TOKEN"]

@@ -93,7 +93,8 @@ class PaLM(nn.Module):
 
     def load(self, path) -> "PaLM":
         """Load weights from `.safetensors` or a `.pt` state dict (read with weights_only=True)."""
-        from .checkpoint import load_state_dict_file, load_into
+        from .checkpoint import load_into
+        from ..files import load_state_dict_file
 
         load_into(self, load_state_dict_file(Path(path)), source=str(path))
         return self

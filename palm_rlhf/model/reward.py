@@ -26,8 +26,8 @@ from torch import Tensor, nn
 
 from ..errors import CheckpointError, ConfigError, InputError
 from ..ops import gumbel_sample, masked_mean
-from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, add_saved_scopes, atomic_save_tensors, atomic_write_bytes, \
-    load_into, load_state_dict_file, read_config
+from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, add_saved_scopes, load_into, read_config
+from ..files import atomic_save_tensors, atomic_write_bytes, load_state_dict_file
 from .palm import PaLM
 
 POOLINGS = ("response_mean", "last", "mean")

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
-from ..model.checkpoint import TEMP_SUFFIX, atomic_save_tensors, atomic_write_bytes, load_plain, remove_temporaries
+from ..files import TEMP_SUFFIX, atomic_save_tensors, atomic_write_bytes, load_plain, remove_temporaries
 from .seed import rng_state, set_rng_state  # noqa: F401 - re-exported: checkpoints carry RNG states
 
 log = logging.getLogger(__name__)

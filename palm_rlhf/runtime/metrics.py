@@ -33,7 +33,7 @@ import uuid
 from pathlib import Path
 
 from ..errors import ConfigError
-from ..model.checkpoint import atomic_write_bytes
+from ..files import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 

@@ -44,7 +44,8 @@ import torch
 import yaml
 
 from ..errors import CheckpointError, ConfigError
-from ..model.checkpoint import atomic_write_bytes, save_adapter, unusable_dir_reason
+from ..model.checkpoint import save_adapter
+from ..files import atomic_write_bytes, unusable_dir_reason
 from . import distributed as rdist
 from .checkpoint import CheckpointManager
 from .config import config_to_dict

@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError
-from ..model.checkpoint import load_into, load_state_dict_file
+from ..model.checkpoint import load_into
+from ..files import load_state_dict_file
 from ..runtime import fsdp
 from ..runtime.optim import OptimConfig, build_optimizer, build_scheduler
 from ..runtime.run import OnRun, Run, RunSettings

@@ -30,7 +30,7 @@ from ..data.synthetic import rule_annotator, rule_score
 from ..errors import ConfigError, TrainingError
 from ..generation import SamplingConfig, generate
 from ..model import PaLM
-from ..model.checkpoint import atomic_write_bytes
+from ..files import atomic_write_bytes
 from ..model.reward import RewardModel
 from ..rl.collect import collect_rollout, strip_eos
 from ..runtime.run import ADAPTER_NAME, FINAL_NAME

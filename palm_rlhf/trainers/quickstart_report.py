@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from ..model.checkpoint import atomic_write_bytes
+from ..files import atomic_write_bytes
 from ..runtime.metrics import read_metrics
 from ..runtime.plots import plot_series
 

@@ -16,7 +16,7 @@ import torch
 from ..data.jsonl import iter_jsonl
 from ..data.preferences import PairwiseRecord
 from ..errors import DataError
-from ..model.checkpoint import atomic_write_bytes
+from ..files import atomic_write_bytes
 from ..model.reward import RewardModel
 from ..rl.reward_losses import pairwise_metrics
 

@@ -93,7 +93,8 @@ class RLHFTrainer:
 
     def load(self, filepath="./checkpoint.pt") -> None:
         """Load what `save` wrote, through the one safe reader (a file that would run code is refused)."""
-        from ..model.checkpoint import load_into, load_state_dict_file
+        from ..model.checkpoint import load_into
+        from ..files import load_state_dict_file
 
         load_into(self.actor_critic, load_state_dict_file(Path(filepath), map_location=self.device),
                   source=str(filepath))

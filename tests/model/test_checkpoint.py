@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import palm_rlhf.model.checkpoint as ckpt
+import palm_rlhf.files as ckpt
 from palm_rlhf.errors import CheckpointError
 from palm_rlhf.model import PaLM
 from palm_testing import TINY, make_palm

@@ -18,13 +18,13 @@ from pathlib import Path
 import pytest
 
 from palm_rlhf.model import PaLM
-from palm_rlhf.model.checkpoint import is_temporary, remove_temporaries
+from palm_rlhf.files import is_temporary, remove_temporaries
 from palm_rlhf.runtime.checkpoint import CheckpointManager
 
 CHILD = """
 import os, shutil, signal, sys
 from pathlib import Path
-import palm_rlhf.model.checkpoint as model_ckpt
+import palm_rlhf.files as model_ckpt
 import palm_rlhf.runtime.checkpoint as run_ckpt
 from palm_rlhf.runtime.checkpoint import CheckpointManager
 
@@ -95,7 +95,7 @@ def test_half_deleted_step_of_an_older_version_is_removed_at_start_up(tmp_path):
 
 
 def test_temporary_names_and_targeted_clean_up(tmp_path):
-    from palm_rlhf.model.checkpoint import atomic_write_bytes
+    from palm_rlhf.files import atomic_write_bytes
 
     for name in (".latest.ab12cd34.tmp", ".latest.json.ab12cd34.tmp", ".tmp-step_00000001-12"):
         (tmp_path / name).write_bytes(b"")

@@ -1,0 +1,245 @@
+"""Files that survive a kill and never run code: the one home of atomic writes and safe reads.
+
+- Writes go to a temporary name `.NAME.XXXXXXXX.tmp` beside the target and are renamed into
+  place; `remove_temporaries` deletes what a killed writer left behind (each atomic write does
+  so for its own target, `CheckpointManager` for a whole run at start-up).
+- `.pt` files are read with `weights_only=True`; a pickle that asks to run code is refused with
+  one line naming what it asked for (`load_plain`). A corrupt safetensors file is a
+  `CheckpointError` naming the file.
+
+Layer 0: every layer that writes or reads a file uses these (model checkpoints, run checkpoints,
+tokenizers, prepared corpora, metrics, the feedback export).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import pickletools
+import re
+import shutil
+import tempfile
+import warnings
+import zipfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from .errors import CheckpointError
+
+TEMP_SUFFIX = ".tmp"
+# `tempfile`'s 8 random characters between the target's name and the suffix
+_RANDOM_PART = r"\.[a-z0-9_]{8}" + re.escape(TEMP_SUFFIX)
+
+
+# ---------------------------------------------------------------- temporary names and atomic writes
+
+
+def is_temporary(name: str) -> bool:
+    """True for the names this library gives files and directories while they are written or
+    deleted: `.NAME....tmp` (and `.tmp-*`, the staging directories of earlier versions)."""
+    return name.startswith(".") and (name.endswith(TEMP_SUFFIX) or name.startswith(".tmp-"))
+
+
+def remove_temporaries(directory, target: str | None = None) -> list[Path]:
+    """Delete the temporaries a killed writer left in `directory` (only those of the file
+    `target` when given); returns what was removed. Call it only where no other process is
+    writing: the one writer of a run at start-up, or an atomic write for its own target."""
+    directory = Path(directory)
+    if target is None:
+        match = is_temporary
+    else:
+        # exactly `.TARGET.XXXXXXXX.tmp`: `.latest.json.XXXXXXXX.tmp` is not a temporary of `latest`
+        match = re.compile(r"\." + re.escape(target) + _RANDOM_PART).fullmatch
+    removed = []
+    try:
+        entries = [p for p in directory.iterdir() if match(p.name)]
+    except OSError:  # no such directory yet
+        return removed
+    for path in entries:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+def create_temporary(path: Path) -> tuple[int, str]:
+    """(fd, name) of a new temporary file `.NAME.XXXXXXXX.tmp` beside `path`, to be renamed onto
+    it; what an earlier, killed write of `path` left is removed first."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_temporaries(path.parent, path.name)
+    return tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
+
+
+
+def unusable_dir_reason(directory: Path) -> str | None:
+    """Why `directory` cannot be created and written to, or None if it can. The probe file has a
+    temporary name, so even a kill between its write and its removal leaves nothing for good."""
+    directory = Path(directory)
+    try:
+        fd, probe = create_temporary(directory / "write_test")
+        os.close(fd)
+        os.unlink(probe)
+        return None
+    except OSError as e:
+        blocker = next((p for p in [directory, *directory.parents] if p.exists() and not p.is_dir()), None)
+        return f"{str(blocker)!r} is a file" if blocker is not None else (e.strerror or str(e))
+
+# mkstemp creates 0600 files; published files get what open() would give: 0666 minus the umask
+# (0644 under the usual 022), so a tokenizer or checkpoint can be read by whoever serves it
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    fd, tmp = create_temporary(path)
+    try:
+        os.fchmod(fd, FILE_MODE)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_save_tensors(tensors: dict, path: Path, metadata: dict | None = None) -> None:
+    path = Path(path)
+    fd, tmp = create_temporary(path)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.chmod(tmp, FILE_MODE)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ---------------------------------------------------------------- reading
+
+
+def one_line(error: BaseException, limit: int = 300) -> str:
+    """An exception's text on one line (the CLI prints every error as one line)."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _pickle_globals(path: Path) -> list[str]:
+    """`module.name` of each global the pickles in `path` would import, read without unpickling."""
+    try:
+        if zipfile.is_zipfile(path):  # torch.save's format: the pickle is `<archive>/data.pkl`
+            with zipfile.ZipFile(path) as z:
+                blobs = [z.read(n) for n in z.namelist() if n.endswith(".pkl")]
+        else:  # a plain pickle, or torch's legacy format (several pickles in a row)
+            blobs = [path.read_bytes()]
+    except (OSError, zipfile.BadZipFile, RuntimeError):
+        return []
+    found: list[str] = []
+    for blob in blobs:
+        stream = io.BytesIO(blob)
+        while stream.tell() < len(blob):
+            pushed: list[str | None] = []  # recent pushes: the strings STACK_GLOBAL pops
+            memo: dict = {}
+            try:
+                for op, arg, _ in pickletools.genops(stream):
+                    if op.name in ("GLOBAL", "INST"):
+                        found.append(str(arg).replace(" ", "."))
+                    elif op.name == "STACK_GLOBAL" and len(pushed) >= 2 and None not in pushed[-2:]:
+                        found.append(f"{pushed[-2]}.{pushed[-1]}")
+                    elif op.name == "MEMOIZE":
+                        memo[len(memo)] = pushed[-1] if pushed else None
+                    elif op.name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                        memo[arg] = pushed[-1] if pushed else None
+                    elif op.name in ("GET", "BINGET", "LONG_BINGET"):
+                        pushed.append(memo.get(arg))
+                    elif op.name not in ("FRAME", "PROTO"):
+                        is_text = isinstance(arg, str) and ("STRING" in op.name or "UNICODE" in op.name)
+                        pushed.append(arg if is_text else None)
+            except ValueError:  # not (or no longer) a pickle
+                break
+    return found
+
+
+def _code_it_asks_for(path: Path, error: Exception) -> list[str]:
+    """The globals a weights-only load refused; [] when the file is simply not a pickle."""
+    names = re.findall(r"GLOBAL ([\w.]+)", str(error))
+    if not names:
+        names = [g for g in _pickle_globals(path) if not g.startswith(("torch.", "collections.OrderedDict"))]
+    return list(dict.fromkeys(names))
+
+
+def _unpickler_reason(error: Exception) -> str:
+    """PyTorch's weights-only error without its advice (to load with weights_only=False, to file an
+    issue, to read the docs): only the line that says what it tripped on."""
+    noise = ("weights_only", "Weights only load failed", "Check the documentation", "Please file an issue")
+    lines = [line for line in str(error).splitlines() if line.strip() and not any(n in line for n in noise)]
+    return one_line(Exception(" ".join(lines)) if lines else error, 160)
+
+
+def load_plain(path, *, what: str = "state dict", fix: str | None = None, map_location="cpu"):
+    """`torch.load(path, weights_only=True)`, the one way this library reads a `.pt` file.
+
+    A file that would run code when unpickled gets one line naming what it asks for and the
+    fix (`fix`; default: re-save the tensors as safetensors); never PyTorch's advice to load
+    it with weights_only=False. A truncated or corrupt file gets a CheckpointError naming it
+    (and `fix`, when given).
+    """
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():  # a plain pickle of protocol > 2 would add a multi-line warning
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(str(path), map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        names = _code_it_asks_for(path, e)
+        if not names:
+            raise CheckpointError(f"{path}: cannot read (truncated or corrupt, or not a PyTorch file?): "
+                                  f"{_unpickler_reason(e)}{'. ' + fix if fix else ''}") from None
+        advice = fix or (f"Convert trusted files with safetensors.torch.save_file(state_dict, "
+                         f"'{path.stem}.safetensors') in the program that made them")
+        raise CheckpointError(f"{path}: not a plain {what} (it asks to run code: {', '.join(names[:5])}); "
+                              f"refusing to load it. {advice}") from None
+    except Exception as e:  # noqa: BLE001 - truncated or corrupt: whatever the unpickler tripped on
+        raise CheckpointError(f"{path}: cannot read (truncated or corrupt?): {one_line(e)}"
+                              f"{'. ' + fix if fix else ''}") from e
+
+
+def read_safetensors_header(path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """({name: shape}, metadata) of a safetensors file, without reading its tensors."""
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}, (f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot read safetensors file (truncated or corrupt?): {one_line(e)}") from e
+
+
+def load_state_dict_file(path: Path, map_location="cpu") -> dict:
+    """Read a state dict from `.safetensors` or `.pt`/`.bin` (weights_only=True)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory; use PaLM.from_pretrained({str(path)!r})")
+    if path.suffix == ".safetensors":
+        try:
+            state = load_file(str(path), device=str(map_location))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{path}: cannot read safetensors file (truncated or corrupt?): "
+                                  f"{one_line(e)}") from e
+    else:
+        state = load_plain(path, map_location=map_location)
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: expected a dict of tensors (a state_dict)")
+    return state
