@@ -20,6 +20,7 @@ input and `barrier` does nothing, so trainers call these unconditionally.
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -174,6 +175,9 @@ def broadcast_object(obj, src: int = 0):
 
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
+        # a DDP wrapper left in a reference cycle must go before its group: destroyed after it, its
+        # reducer aborts the process at exit ("terminate called without an active exception")
+        gc.collect()
         dist.destroy_process_group()
 
 

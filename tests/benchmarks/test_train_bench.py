@@ -25,7 +25,7 @@ def test_all_three_systems_have_the_counted_matmul_weights():
     summing them must give N for ours, the seed package and the matched Llama alike."""
     from palm_rlhf_pytorch import PaLM as SeedPaLM
 
-    models = [train._ours_model(None),
+    models = [train._ours_model(),
               SeedPaLM(dim=train.DIM, num_tokens=train.VOCAB, depth=train.DEPTH, heads=train.HEADS,
                        dim_head=train.DIM_HEAD),
               train.build_llama()]

@@ -12,6 +12,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from palm_rlhf.runtime.distributed import cleanup
+
 
 def _worker(rank: int, world: int, init_file: str, out_dir: str, fn, args) -> None:
     torch.set_num_threads(1)
@@ -21,7 +23,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, fn, args) -> No
         result = fn(rank, world, *args)
         torch.save(result, Path(out_dir) / f"rank{rank}.pt")
     finally:
-        dist.destroy_process_group()
+        cleanup()
 
 
 def run_workers(fn, world: int, *args) -> list:

@@ -75,5 +75,5 @@ def test_sequence_log_probs_sum_for_dpo_and_average_for_ipo(tmp_path, loss_type)
         margins.append(0.5 * (d_c - d_r))
     result = trainer.evaluate()
     trainer.cleanup()
-    assert abs(sum(margins)) > 0.01  # the adapter makes a difference
+    assert max(abs(m) for m in margins) > 0.01  # the adapter makes a difference (the margins' signs vary)
     assert result["reward_margin"] == pytest.approx(sum(margins) / len(margins), rel=1e-3, abs=1e-6)
