@@ -17,13 +17,12 @@ from torch import Tensor
 
 
 def masked_sum(x: Tensor, mask: Tensor | None, dim=None) -> Tensor:
-    if mask is None:
-        return x.sum() if dim is None else x.sum(dim=dim)
-    x = x.masked_fill(~mask.bool(), 0.0)
+    if mask is not None:
+        x = x.masked_fill(~mask.bool(), 0.0)
     return x.sum() if dim is None else x.sum(dim=dim)
 
 
-def masked_mean(x: Tensor, mask: Tensor | None = None, dim=None, eps: float = 0.0) -> Tensor:
+def masked_mean(x: Tensor, mask: Tensor | None = None, dim=None) -> Tensor:
     """Mean of `x` over the positions where `mask` is true.
 
     An all-false mask gives 0 (never NaN): an empty selection contributes nothing
@@ -39,29 +38,10 @@ def masked_mean(x: Tensor, mask: Tensor | None = None, dim=None, eps: float = 0.
 
 def masked_var(x: Tensor, mask: Tensor | None = None, unbiased: bool = True) -> Tensor:
     """Variance over the masked positions (all dims); 0 when fewer than 2 values."""
-    mean = masked_mean(x, mask)
-    sq = (x - mean) ** 2
-    if mask is None:
-        n = x.numel()
-        total = sq.sum()
-    else:
-        n = int(mask.bool().sum())
-        total = masked_sum(sq, mask)
+    n = x.numel() if mask is None else int(mask.bool().sum())
     if n < 2:
         return torch.zeros((), dtype=x.dtype, device=x.device)
-    return total / (n - 1 if unbiased else n)
-
-
-def masked_whiten(x: Tensor, mask: Tensor | None = None, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
-    """(x - mean) / std over the masked positions; masked-out entries are returned as 0."""
-    mean = masked_mean(x, mask)
-    var = masked_var(x, mask)
-    out = (x - mean) * torch.rsqrt(var + eps)
-    if not shift_mean:
-        out = out + mean
-    if mask is not None:
-        out = out.masked_fill(~mask.bool(), 0.0)
-    return out
+    return masked_sum((x - masked_mean(x, mask)) ** 2, mask) / (n - 1 if unbiased else n)
 
 
 # ---------------------------------------------------------------- log-probs
@@ -81,11 +61,6 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
     """Entropy of softmax(logits) along the last dim, in nats (fp32)."""
     logp = F.log_softmax(logits.float(), dim=-1)
     return -(logp.exp() * logp).sum(-1)
-
-
-def shift_left(t: Tensor, pad_value=0) -> Tensor:
-    """Drop the first position and pad at the end: t[..., 1:] + [pad]."""
-    return F.pad(t[..., 1:], (0, 1), value=pad_value)
 
 
 # ---------------------------------------------------------------- logit filters (new, unambiguous)

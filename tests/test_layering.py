@@ -225,3 +225,12 @@ def test_private_access_checker_catches_planted_reads(tmp_path, monkeypatch):
     assert "generation/generate.py:1 reads _check, private to model" in found
     assert "ops.py:3 uses torch.ops.mkldnn._linear_pointwise" in found
     assert "model/palm.py" not in found and "backends/cpu" not in found
+
+
+def test_model_layer_stays_small():
+    """Issue 15's size budget: `model/` plus `ops.py` at most 1,600 lines, no file over 400
+    (ARCHITECTURE.md: a file past that is two ideas)."""
+    files = [*sorted((PACKAGE / "model").glob("*.py")), PACKAGE / "ops.py"]
+    lines = {f.relative_to(PACKAGE).as_posix(): len(f.read_text().splitlines()) for f in files}
+    assert sum(lines.values()) <= 1600, lines
+    assert not {f: n for f, n in lines.items() if n > 400}

@@ -26,16 +26,17 @@ from ..files import atomic_save_tensors, atomic_write_bytes, load_state_dict_fil
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT_VERSION = 1
-TIED_KEYS = ("to_logits.weight",)
+TIED_KEY = "to_logits.weight"  # any model's (a PaLM's, or a RewardModel's palm.*)
 
 
 def load_into(model: nn.Module, state: dict, source: str = "state dict", strict: bool = True) -> None:
     """`load_state_dict` that names missing, unexpected and wrongly-shaped keys."""
     state = dict(state)
-    for key in TIED_KEYS:  # tied weights may be stored once or twice
-        if key not in state and hasattr(model, "token_emb") and "token_emb.weight" in state:
-            state[key] = state["token_emb.weight"]
     own = model.state_dict()
+    for key in own:  # the output projection is tied to the token embedding: stored once or twice
+        embedding = key.removesuffix(TIED_KEY) + "token_emb.weight"
+        if key.endswith(TIED_KEY) and key not in state and embedding in state:
+            state[key] = state[embedding]
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     wrong = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
@@ -58,21 +59,26 @@ def load_into(model: nn.Module, state: dict, source: str = "state dict", strict:
 # ---------------------------------------------------------------- save_pretrained / from_pretrained
 
 
-def _persistent_state(model: nn.Module) -> dict:
-    return {k: v for k, v in model.state_dict().items() if k not in TIED_KEYS}
+def palm_config(model, skip: str | None = None) -> dict:
+    """A PaLM's constructor arguments plus its scopes' ranks and alphas (all but `skip`)."""
+    return {**model.config,
+            "finetune_scopes": {s: r for s, r in model.finetune_scope_ranks.items() if s != skip},
+            "finetune_scope_alphas": {s: a for s, a in model.finetune_scope_alphas.items() if s != skip}}
+
+
+def write_pretrained(model: nn.Module, directory, config: dict) -> Path:
+    """`config.json` and every persistent tensor but the tied output projection, atomically."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith(TIED_KEY)}
+    atomic_save_tensors(state, directory / WEIGHTS_NAME, metadata={"format": "pt"})
+    atomic_write_bytes(directory / CONFIG_NAME, json.dumps(config, indent=2).encode())
+    return directory
 
 
 def save_pretrained(model, directory) -> Path:
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    config = dict(model.config)
-    config["finetune_scopes"] = dict(model.finetune_scope_ranks)
-    config["finetune_scope_alphas"] = dict(model.finetune_scope_alphas)
-    config["format_version"] = FORMAT_VERSION
-    config["layernorm_gain"] = "absolute"
-    atomic_save_tensors(_persistent_state(model), directory / WEIGHTS_NAME, metadata={"format": "pt"})
-    atomic_write_bytes(directory / CONFIG_NAME, json.dumps(config, indent=2).encode())
-    return directory
+    return write_pretrained(model, directory, {**palm_config(model), "format_version": FORMAT_VERSION,
+                                               "layernorm_gain": "absolute"})
 
 
 def read_config(directory) -> dict:
@@ -85,19 +91,24 @@ def read_config(directory) -> dict:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from e
 
 
-def from_pretrained(cls, directory, map_location="cpu", **overrides):
-    directory = Path(directory)
-    config = read_config(directory)
+def build_palm(cls, config: dict, source, **overrides):
+    """`cls(**config)` with the config's saved scopes recreated (no weights loaded)."""
+    config = dict(config)
     scopes = config.pop("finetune_scopes", {}) or {}
     alphas = config.pop("finetune_scope_alphas", {}) or {}
     for key in ("format_version", "layernorm_gain"):
         config.pop(key, None)
-    config.update(overrides)
     try:
-        model = cls(**config)
+        model = cls(**{**config, **overrides})
     except TypeError as e:
-        raise CheckpointError(f"{directory / CONFIG_NAME}: {e}") from e
+        raise CheckpointError(f"{source}: {e}") from e
     add_saved_scopes(model, scopes, alphas)
+    return model
+
+
+def from_pretrained(cls, directory, map_location="cpu", **overrides):
+    directory = Path(directory)
+    model = build_palm(cls, read_config(directory), directory / CONFIG_NAME, **overrides)
     load_into(model, load_state_dict_file(directory / WEIGHTS_NAME), source=str(directory / WEIGHTS_NAME))
     return model.to(map_location)
 
@@ -114,7 +125,7 @@ def add_saved_scopes(model, ranks: dict, alphas: dict) -> None:
 
 def save_adapter(model, scope: str, path) -> Path:
     """Save one LoRA scope alone (a small file, no base weights)."""
-    model._require_scope(scope)
+    model.require_scope(scope)
     prefix = f"finetune_modules.{scope}."
     tensors = {k[len(prefix):]: v for k, v in model.state_dict().items() if k.startswith(prefix)}
     meta = {"scope": scope, "lora_r": str(model.finetune_scope_ranks[scope]),

@@ -24,11 +24,6 @@ from .kv_cache import KVCache
 from .layers import LayerNorm, ParallelTransformerBlock, Residual
 from .lora import LoRA
 
-SEED_DEFAULTS = dict(
-    causal=True, dim_head=64, heads=8, ff_mult=4, attn_dropout=0.0, ff_dropout=0.0, qk_rmsnorm=False,
-    lora_r=8, rotary_xpos_scale_base=512, flash_attn=False, finetune_scopes=(), cross_entropy_ignore_index=0,
-)
-
 
 def _check_config(dim, num_tokens, depth, dim_head, heads, ff_mult, attn_dropout, ff_dropout, lora_r,
                   rotary_xpos_scale_base):
@@ -125,8 +120,6 @@ class PaLM(nn.Module):
             existing = ", ".join(repr(s) for s in self.finetune_modules) or "none"
             raise ConfigError(f"unknown finetune scope {scope!r}; scopes that exist: {existing}. "
                               f"Create it with add_finetune_params({scope!r}).")
-
-    _require_scope = require_scope  # the name model/checkpoint.py calls
 
     def add_finetune_params(self, scope: str, lora_r: int | None = None, lora_alpha: float | None = None) -> None:
         """A new LoRA scope of rank `lora_r` (default: the model's) scaled by `lora_alpha / lora_r`
@@ -362,47 +355,37 @@ class PaLM(nn.Module):
         self._check_tokens(prompt)
         b, n = prompt.shape
         steps = max(1, seq_len - n)
-
-        was_training = self.training
-        self.eval()
-        try:
-            out = self._generate_loop(prompt, steps, temperature, filter_logits_fn, filter_thres, pad_value,
-                                      eos_token, use_tqdm, scope)
-        finally:
-            self.train(was_training)
-        out = out.reshape(*lead, out.shape[-1])
-        return out[..., n:] if return_seq_without_prompt else out
-
-    def _generate_loop(self, prompt, steps, temperature, filter_logits_fn, filter_thres, pad_value, eos_token,
-                       use_tqdm, scope) -> Tensor:
-        b, n = prompt.shape
         out = torch.cat([prompt, prompt.new_zeros(b, steps)], dim=-1)  # (b, n + steps) preallocated
         done = torch.zeros(b, dtype=torch.bool, device=prompt.device)
-        # a bidirectional model has no KV cache: recompute the prefix every step, as the seed does
-        cache = self.new_kv_cache(b, n + steps - 1) if self.causal else None
-        logits = self.forward_cached(prompt, cache, **scope) if cache is not None else None
-        iterator = range(steps)
-        if use_tqdm:
-            from tqdm.auto import tqdm  # a core dependency; only imported when asked for
+        was_training, end = self.training, n
+        self.eval()
+        try:
+            # a bidirectional model has no KV cache: recompute the prefix every step, as the seed does
+            cache = self.new_kv_cache(b, n + steps - 1) if self.causal else None
+            logits = self.forward_cached(prompt, cache, **scope) if cache is not None else None
+            iterator = range(steps)
+            if use_tqdm:
+                from tqdm.auto import tqdm  # a core dependency; only imported when asked for
 
-            iterator = tqdm(iterator)
-        end = n
-        for t in iterator:
-            if cache is None:
-                logits = self.logits(out[:, :end], **scope)[:, -1]
-            if filter_logits_fn is not None:
-                logits = filter_logits_fn(logits, thres=filter_thres)
-            sample = gumbel_sample(logits, temperature=temperature)  # (b,)
-            sample = sample.masked_fill(done, int(pad_value))
-            out[:, end] = sample
-            end += 1
-            if eos_token is not None:
-                done = done | (sample == eos_token)
-                if bool(done.all()):
-                    break
-            if cache is not None and t < steps - 1:
-                logits = self.forward_cached(sample[:, None], cache, **scope)
-        return out[:, :end]
+                iterator = tqdm(iterator)
+            for t in iterator:
+                if cache is None:
+                    logits = self.logits(out[:, :end], **scope)[:, -1]
+                if filter_logits_fn is not None:
+                    logits = filter_logits_fn(logits, thres=filter_thres)
+                sample = gumbel_sample(logits, temperature=temperature).masked_fill(done, int(pad_value))  # (b,)
+                out[:, end] = sample
+                end += 1
+                if eos_token is not None:
+                    done = done | (sample == eos_token)
+                    if bool(done.all()):
+                        break
+                if cache is not None and t < steps - 1:
+                    logits = self.forward_cached(sample[:, None], cache, **scope)
+        finally:
+            self.train(was_training)
+        out = out[:, :end].reshape(*lead, end)
+        return out[..., n:] if return_seq_without_prompt else out
 
     # ------------------------------------------------------------------ sizes
 

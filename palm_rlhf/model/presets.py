@@ -13,6 +13,7 @@ the table evidently leaves them out. See docs/model.md.
 
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
 
@@ -49,9 +50,9 @@ def load_preset(name_or_path: str | os.PathLike) -> dict:
         raise ConfigError(f"{path}: not valid YAML ({e})") from e
     if not isinstance(config, dict):
         raise ConfigError(f"{path}: expected a mapping of PaLM arguments such as 'dim: 512'")
-    from .palm import SEED_DEFAULTS
+    from .palm import PaLM
 
-    valid = {"dim", "num_tokens", "depth", *SEED_DEFAULTS}
+    valid = set(inspect.signature(PaLM).parameters)  # the constructor's keyword arguments
     unknown = sorted(set(config) - valid)
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) {unknown}; valid keys: {', '.join(sorted(valid))}")

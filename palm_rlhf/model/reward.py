@@ -16,7 +16,6 @@ checkpoints load unchanged. Behaviour fixed on purpose (see docs/reward.md):
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 from typing import Sequence
 
@@ -26,18 +25,11 @@ from torch import Tensor, nn
 
 from ..errors import CheckpointError, ConfigError, InputError
 from ..ops import gumbel_sample, masked_mean
-from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, add_saved_scopes, load_into, read_config
-from ..files import atomic_save_tensors, atomic_write_bytes, load_state_dict_file
+from ..files import load_state_dict_file
+from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, build_palm, load_into, palm_config, read_config, write_pretrained
 from .palm import PaLM
 
 POOLINGS = ("response_mean", "last", "mean")
-_TIED = "palm.to_logits.weight"  # tied to palm.token_emb.weight: stored once
-
-
-def _untie(state: dict) -> None:
-    """The output projection is tied to the token embedding and stored once; restore its key."""
-    if _TIED not in state and "palm.token_emb.weight" in state:
-        state[_TIED] = state["palm.token_emb.weight"]
 
 
 class _SqueezeLast(nn.Module):
@@ -124,9 +116,7 @@ class RewardModel(nn.Module):
 
     def load(self, path) -> "RewardModel":
         """Load a state dict saved by the seed (`torch.save(reward_model.state_dict())`) or by us."""
-        state = load_state_dict_file(Path(path))
-        _untie(state)
-        load_into(self, state, source=str(path))
+        load_into(self, load_state_dict_file(Path(path)), source=str(path))
         return self
 
     def finetune_parameters(self) -> list[nn.Parameter]:
@@ -236,20 +226,10 @@ class RewardModel(nn.Module):
 
     def save_pretrained(self, directory) -> Path:
         """Write `config.json` (PaLM + reward settings) and `model.safetensors`, atomically."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        palm_config = dict(self.palm.config)
         # scopes the PaLM had before the reward scope was added are rebuilt by from_pretrained
-        palm_config["finetune_scopes"] = {s: r for s, r in self.palm.finetune_scope_ranks.items()
-                                          if s != self.reward_lora_scope}
-        palm_config["finetune_scope_alphas"] = {s: a for s, a in self.palm.finetune_scope_alphas.items()
-                                                if s != self.reward_lora_scope}
-        config = {"model_type": "reward_model", "format_version": 1, "palm": palm_config,
-                  "reward": self.reward_config}
-        state = {k: v for k, v in self.state_dict().items() if k != _TIED}
-        atomic_save_tensors(state, directory / WEIGHTS_NAME, metadata={"format": "pt"})
-        atomic_write_bytes(directory / CONFIG_NAME, json.dumps(config, indent=2).encode())
-        return directory
+        config = {"model_type": "reward_model", "format_version": 1,
+                  "palm": palm_config(self.palm, skip=self.reward_lora_scope), "reward": self.reward_config}
+        return write_pretrained(self, directory, config)
 
     @classmethod
     def from_pretrained(cls, directory, map_location="cpu", **overrides) -> "RewardModel":
@@ -260,11 +240,7 @@ class RewardModel(nn.Module):
         if config.get("model_type") != "reward_model":
             raise CheckpointError(f"{directory}: not a RewardModel checkpoint (config.json has no "
                                   f"model_type 'reward_model'); a PaLM checkpoint loads with PaLM.from_pretrained")
-        palm_config = dict(config["palm"])
-        scopes = palm_config.pop("finetune_scopes", {}) or {}
-        alphas = palm_config.pop("finetune_scope_alphas", {}) or {}
-        palm = PaLM(**palm_config)
-        add_saved_scopes(palm, scopes, alphas)
+        palm = build_palm(PaLM, config["palm"], directory / CONFIG_NAME)
         reward_config = {**config["reward"], **overrides}
         # a reward model saved before alpha existed trained its scope at scale 1 (alpha = r)
         reward_config.setdefault("lora_alpha", reward_config.get("lora_r", 8))
@@ -272,9 +248,7 @@ class RewardModel(nn.Module):
             model = cls(palm, **reward_config)
         except TypeError as e:
             raise CheckpointError(f"{directory / CONFIG_NAME}: {e}") from e
-        state = load_state_dict_file(directory / WEIGHTS_NAME)
-        _untie(state)
-        load_into(model, state, source=str(directory / WEIGHTS_NAME))
+        load_into(model, load_state_dict_file(directory / WEIGHTS_NAME), source=str(directory / WEIGHTS_NAME))
         return model.to(map_location)
 
 

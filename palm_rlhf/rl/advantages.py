@@ -94,8 +94,8 @@ def whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, reduce_sum: ReduceS
            eps: float = 1e-8) -> Tensor:
     """(x - mean) / sqrt(var + eps) with statistics over every rank's masked entries; 0 on padding.
 
-    On one process it is exactly `palm_rlhf.ops.masked_whiten`. With shift_mean=False the
-    mean is added back (used for rewards: rescale without changing their sign balance).
+    With shift_mean=False the mean is added back (used for rewards: rescale without
+    changing their sign balance).
     """
     mean, var, _ = global_masked_mean_var(x, mask, reduce_sum)
     mean, var = mean.to(x.dtype), var.to(x.dtype)
