@@ -21,7 +21,8 @@ from palm_rlhf.model import PaLM
 from palm_rlhf.ops import token_cross_entropy
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
-two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices for torchrun "
+                              f"--nproc_per_node 2; this machine has {torch.cuda.device_count()}")
 CFG = dict(dim=128, num_tokens=256, depth=2, heads=4, dim_head=64)
 
 
@@ -117,6 +118,8 @@ def _torchrun(args, tmp_path) -> subprocess.CompletedProcess:
 
 @two_gpus
 def test_two_gpu_torchrun_pretrain_and_ppo(tmp_path):
+    """`torchrun --nproc_per_node 2` of the CLI on 2 GPUs (NCCL): a tiny pretrain, then PPO from its
+    final/ with a reward function; each run finishes with its final checkpoint."""
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("the cat sat on the mat. " * 400)
     run = _torchrun(["pretrain", "model.dim=64", "model.depth=2", "model.heads=2", "model.dim_head=32",
@@ -128,8 +131,10 @@ def test_two_gpu_torchrun_pretrain_and_ppo(tmp_path):
                                               "    return [len(c) / 8 for c in completions]\n")
     (tmp_path / "prompts.txt").write_text("".join(f"{w} and\n" for w in ["the", "cat", "sat", "on"]))
     run = _torchrun(["ppo", f"model={tmp_path / 'pre' / 'final'}", f"prompts={tmp_path / 'prompts.txt'}",
-                     "reward_fn=gpu_rewards:length", "steps=2", "prompts_per_step=4", "rollout_batch_size=2",
-                     "minibatch_size=4", "max_new_tokens=8", "sample_every=0", f"out_dir={tmp_path / 'ppo'}"],
-                    tmp_path)
+                     "reward_fn=gpu_rewards:length", "max_steps=2", "prompts_per_step=4", "rollout_batch_size=2",
+                     "minibatch_size=4", "max_new_tokens=8", "sample_every=0", "progress=false", "device=cuda",
+                     f"out_dir={tmp_path / 'ppo'}"], tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert (tmp_path / "ppo" / "metrics.jsonl").is_file()
+    final = tmp_path / "ppo" / "final"  # the base with the actor merged, and the actor's adapter alone
+    assert (final / "model.safetensors").is_file() and (final / "adapter.safetensors").is_file()
+    assert len((tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()) >= 2  # both steps logged
