@@ -16,6 +16,7 @@ import json
 import logging
 import secrets
 import threading
+import time
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -31,20 +32,32 @@ log = logging.getLogger(__name__)
 class _Mailbox:
     """Engine events into the event loop: posts from the engine thread pile up in a list, and
     the loop is woken once to take all that arrived before it ran (`Engine.dispatch` posts a
-    whole decode step at once). Waking it per token costs a hand-over of the GIL per token."""
+    whole decode step at once). Waking it per token costs a hand-over of the GIL per token.
 
-    def __init__(self, loop):
-        self.loop, self.lock = loop, threading.Lock()
+    `interval` (seconds): after a wake-up, further tokens wait up to this long and go out
+    together, one chunk per stream; a request's first token, a finish and a failure wake the
+    loop at once. 0 wakes it for every step.
+    """
+
+    def __init__(self, loop, interval: float = 0.0):
+        self.loop, self.interval, self.lock = loop, interval, threading.Lock()
         self.items: list = []
         self.woken = False
+        self.last = float("-inf")  # when the loop was last woken
 
     def post(self, items) -> None:
-        """Any thread: (sink, event) pairs to deliver in the loop with `sink.put(event)`."""
+        """Any thread: (sink, event) pairs to deliver in the loop with `sink.put(event)`; an
+        empty list only checks whether waiting tokens are due."""
+        now = time.monotonic()
+        urgent = False
         with self.lock:
+            for sink, event in items:
+                urgent = urgent or not sink.started or not isinstance(event, Delta) or event.finish_reason is not None
+                sink.started = True
             self.items.extend(items)
-            if self.woken:
+            if self.woken or not self.items or (not urgent and now - self.last < self.interval):
                 return
-            self.woken = True
+            self.woken, self.last = True, now
         self.loop.call_soon_threadsafe(self._deliver)
 
     def _deliver(self) -> None:
@@ -59,6 +72,7 @@ class _Sink:
 
     def __init__(self, run: "_Run", mailbox: _Mailbox, base: int):
         self.run, self.mailbox, self.base = run, mailbox, base
+        self.started = False  # set by the mailbox at the first event
 
     def __call__(self, event) -> None:  # any thread (an engine that does not use `dispatch`)
         self.mailbox.post([(self, event)])
@@ -138,7 +152,7 @@ def merged(events) -> dict:
 
 
 def create_app(engine, tokenizer, *, model_name: str, template, api_key: str | None = None,
-               max_body_bytes: int = 1 << 20):
+               max_body_bytes: int = 1 << 20, stream_interval_s: float = 0.0):
     context = engine.context
 
     mailbox = None
@@ -146,7 +160,7 @@ def create_app(engine, tokenizer, *, model_name: str, template, api_key: str | N
     @asynccontextmanager
     async def lifespan(app):
         nonlocal mailbox
-        mailbox = _Mailbox(asyncio.get_running_loop())
+        mailbox = _Mailbox(asyncio.get_running_loop(), stream_interval_s)
         engine.dispatch = mailbox.post  # a decode step's events reach the loop in one wake-up
         if engine.thread is None:
             engine.start()

@@ -300,9 +300,7 @@ class Engine:
         """Deliver this step's events: in one `dispatch` call when set (one hand-over to another
         thread per step, not one per token), else one sink call each."""
         events, self.outbox = self.outbox, []
-        if not events:
-            return
-        if self.dispatch is not None:
+        if self.dispatch is not None:  # also without events: a consumer may hold some back until a deadline
             self.dispatch([(request.sink, event) for request, event in events])
             return
         for request, event in events:

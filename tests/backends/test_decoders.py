@@ -126,6 +126,8 @@ def test_decode_weight_layouts_follow_the_shape_rules():
     many = "onednn" if torch.backends.mkldnn.is_available() else "cols"
     assert kinds[((384, 3584), 8)] == many and kinds[((1536, 384), 8)] == many
     assert kinds[((30, 7), 1)] == "mm"  # odd sizes: one product
+    single = {Decoder._layout(torch.zeros(384, 3584), rows, sliced=False)[0] for rows in (1, 2)}
+    assert single == {"onednn" if torch.backends.mkldnn.is_available() else "mm"}  # one thread: no slices
     assert Decoder._layout(torch.zeros(384, 3584), 1)[1].shape == (4, 96, 3584)
 
 

@@ -65,6 +65,7 @@ def test_dispatch_hands_over_a_step_at_once_and_changes_no_text(model):
     finally:
         engine.stop()
     assert batched == plain
+    calls = [call for call in calls if call]  # it is also called after steps without events
     assert all(len(set(call)) == len(call) for call in calls)  # one event per choice per call
     assert len(calls[0]) == 4  # the prefill's first tokens: every choice of the 3 requests in one hand-over
     assert len(calls) == 1 + 7  # then one per decode step (the longest request: 8 tokens, 7 steps)
@@ -90,3 +91,44 @@ def test_sinks_still_receive_events_without_dispatch(model):
         engine.stop()
     assert [e.finish_reason for e in events] == [None, None, "length"]  # with logprobs, every token is an event
     assert events[-1].completion_tokens == 3
+
+
+class FakeLoop:
+    def __init__(self):
+        self.wakeups = []
+
+    def call_soon_threadsafe(self, callback):
+        self.wakeups.append(callback)
+
+    def run(self):
+        callbacks, self.wakeups = self.wakeups, []
+        for callback in callbacks:
+            callback()
+        return len(callbacks)
+
+
+class Recorder:
+    def __init__(self):
+        self.started, self.got = False, []
+
+    def put(self, event):
+        self.got.append(event.text)
+
+
+@pytest.mark.parametrize("interval", [0.0, 3600.0])
+def test_mailbox_wakes_the_loop_once_per_burst_and_holds_tokens_for_the_interval(interval):
+    """A first token, a finish and a failure wake the loop at once; with an interval, the tokens
+    between them wait (for the interval, or the next urgent event) and arrive together."""
+    from palm_rlhf.serving.app import _Mailbox
+
+    loop, a, b = FakeLoop(), Recorder(), Recorder()
+    box = _Mailbox(loop, interval)
+    box.post([(a, Delta(0, "a1")), (b, Delta(0, "b1"))])  # first tokens: wake
+    box.post([(a, Delta(0, "a2")), (b, Delta(0, "b2"))])  # the loop has not run yet: no second wake-up
+    assert loop.run() == 1 and a.got == ["a1", "a2"] and b.got == ["b1", "b2"]
+    box.post([(a, Delta(0, "a3")), (b, Delta(0, "b3"))])
+    box.post([])  # a step without events
+    assert loop.run() == (1 if interval == 0 else 0)
+    box.post([(a, Delta(0, "a4", "length"))])  # a finish: wake
+    assert loop.run() == 1
+    assert a.got == ["a1", "a2", "a3", "a4"] and b.got == ["b1", "b2", "b3"]

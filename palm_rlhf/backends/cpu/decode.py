@@ -143,7 +143,10 @@ class Decoder:
         slices = 4 if rows == 1 else 2
         if few and k % slices == 0:
             return "rows", w_t.unflatten(0, (slices, -1)).contiguous()  # (s, in/s, out)
-        packed = onednn_packed(w_t, rows) if rows > 2 or w_t.dtype == torch.bfloat16 else None
+        # without slices (one thread) oneDNN beats MKL from one row on: a config-S decode step of 2 rows
+        # takes 2.2-2.6 ms against 8.0-8.5 with `mm`, of 1 row 2.9-3.0 against 3.1 (benchmarks/README.md "Serving")
+        many = rows > 2 or not sliced
+        packed = onednn_packed(w_t, rows) if many or w_t.dtype == torch.bfloat16 else None
         if packed is not None:
             return "onednn", packed
         if sliced and n % 2 == 0:
