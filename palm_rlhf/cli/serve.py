@@ -43,9 +43,10 @@ def register(sub) -> None:
                    help="most rows waiting for a place in the batch; more get 503 (default: %(default)s)")
     p.add_argument("--gather-ms", type=float, default=10.0,
                    help="how long an idle server waits after a request for others to batch with (default: %(default)s)")
-    p.add_argument("--stream-interval-ms", type=float, default=0.0,
-                   help="streams send the tokens of this many ms together, one chunk per stream (first tokens "
-                        "and finishes at once); fewer, larger chunks save CPU on a busy server (default: %(default)s)")
+    p.add_argument("--stream-interval-ms", type=float, default=20.0,
+                   help="a stream sends the tokens of this many ms together in one chunk (first tokens and finishes "
+                        "at once): fewer wake-ups of the HTTP thread leave more CPU to decoding; 0 sends every "
+                        "token as soon as it is decoded (default: %(default)s)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
     p.set_defaults(func=run)
 

@@ -104,7 +104,7 @@ class _Row:
 
 class Engine:
     def __init__(self, model, tokenizer, *, context: int, max_batch: int = 16, max_queue: int = 256,
-                 gather_s: float = 0.01, prefill_tokens: int = 512, finetune_scope=None):
+                 gather_s: float = 0.01, prefill_tokens: int = 1024, finetune_scope=None):
         self.model, self.tokenizer, self.context = model.eval(), tokenizer, context
         self.max_batch, self.max_queue, self.gather_s, self.scope = max_batch, max_queue, gather_s, finetune_scope
         self.prefill_tokens = prefill_tokens  # most prompt tokens prefilled in one forward
