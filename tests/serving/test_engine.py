@@ -17,12 +17,6 @@ from palm_rlhf.serving.batch import DecodeBatch, _bucket
 TOK = ByteTokenizer()
 
 
-@pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    return PaLM(dim=32, num_tokens=256, depth=2, heads=2, dim_head=16).eval()
-
-
 def run_all(engine, requests):
     """Submit every (prompt ids, Params, n) at once; returns per request (texts, reasons, tokens)."""
     queues = []

@@ -6,20 +6,12 @@ import queue
 import threading
 
 import pytest
-import torch
 
 from palm_rlhf.data.tokenizer import ByteTokenizer
-from palm_rlhf.model import PaLM
 from palm_rlhf.serving import Delta, Engine, Params
 from palm_rlhf.serving.app import merged
 
 TOK = ByteTokenizer()
-
-
-@pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    return PaLM(dim=32, num_tokens=256, depth=2, heads=2, dim_head=16).eval()
 
 
 def collect(engine, requests):
