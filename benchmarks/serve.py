@@ -11,6 +11,12 @@ subprocess: ours with its continuous-batching engine, HF with `HFEngine` below, 
 waiting requests (up to --max-batch) and runs them as one pipeline call (static batching, every
 row decoding to the longest max_tokens; a pipeline cannot stream, so a reply arrives whole).
 
+Ours runs `palm-rlhf serve` with its defaults (a stream sends a chunk at most every 20 ms,
+first tokens and finishes at once; `--systems ours-every-token` adds ours with a chunk per decode
+step). On a 2-core machine pass `--threads 1`: the client, the HTTP thread and other jobs share
+the cores, and two torch threads waiting for each other cost both servers far more than they
+gain (HF's 16-client batch took 11-39 s instead of 1.4 s under load).
+
 Load: for each level c, c clients each send `--per-client` streamed completion requests one
 after another (prompts of 8-64 tokens, max_tokens 32-96 averaging 64, `ignore_eos` so every
 request gets its full length, a seed each, `logprobs: 0` so that every token is a chunk even when
@@ -213,7 +219,8 @@ def main(argv=None):
     ap.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16, 64])
     ap.add_argument("--per-client", type=int, default=1, help="requests each client sends (default 1)")
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--systems", nargs="+", default=["ours", "hf"], choices=["ours", "hf"])
+    ap.add_argument("--systems", nargs="+", default=["ours", "hf"], choices=["ours", "ours-every-token", "hf"],
+                    help="ours-every-token: ours with --stream-interval-ms 0 (a chunk per decode step)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads in each server (0 = default)")
     ap.add_argument("--hf-server", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--max-batch", type=int, default=64)
@@ -233,9 +240,10 @@ def main(argv=None):
     procs, urls = [], {}
     try:
         for system in args.systems:
-            if system == "ours":
+            if system.startswith("ours"):
+                every = ["--stream-interval-ms", "0"] if system == "ours-every-token" else []
                 cmd = [sys.executable, "-m", "palm_rlhf", "serve", str(tmp / "model"), "--port", "0",
-                       "--max-batch", str(args.max_batch), *threads]
+                       "--max-batch", str(args.max_batch), *threads, *every]
             else:
                 cmd = [sys.executable, __file__, "--hf-server", "--max-batch", str(args.max_batch), *threads]
             proc, url = start_server(cmd)
@@ -284,10 +292,11 @@ def report(table: dict, args) -> None:
                   + ("whole reply at once |" if system == "hf" else
                      f"{1e3 * med(system, level, 'concurrent', 'tpot50'):.1f} / "
                      f"{1e3 * med(system, level, 'concurrent', 'tpot95'):.1f} |"))
-    if {"ours", "hf"} <= set(args.systems):
-        for level in args.levels:
-            ratio = med("ours", level, "concurrent", "tok_s") / med("hf", level, "concurrent", "tok_s")
-            print(f"ours / hf tokens/s at {level} clients: {ratio:.2f}x")
+    for other in ("hf", "ours-every-token"):
+        if {"ours", other} <= set(args.systems):
+            for level in args.levels:
+                ratio = med("ours", level, "concurrent", "tok_s") / med(other, level, "concurrent", "tok_s")
+                print(f"ours / {other} tokens/s at {level} clients: {ratio:.2f}x")
 
 
 if __name__ == "__main__":

@@ -7,8 +7,10 @@
   CPU the cpu engine decodes faster than the plain one (benchmarks/generate.py, ``ours`` vs
   ``ours-plain``; figures in benchmarks/README.md).
 
-A decoder has one method, ``step(tokens (b,)) -> next-token logits (b, V)``, which appends the
-tokens to its KV cache. Both engines are tested against each other (tests/backends/).
+A decoder has two methods: ``step(tokens (b,)) -> next-token logits (b, V)``, which appends the
+tokens to its KV cache, and ``prefill(tokens (L,), packed)``, which runs prompts packed into one
+row (`palm_rlhf.model.PackedPrompts`, the server's way to prefill every waiting request at once)
+and returns each prompt's last-token logits. Both engines are tested against each other (tests/backends/).
 """
 
 from __future__ import annotations
@@ -29,6 +31,10 @@ class PlainDecoder:
 
     def step(self, tokens: Tensor) -> Tensor:
         return self.model.forward_cached(tokens[:, None], self.cache, **self.scope)
+
+    def prefill(self, tokens: Tensor, packed) -> Tensor:
+        """Packed prompts (`palm_rlhf.model.PackedPrompts`), tokens (L,) -> last-token logits (prompts, V)."""
+        return self.model.forward_cached(tokens[None], packed, last_only=False, **self.scope)[0, packed.last_index()]
 
 
 def resolve(backend: str, device) -> str:

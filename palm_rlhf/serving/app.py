@@ -2,8 +2,11 @@
 
 Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health.
 Streaming replies are Server-Sent Events in OpenAI's chunk format ending with `data: [DONE]`.
-Each route hands its choices to the engine and waits on an asyncio queue the engine thread
-feeds; when the client goes away its rows are cancelled and leave the batch at the next step.
+Each route hands its choices to the engine; the engine thread posts each decode step's events
+to a mailbox that wakes the event loop once per step, and a stream sends what arrived for a
+request since its last write as one write, one chunk per choice (several tokens in a chunk when
+the client fell behind). When the client goes away its rows are cancelled and leave the batch
+at the next step.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ import asyncio
 import json
 import logging
 import secrets
+import threading
+import time
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -24,17 +29,69 @@ from .protocol import (ApiError, envelope, logprobs_block, new_id, parse_logprob
 log = logging.getLogger(__name__)
 
 
-class _Run:
-    """The engine requests of one HTTP request, and the queue their events arrive on."""
+class _Mailbox:
+    """Engine events into the event loop: posts from the engine thread pile up in a list, and
+    the loop is woken once to take all that arrived before it ran (`Engine.dispatch` posts a
+    whole decode step at once). Waking it per token costs a hand-over of the GIL per token.
 
-    def __init__(self, engine, job):
+    `interval` (seconds): after a wake-up, further tokens wait up to this long and go out
+    together, one chunk per stream; a request's first token, a finish and a failure wake the
+    loop at once. 0 wakes it for every step.
+    """
+
+    def __init__(self, loop, interval: float = 0.0):
+        self.loop, self.interval, self.lock = loop, interval, threading.Lock()
+        self.items: list = []
+        self.woken = False
+        self.last = float("-inf")  # when the loop was last woken
+
+    def post(self, items) -> None:
+        """Any thread: (sink, event) pairs to deliver in the loop with `sink.put(event)`; an
+        empty list only checks whether waiting tokens are due."""
+        now = time.monotonic()
+        urgent = False
+        with self.lock:
+            for sink, event in items:
+                urgent = urgent or not sink.started or not isinstance(event, Delta) or event.finish_reason is not None
+                sink.started = True
+            self.items.extend(items)
+            if self.woken or not self.items or (not urgent and now - self.last < self.interval):
+                return
+            self.woken, self.last = True, now
+        self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self.lock:
+            items, self.items, self.woken = self.items, [], False
+        for sink, event in items:
+            sink.put(event)
+
+
+class _Sink:
+    """Where the engine sends the events of one engine request (choices `base + index`)."""
+
+    def __init__(self, run: "_Run", mailbox: _Mailbox, base: int):
+        self.run, self.mailbox, self.base = run, mailbox, base
+        self.started = False  # set by the mailbox at the first event
+
+    def __call__(self, event) -> None:  # any thread (an engine that does not use `dispatch`)
+        self.mailbox.post([(self, event)])
+
+    def put(self, event) -> None:  # in the loop
+        self.run.receive(self.base, event)
+
+
+class _Run:
+    """The engine requests of one HTTP request, and the events that arrived for them."""
+
+    def __init__(self, engine, job, mailbox: _Mailbox):
         self.engine, self.job = engine, job
-        self.queue: asyncio.Queue = asyncio.Queue()
+        self.inbox: list = []     # (choice index, event) not yet taken by `batches`
+        self.waiter = None        # the future `batches` waits on while the inbox is empty
         self.requests = []
-        loop = asyncio.get_running_loop()
         try:
             for p, prompt in enumerate(job.prompts):
-                self.requests.append(engine.submit(prompt, job.params, job.n, self._sink(loop, p * job.n)))
+                self.requests.append(engine.submit(prompt, job.params, job.n, _Sink(self, mailbox, p * job.n)))
         except QueueFull as e:
             self.cancel()
             raise ApiError(503, f"the server is busy: {e}", code="queue_full", kind="server_error") from e
@@ -42,45 +99,69 @@ class _Run:
         self.prompt_tokens = sum(len(p) for p in job.prompts)
         self.completion_tokens = 0
 
-    def _sink(self, loop, base: int):
-        """Called in the engine thread: hand the event (choice `base + index`) to the event loop."""
-        return lambda event: loop.call_soon_threadsafe(self.queue.put_nowait, (base, event))
+    def receive(self, base: int, event) -> None:
+        self.inbox.append((base, event))
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
 
     def cancel(self) -> None:
         for request in self.requests:
             request.cancel()
 
-    async def events(self, request: Request):
-        """(choice index, Delta) until every choice has finished; stops early if the client leaves."""
+    async def batches(self, request: Request):
+        """Lists of (choice index, Delta): every event that arrived since the last list (several
+        tokens of a choice when the client fell behind), until every choice has finished;
+        stops early if the client leaves."""
         left = self.choices
         loop = asyncio.get_running_loop()
         checked = loop.time()
         while left:
-            try:
-                base, event = await asyncio.wait_for(self.queue.get(), timeout=1.0)
-            except asyncio.TimeoutError:
-                base = event = None
+            if not self.inbox:
+                self.waiter = loop.create_future()
+                timer = loop.call_later(1.0, lambda w=self.waiter: w.done() or w.set_result(None))
+                await self.waiter
+                timer.cancel()
             if loop.time() - checked >= 0.5:  # twice a second, also while tokens keep coming
                 checked = loop.time()
                 if await request.is_disconnected():
                     return
-            if event is None:
-                continue
-            if isinstance(event, Failure):
-                raise ApiError(500, event.message, code="engine_error", kind="server_error")
-            assert isinstance(event, Delta)
-            if event.finish_reason:
-                left -= 1
-                self.completion_tokens += event.completion_tokens
-            yield base + event.index, event
+            items, self.inbox = self.inbox, []
+            out = []
+            for base, event in items:
+                if isinstance(event, Failure):
+                    raise ApiError(500, event.message, code="engine_error", kind="server_error")
+                assert isinstance(event, Delta)
+                if event.finish_reason:
+                    left -= 1
+                    self.completion_tokens += event.completion_tokens
+                out.append((base + event.index, event))
+            if out:
+                yield out
+
+
+def merged(events) -> dict:
+    """(choice index, Delta) events -> {index: Delta} with each choice's texts and log-probs
+    joined in order (one streamed chunk per choice; OpenAI's chunks may carry several tokens)."""
+    out: dict = {}
+    for index, event in events:
+        seen = out.get(index)
+        out[index] = event if seen is None else Delta(
+            index, seen.text + event.text, event.finish_reason or seen.finish_reason,
+            seen.logprobs + event.logprobs, seen.completion_tokens + event.completion_tokens)
+    return out
 
 
 def create_app(engine, tokenizer, *, model_name: str, template, api_key: str | None = None,
-               max_body_bytes: int = 1 << 20):
+               max_body_bytes: int = 1 << 20, stream_interval_s: float = 0.0):
     context = engine.context
+
+    mailbox = None
 
     @asynccontextmanager
     async def lifespan(app):
+        nonlocal mailbox
+        mailbox = _Mailbox(asyncio.get_running_loop(), stream_interval_s)
+        engine.dispatch = mailbox.post  # a decode step's events reach the loop in one wake-up
         if engine.thread is None:
             engine.start()
         try:
@@ -123,7 +204,7 @@ def create_app(engine, tokenizer, *, model_name: str, template, api_key: str | N
         return body
 
     async def respond(request: Request, job, chat: bool):
-        run = _Run(engine, job)
+        run = _Run(engine, job, mailbox)
         rid = new_id("chatcmpl" if chat else "cmpl")
         kind = "chat.completion" if chat else "text_completion"
         if job.stream:
@@ -133,10 +214,11 @@ def create_app(engine, tokenizer, *, model_name: str, template, api_key: str | N
         reasons = [None] * run.choices
         logprobs = [[] for _ in range(run.choices)]
         try:
-            async for index, event in run.events(request):
-                texts[index] += event.text
-                logprobs[index] += event.logprobs
-                reasons[index] = event.finish_reason or reasons[index]
+            async for events in run.batches(request):
+                for index, event in events:
+                    texts[index] += event.text
+                    logprobs[index] += event.logprobs
+                    reasons[index] = event.finish_reason or reasons[index]
         finally:
             run.cancel()  # no-op for finished rows; frees the rows of a client that left
         if chat:
@@ -157,16 +239,20 @@ def create_app(engine, tokenizer, *, model_name: str, template, api_key: str | N
             if chat:
                 yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                               "finish_reason": None} for i in range(run.choices)])
-            async for index, event in run.events(request):
-                if chat:
-                    delta = {"content": event.text} if event.text else {}
-                    yield chunk([{"index": index, "delta": delta, "logprobs": None,
-                                  "finish_reason": event.finish_reason}])
-                else:
-                    lp = logprobs_block(event.logprobs, offsets[index]) if run.job.params.logprobs is not None else None
-                    offsets[index] += len(event.text)
-                    yield chunk([{"index": index, "text": event.text, "logprobs": lp,
-                                  "finish_reason": event.finish_reason}])
+            async for events in run.batches(request):
+                chunks = []
+                for index, event in merged(events).items():
+                    if chat:
+                        delta = {"content": event.text} if event.text else {}
+                        chunks.append(chunk([{"index": index, "delta": delta, "logprobs": None,
+                                              "finish_reason": event.finish_reason}]))
+                    else:
+                        lp = (logprobs_block(event.logprobs, offsets[index]) if run.job.params.logprobs is not None
+                              else None)
+                        offsets[index] += len(event.text)
+                        chunks.append(chunk([{"index": index, "text": event.text, "logprobs": lp,
+                                              "finish_reason": event.finish_reason}]))
+                yield "".join(chunks)  # one write for all the chunks that are ready
             if run.job.include_usage:
                 yield chunk([], usage=usage(run.prompt_tokens, run.completion_tokens))
             yield "data: [DONE]\n\n"

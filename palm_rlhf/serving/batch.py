@@ -2,10 +2,11 @@
 
 `palm_rlhf.generation` decodes a fixed set of prompts; a server gets new requests all the
 time. This module keeps one left-padded `KVCache` (see `palm_rlhf.model.kv_cache`) whose rows
-are slots: a request's prompt is prefilled on its own, its keys/values are copied into a free
-slot so that they end at the batch's current slot (the slot's `pad` says where they begin),
-and from then on it decodes in lock-step with the others. A finished row frees its slot at
-once. So new requests join a running batch (continuous batching) and short ones leave it.
+are slots: the waiting requests' prompts are prefilled together (`prefill`: one forward, no
+padding), each prompt's keys/values are copied into a free slot so that they end at the batch's
+current slot (the slot's `pad` says where they begin), and from then on it decodes in lock-step
+with the others. A finished row frees its slot at once. So new requests join a running batch
+(continuous batching) and short ones leave it.
 
 - Capacity comes in buckets (1, 2, 4, ... up to `max_batch`): a decode step costs about the
   same for every row of the bucket, so a lone request does not pay for 64 rows. Each bucket's
@@ -24,6 +25,7 @@ import torch
 from torch import Tensor
 
 from ..backends import decoder_for
+from ..model import PackedPrompts
 
 
 def _bucket(rows: int, max_batch: int) -> int:
@@ -55,8 +57,19 @@ class DecodeBatch:
     def length(self) -> int:
         return self.cache.length if self.cache is not None else 0
 
-    def join(self, row, prefill_cache, n: int) -> None:
-        """Add a row whose prompt (n tokens, no padding) was prefilled into row 0 of `prefill_cache`."""
+    def prefill(self, prompts: list[list[int]]) -> tuple[Tensor, PackedPrompts]:
+        """Prefill these prompts in one forward (packed into one row, no padding) -> each prompt's
+        last-token logits (prompts, V) and the `PackedPrompts` whose `prompt(i)` keys/values `join`
+        takes. Runs on the 4-row bucket's decoder: on a CPU its weights are prepacked for oneDNN,
+        the fastest product for many rows (see `backends.cpu.Decoder.prefill`)."""
+        cache, decoder = self._entry(_bucket(4, self.max_batch))
+        packed = PackedPrompts.like(cache, [len(p) for p in prompts])
+        tokens = torch.tensor([t for p in prompts for t in p], dtype=torch.long, device=cache.k.device)
+        return decoder.prefill(tokens, packed), packed
+
+    def join(self, row, k: Tensor, v: Tensor) -> None:
+        """Add a row whose prompt's keys and values are k, v (depth, n, d) (no padding; see `prefill`)."""
+        n = k.shape[1]
         if n > self.max_len:
             raise ValueError(f"prompt of {n} tokens does not fit the {self.max_len}-slot cache")
         if None not in self.rows or (len(self) == 0 and len(self.rows) > 1):
@@ -70,8 +83,8 @@ class DecodeBatch:
         elif cache.length < n:
             self._shift(n - cache.length)
         end = cache.length
-        cache.k[:, slot, end - n:end] = prefill_cache.k[:, 0, :n]  # (depth, n, d)
-        cache.v[:, slot, end - n:end] = prefill_cache.v[:, 0, :n]
+        cache.k[:, slot, end - n:end] = k
+        cache.v[:, slot, end - n:end] = v
         cache.pad[slot] = end - n
         self.rows[slot] = row
         self.decoder.rebind(cache.pad)

@@ -7,10 +7,15 @@
     engine.stop()
 
 Scheduling, between two decode steps: cancelled and finished rows leave; waiting requests are
-admitted while their rows fit in `max_batch` (all n choices of a request together). A request
-is prefilled on its own (its first token is sampled from the prefill) and joins the running
-batch (see `batch.DecodeBatch`). When the batch is empty the engine waits `gather_s` after
-the first arrival so that a burst of requests starts together.
+admitted while their rows fit in `max_batch` (all n choices of a request together). The
+admitted prompts are prefilled together, packed into one forward without padding (at most
+`prefill_tokens` prompt tokens per forward); each row samples its first token from its prompt's
+last logits and joins the running batch (see `batch.DecodeBatch`). When the batch is empty the
+engine waits `gather_s` after the first arrival so that a burst of requests starts together.
+
+Events (`Delta`, `Failure`) are handed over once per step: to `sink(event)` of each request, or,
+when a consumer set `engine.dispatch`, as one `dispatch([(sink, event), ...])` call (the HTTP
+app passes a step's tokens to its event loop in one wake-up instead of one per token).
 
 Each row samples with its own parameters and its own `torch.Generator` (seeded from the
 request's seed, choice i using seed + i), drawing one uniform number per token (see
@@ -21,6 +26,7 @@ docs/serving.md).
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import threading
@@ -36,6 +42,11 @@ from .batch import DecodeBatch
 from .text import TextStream
 
 log = logging.getLogger(__name__)
+
+
+@functools.lru_cache(maxsize=256)
+def _config(temperature: float, top_k: int, top_p: float) -> SamplingConfig:
+    return SamplingConfig(max_new_tokens=1, temperature=temperature, top_k=top_k, top_p=top_p)
 
 
 class QueueFull(RuntimeError):
@@ -93,16 +104,20 @@ class _Row:
 
 class Engine:
     def __init__(self, model, tokenizer, *, context: int, max_batch: int = 16, max_queue: int = 256,
-                 gather_s: float = 0.01, finetune_scope=None):
+                 gather_s: float = 0.01, prefill_tokens: int = 1024, finetune_scope=None):
         self.model, self.tokenizer, self.context = model.eval(), tokenizer, context
         self.max_batch, self.max_queue, self.gather_s, self.scope = max_batch, max_queue, gather_s, finetune_scope
+        self.prefill_tokens = prefill_tokens  # most prompt tokens prefilled in one forward
         self.batch = DecodeBatch(model, context, max_batch, finetune_scope)
         self.waiting: deque[Request] = deque()
         self.cond = threading.Condition()
         self.thread: threading.Thread | None = None
         self.running = False
-        self.prefill_cache = None
         self.steps = 0  # decode steps run (for /health)
+        self.outbox: list[tuple[Request, object]] = []  # events of the current step, see `_flush`
+        # dispatch(list of (sink, event)): set by a consumer that hands events to another thread
+        # (the HTTP app's event loop) to receive a step's events in one call; None: sink(event) each
+        self.dispatch = None
 
     # ------------------------------------------------------------------ public
 
@@ -144,15 +159,16 @@ class Engine:
 
     def _run(self) -> None:
         with torch.inference_mode():
-            self.prefill_cache = self.model.new_kv_cache(1, self.context)
             while self.running:
                 try:
                     self._admit()
+                    self._flush()  # first tokens go out before the next decode step
                     if len(self.batch):
                         self._decode()
                 except Exception as e:  # noqa: BLE001 - report to every client, keep serving
                     log.exception("engine step failed")
                     self._fail_all(f"generation failed: {type(e).__name__}: {e}")
+                self._flush()
 
     def _admit(self) -> None:
         with self.cond:
@@ -167,73 +183,107 @@ class Engine:
                 request = self.waiting.popleft()
                 if not request.cancelled:
                     admitted.append(request)
-        for request in admitted:
+        for pack in self._packs(admitted):
             try:
-                self._prefill(request)
-            except Exception as e:  # noqa: BLE001 - this request fails alone; the batch goes on
+                self._prefill(pack)
+            except Exception as e:  # noqa: BLE001 - these requests fail alone; the batch goes on
                 log.exception("prefill failed")
-                self._send(request, Failure(f"generation failed: {type(e).__name__}: {e}"))
-                request.cancel()
+                for request in pack:
+                    self._send(request, Failure(f"generation failed: {type(e).__name__}: {e}"))
+                    request.cancel()
 
-    def _prefill(self, request: Request) -> None:
-        p, n = request.params, len(request.prompt)
-        cache = self.prefill_cache
-        cache.reset()
-        ids = torch.tensor([request.prompt], dtype=torch.long, device=cache.k.device)
-        logits = self.model.forward_cached(ids, cache, finetune_scope=self.scope)  # (1, V)
-        eos = self.tokenizer.eos_id if p.stop_at_eos else None
-        rows = []
-        for i in range(request.n):
-            uniforms = None
-            if p.temperature > 0:
-                seed = p.seed + i if p.seed is not None else random.getrandbits(63)
-                gen = torch.Generator(device=cache.k.device).manual_seed(seed)
-                uniforms = torch.rand(p.max_tokens, generator=gen, dtype=torch.float64, device=cache.k.device)
-            rows.append(_Row(request, i, TextStream(self.tokenizer, p.max_tokens, p.stop, eos), uniforms))
-        self._sample(logits.expand(len(rows), -1), rows)
-        for row in rows:
+    def _packs(self, requests: list[Request]):
+        """The requests in groups of at most `prefill_tokens` prompt tokens (a longer prompt alone)."""
+        pack, size = [], 0
+        for request in requests:
+            if pack and size + len(request.prompt) > self.prefill_tokens:
+                yield pack
+                pack, size = [], 0
+            pack.append(request)
+            size += len(request.prompt)
+        if pack:
+            yield pack
+
+    def _prefill(self, requests: list[Request]) -> None:
+        """Prefill these prompts in one forward (packed, no padding), sample each row's first
+        token from its prompt's last logits, and let the rows join the batch."""
+        logits, packed = self.batch.prefill([r.prompt for r in requests])  # (requests, V)
+        rows, source = [], []
+        for i, request in enumerate(requests):
+            p = request.params
+            eos = self.tokenizer.eos_id if p.stop_at_eos else None
+            for c in range(request.n):
+                uniforms = None
+                if p.temperature > 0:
+                    seed = p.seed + c if p.seed is not None else random.getrandbits(63)
+                    gen = torch.Generator().manual_seed(seed)
+                    uniforms = torch.rand(p.max_tokens, generator=gen, dtype=torch.float64).tolist()
+                rows.append(_Row(request, c, TextStream(self.tokenizer, p.max_tokens, p.stop, eos), uniforms))
+                source.append(i)
+        self._sample(logits[source], rows)
+        for row, i in zip(rows, source):
             if not row.done:
-                self.batch.join(row, cache, n)
+                self.batch.join(row, *packed.prompt(i))
 
     def _decode(self) -> None:
         live = self.batch.live
-        tokens = torch.zeros(len(self.batch.rows), dtype=torch.long, device=self.batch.cache.k.device)
-        tokens[[slot for slot, _ in live]] = torch.tensor([row.last for _, row in live], dtype=torch.long,
-                                                         device=tokens.device)
-        logits = self.batch.step(tokens)  # (cap, V)
+        tokens = torch.zeros(len(self.batch.rows), dtype=torch.long)
+        tokens[[slot for slot, _ in live]] = torch.tensor([row.last for _, row in live], dtype=torch.long)
+        logits = self.batch.step(tokens.to(self.batch.cache.k.device))  # (cap, V)
         self.steps += 1
         live = [(slot, row) for slot, row in live if not row.request.cancelled]
         if live:
-            self._sample(logits[[slot for slot, _ in live]], [row for _, row in live])
+            slots = [slot for slot, _ in live]
+            self._sample(logits if slots == list(range(len(logits))) else logits[slots], [row for _, row in live])
         self.batch.leave([row for _, row in self.batch.live if row.done])
 
     def _sample(self, logits, rows: list[_Row]) -> None:
-        """Sample one token for each row from its logits (len(rows), V) and deliver its text."""
+        """Sample one token for each row from its logits (len(rows), V) and deliver its text.
+        Rows with the same filters are sampled together, each with its own pre-drawn uniform."""
         groups: dict[tuple, list[int]] = {}
         for j, row in enumerate(rows):
             p = row.request.params
             groups.setdefault((p.temperature, p.top_k, p.top_p), []).append(j)
-        tokens = [0] * len(rows)
+        tokens = torch.zeros(len(rows), dtype=torch.long, device=logits.device)
         for (temperature, top_k, top_p), members in groups.items():
-            config = SamplingConfig(max_new_tokens=1, temperature=temperature, top_k=top_k, top_p=top_p)
-            processed = process_logits(logits[members], config)
+            config = _config(temperature, top_k, top_p)
+            processed = process_logits(logits if len(members) == len(rows) else logits[members], config)
             uniform = None
             if not config.greedy:
-                uniform = torch.stack([rows[j].uniforms[rows[j].text.generated] for j in members])
-            for j, tok in zip(members, sample(processed, config.greedy, uniform=uniform).tolist()):
-                tokens[j] = tok
-        for j, row in enumerate(rows):
-            self._deliver(row, tokens[j], logits[j])
+                uniform = torch.tensor([rows[j].uniforms[rows[j].text.generated] for j in members],
+                                       dtype=torch.float64)
+            drawn = sample(processed, config.greedy, uniform=uniform)
+            if len(members) == len(rows):
+                tokens = drawn
+            else:
+                tokens[members] = drawn
+        logprobs = self._logprobs(logits, tokens, rows)
+        for row, token, entry in zip(rows, tokens.tolist(), logprobs):
+            self._deliver(row, token, entry)
 
-    def _deliver(self, row: _Row, token: int, logits) -> None:
-        k = row.request.params.logprobs
-        logprobs = []
-        if k is not None:
-            raw = logits.float().log_softmax(-1)
-            top = raw.topk(k) if k > 0 else None
-            alternatives = {} if top is None else {
-                self.tokenizer.decode([t]): lp for t, lp in zip(top.indices.tolist(), top.values.tolist())}
-            logprobs.append((self.tokenizer.decode([token]), float(raw[token]), alternatives))
+    def _logprobs(self, logits, tokens, rows: list[_Row]) -> list:
+        """Per row: [] or, where its request asked for log-probs, [(token text, log-prob,
+        {alternative text: log-prob})] for the sampled token, all rows in one pass."""
+        out = [[] for _ in rows]
+        want = [j for j, row in enumerate(rows) if row.request.params.logprobs is not None]
+        if not want:
+            return out
+        raw = logits[want].float().log_softmax(-1)  # (w, V)
+        chosen = tokens[want]
+        values = raw.gather(1, chosen[:, None]).squeeze(1).tolist()
+        k_max = max(rows[j].request.params.logprobs for j in want)
+        top_values = top_ids = None
+        if k_max:
+            top = raw.topk(k_max)
+            top_values, top_ids = top.values.tolist(), top.indices.tolist()
+        decode = self.tokenizer.decode
+        for w, (j, token) in enumerate(zip(want, chosen.tolist())):
+            k = rows[j].request.params.logprobs
+            alternatives = {decode([t]): lp for t, lp in zip(top_ids[w][:k], top_values[w][:k])} if k else {}
+            out[j] = [(decode([token]), values[w], alternatives)]
+        return out
+
+    def _deliver(self, row: _Row, token: int, logprobs: list) -> None:
         text = row.text.push(token)
         row.last = token
         finished = row.text.finish_reason
@@ -242,13 +292,23 @@ class Engine:
                                           row.text.generated if finished else 0))
 
     def _send(self, request: Request, event) -> None:
-        if request.sink is None or request.cancelled:
+        """Queue an event for the request's sink; `_flush` hands over every queued event at once."""
+        if request.sink is not None and not request.cancelled:
+            self.outbox.append((request, event))
+
+    def _flush(self) -> None:
+        """Deliver this step's events: in one `dispatch` call when set (one hand-over to another
+        thread per step, not one per token), else one sink call each."""
+        events, self.outbox = self.outbox, []
+        if self.dispatch is not None:  # also without events: a consumer may hold some back until a deadline
+            self.dispatch([(request.sink, event) for request, event in events])
             return
-        try:
-            request.sink(event)
-        except Exception:  # noqa: BLE001 - a broken consumer must not stop the batch
-            log.exception("a request's sink failed; cancelling it")
-            request.cancel()
+        for request, event in events:
+            try:
+                request.sink(event)
+            except Exception:  # noqa: BLE001 - a broken consumer must not stop the batch
+                log.exception("a request's sink failed; cancelling it")
+                request.cancel()
 
     def _fail_all(self, message: str) -> None:
         requests = {id(row.request): row.request for _, row in self.batch.live}

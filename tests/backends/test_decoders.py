@@ -15,7 +15,7 @@ import torch
 
 from palm_rlhf.backends import PlainDecoder, decoder_for
 from palm_rlhf.backends.cpu import Decoder, decode, onednn_packed
-from palm_rlhf.model import PaLM
+from palm_rlhf.model import PackedPrompts, PaLM
 
 STEPS = 200
 
@@ -126,6 +126,8 @@ def test_decode_weight_layouts_follow_the_shape_rules():
     many = "onednn" if torch.backends.mkldnn.is_available() else "cols"
     assert kinds[((384, 3584), 8)] == many and kinds[((1536, 384), 8)] == many
     assert kinds[((30, 7), 1)] == "mm"  # odd sizes: one product
+    single = {Decoder._layout(torch.zeros(384, 3584), rows, sliced=False)[0] for rows in (1, 2)}
+    assert single == {"onednn" if torch.backends.mkldnn.is_available() else "mm"}  # one thread: no slices
     assert Decoder._layout(torch.zeros(384, 3584), 1)[1].shape == (4, 96, 3584)
 
 
@@ -258,3 +260,32 @@ def test_column_slices_where_onednn_is_missing(monkeypatch):
     assert weight[0] == "cols"
     torch.testing.assert_close(Decoder._project(x, weight), x @ w_t, atol=1e-4, rtol=1e-5)
     assert Decoder._layout(torch.zeros(30, 7), 8)[0] == "mm"
+
+
+@pytest.mark.parametrize("engine", ["plain", "cpu"])
+@pytest.mark.parametrize("rows", [1, 4])
+@pytest.mark.parametrize("variant", ["plain", "lora", "qk_rmsnorm"])
+@torch.no_grad()
+def test_packed_prefill_equals_each_prompt_prefilled_alone(engine, rows, variant):
+    """`decoder.prefill` of prompts of 1, 9, 4 and 17 tokens packed into one row gives each
+    prompt's last-token logits and keys/values as `forward_cached` of that prompt alone; the
+    CPU decoder's weight layouts depend on its cache's rows (1: slices, 4: oneDNN)."""
+    model = tiny(seed=4, qk_rmsnorm=variant == "qk_rmsnorm")
+    scope = {}
+    if variant == "lora":
+        add_trained_lora(model)
+        scope = dict(finetune_scope="sft")
+    prompts = [torch.randint(1, 64, (n,)) for n in (1, 9, 4, 17)]
+    cache = model.new_kv_cache(rows, 40)
+    decoder = ENGINES[engine](model, cache, **scope)
+    packed = PackedPrompts.like(cache, [len(p) for p in prompts])
+    logits = decoder.prefill(torch.cat(prompts), packed)
+    assert logits.shape == (4, 64)
+    alone = model.new_kv_cache(1, 40)
+    for i, prompt in enumerate(prompts):
+        alone.reset()
+        expected = model.forward_cached(prompt[None], alone, **scope)[0]
+        torch.testing.assert_close(logits[i], expected, atol=1e-4, rtol=0)
+        k, v = packed.prompt(i)
+        torch.testing.assert_close(k, alone.k[:, 0, :len(prompt)], atol=1e-4, rtol=0)
+        torch.testing.assert_close(v, alone.v[:, 0, :len(prompt)], atol=1e-4, rtol=0)

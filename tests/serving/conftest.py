@@ -4,6 +4,8 @@ shared CPU does not make every small op wait for a second thread."""
 import pytest
 import torch
 
+from palm_rlhf.model import PaLM
+
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
@@ -11,3 +13,10 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model():
+    """A tiny random PaLM for the in-process engine tests."""
+    torch.manual_seed(0)
+    return PaLM(dim=32, num_tokens=256, depth=2, heads=2, dim_head=16).eval()

@@ -17,12 +17,6 @@ from palm_rlhf.serving.batch import DecodeBatch, _bucket
 TOK = ByteTokenizer()
 
 
-@pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    return PaLM(dim=32, num_tokens=256, depth=2, heads=2, dim_head=16).eval()
-
-
 def run_all(engine, requests):
     """Submit every (prompt ids, Params, n) at once; returns per request (texts, reasons, tokens)."""
     queues = []
@@ -122,17 +116,17 @@ def test_buckets_and_batch_bookkeeping(model):
         for name, n in (("a", 3), ("b", 5), ("c", 2)):
             prefill.reset()
             model.forward_cached(torch.arange(1, n + 1)[None], prefill)
-            batch.join(name, prefill, n)
+            batch.join(name, prefill.k[:, 0, :n], prefill.v[:, 0, :n])
         assert len(batch.rows) == 4 and batch.length == 5  # "b" shifted everything right by 2
         assert batch.cache.pad[:3].tolist() == [2, 0, 3]
         batch.leave(["b", "a"])
         assert batch.rows == ["c"] and batch.cache.pad.tolist() == [3]  # shrunk to the 1-row bucket
         more = [object() for _ in range(4)]  # rows are told apart by identity
         for row in more:
-            batch.join(row, prefill, 2)
+            batch.join(row, prefill.k[:, 0, :2], prefill.v[:, 0, :2])
         batch.leave(["c", *more])  # all at once: no shrink on the way down
         assert len(batch.rows) == 8 and len(batch) == 0
-        batch.join("h", prefill, 2)
+        batch.join("h", prefill.k[:, 0, :2], prefill.v[:, 0, :2])
         assert batch.rows == ["h"]  # a lone newcomer decodes in the 1-row bucket
 
 

@@ -143,7 +143,10 @@ class Decoder:
         slices = 4 if rows == 1 else 2
         if few and k % slices == 0:
             return "rows", w_t.unflatten(0, (slices, -1)).contiguous()  # (s, in/s, out)
-        packed = onednn_packed(w_t, rows) if rows > 2 or w_t.dtype == torch.bfloat16 else None
+        # without slices (one thread) oneDNN beats MKL from one row on: a config-S decode step of 2 rows
+        # takes 2.2-2.6 ms against 8.0-8.5 with `mm`, of 1 row 2.9-3.0 against 3.1 (benchmarks/README.md "Serving")
+        many = rows > 2 or not sliced
+        packed = onednn_packed(w_t, rows) if many or w_t.dtype == torch.bfloat16 else None
         if packed is not None:
             return "onednn", packed
         if sliced and n % 2 == 0:
@@ -211,6 +214,15 @@ class Decoder:
     def _attend_inputs(self, i, blk, lora, x, cos, sin, slot):
         """Norm, fused projection, rotary; writes this slot's k/v. Returns q (b, h, d) and
         what the output half of the block needs."""
+        qk, v, fused = self._qkv(i, lora, x, cos, sin)
+        k_layer, v_layer = self.kv[i]
+        k_layer[:, slot] = qk[:, self.heads]
+        v_layer[:, slot] = v
+        return qk[:, :self.heads], fused
+
+    def _qkv(self, i, lora, x, cos, sin):
+        """x (b, dim) -> rotated queries and key (b, h+1, d) (queries scaled by 1/sqrt(d)),
+        values (b, d), and the fused projection (b, ...) whose feedforward part `_block_out` uses."""
         b, h, d = x.shape[0], self.heads, self.dim_head
         gamma, beta, w_fused, _, _ = self.weights[i]
         xn = F.layer_norm(x, (self.dim,), gamma, beta)
@@ -224,10 +236,38 @@ class Decoder:
         if self.qk_rmsnorm:
             qk = F.normalize(qk, dim=-1) * self.qk_scale[i]
         qk = torch.addcmul(qk * cos, qk.roll(self.half, -1), sin)  # rotary + xpos (+ 1/sqrt(d) on q)
-        k_layer, v_layer = self.kv[i]
-        k_layer[:, slot] = qk[:, h]
-        v_layer[:, slot] = v
-        return qk[:, :h], fused
+        return qk, v, fused
+
+    def prefill(self, tokens: Tensor, packed) -> Tensor:
+        """Prompts packed into one row (`palm_rlhf.model.PackedPrompts`), tokens (L,) -> each
+        prompt's last-token logits (prompts, V); their keys/values are written to `packed`.
+
+        The same function as `PaLM.forward_cached(tokens[None], packed)` at those tokens, with
+        this decoder's bound weights (every layout takes any number of rows; oneDNN's runs
+        fp32 products 2.4x faster than MKL's on the development CPU, benchmarks/README.md),
+        attention per prompt (causal over its own tokens: sum(n_i^2) work, not (sum n_i)^2
+        under a block-diagonal mask), and the final norm and logits at the last tokens only.
+        """
+        n, h, d = tokens.shape[0], self.heads, self.dim_head
+        if packed.center != self.cache.center:
+            raise ValueError(f"packed prompts use xpos centre {packed.center}, this decoder's cache "
+                             f"{self.cache.center}")
+        positions = packed.positions(n)[0]  # (L,)
+        cos, sin = self.cos.index_select(0, positions), self.sin.index_select(0, positions)  # (L, h+1, d)
+        bounds = list(zip(packed.starts.tolist(), packed.ends.tolist()))
+        x = F.embedding(tokens, self.model.token_emb.weight)  # (L, dim)
+        for i, lora in enumerate(self.step_loras):
+            qk, v, fused = self._qkv(i, lora, x, cos, sin)
+            packed.update(i, qk[None, :, h], v[None])
+            q, k = qk[:, :h].transpose(0, 1), qk[:, h]  # (h, L, d), (L, d)
+            ctx = torch.empty_like(q)  # (h, L, d)
+            for start, end in bounds:  # the scale is in the query tables already
+                ctx[:, start:end] = F.scaled_dot_product_attention(
+                    q[:, start:end], k[None, start:end].expand(h, -1, -1), v[None, start:end].expand(h, -1, -1),
+                    is_causal=True, scale=1.0)
+            x = self._block_out(i, lora, x, ctx.transpose(0, 1).reshape(n, h * d), fused)
+        packed.advance(n)
+        return self._logits(x[packed.last_index()])
 
     def _block_out(self, i, lora, x, ctx, fused):
         _, _, _, w_out_t, w_ff_t = self.weights[i]
