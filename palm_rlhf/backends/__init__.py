@@ -9,7 +9,7 @@
 
 A decoder has two methods: ``step(tokens (b,)) -> next-token logits (b, V)``, which appends the
 tokens to its KV cache, and ``prefill(tokens (L,), packed)``, which runs prompts packed into one
-row (`palm_rlhf.model.PackedPrompts`, the server's way to prefill every waiting request at once)
+row (`palm_rlhf.generation.PackedPrompts`, the server's way to prefill every waiting request at once)
 and returns each prompt's last-token logits. Both engines are tested against each other (tests/backends/).
 """
 
@@ -33,7 +33,7 @@ class PlainDecoder:
         return self.model.forward_cached(tokens[:, None], self.cache, **self.scope)
 
     def prefill(self, tokens: Tensor, packed) -> Tensor:
-        """Packed prompts (`palm_rlhf.model.PackedPrompts`), tokens (L,) -> last-token logits (prompts, V)."""
+        """Packed prompts (`palm_rlhf.generation.PackedPrompts`), tokens (L,) -> last-token logits (prompts, V)."""
         return self.model.forward_cached(tokens[None], packed, last_only=False, **self.scope)[0, packed.last_index()]
 
 

@@ -8,9 +8,10 @@ per-row stopping, correct sampling, per-token log-probs and streaming.
 
 from .config import SamplingConfig
 from .generate import GenerationOutput, generate, stream
+from .packed import PackedPrompts
 from .prompts import pack_prompts
 from . import compiled
 from .sampling import apply_repetition_penalty, process_logits, sample
 
-__all__ = ["SamplingConfig", "GenerationOutput", "generate", "stream", "pack_prompts", "process_logits",
-           "apply_repetition_penalty", "sample"]
+__all__ = ["SamplingConfig", "GenerationOutput", "generate", "stream", "pack_prompts", "PackedPrompts",
+           "process_logits", "apply_repetition_penalty", "sample"]

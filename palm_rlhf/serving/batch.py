@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from ..backends import decoder_for
-from ..model import PackedPrompts
+from ..generation import PackedPrompts
 
 
 def _bucket(rows: int, max_batch: int) -> int:

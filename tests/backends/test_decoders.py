@@ -15,7 +15,8 @@ import torch
 
 from palm_rlhf.backends import PlainDecoder, decoder_for
 from palm_rlhf.backends.cpu import Decoder, decode, onednn_packed
-from palm_rlhf.model import PackedPrompts, PaLM
+from palm_rlhf.generation import PackedPrompts
+from palm_rlhf.model import PaLM
 
 STEPS = 200
 

@@ -239,7 +239,7 @@ class Decoder:
         return qk, v, fused
 
     def prefill(self, tokens: Tensor, packed) -> Tensor:
-        """Prompts packed into one row (`palm_rlhf.model.PackedPrompts`), tokens (L,) -> each
+        """Prompts packed into one row (`palm_rlhf.generation.PackedPrompts`), tokens (L,) -> each
         prompt's last-token logits (prompts, V); their keys/values are written to `packed`.
 
         The same function as `PaLM.forward_cached(tokens[None], packed)` at those tokens, with

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from palm_rlhf.errors import InputError
-from palm_rlhf.model import PackedPrompts, PaLM
+from palm_rlhf.generation import PackedPrompts
+from palm_rlhf.model import PaLM
 
 
 @pytest.mark.parametrize("scope", [None, "actor"])
