@@ -148,8 +148,10 @@ def snippets(pre: Path, tokenizer, n: int, size: int, seed: int) -> list[str]:
 
 
 @torch.no_grad()
-def sample(model, tokenizer, prompts: list[str], tokens: int, seed: int, scope: str | None = None):
-    """One completion per prompt (temperature 1); texts, the policy's and the base's log-probs, mask."""
+def sample(model, tokenizer, prompts: list[str], tokens: int, seed: int, scope: str | None = None,
+           log_probs: bool = True):
+    """One completion per prompt (temperature 1); texts, the policy's and the base's log-probs, mask
+    (only the texts when `log_probs` is false)."""
     from palm_rlhf.generation import SamplingConfig, generate
     from palm_rlhf.rl.collect import right_pad
     from palm_rlhf.rl.rollout import pack_sequences, response_log_probs
@@ -160,6 +162,8 @@ def sample(model, tokenizer, prompts: list[str], tokens: int, seed: int, scope: 
         out = generate(model, ids, SamplingConfig(max_new_tokens=tokens, temperature=1.0, seed=seed + i),
                        finetune_scope=scope)
         texts += [tokenizer.decode(row[:k].tolist()) for row, k in zip(out.tokens, out.lengths.tolist())]
+        if not log_probs:
+            continue
         packed = pack_sequences(*right_pad(ids), out.tokens, out.mask)
         pol, _ = response_log_probs(model, packed, finetune_scope=scope)
         base, _ = response_log_probs(model, packed, disable_lora=True)
@@ -168,6 +172,8 @@ def sample(model, tokenizer, prompts: list[str], tokens: int, seed: int, scope: 
         logp.append(pad(pol.float()))
         ref.append(pad(base.float()))
         masks.append(pad(out.mask.long()).bool())
+    if not log_probs:
+        return texts, None, None, None
     return texts, torch.cat(logp), torch.cat(ref), torch.cat(masks)
 
 
@@ -183,12 +189,14 @@ def make_pairs(pre: Path, rule: str, out: Path, args) -> dict:
     train_p, held_p = prompts[: args.pairs], prompts[args.pairs: args.pairs + args.heldout_pairs]
     score = RULES[rule]
     info = {}
-    for name, group in (("train", train_p), ("val", held_p)):
-        a, *_ = sample(model, tok, group, args.tokens, seed=2)
-        b, *_ = sample(model, tok, group, args.tokens, seed=3)
-        records = [PairwiseRecord(p, x, y, annotator=f"rule:{rule}") if score(x) > score(y) else
-                   PairwiseRecord(p, y, x, annotator=f"rule:{rule}")
-                   for p, x, y in zip(group, a, b) if score(x) != score(y)]
+    for name, group, draws in (("train", train_p, args.samples_per_prompt), ("val", held_p, 1)):
+        records = []
+        for k in range(draws):  # k-th pair of each prompt: two fresh samples
+            a, *_ = sample(model, tok, group, args.tokens, seed=2 + 10 * k, log_probs=False)
+            b, *_ = sample(model, tok, group, args.tokens, seed=3 + 10 * k, log_probs=False)
+            records += [PairwiseRecord(p, x, y, annotator=f"rule:{rule}") if score(x) > score(y) else
+                        PairwiseRecord(p, y, x, annotator=f"rule:{rule}")
+                        for p, x, y in zip(group, a, b) if score(x) != score(y)]
         if len(records) < 2:
             raise RuntimeError(f"{rule}: only {len(records)} of {len(group)} sampled {name} pairs differ under the "
                                f"rule; pretrain longer (--pretrain-steps) or sample more (--pairs, --tokens)")
@@ -370,10 +378,12 @@ def main() -> None:
     p.add_argument("--rules", default="vowel,word,format")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--pretrain-steps", type=int, default=300)  # the tiny-stdlib preset's own
-    p.add_argument("--rm-steps", type=int, default=300)        # configs/reward/pairwise.yaml's
+    p.add_argument("--rm-steps", type=int, default=2000)       # the issue's bound (the preset's max_steps: 300)
     p.add_argument("--rl-steps", type=int, default=200)        # configs/rl/{ppo,grpo}.yaml's
     p.add_argument("--dpo-steps", type=int, default=500)       # configs/rl/dpo.yaml's
-    p.add_argument("--pairs", type=int, default=2048, help="prompts sampled for training pairs")
+    p.add_argument("--pairs", type=int, default=4096, help="prompts sampled for training pairs")
+    p.add_argument("--samples-per-prompt", type=int, default=4,
+                   help="training pairs drawn per training prompt (held-out prompts: one pair each)")
     p.add_argument("--heldout-pairs", type=int, default=256)
     p.add_argument("--eval-prompts", type=int, default=128)
     p.add_argument("--prompt-bytes", type=int, default=32)
@@ -382,8 +392,8 @@ def main() -> None:
     p.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "palm-rlhf-cache" / "alignment"))
     p.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "palm-rlhf-alignment"))
     if p.parse_known_args()[0].quick:  # smaller defaults; flags given still win
-        p.set_defaults(pretrain_steps=60, rm_steps=40, rl_steps=4, dpo_steps=20, pairs=128, heldout_pairs=32,
-                       eval_prompts=32, tokens=16, seeds="0")
+        p.set_defaults(pretrain_steps=60, rm_steps=40, rl_steps=4, dpo_steps=20, pairs=128, samples_per_prompt=1,
+                       heldout_pairs=32, eval_prompts=32, tokens=16, seeds="0")
     args = p.parse_args()
     cache, out = Path(args.cache), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -393,7 +403,7 @@ def main() -> None:
           f"cuda={torch.cuda.is_available()}", flush=True)
     pre = pretrain(cache, args.pretrain_steps, cores)
     rules, seeds = args.rules.split(","), [int(s) for s in args.seeds.split(",")]
-    tag = f"p{args.pairs}-h{args.heldout_pairs}-e{args.eval_prompts}-t{args.tokens}-b{args.prompt_bytes}"
+    tag = f"p{args.pairs}x{args.samples_per_prompt}-h{args.heldout_pairs}-e{args.eval_prompts}-t{args.tokens}-b{args.prompt_bytes}"
     for rule in rules:
         print(f"{rule}: pairs {make_pairs(pre, rule, cache / f'{pre.name}-{tag}' / rule, args)}", flush=True)
     runs = f"run-{args.rm_steps}-{args.rl_steps}-{args.dpo_steps}"

@@ -55,9 +55,9 @@ class DPOConfig(RunSettings):
     tokenizer: str | None = None         # None: the tokenizer saved with `model`
     eos_token: int | None = None         # closes every response; None: the tokenizer's EOS id
     batch_size: int = 16                 # pairs per optimizer step (global; a multiple of the processes)
-    lr: float = 5e-4                 # learning rate of the actor scope
+    lr: float = 2e-4                 # learning rate of the actor scope
     weight_decay: float = 0.0        # AdamW weight decay
-    beta: float = 0.1                # strength of the KL to the reference (higher: closer)
+    beta: float = 1.0                # strength of the KL to the reference (higher: closer; configs/rl/dpo.yaml: why)
     loss_type: str = "sigmoid"           # sigmoid (DPO) | ipo
     label_smoothing: float = 0.0     # conservative DPO: assumed share of flipped labels
     max_len: int = 256                   # prompt + response tokens per sequence (prompt cut from the left)

@@ -25,7 +25,7 @@ class GRPOConfig(RLRunConfig):
     group_size: int = 8              # samples per prompt (one group)
     clip_eps: float = 0.2            # ratio clip (low side, and high unless clip_eps_high)
     clip_eps_high: float | None = None  # upper ratio clip, e.g. 0.28 (DAPO); null: clip_eps
-    kl_coef: float = 0.04            # weight of the k3 KL to the reference in the loss
+    kl_coef: float = 0.3             # weight of the k3 KL to the reference in the loss (configs/rl/grpo.yaml: why)
     scale_by_std: bool = True        # divide advantages by the group's std (false: Dr. GRPO)
     aggregation: str = "seq_mean"        # seq_mean (GRPO) | token_mean (DAPO) | seq_sum_norm (Dr. GRPO)
     ent_coef: float = 0.0            # entropy bonus weight

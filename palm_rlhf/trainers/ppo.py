@@ -26,7 +26,7 @@ from .rl_base import RLRunConfig, RLTrainerBase
 class PPOConfig(RLRunConfig):
     out_dir: str = "runs/ppo"
     critic_lr: float = 1e-4          # critic (value scope + head) learning rate
-    kl_coef: float = 0.05                # initial (or fixed) coefficient of the k1 penalty in the reward
+    kl_coef: float = 2.0                 # initial (or fixed) coefficient of the k1 penalty (configs/rl/ppo.yaml: why)
     kl_target: float | None = None       # set to use the adaptive controller (target KL per sequence)
     kl_horizon: int = 10000          # steps over which the adaptive controller moves
     gamma: float = 1.0               # discount
