@@ -191,7 +191,7 @@ def test_trainers_in_two_gloo_processes_obey_the_nccl_rule(tmp_path, algo):
     for a, b in zip(rows_one, rows_two):
         for key, value in a.items():
             if isinstance(value, float) and key != "time" and not key.startswith("seconds") and "per_s" not in key:
-                assert b[key] == pytest.approx(value, abs=1e-5), key
+                assert b[key] == pytest.approx(value, rel=1e-5, abs=1e-5), key  # fp32 sums in another order
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: NCCL itself enforces the rule there")
