@@ -166,7 +166,7 @@ def run_trainer(trainer, out_dir) -> int:
     summary = dict(summary or {})
     final = Path(out_dir) / "final"
     if getattr(trainer, "is_main", True):
-        shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items()}
+        shown = {k: float(f"{v:.4g}") if isinstance(v, float) else v for k, v in summary.items()}  # lr 2e-05, not 0.0
         print(json.dumps({"out_dir": str(out_dir), **({"final": str(final)} if final.is_dir() else {}), **shown},
                          default=str))
     return 0

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
 import yaml
 
-from palm_rlhf.cli.dialect import import_object
+from palm_rlhf.cli.dialect import import_object, run_trainer
 from palm_rlhf.cli.main import main
 from palm_rlhf.runtime.config import config_help, load_config
 
@@ -144,3 +145,21 @@ def test_a_presets_missing_data_suggests_data_sources(tmp_path, capsys, monkeypa
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--config shakespeare reads ../shared/data/tinyshakespeare.txt" in err
     assert "data.sources=[path/to/corpus.txt]" in err
+
+
+def test_summary_line_keeps_small_values(tmp_path, capsys):
+    """The one-line JSON summary shows 4 significant digits: a decayed lr of 2e-5 is not printed as 0.0."""
+
+    class Finished:
+        def setup(self):
+            pass
+
+        def train(self):
+            return [{"step": 30, "lr": 2e-5, "loss": 0.0123456, "kl_ref": 12.345678}]
+
+        def cleanup(self):
+            pass
+
+    assert run_trainer(Finished(), tmp_path) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (printed["step"], printed["lr"], printed["loss"], printed["kl_ref"]) == (30, 2e-5, 0.01235, 12.35)
