@@ -143,7 +143,8 @@ def test_wandb_offline_run_reads_back_and_resume_continues_it(tmp_path, monkeypa
         m.log(3, {"train/loss": 0.125})
     assert (tmp_path / ".wandb_run_id").read_text().strip() == run_id  # the same W&B run goes on
     runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
-    assert len(runs) == 2 and all(r.name.endswith(run_id) for r in runs)
+    # W&B names a run directory offline-run-TIME-ID, with "-1" appended when a resume starts in the same second
+    assert len(runs) == 2 and all(r.name.endswith((run_id, f"{run_id}-1")) for r in runs)
     assert [(r["_step"], r["train/loss"]) for r in _wandb_history(tmp_path, runs=2)[0]] == [(1, 1.0), (2, 0.5), (3, 0.125)]
 
 
