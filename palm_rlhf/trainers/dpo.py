@@ -224,10 +224,9 @@ class DPOTrainer(OnRun):
             captured.update(out.metrics())
             return out.loss.mean(), float(len(records))
 
-        lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler steps after it)
         result = self.run.optimizer_step(loss_fn, [self._batch(step)])
         # every rank holds batch_size / world pairs: the mean of the ranks' means is the global batch's
-        row = {**all_reduce_mean(captured), "grad_norm": result.grad_norm, "lr": lr}
+        row = {**all_reduce_mean(captured), "grad_norm": result.grad_norm, "lr": result.lr}
         if self.heldout_records and ((step + 1) % c.eval_every == 0 or step + 1 == c.max_steps):
             row.update({f"heldout_{k}": v for k, v in self.evaluate().items()})
             row.update(self._drift(step + 1))
