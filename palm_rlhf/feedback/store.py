@@ -237,10 +237,12 @@ class FeedbackStore:
 
     def draw_shared(self, shared_fraction: float) -> bool:
         """One draw of the chance to be given a shared pair (see `next_pair`)."""
-        if shared_fraction <= 0:
-            return False
         with self._lock:  # the seeded generator is shared by the server's threads
-            return self._rng.random() < shared_fraction
+            return self._draw_shared(shared_fraction)
+
+    def _draw_shared(self, shared_fraction: float) -> bool:
+        """`draw_shared` for a caller that holds the lock."""
+        return shared_fraction > 0 and self._rng.random() < shared_fraction
 
     def next_pair(self, rater: str, shared_fraction: float = 0.0, *, shared: bool | None = None
                   ) -> IssuedPair | None:
@@ -263,7 +265,7 @@ class FeedbackStore:
             if row:
                 return _issued(row)
             item = None
-            if shared if shared is not None else (shared_fraction > 0 and self._rng.random() < shared_fraction):
+            if self._draw_shared(shared_fraction) if shared is None else shared:
                 item = db.execute(
                     "SELECT items.id FROM items JOIN judgements ON judgements.item_id = items.id "
                     "WHERE judgements.rater != ? "
