@@ -70,10 +70,13 @@ def remove_temporaries(directory, target: str | None = None) -> list[Path]:
 
 def create_temporary(path: Path) -> tuple[int, str]:
     """(fd, name) of a new temporary file `.NAME.XXXXXXXX.tmp` beside `path`, to be renamed onto
-    it; what an earlier, killed write of `path` left is removed first."""
+    it, with the mode of a published file (`FILE_MODE`); what an earlier, killed write of `path`
+    left is removed first."""
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_temporaries(path.parent, path.name)
-    return tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
+    os.fchmod(fd, FILE_MODE)
+    return fd, name
 
 
 
@@ -101,7 +104,6 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     fd, tmp = create_temporary(path)
     try:
-        os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
