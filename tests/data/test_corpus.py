@@ -10,6 +10,7 @@ from palm_rlhf.cli.main import main
 from palm_rlhf.data.corpus import iter_text, load_tokens, prepare_corpus, read_manifest, stdlib_files, token_dtype
 from palm_rlhf.data.tokenizer import ByteTokenizer
 from palm_rlhf.errors import DataError
+from palm_rlhf.files import FILE_MODE
 
 
 def test_token_dtype_is_the_narrowest():
@@ -30,6 +31,9 @@ def test_split_tokens_and_manifest(tmp_path):
     assert m["sources"][0]["sha256"] == hashlib.sha256(b"aaaa\n" * 10).hexdigest()
     assert m["splits"]["train"]["sha256"] == hashlib.sha256(np.asarray(train).tobytes()).hexdigest()
     assert read_manifest(tmp_path / "out") == json.loads((tmp_path / "out" / "manifest.json").read_text())
+    # published with the mode open() gives (0666 minus the umask), not a temporary's 0600
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "out").iterdir()}
+    assert modes["train.bin"] == modes["val.bin"] == modes["manifest.json"] == FILE_MODE != 0o600
 
 
 def test_small_chunks_give_identical_tokens(tmp_path):
