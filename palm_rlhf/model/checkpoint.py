@@ -108,7 +108,11 @@ def build_palm(cls, config: dict, source, **overrides):
 
 def from_pretrained(cls, directory, map_location="cpu", **overrides):
     directory = Path(directory)
-    model = build_palm(cls, read_config(directory), directory / CONFIG_NAME, **overrides)
+    config = read_config(directory)
+    if config.get("model_type") == "reward_model":  # RewardModel.from_pretrained says the converse
+        raise CheckpointError(f"{directory} holds a reward model, not a PaLM: load it with RewardModel.from_pretrained "
+                              f"(palm-rlhf reward score); generate, serve and feedback serve take a policy run")
+    model = build_palm(cls, config, directory / CONFIG_NAME, **overrides)
     load_into(model, load_state_dict_file(directory / WEIGHTS_NAME), source=str(directory / WEIGHTS_NAME))
     return model.to(map_location)
 

@@ -165,6 +165,8 @@ def test_save_and_load_pretrained(tmp_path, num_bins, use_lora):
     with pytest.raises(CheckpointError, match="RewardModel"):
         palm.save_pretrained(tmp_path / "palm")
         RewardModel.from_pretrained(tmp_path / "palm")
+    with pytest.raises(CheckpointError, match="holds a reward model, not a PaLM.*reward score"):
+        PaLM.from_pretrained(tmp_path / "rm")  # what `palm-rlhf generate runs/rm` hit as a TypeError
 
 
 def test_bad_arguments_raise():
