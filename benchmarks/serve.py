@@ -219,11 +219,12 @@ def main(argv=None):
     ap.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16, 64])
     ap.add_argument("--per-client", type=int, default=1, help="requests each client sends (default 1)")
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--systems", nargs="+", default=["ours", "hf"], choices=["ours", "ours-every-token", "hf"],
+    ap.add_argument("--systems", nargs="+", default=["ours", "hf"], choices=["ours", "ours-every-token", "ours-workers", "hf"],
                     help="ours-every-token: ours with --stream-interval-ms 0 (a chunk per decode step)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads in each server (0 = default)")
     ap.add_argument("--hf-server", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--max-batch", type=int, default=64)
+    ap.add_argument("--workers", type=int, default=2, help="`serve --workers` of the ours-workers system")
     args = ap.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the `finally` that stops the servers
     if args.threads:
@@ -241,9 +242,10 @@ def main(argv=None):
     try:
         for system in args.systems:
             if system.startswith("ours"):
-                every = ["--stream-interval-ms", "0"] if system == "ours-every-token" else []
+                extra = {"ours-every-token": ["--stream-interval-ms", "0"],
+                         "ours-workers": ["--workers", str(args.workers)]}.get(system, [])
                 cmd = [sys.executable, "-m", "palm_rlhf", "serve", str(tmp / "model"), "--port", "0",
-                       "--max-batch", str(args.max_batch), *threads, *every]
+                       "--max-batch", str(args.max_batch), *threads, *extra]
             else:
                 cmd = [sys.executable, __file__, "--hf-server", "--max-batch", str(args.max_batch), *threads]
             proc, url = start_server(cmd)

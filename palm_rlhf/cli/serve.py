@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,9 @@ def register(sub) -> None:
                         "at once): fewer wake-ups of the HTTP thread leave more CPU to decoding; 0 sends every "
                         "token as soon as it is decoded (default: %(default)s)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
+    p.add_argument("--workers", type=int, default=1,
+                   help="engine replicas, each a process with its own copy of the model and a share of the CPU "
+                        "threads; requests go to the least busy (default: %(default)s: one engine, in this process)")
     p.set_defaults(func=run)
 
 
@@ -59,9 +63,9 @@ def run(args) -> int:
     except ImportError as e:
         raise ConfigError(f"serving needs the `web` extra ({e.name} is missing): pip install 'palm-rlhf[web]'") from e
     from ..feedback.server import bind, is_loopback, serve, url_of
-    from ..serving import Engine, load_for_inference, set_threads
+    from ..serving import Engine, EnginePool, EngineProcess, Source, load_for_inference, set_threads
 
-    for flag, value, low in (("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 1),
+    for flag, value, low in (("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 1), ("--workers", args.workers, 1),
                              ("--context", args.context, 2), ("--max-body-bytes", args.max_body_bytes, 1024)):
         if value < low:
             raise ConfigError(f"{flag} must be at least {low}, got {value}")
@@ -69,16 +73,31 @@ def run(args) -> int:
         if value < 0:
             raise ConfigError(f"{flag} must be >= 0, got {value}")
     set_threads(args.threads)
-    loaded = load_for_inference(args.model, args.adapter, args.tokenizer)
-    engine = Engine(loaded.model, loaded.tokenizer, context=args.context, max_batch=args.max_batch,
-                    max_queue=args.max_queue, gather_s=args.gather_ms / 1000, finetune_scope=loaded.finetune_scope)
+    options = dict(context=args.context, max_batch=args.max_batch, max_queue=args.max_queue,
+                   gather_s=args.gather_ms / 1000)
+    if args.workers > 1:  # the replicas load the model (their errors are raised here)
+        threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
+        engine = EnginePool([EngineProcess(Source(args.model, args.adapter, args.tokenizer, threads), **options)
+                             for _ in range(args.workers)]).start()
+        try:
+            loaded = load_for_inference(args.model, tokenizer=args.tokenizer, weights=False)
+        except BaseException:
+            engine.stop()
+            raise
+    else:
+        loaded = load_for_inference(args.model, args.adapter, args.tokenizer)
+        engine = Engine(loaded.model, loaded.tokenizer, finetune_scope=loaded.finetune_scope, **options)
     app = create_app(engine, loaded.tokenizer, model_name=loaded.name, template=loaded.template,
                      api_key=args.api_key, max_body_bytes=args.max_body_bytes,
                      stream_interval_s=args.stream_interval_ms / 1000)
     if not is_loopback(args.host) and args.api_key is None:
         log.warning("listening on %s without --api-key: anyone who can reach this address can use the model; "
                     "pass --api-key (and put it behind HTTPS)", args.host)
-    sock = bind(args.host, args.port)
+    try:
+        sock = bind(args.host, args.port)
+    except BaseException:
+        engine.stop()
+        raise
     print(f"serving {loaded.name} on {url_of(sock)}/v1 (max batch {args.max_batch}, context "
           f"{args.context}); Ctrl-C stops it", flush=True)
     serve(app, sock)

@@ -83,6 +83,17 @@ class Failure:
     message: str
 
 
+def check_fits(prompt: list[int], params: Params, context: int) -> None:
+    if not prompt or len(prompt) + params.max_tokens > context:
+        raise InputError(f"{len(prompt)} prompt tokens + max_tokens {params.max_tokens} do not fit the "
+                         f"context of {context} tokens (and a prompt needs at least one token)")
+
+
+def check_queue(queued: int, n: int, max_queue: int) -> None:
+    if queued + n > max_queue:
+        raise QueueFull(f"{queued} rows are waiting (the limit is {max_queue}); retry later")
+
+
 class Request:
     def __init__(self, prompt: list[int], params: Params, n: int, sink):
         self.prompt, self.params, self.n, self.sink = prompt, params, n, sink
@@ -136,14 +147,10 @@ class Engine:
 
     def submit(self, prompt: list[int], params: Params, n: int = 1, sink=None) -> Request:
         """Queue a request; `sink(event)` is called from the engine thread with each Delta (or a Failure)."""
-        if not prompt or len(prompt) + params.max_tokens > self.context:
-            raise InputError(f"{len(prompt)} prompt tokens + max_tokens {params.max_tokens} do not fit the "
-                             f"context of {self.context} tokens (and a prompt needs at least one token)")
+        check_fits(prompt, params, self.context)
         request = Request(list(prompt), params, n, sink)
         with self.cond:
-            if self.queued_rows() + n > self.max_queue:
-                raise QueueFull(f"{self.queued_rows()} rows are waiting (the limit is {self.max_queue}); "
-                                f"retry later")
+            check_queue(self.queued_rows(), n, self.max_queue)
             self.waiting.append(request)
             self.cond.notify_all()
         return request

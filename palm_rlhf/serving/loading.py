@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Loaded:
-    model: PaLM
+    model: PaLM | None          # None when loaded with weights=False
     tokenizer: object
     template: ChatTemplate
     name: str                   # the model id clients see (/v1/models): the run's name, e.g. "ppo"
@@ -33,13 +33,18 @@ def set_threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
-def load_for_inference(path, adapter=None, tokenizer: str | None = None) -> Loaded:
+def load_for_inference(path, adapter=None, tokenizer: str | None = None, *, weights: bool = True) -> Loaded:
     """A run directory, final/ or checkpoint step directory (see `runtime.resolve.resolve_model`), plus
     an optional LoRA adapter -> the model in eval mode, its tokenizer (the one saved with it unless
-    `tokenizer` overrides it) and its chat template (`chat_template.json` there, or the default)."""
+    `tokenizer` overrides it) and its chat template (`chat_template.json` there, or the default).
+    `weights=False`: only the tokenizer, template and name (`model` is None; the engine process
+    loads and checks the rest, see `worker.EngineProcess`)."""
     source = resolve_model(path)
-    model = PaLM.from_pretrained(source.model_dir).eval()
+    model = PaLM.from_pretrained(source.model_dir).eval() if weights else None
     tok = load_tokenizer_for(source, tokenizer)
+    template = ChatTemplate.load(source.model_dir)
+    if model is None:
+        return Loaded(None, tok, template, source.name, None)
     check_tokenizer_fits(tok, model.num_tokens, str(path))
     scope = None
     if adapter is not None:
@@ -47,4 +52,4 @@ def load_for_inference(path, adapter=None, tokenizer: str | None = None) -> Load
             scope = load_adapter(model, adapter_file(adapter, source))
         except CheckpointError as e:
             raise ConfigError(f"--adapter: {e}") from e
-    return Loaded(model, tok, ChatTemplate.load(source.model_dir), source.name, scope)
+    return Loaded(model, tok, template, source.name, scope)

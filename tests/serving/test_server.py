@@ -199,3 +199,26 @@ def test_non_loopback_host_without_key_warns(model_dir):
     url, proc, lines = start(model_dir, "--host", "0.0.0.0")
     stop(proc)
     assert any("without --api-key" in line for line in lines)
+
+
+def test_workers_give_the_same_texts_as_one_engine(model_dir, client):
+    """`--workers 2`: two engine processes behind one API; seeded requests sent together are
+    spread over both and give the texts the one-engine server gives."""
+    requests = [dict(prompt="y" * (1 + 2 * i), max_tokens=3 + i, seed=300 + i, temperature=0.9) for i in range(8)]
+    one_engine = [complete(client, **r).choices[0].text for r in requests]
+    url, proc, _ = start(model_dir, "--workers", "2", "--max-batch", "8", "--context", "256")
+    try:
+        c = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=60)
+        with ThreadPoolExecutor(8) as pool:
+            assert list(pool.map(lambda r: complete(c, **r).choices[0].text, requests)) == one_engine
+        health = httpx.get(url.removesuffix("/v1") + "/health").json()
+        assert health["active_rows"] == 0 and health["decode_steps"] > 0
+    finally:
+        stop(proc)
+    assert proc.returncode is not None
+
+
+def test_workers_must_be_positive(model_dir):
+    out = subprocess.run([sys.executable, "-m", "palm_rlhf", "serve", str(model_dir), "--workers", "0"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode != 0 and "--workers must be at least 1, got 0" in out.stderr

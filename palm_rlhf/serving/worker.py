@@ -1,0 +1,304 @@
+"""The engine in a process of its own: what `palm-rlhf serve` runs by default.
+
+    engine = EngineProcess(Source("runs/ppo"), context=1024, max_batch=16).start()  # loads the model there
+    request = engine.submit(prompt_ids, Params(max_tokens=32), n=1, sink=events.put)
+    request.cancel()
+    engine.stop()
+
+It has the `Engine` interface (`submit`, `dispatch`, `steps`, `active_rows`, `queued_rows`,
+`start`, `stop`), and an `Engine` does the work, in a child process (started with "spawn") that
+loads the model itself. Why: a decode step is a few hundred torch calls, and each call gives up
+Python's lock and takes it back. In one process the HTTP event loop holds that lock whenever
+it parses a request or writes a chunk, and the decode thread waits for it: with 16 streaming
+clients the engine thread was off the CPU about a third of the time (`benchmarks/serve.py`,
+benchmarks/README.md "Serving"). In its own process it never waits for the HTTP side.
+
+Messages: the parent sends ("submit", id, prompt, params, n) and ("cancel", id); the child
+sends, once per decode step, ("step", steps, active_rows, [(id, event), ...]). A request
+counts as queued from `submit` until its first event (its prefill). If the child dies, every
+open request gets a `Failure` naming its exit code, and so does every later one.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import multiprocessing
+import signal
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import CheckpointError, ConfigError, DataError, InputError
+from .engine import Engine, Failure, Params, QueueFull, check_fits, check_queue
+
+log = logging.getLogger(__name__)
+
+_ERRORS = {cls.__name__: cls for cls in (ConfigError, CheckpointError, DataError, InputError)}
+
+
+@dataclass(frozen=True)
+class Source:
+    """What the child loads (see `loading.load_for_inference`) and how many torch threads it uses."""
+    model: Path
+    adapter: Path | None = None
+    tokenizer: str | None = None
+    threads: int = 0
+
+
+class RemoteRequest:
+    def __init__(self, owner: "EngineProcess", rid: int):
+        self.owner, self.rid, self.cancelled = owner, rid, False
+
+    def cancel(self) -> None:
+        if not self.cancelled:
+            self.cancelled = True
+            self.owner._cancel(self.rid)
+
+
+class EngineProcess:
+    def __init__(self, source: Source, *, context: int, max_batch: int = 16, max_queue: int = 256,
+                 gather_s: float = 0.01):
+        self.source, self.context, self.max_batch, self.max_queue = source, context, max_batch, max_queue
+        self.options = dict(context=context, max_batch=max_batch, max_queue=max_queue, gather_s=gather_s)
+        self.thread: threading.Thread | None = None  # reads the child's messages
+        self.process = self.commands = self.events = None
+        self.dispatch = None  # as Engine.dispatch; None: each sink(event)
+        self.steps = self.active_rows = 0
+        self.lock = threading.Lock()
+        self.sinks: dict[int, object] = {}   # open requests
+        self.queued: dict[int, int] = {}     # id -> rows, until the request's first event
+        self.left: dict[int, int] = {}       # id -> choices not finished yet
+        self.ids = itertools.count()
+        self.exit_message: str | None = None  # set when the child has gone
+
+    def start(self) -> "EngineProcess":
+        """Start the child and wait until its model is loaded; a load error is raised here, as the
+        same error class with the same message as a load in this process."""
+        return self.launch().wait_ready()
+
+    def launch(self) -> "EngineProcess":
+        """Start the child (it loads the model while this process goes on; see `wait_ready`)."""
+        ctx = multiprocessing.get_context("spawn")
+        child_commands, self.commands = ctx.Pipe(duplex=False)
+        self.events, child_events = ctx.Pipe(duplex=False)
+        self.process = ctx.Process(target=_child, args=(child_commands, child_events, self.source, self.options),
+                                   name="palm-rlhf-engine", daemon=True)
+        self.process.start()
+        child_commands.close()
+        child_events.close()
+        return self
+
+    def wait_ready(self) -> "EngineProcess":
+        try:
+            reply = self.events.recv()
+        except EOFError:
+            self.process.join(5)
+            raise ConfigError(f"the engine process exited while loading {self.source.model} "
+                              f"(exit code {self.process.exitcode}); run `palm-rlhf chat {self.source.model}` "
+                              f"to see the error in this process") from None
+        if reply[0] == "error":
+            self.process.join(5)
+            raise _ERRORS.get(reply[1], ConfigError)(reply[2])
+        self.thread = threading.Thread(target=self._read, name="palm-rlhf-engine-reader", daemon=True)
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        try:
+            with self.lock:
+                self.commands.send(("stop",))
+        except (OSError, ValueError):
+            pass  # already gone
+        self.process.join(10)
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join(5)
+        if self.thread is not None:
+            self.thread.join(5)
+
+    def submit(self, prompt: list[int], params: Params, n: int = 1, sink=None) -> RemoteRequest:
+        check_fits(prompt, params, self.context)
+        with self.lock:
+            check_queue(self.queued_rows(), n, self.max_queue)
+            request = RemoteRequest(self, next(self.ids))
+            if self.exit_message is None and self._send(("submit", request.rid, list(prompt), params, n)):
+                self.sinks[request.rid], self.queued[request.rid], self.left[request.rid] = sink, n, n
+                return request
+            message = self.exit_message or "the engine process has gone; restart the server"
+        self._deliver([(sink, Failure(message))])
+        return request
+
+    def queued_rows(self) -> int:
+        return sum(self.queued.values())
+
+    # ------------------------------------------------------------------ internals
+
+    def _send(self, message) -> bool:
+        """Send to the child (the lock held); False when it has gone."""
+        try:
+            self.commands.send(message)
+            return True
+        except (OSError, ValueError):
+            return False
+
+    def _cancel(self, rid: int) -> None:
+        with self.lock:
+            if self.sinks.pop(rid, None) is not None:
+                self.queued.pop(rid, None)
+                self.left.pop(rid, None)
+                self._send(("cancel", rid))
+
+    def _read(self) -> None:
+        while True:
+            try:
+                _, steps, active, events = self.events.recv()
+            except (EOFError, OSError):
+                break
+            self.steps, self.active_rows = steps, active
+            with self.lock:
+                items = [(self.sinks[rid], event) for rid, event in events if rid in self.sinks]
+                for rid, event in events:  # cancelled ones (gone from sinks) were on their way
+                    if rid in self.sinks:
+                        self.queued.pop(rid, None)
+                        self.left[rid] = _left_after(self.left[rid], event)
+                        if not self.left[rid]:
+                            del self.sinks[rid], self.left[rid]
+            self._deliver(items)
+        self._gone()
+
+    def _gone(self) -> None:
+        """The child has exited: fail every open request, and every later one."""
+        self.process.join(5)
+        code = self.process.exitcode
+        with self.lock:
+            self.exit_message = ("the engine process stopped" if code == 0 else
+                                 f"the engine process exited unexpectedly (exit code {code}); restart the server")
+            open_sinks, self.sinks, self.queued, self.left = list(self.sinks.values()), {}, {}, {}
+            self.active_rows = 0
+        if code != 0:
+            log.error(self.exit_message)
+        self._deliver([(sink, Failure(self.exit_message)) for sink in open_sinks])
+
+    def _deliver(self, items: list) -> None:
+        if self.dispatch is not None:
+            self.dispatch(items)
+            return
+        for sink, event in items:
+            if sink is not None:
+                sink(event)
+
+
+class EnginePool:
+    """Several `EngineProcess` replicas behind the `Engine` interface (`serve --workers N`): each
+    request goes to the replica with the fewest rows (queued + decoding). On a CPU, replicas of
+    one thread each never wait for each other, where one engine's threads wait at every op for
+    the slowest of them (and for the HTTP side, which shares the cores)."""
+
+    def __init__(self, engines: list[EngineProcess]):
+        self.engines = engines
+        self.context, self.max_batch = engines[0].context, engines[0].max_batch
+        self.thread = None
+
+    def start(self) -> "EnginePool":
+        try:
+            for engine in self.engines:  # all load at once
+                engine.launch()
+            for engine in self.engines:
+                engine.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        self.thread = self.engines[0].thread
+        return self
+
+    def stop(self) -> None:
+        for engine in self.engines:
+            engine.stop()
+
+    @property
+    def dispatch(self):
+        return self.engines[0].dispatch
+
+    @dispatch.setter
+    def dispatch(self, value) -> None:
+        for engine in self.engines:
+            engine.dispatch = value
+
+    def submit(self, prompt: list[int], params: Params, n: int = 1, sink=None) -> RemoteRequest:
+        engine = min(self.engines, key=lambda e: e.queued_rows() + e.active_rows)
+        return engine.submit(prompt, params, n, sink)
+
+    def queued_rows(self) -> int:
+        return sum(e.queued_rows() for e in self.engines)
+
+    @property
+    def active_rows(self) -> int:
+        return sum(e.active_rows for e in self.engines)
+
+    @property
+    def steps(self) -> int:
+        return sum(e.steps for e in self.engines)
+
+
+def _left_after(left: int, event) -> int:
+    """Choices of a request still open after this event (a Failure ends them all)."""
+    return 0 if isinstance(event, Failure) else left - (event.finish_reason is not None)
+
+
+class _Tag:
+    """The child's sink of one request: its events go back under the parent's id."""
+
+    def __init__(self, rid: int, n: int):
+        self.rid, self.left, self.request = rid, n, None
+
+
+def _child(commands, events, source: Source, options: dict) -> None:
+    """The engine process: load, report ready (or the error), then serve commands until told to stop."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the parent stops us
+    from .loading import load_for_inference, set_threads
+
+    try:
+        set_threads(source.threads)
+        loaded = load_for_inference(source.model, source.adapter, source.tokenizer)
+    except (ConfigError, CheckpointError, DataError, InputError) as e:
+        events.send(("error", type(e).__name__, str(e)))
+        return
+    engine = Engine(loaded.model, loaded.tokenizer, finetune_scope=loaded.finetune_scope, **options)
+    open_tags: dict[int, _Tag] = {}  # for "cancel"; a tag leaves when its request has finished
+    send_lock = threading.Lock()     # the engine thread and this one both send
+
+    def send(items: list) -> None:
+        for tag, event in items:
+            tag.left = _left_after(tag.left, event)
+            if not tag.left:
+                open_tags.pop(tag.rid, None)
+        with send_lock:
+            events.send(("step", engine.steps, engine.active_rows, [(tag.rid, event) for tag, event in items]))
+
+    engine.dispatch = send
+    events.send(("ready",))
+    engine.start()
+    try:
+        while True:
+            try:
+                message = commands.recv()
+            except EOFError:  # the parent has gone
+                break
+            if message[0] == "submit":
+                _, rid, prompt, params, n = message
+                tag = open_tags[rid] = _Tag(rid, n)
+                try:
+                    tag.request = engine.submit(prompt, params, n, tag)
+                except (InputError, QueueFull) as e:  # the parent checks both first; a race at most
+                    send([(tag, Failure(str(e)))])
+            elif message[0] == "cancel":
+                tag = open_tags.pop(message[1], None)
+                if tag is not None and tag.request is not None:
+                    tag.request.cancel()
+            elif message[0] == "stop":
+                break
+    finally:
+        engine.stop()
