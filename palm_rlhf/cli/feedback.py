@@ -13,6 +13,7 @@ EXAMPLES = """examples:
   palm-rlhf feedback add-rater alice --raters raters.txt      # prints alice's token
   palm-rlhf feedback serve --checkpoint runs/sft --prompts prompts.txt --raters raters.txt
   palm-rlhf feedback serve --checkpoint runs/ppo --checkpoint runs/sft --prompts prompts.jsonl   # ppo@... vs sft@...
+  palm-rlhf feedback serve --generator http://127.0.0.1:8000/v1 --prompts prompts.txt    # from `palm-rlhf serve`
   palm-rlhf feedback export --db feedback.sqlite --out prefs.jsonl
 """
 
@@ -24,9 +25,14 @@ def register(sub) -> None:
 
     s = actions.add_parser("serve", help="serve pairs of completions to raters",
                            epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    s.add_argument("--checkpoint", action="append", type=Path, required=True,
+    s.add_argument("--checkpoint", action="append", type=Path, default=[],
                    help="a run directory (its final/), a final/ or a checkpoint step directory; give it twice to "
                    "compare two models (e.g. --checkpoint runs/ppo --checkpoint runs/sft)")
+    s.add_argument("--generator", action="append", default=[], metavar="URL",
+                   help="take completions from a running `palm-rlhf serve` (or any OpenAI-compatible API) at URL, "
+                        "e.g. http://127.0.0.1:8000/v1, instead of loading a checkpoint here; with --checkpoint or "
+                        "twice, it compares two models")
+    s.add_argument("--generator-api-key", default=None, metavar="KEY", help="the --generator server's --api-key")
     s.add_argument("--prompts", type=Path, required=True,
                    help="prompts: one per line (.txt, \\n for a newline) or JSONL with a \"prompt\" field")
     s.add_argument("--db", type=Path, default=Path("feedback.sqlite"), help="SQLite database (default: %(default)s)")
@@ -77,14 +83,15 @@ def run_serve(args) -> int:
         raise ConfigError(f"the web app needs the `web` extra ({e.name} is missing): "
                           "pip install 'palm-rlhf[web]'") from e
     from ..feedback.auth import make_token, read_raters
-    from ..feedback.pairs import ModelPairSource, PairQueue, load_checkpoint, read_prompts
+    from ..feedback.pairs import ModelPairSource, PairQueue, ServedModel, load_checkpoint, read_prompts
     from ..feedback.server import bind, is_loopback, serve
     from ..feedback.store import FeedbackStore
     from ..generation import SamplingConfig
     from ..runtime.resolve import resolve_model
 
-    if len(args.checkpoint) > 2:
-        raise ConfigError(f"--checkpoint: give one or two checkpoints, got {len(args.checkpoint)}")
+    if not 1 <= len(args.checkpoint) + len(args.generator) <= 2:
+        raise ConfigError(f"give one or two models to sample from (--checkpoint DIR and/or --generator URL), got "
+                          f"{len(args.checkpoint) + len(args.generator)}")
     if not 0.0 <= args.shared_fraction <= 1.0:
         raise ConfigError(f"--shared-fraction must be in [0, 1], got {args.shared_fraction}")
     if args.max_body_bytes < 1024:
@@ -100,7 +107,8 @@ def run_serve(args) -> int:
         print(f"no --raters file: sign in as 'local' with token {token}")
     sources = [resolve_model(d) for d in args.checkpoint]
     checkpoints = [load_checkpoint(s.model_dir, name=s.name) for s in sources]
-    eos = checkpoints[0].tokenizer.eos_id  # 0 for every palm-rlhf tokenizer
+    eos = checkpoints[0].tokenizer.eos_id if checkpoints else 0  # 0 for every palm-rlhf tokenizer
+    checkpoints += [ServedModel(url, args.generator_api_key) for url in args.generator]
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                               top_k=args.top_k, eos_token=eos)
     store = FeedbackStore(args.db, seed=args.seed)

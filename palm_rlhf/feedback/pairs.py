@@ -1,10 +1,12 @@
 """Where pairs come from: a `PairSource` turns a prompt into two completions, and a
 `PairQueue` thread keeps a few of them prepared in the database ahead of the raters.
+The completions come from checkpoints loaded here or from a running `palm-rlhf serve`.
 
 The app only sees the `PairSource` interface (one method, `make_pair`), so tests and other
 front-ends can plug in a fake or any other sampler. `ModelPairSource` is the real one: it
-samples from one checkpoint (two samples of the same prompt) or from two checkpoints (one
-each, sides shuffled so raters cannot learn which model is on the left).
+samples from one model (two samples of the same prompt) or from two (one each, sides shuffled
+so raters cannot learn which model is on the left); a model is a `LoadedCheckpoint` or a
+`ServedModel` (an OpenAI-compatible completions API).
 """
 
 from __future__ import annotations
@@ -43,6 +45,73 @@ class LoadedCheckpoint:
     model: object
     tokenizer: object
 
+    def sample(self, prompt: str, n: int, sampling, seed: int) -> list[str]:
+        """n completions of `prompt` (the stop token, and ids the tokenizer does not know, left out)."""
+        import torch
+
+        from ..generation import generate
+
+        ids = self.tokenizer.encode(prompt)
+        if not ids:
+            raise ConfigError("--prompts: a prompt encodes to no tokens; remove empty prompts")
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            out = generate(self.model, [torch.tensor(ids, dtype=torch.long)] * n, sampling, generator=generator)
+        eos, vocab = self.tokenizer.eos_id, self.tokenizer.vocab_size
+        texts = []
+        for row in out.sequences():
+            if row and row[-1] == eos:
+                row = row[:-1]  # the stop token is not part of the text a rater reads
+            texts.append(self.tokenizer.decode([i for i in row if i < vocab]))
+        return texts
+
+
+class ServedModel:
+    """A model behind `palm-rlhf serve` or another OpenAI-compatible completions API
+    (`feedback serve --generator URL`): the app asks it for completions instead of loading a
+    model, so one server feeds the raters and every other client. `url` is the API's base URL,
+    e.g. http://127.0.0.1:8000/v1; its identity in the records is "<model id>@<url>"."""
+
+    def __init__(self, url: str, api_key: str | None = None, timeout: float = 600.0):
+        url = url.rstrip("/")
+        self.url = url if url.endswith("/v1") else url + "/v1"
+        self.api_key, self.timeout = api_key, timeout
+        models = self._call("GET", "/models").get("data") or []
+        if not models:
+            raise ConfigError(f"--generator {self.url}: the server lists no model")
+        self.model = models[0]["id"]
+        self.identity = f"{self.model}@{self.url}"
+
+    def sample(self, prompt: str, n: int, sampling, seed: int) -> list[str]:
+        body = {"model": self.model, "prompt": prompt, "n": n, "max_tokens": sampling.max_new_tokens,
+                "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k, "seed": seed}
+        choices = self._call("POST", "/completions", body)["choices"]
+        return [c["text"] for c in sorted(choices, key=lambda c: c["index"])]
+
+    def _call(self, method: str, path: str, body: dict | None = None) -> dict:
+        import json
+        import urllib.error
+        import urllib.request
+
+        headers = {"content-type": "application/json"}
+        if self.api_key:
+            headers["authorization"] = f"Bearer {self.api_key}"
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(self.url + path, data=data, headers=headers, method=method)
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as reply:
+                return json.loads(reply.read())
+        except urllib.error.HTTPError as e:
+            try:
+                message = json.loads(e.read())["error"]["message"]
+            except (ValueError, KeyError, TypeError):
+                message = e.reason
+            hint = "; pass its key with --generator-api-key" if e.code == 401 else ""
+            raise ConfigError(f"--generator {self.url}: {e.code} {message}{hint}") from None
+        except (urllib.error.URLError, OSError) as e:
+            raise ConfigError(f"--generator {self.url}: cannot reach it ({getattr(e, 'reason', e)}); start "
+                              f"`palm-rlhf serve MODEL` there first") from None
+
 
 def checkpoint_identity(directory, name: str | None = None) -> str:
     """Name (default: the directory's) plus content hash: two runs that both save to `ckpt/` stay distinguishable."""
@@ -80,35 +149,18 @@ def load_checkpoint(directory, name: str | None = None) -> LoadedCheckpoint:
 
 
 class ModelPairSource:
-    """Two completions per prompt from one or two PaLM checkpoints."""
+    """Two completions per prompt from one or two models: `LoadedCheckpoint`s and/or `ServedModel`s."""
 
-    def __init__(self, checkpoints: list[LoadedCheckpoint], sampling, seed: int | None = None):
+    def __init__(self, checkpoints: list, sampling, seed: int | None = None):
         if len(checkpoints) not in (1, 2):
-            raise ConfigError(f"--checkpoint: give one or two checkpoints, got {len(checkpoints)}")
+            raise ConfigError(f"give one or two models (--checkpoint, --generator), got {len(checkpoints)}")
         self.checkpoints = checkpoints
         self.sampling = sampling
         self._rng = random.Random(seed)
         self._seed = seed
 
-    def _sample(self, ckpt: LoadedCheckpoint, prompt: str, n: int) -> list[str]:
-        import torch
-
-        from ..generation import generate
-
-        ids = ckpt.tokenizer.encode(prompt)
-        if not ids:
-            raise ConfigError("--prompts: a prompt encodes to no tokens; remove empty prompts")
-        prompt_ids = torch.tensor(ids, dtype=torch.long)
-        generator = torch.Generator().manual_seed(self._rng.getrandbits(63))
-        with torch.no_grad():
-            out = generate(ckpt.model, [prompt_ids] * n, self.sampling, generator=generator)
-        eos, vocab = ckpt.tokenizer.eos_id, ckpt.tokenizer.vocab_size
-        texts = []
-        for row in out.sequences():
-            if row and row[-1] == eos:
-                row = row[:-1]  # the stop token is not part of the text a rater reads
-            texts.append(ckpt.tokenizer.decode([i for i in row if i < vocab]))
-        return texts
+    def _sample(self, ckpt, prompt: str, n: int) -> list[str]:
+        return ckpt.sample(prompt, n, self.sampling, self._rng.getrandbits(63))
 
     def make_pair(self, prompt: str) -> PairDraft:
         settings = asdict(self.sampling) if hasattr(self.sampling, "__dataclass_fields__") else dict(self.sampling)
