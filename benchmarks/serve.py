@@ -294,11 +294,12 @@ def report(table: dict, args) -> None:
                   + ("whole reply at once |" if system == "hf" else
                      f"{1e3 * med(system, level, 'concurrent', 'tpot50'):.1f} / "
                      f"{1e3 * med(system, level, 'concurrent', 'tpot95'):.1f} |"))
-    for other in ("hf", "ours-every-token"):
-        if {"ours", other} <= set(args.systems):
+    for ours, other in (("ours", "hf"), ("ours-workers", "hf"), ("ours", "ours-every-token"),
+                        ("ours-workers", "ours")):
+        if {ours, other} <= set(args.systems):
             for level in args.levels:
-                ratio = med("ours", level, "concurrent", "tok_s") / med(other, level, "concurrent", "tok_s")
-                print(f"ours / {other} tokens/s at {level} clients: {ratio:.2f}x")
+                ratio = med(ours, level, "concurrent", "tok_s") / med(other, level, "concurrent", "tok_s")
+                print(f"{ours} / {other} tokens/s at {level} clients: {ratio:.2f}x")
 
 
 if __name__ == "__main__":

@@ -1,22 +1,25 @@
-"""The engine in a process of its own: what `palm-rlhf serve` runs by default.
+"""Engines in processes of their own: the replicas of `palm-rlhf serve --workers N`.
 
-    engine = EngineProcess(Source("runs/ppo"), context=1024, max_batch=16).start()  # loads the model there
-    request = engine.submit(prompt_ids, Params(max_tokens=32), n=1, sink=events.put)
+    pool = EnginePool([EngineProcess(Source("runs/ppo", threads=1), context=1024) for _ in range(2)]).start()
+    request = pool.submit(prompt_ids, Params(max_tokens=32), n=1, sink=events.put)
     request.cancel()
-    engine.stop()
+    pool.stop()
 
-It has the `Engine` interface (`submit`, `dispatch`, `steps`, `active_rows`, `queued_rows`,
-`start`, `stop`), and an `Engine` does the work, in a child process (started with "spawn") that
-loads the model itself. Why: a decode step is a few hundred torch calls, and each call gives up
-Python's lock and takes it back. In one process the HTTP event loop holds that lock whenever
-it parses a request or writes a chunk, and the decode thread waits for it: with 16 streaming
-clients the engine thread was off the CPU about a third of the time (`benchmarks/serve.py`,
-benchmarks/README.md "Serving"). In its own process it never waits for the HTTP side.
+Both have the `Engine` interface (`submit`, `dispatch`, `steps`, `active_rows`, `queued_rows`,
+`start`, `stop`). An `EngineProcess` runs an `Engine` in a child process (started with "spawn")
+that loads the model itself; an `EnginePool` sends each request to the replica with the fewest
+tokens left to decode. Why replicas: under the HTTP server, a decode step with two torch threads waits at every
+op for the slower thread, and the HTTP side and the clients preempt one of them now and then.
+On the 2-core development CPU the engine thread of a 2-thread engine was on the CPU only ~70%
+of the time, in the server's process and in a process of its own alike, and 16 streaming
+clients got 1.5x the tokens/s of HF's pipeline; two replicas of one thread each have nothing to
+wait for (benchmarks/README.md "Serving").
 
-Messages: the parent sends ("submit", id, prompt, params, n) and ("cancel", id); the child
-sends, once per decode step, ("step", steps, active_rows, [(id, event), ...]). A request
-counts as queued from `submit` until its first event (its prefill). If the child dies, every
-open request gets a `Failure` naming its exit code, and so does every later one.
+Messages: the parent sends ("submit", id, prompt, params, n), ("cancel", id) and ("stop",);
+the child sends ("ready",) or ("error", class name, message) once, then once per decode step
+("step", steps, active_rows, [(id, event), ...]). A request counts as queued from `submit`
+until its first event (its prefill). If a child dies, each of its open requests gets a
+`Failure` naming the exit code, and so does every later one sent to it.
 """
 
 from __future__ import annotations
@@ -69,6 +72,8 @@ class EngineProcess:
         self.sinks: dict[int, object] = {}   # open requests
         self.queued: dict[int, int] = {}     # id -> rows, until the request's first event
         self.left: dict[int, int] = {}       # id -> choices not finished yet
+        self.budget: dict[int, int] = {}     # id -> max_tokens of each of its choices
+        self.outstanding = 0                 # tokens the open choices may still take (the pool's load)
         self.ids = itertools.count()
         self.exit_message: str | None = None  # set when the child has gone
 
@@ -126,6 +131,8 @@ class EngineProcess:
             request = RemoteRequest(self, next(self.ids))
             if self.exit_message is None and self._send(("submit", request.rid, list(prompt), params, n)):
                 self.sinks[request.rid], self.queued[request.rid], self.left[request.rid] = sink, n, n
+                self.budget[request.rid] = params.max_tokens
+                self.outstanding += n * params.max_tokens
                 return request
             message = self.exit_message or "the engine process has gone; restart the server"
         self._deliver([(sink, Failure(message))])
@@ -148,8 +155,17 @@ class EngineProcess:
         with self.lock:
             if self.sinks.pop(rid, None) is not None:
                 self.queued.pop(rid, None)
-                self.left.pop(rid, None)
+                self._close(rid, 0)
                 self._send(("cancel", rid))
+
+    def _close(self, rid: int, left: int) -> int:
+        """Request `rid` now has `left` open choices (the lock held); returns it."""
+        self.outstanding -= (self.left[rid] - left) * self.budget[rid]
+        if left:
+            self.left[rid] = left
+        else:
+            del self.left[rid], self.budget[rid]
+        return left
 
     def _read(self) -> None:
         while True:
@@ -163,9 +179,8 @@ class EngineProcess:
                 for rid, event in events:  # cancelled ones (gone from sinks) were on their way
                     if rid in self.sinks:
                         self.queued.pop(rid, None)
-                        self.left[rid] = _left_after(self.left[rid], event)
-                        if not self.left[rid]:
-                            del self.sinks[rid], self.left[rid]
+                        if self._close(rid, _left_after(self.left[rid], event)) == 0:
+                            del self.sinks[rid]
             self._deliver(items)
         self._gone()
 
@@ -176,7 +191,8 @@ class EngineProcess:
         with self.lock:
             self.exit_message = ("the engine process stopped" if code == 0 else
                                  f"the engine process exited unexpectedly (exit code {code}); restart the server")
-            open_sinks, self.sinks, self.queued, self.left = list(self.sinks.values()), {}, {}, {}
+            open_sinks, self.sinks, self.queued, self.left, self.budget = list(self.sinks.values()), {}, {}, {}, {}
+            self.outstanding = 0
             self.active_rows = 0
         if code != 0:
             log.error(self.exit_message)
@@ -192,10 +208,9 @@ class EngineProcess:
 
 
 class EnginePool:
-    """Several `EngineProcess` replicas behind the `Engine` interface (`serve --workers N`): each
-    request goes to the replica with the fewest rows (queued + decoding). On a CPU, replicas of
-    one thread each never wait for each other, where one engine's threads wait at every op for
-    the slowest of them (and for the HTTP side, which shares the cores)."""
+    """`EngineProcess` replicas behind the `Engine` interface: each request goes to the live
+    replica with the fewest tokens still to decode (`max_tokens` of its open choices), so that
+    the replicas finish together; a replica that died gets no more."""
 
     def __init__(self, engines: list[EngineProcess]):
         self.engines = engines
@@ -228,7 +243,8 @@ class EnginePool:
             engine.dispatch = value
 
     def submit(self, prompt: list[int], params: Params, n: int = 1, sink=None) -> RemoteRequest:
-        engine = min(self.engines, key=lambda e: e.queued_rows() + e.active_rows)
+        alive = [e for e in self.engines if e.exit_message is None] or self.engines  # none: each fails
+        engine = min(alive, key=lambda e: e.outstanding)
         return engine.submit(prompt, params, n, sink)
 
     def queued_rows(self) -> int:

@@ -62,6 +62,7 @@ def until(condition, timeout: float = 30) -> bool:
 
 
 def test_replicas_give_the_texts_of_the_in_process_engine(model_dir):
+    """And the load is spread by tokens left to decode: both replicas get work, all of it ends."""
     loaded = load_for_inference(model_dir)
     local = Engine(loaded.model, loaded.tokenizer, context=128, max_batch=4).start()
     try:
@@ -73,6 +74,7 @@ def test_replicas_give_the_texts_of_the_in_process_engine(model_dir):
         assert run_all(pool, requests(10)) == expected
         assert all(engine.steps > 0 for engine in pool.engines)  # both replicas decoded
         assert until(lambda: pool.active_rows == 0) and pool.queued_rows() == 0
+        assert [engine.outstanding for engine in pool.engines] == [0, 0]
     finally:
         pool.stop()
     assert all(not engine.process.is_alive() for engine in pool.engines)
@@ -84,8 +86,9 @@ def test_cancel_frees_the_row_and_the_others_go_on(model_dir):
         long = Collect()
         request = engine.submit(list(b"a long one"), Params(max_tokens=400, temperature=1.0, seed=1), 1, long)
         assert until(lambda: engine.active_rows == 1)
+        assert engine.outstanding == 400
         request.cancel()
-        assert until(lambda: engine.active_rows == 0)
+        assert until(lambda: engine.active_rows == 0) and engine.outstanding == 0
         assert not long.done.is_set()  # a cancelled request gets no finish
         assert run_all(engine, requests(3))
     finally:
@@ -136,3 +139,14 @@ def test_events_are_deltas_in_order(model_dir):
         engine.stop()
     assert all(isinstance(e, Delta) for e in events) and events[-1].finish_reason == "length"
     assert events[-1].completion_tokens == 6 and [e.finish_reason for e in events[:-1]] == [None] * (len(events) - 1)
+
+
+def test_a_pool_routes_around_a_dead_replica(model_dir):
+    pool = EnginePool([EngineProcess(Source(model_dir, threads=1), context=128, max_batch=4) for _ in range(2)]).start()
+    try:
+        pool.engines[0].process.kill()
+        assert until(lambda: pool.engines[0].exit_message is not None)
+        assert run_all(pool, requests(4))  # all on the live one, none failed
+        assert pool.engines[1].steps > 0 and pool.engines[0].steps == 0
+    finally:
+        pool.stop()
