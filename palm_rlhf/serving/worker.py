@@ -8,7 +8,7 @@
 Both have the `Engine` interface (`submit`, `dispatch`, `steps`, `active_rows`, `queued_rows`,
 `start`, `stop`). An `EngineProcess` runs an `Engine` in a child process (started with "spawn")
 that loads the model itself; an `EnginePool` sends each request to the replica with the fewest
-tokens left to decode. Why replicas: under the HTTP server, a decode step with two torch threads waits at every
+rows, then the fewest tokens left to decode. Why replicas: under the HTTP server, a decode step with two torch threads waits at every
 op for the slower thread, and the HTTP side and the clients preempt one of them now and then.
 On the 2-core development CPU the engine thread of a 2-thread engine was on the CPU only ~70%
 of the time, in the server's process and in a process of its own alike, and 16 streaming
@@ -99,9 +99,8 @@ class EngineProcess:
             reply = self.events.recv()
         except EOFError:
             self.process.join(5)
-            raise ConfigError(f"the engine process exited while loading {self.source.model} "
-                              f"(exit code {self.process.exitcode}); run `palm-rlhf chat {self.source.model}` "
-                              f"to see the error in this process") from None
+            raise ConfigError(f"the engine process exited while loading {self.source.model} (exit code "
+                              f"{self.process.exitcode}); its error is printed above") from None
         if reply[0] == "error":
             self.process.join(5)
             raise _ERRORS.get(reply[1], ConfigError)(reply[2])
@@ -139,7 +138,7 @@ class EngineProcess:
         return request
 
     def queued_rows(self) -> int:
-        return sum(self.queued.values())
+        return sum(list(self.queued.values()))  # list(): one step under the GIL while the reader thread edits
 
     # ------------------------------------------------------------------ internals
 
@@ -209,8 +208,10 @@ class EngineProcess:
 
 class EnginePool:
     """`EngineProcess` replicas behind the `Engine` interface: each request goes to the live
-    replica with the fewest tokens still to decode (`max_tokens` of its open choices), so that
-    the replicas finish together; a replica that died gets no more."""
+    replica with the fewest rows (queued + decoding), among those to the one with the fewest
+    tokens still to decode (`max_tokens` of its open choices); a replica that died gets no more.
+    Equal rows keep the steps cheap (a step costs about the same per row for few rows); equal
+    tokens let a burst's replicas finish together."""
 
     def __init__(self, engines: list[EngineProcess]):
         self.engines = engines
@@ -244,7 +245,7 @@ class EnginePool:
 
     def submit(self, prompt: list[int], params: Params, n: int = 1, sink=None) -> RemoteRequest:
         alive = [e for e in self.engines if e.exit_message is None] or self.engines  # none: each fails
-        engine = min(alive, key=lambda e: e.outstanding)
+        engine = min(alive, key=lambda e: (e.queued_rows() + e.active_rows, e.outstanding))
         return engine.submit(prompt, params, n, sink)
 
     def queued_rows(self) -> int:
