@@ -2,6 +2,7 @@
 
     python benchmarks/serve.py                          # levels 1 4 16 64, 2 repeats (many minutes)
     python benchmarks/serve.py --levels 1 16 --repeats 1 --systems ours
+    python benchmarks/serve.py --levels 16 --repeats 5 --systems ours ours-workers hf
 
 Model: config S of issue 4 (dim 384, depth 6, heads 6, dim_head 64, vocab 256, random weights),
 and for HF the matched-size `LlamaForCausalLM` of benchmarks/generate.py (one key/value head,
@@ -13,9 +14,10 @@ row decoding to the longest max_tokens; a pipeline cannot stream, so a reply arr
 
 Ours runs `palm-rlhf serve` with its defaults (a stream sends a chunk at most every 20 ms,
 first tokens and finishes at once; `--systems ours-every-token` adds ours with a chunk per decode
-step). On a 2-core machine pass `--threads 1`: the client, the HTTP thread and other jobs share
-the cores, and two torch threads waiting for each other cost both servers far more than they
-gain (HF's 16-client batch took 11-39 s instead of 1.4 s under load).
+step, `ours-workers` ours with `--workers 2`: two engine processes of one thread each). On a
+busy 2-core machine pass `--threads 1`: the client, the HTTP thread and other jobs share the
+cores, and two torch threads waiting for each other cost both servers far more than they gain
+(HF's 16-client batch took 11-39 s instead of 1.4 s under load).
 
 Load: for each level c, c clients each send `--per-client` streamed completion requests one
 after another (prompts of 8-64 tokens, max_tokens 32-96 averaging 64, `ignore_eos` so every
