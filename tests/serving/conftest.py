@@ -20,3 +20,12 @@ def model():
     """A tiny random PaLM for the in-process engine tests."""
     torch.manual_seed(0)
     return PaLM(dim=32, num_tokens=256, depth=2, heads=2, dim_head=16).eval()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny random PaLM saved with `save_pretrained`, for the tests that start servers or engine processes."""
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp("serve") / "tiny"
+    PaLM(dim=32, num_tokens=256, depth=2, heads=2, dim_head=16).save_pretrained(directory)
+    return directory

@@ -11,13 +11,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-import torch
 
 httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
-from palm_rlhf.model import PaLM  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 KEY = "test-key-0123456789"
@@ -46,14 +44,6 @@ def stop(proc) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    directory = tmp_path_factory.mktemp("serve") / "tiny"
-    PaLM(dim=32, num_tokens=256, depth=2, heads=2, dim_head=16).save_pretrained(directory)
-    return directory
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,8 @@ import threading
 import time
 
 import pytest
-import torch
 
 from palm_rlhf.errors import CheckpointError, ConfigError
-from palm_rlhf.model import PaLM
 from palm_rlhf.serving import Delta, Engine, EnginePool, EngineProcess, Failure, Params, Source, load_for_inference
 
 
@@ -30,14 +28,6 @@ class Collect:
             self.left -= 1
             if not self.left:
                 self.done.set()
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    directory = tmp_path_factory.mktemp("workers") / "tiny"
-    PaLM(dim=32, num_tokens=256, depth=2, heads=2, dim_head=16).save_pretrained(directory)
-    return directory
 
 
 def run_all(engine, requests) -> list[dict]:
