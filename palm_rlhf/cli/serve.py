@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -65,8 +66,9 @@ def run(args) -> int:
     from ..feedback.server import bind, is_loopback, serve, url_of
     from ..serving import Engine, EnginePool, EngineProcess, Source, load_for_inference, set_threads
 
-    for flag, value, low in (("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 1), ("--workers", args.workers, 1),
-                             ("--context", args.context, 2), ("--max-body-bytes", args.max_body_bytes, 1024)):
+    for flag, value, low in (("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 1),
+                             ("--workers", args.workers, 1), ("--context", args.context, 2),
+                             ("--max-body-bytes", args.max_body_bytes, 1024)):
         if value < low:
             raise ConfigError(f"{flag} must be at least {low}, got {value}")
     for flag, value in (("--gather-ms", args.gather_ms), ("--stream-interval-ms", args.stream_interval_ms)):
@@ -77,28 +79,39 @@ def run(args) -> int:
                    gather_s=args.gather_ms / 1000)
     if args.workers > 1:  # the replicas load the model (their errors are raised here)
         threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
-        engine = EnginePool([EngineProcess(Source(args.model, args.adapter, args.tokenizer, threads), **options)
-                             for _ in range(args.workers)]).start()
-        try:
-            loaded = load_for_inference(args.model, tokenizer=args.tokenizer, weights=False)
-        except BaseException:
-            engine.stop()
-            raise
+        level = logging.getLogger().getEffectiveLevel()
+        engine = EnginePool([EngineProcess(Source(args.model, args.adapter, args.tokenizer, threads,
+                                                  level if i == 0 else logging.ERROR), **options)
+                             for i in range(args.workers)]).start()
     else:
         loaded = load_for_inference(args.model, args.adapter, args.tokenizer)
         engine = Engine(loaded.model, loaded.tokenizer, finetune_scope=loaded.finetune_scope, **options)
-    app = create_app(engine, loaded.tokenizer, model_name=loaded.name, template=loaded.template,
-                     api_key=args.api_key, max_body_bytes=args.max_body_bytes,
-                     stream_interval_s=args.stream_interval_ms / 1000)
-    if not is_loopback(args.host) and args.api_key is None:
-        log.warning("listening on %s without --api-key: anyone who can reach this address can use the model; "
-                    "pass --api-key (and put it behind HTTPS)", args.host)
-    try:
+    try:  # the engine processes must not outlive a failure here
+        if args.workers > 1:  # the first replica has logged the warnings about the model
+            with _quiet(logging.getLogger("palm_rlhf")):
+                loaded = load_for_inference(args.model, tokenizer=args.tokenizer, weights=False)
+        app = create_app(engine, loaded.tokenizer, model_name=loaded.name, template=loaded.template,
+                         api_key=args.api_key, max_body_bytes=args.max_body_bytes,
+                         stream_interval_s=args.stream_interval_ms / 1000)
         sock = bind(args.host, args.port)
     except BaseException:
         engine.stop()
         raise
+    if not is_loopback(args.host) and args.api_key is None:
+        log.warning("listening on %s without --api-key: anyone who can reach this address can use the model; "
+                    "pass --api-key (and put it behind HTTPS)", args.host)
     print(f"serving {loaded.name} on {url_of(sock)}/v1 (max batch {args.max_batch}, context "
           f"{args.context}); Ctrl-C stops it", flush=True)
     serve(app, sock)
     return 0
+
+
+@contextlib.contextmanager
+def _quiet(logger):
+    """Only errors from `logger` inside the block."""
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)

@@ -42,11 +42,14 @@ _ERRORS = {cls.__name__: cls for cls in (ConfigError, CheckpointError, DataError
 
 @dataclass(frozen=True)
 class Source:
-    """What the child loads (see `loading.load_for_inference`) and how many torch threads it uses."""
+    """What the child loads (see `loading.load_for_inference`), how many torch threads it uses, and
+    the level it logs at (the CLI's format; a pool's later replicas log errors only, so that a
+    warning about the model shows once)."""
     model: Path
     adapter: Path | None = None
     tokenizer: str | None = None
     threads: int = 0
+    log_level: int = logging.WARNING
 
 
 class RemoteRequest:
@@ -275,6 +278,7 @@ class _Tag:
 def _child(commands, events, source: Source, options: dict) -> None:
     """The engine process: load, report ready (or the error), then serve commands until told to stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the parent stops us
+    logging.basicConfig(level=source.log_level, format="%(levelname)s %(name)s: %(message)s")
     from .loading import load_for_inference, set_threads
 
     try:

@@ -212,3 +212,22 @@ def test_workers_must_be_positive(model_dir):
     out = subprocess.run([sys.executable, "-m", "palm_rlhf", "serve", str(model_dir), "--workers", "0"],
                          capture_output=True, text=True, cwd=ROOT)
     assert out.returncode != 0 and "--workers must be at least 1, got 0" in out.stderr
+
+
+def test_workers_stop_when_the_port_is_taken(model_dir):
+    """The engine processes have loaded when the port turns out to be taken: the command still
+    ends at once with one error line (the replicas are stopped, not left behind), and what the
+    processes logged about the model appears once."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = subprocess.run([sys.executable, "-m", "palm_rlhf", "serve", str(model_dir), "--workers", "2",
+                              "--port", str(port)], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and lines[-1].startswith("error: cannot listen") and str(port) in lines[-1]
+    assert "Traceback" not in out.stderr
+    # the model's warnings once, from the first replica, not once per process
+    assert sum("has no tokenizer_config.json" in line for line in lines) == 1
