@@ -52,6 +52,16 @@ class Source:
     log_level: int = logging.WARNING
 
 
+@dataclass
+class _Open:
+    """A request the engine process has not finished (the parent's view)."""
+    sink: object
+    n: int
+    max_tokens: int
+    left: int             # choices not finished
+    queued: bool = True   # until its first event (its prefill)
+
+
 class RemoteRequest:
     def __init__(self, owner: "EngineProcess", rid: int):
         self.owner, self.rid, self.cancelled = owner, rid, False
@@ -72,11 +82,7 @@ class EngineProcess:
         self.dispatch = None  # as Engine.dispatch; None: each sink(event)
         self.steps = self.active_rows = 0
         self.lock = threading.Lock()
-        self.sinks: dict[int, object] = {}   # open requests
-        self.queued: dict[int, int] = {}     # id -> rows, until the request's first event
-        self.left: dict[int, int] = {}       # id -> choices not finished yet
-        self.budget: dict[int, int] = {}     # id -> max_tokens of each of its choices
-        self.outstanding = 0                 # tokens the open choices may still take (the pool's load)
+        self.open: dict[int, _Open] = {}   # id -> a request the child has not finished
         self.ids = itertools.count()
         self.exit_message: str | None = None  # set when the child has gone
 
@@ -132,16 +138,19 @@ class EngineProcess:
             check_queue(self.queued_rows(), n, self.max_queue)
             request = RemoteRequest(self, next(self.ids))
             if self.exit_message is None and self._send(("submit", request.rid, list(prompt), params, n)):
-                self.sinks[request.rid], self.queued[request.rid], self.left[request.rid] = sink, n, n
-                self.budget[request.rid] = params.max_tokens
-                self.outstanding += n * params.max_tokens
+                self.open[request.rid] = _Open(sink, n, params.max_tokens, left=n)
                 return request
             message = self.exit_message or "the engine process has gone; restart the server"
         self._deliver([(sink, Failure(message))])
         return request
 
     def queued_rows(self) -> int:
-        return sum(list(self.queued.values()))  # list(): one step under the GIL while the reader thread edits
+        return sum(o.n for o in list(self.open.values()) if o.queued)  # list(): the reader thread edits
+
+    @property
+    def outstanding(self) -> int:
+        """Tokens the open choices may still take (the pool's measure of load)."""
+        return sum(o.left * o.max_tokens for o in list(self.open.values()))
 
     # ------------------------------------------------------------------ internals
 
@@ -155,19 +164,8 @@ class EngineProcess:
 
     def _cancel(self, rid: int) -> None:
         with self.lock:
-            if self.sinks.pop(rid, None) is not None:
-                self.queued.pop(rid, None)
-                self._close(rid, 0)
+            if self.open.pop(rid, None) is not None:
                 self._send(("cancel", rid))
-
-    def _close(self, rid: int, left: int) -> int:
-        """Request `rid` now has `left` open choices (the lock held); returns it."""
-        self.outstanding -= (self.left[rid] - left) * self.budget[rid]
-        if left:
-            self.left[rid] = left
-        else:
-            del self.left[rid], self.budget[rid]
-        return left
 
     def _read(self) -> None:
         while True:
@@ -176,13 +174,16 @@ class EngineProcess:
             except (EOFError, OSError):
                 break
             self.steps, self.active_rows = steps, active
+            items = []
             with self.lock:
-                items = [(self.sinks[rid], event) for rid, event in events if rid in self.sinks]
-                for rid, event in events:  # cancelled ones (gone from sinks) were on their way
-                    if rid in self.sinks:
-                        self.queued.pop(rid, None)
-                        if self._close(rid, _left_after(self.left[rid], event)) == 0:
-                            del self.sinks[rid]
+                for rid, event in events:
+                    request = self.open.get(rid)
+                    if request is None:
+                        continue  # cancelled while the event was on its way
+                    items.append((request.sink, event))
+                    request.queued, request.left = False, _left_after(request.left, event)
+                    if not request.left:
+                        del self.open[rid]
             self._deliver(items)
         self._gone()
 
@@ -193,9 +194,8 @@ class EngineProcess:
         with self.lock:
             self.exit_message = ("the engine process stopped" if code == 0 else
                                  f"the engine process exited unexpectedly (exit code {code}); restart the server")
-            open_sinks, self.sinks, self.queued, self.left, self.budget = list(self.sinks.values()), {}, {}, {}, {}
-            self.outstanding = 0
-            self.active_rows = 0
+            open_sinks = [request.sink for request in self.open.values()]
+            self.open, self.active_rows = {}, 0
         if code != 0:
             log.error(self.exit_message)
         self._deliver([(sink, Failure(self.exit_message)) for sink in open_sinks])

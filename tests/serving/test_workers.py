@@ -111,10 +111,18 @@ def test_a_dead_replica_fails_its_requests_and_later_ones(model_dir):
 def test_the_queue_limit_holds_across_the_process(model_dir):
     from palm_rlhf.serving import QueueFull
 
-    engine = EngineProcess(Source(model_dir, threads=1), context=512, max_batch=1, max_queue=2)
-    engine.queued[0] = 2  # two rows waiting for their prefill
-    with pytest.raises(QueueFull, match="the limit is 2"):
-        engine.submit(list(b"x"), Params(max_tokens=4), 1, Collect())
+    engine = EngineProcess(Source(model_dir, threads=1), context=512, max_batch=1, max_queue=2).start()
+    try:
+        running = Collect()
+        engine.submit(list(b"a long one"), Params(max_tokens=400, temperature=1.0, seed=1), 1, running)
+        assert until(lambda: engine.active_rows == 1)
+        for _ in range(2):  # no room in a batch of one: they wait for their prefill
+            engine.submit(list(b"waits"), Params(max_tokens=4), 1, Collect())
+        assert engine.queued_rows() == 2
+        with pytest.raises(QueueFull, match="2 rows are waiting .the limit is 2."):
+            engine.submit(list(b"x"), Params(max_tokens=4), 1, Collect())
+    finally:
+        engine.stop()
 
 
 def test_events_are_deltas_in_order(model_dir):
