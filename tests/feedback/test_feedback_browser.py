@@ -136,3 +136,18 @@ def test_xss_payloads_render_as_text(browser, tmp_path, server_factory):
     page.screenshot(path=str(ARTIFACTS / "xss-inert.png"), full_page=True)
     assert dialogs == []
     page.close()
+
+
+def test_page_is_ready_only_once_its_keys_work(browser, tmp_path, server_factory):
+    # the server renders "loading"; app.js says "ready" after adding its key handler, so a test
+    # (or a quick rater) that waits for "ready" never presses a key nobody listens to yet
+    write_raters(tmp_path / "raters.txt", ["alice"])
+    server = server_factory(tmp_path / "f.sqlite", tmp_path / "raters.txt")
+    context = browser.new_context(java_script_enabled=False)
+    page = context.new_page()
+    assert page.goto(server.url + "/").status == 401
+    page.fill("#token", TOKENS["alice"])
+    page.click("button.primary")
+    page.wait_for_selector("#completion-a")
+    assert page.get_attribute("body", "data-state") == "loading"
+    context.close()

@@ -110,5 +110,7 @@
     }
   });
 
+  // the page says "ready" only now that the keys work (a key pressed earlier would be lost)
+  document.body.dataset.state = form.hidden ? "waiting" : "ready";
   if (form.hidden) setTimeout(poll, 1000);
 })();
