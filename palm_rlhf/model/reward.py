@@ -8,7 +8,9 @@ checkpoints load unchanged. Behaviour fixed on purpose (see docs/reward.md):
   deterministic number, unless ``sample_from_bins=True`` is asked for explicitly (the seed
   sampled a random bin by default, so the same response got different rewards);
 * ``pooling='response_mean'`` (default) averages the response tokens only, ``'last'`` takes the
-  last non-pad token, ``'mean'`` is the seed's mean over prompt *and* response;
+  last non-pad token, ``'response_mean_last'`` adds the two (the mean sees every response token,
+  the last token is where the response ends), ``'mean'`` is the seed's mean over prompt *and*
+  response;
 * the caller's PaLM is deep-copied before dropout is set or a LoRA scope is added, so the
   model passed in is never modified.
 """
@@ -29,7 +31,7 @@ from ..files import load_state_dict_file
 from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, build_palm, load_into, palm_config, read_config, write_pretrained
 from .palm import PaLM
 
-POOLINGS = ("response_mean", "last", "mean")
+POOLINGS = ("response_mean", "last", "response_mean_last", "mean")
 
 
 class _SqueezeLast(nn.Module):
@@ -176,7 +178,11 @@ class RewardModel(nn.Module):
         embeds = self.palm.embed(x, finetune_scope=self.reward_lora_scope, disable_lora=disable_lora,
                                  extra_embed=extra_embed, positions=positions)
         # a row with an empty response pools to zeros: its reward is the head's bias
-        return self.to_pred(masked_mean(embeds, counted[..., None], dim=1))
+        pooled = masked_mean(embeds, counted[..., None], dim=1)
+        if self.pooling == "response_mean_last":  # kept positions come first: the last is at count - 1
+            last = (counted.sum(-1) - 1).clamp(min=0)
+            pooled = pooled + embeds[torch.arange(len(last), device=x.device), last] * counted.any(-1)[:, None]
+        return self.to_pred(pooled)
 
     def expected_rating(self, bin_logits: Tensor) -> Tensor:
         """sum_k softmax(logits)_k * k: bin k stands for rating k. (b, K) -> (b,)."""

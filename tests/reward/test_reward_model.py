@@ -188,7 +188,7 @@ def test_dropout_reaches_attention_of_the_copy_only():
     assert all(layer.fn.attn_dropout.p == 0.0 for layer in palm.layers)
 
 
-@pytest.mark.parametrize("pooling", ["response_mean", "last", "mean"])
+@pytest.mark.parametrize("pooling", ["response_mean", "last", "response_mean_last", "mean"])
 def test_pooling_reads_only_the_positions_it_needs_with_full_forward_gradients(pooling):
     """The head computes the last block only at the pooled positions (`PaLM.embed(positions=...)`);
     rewards and gradients equal pooling the full embeddings (a row with an empty response
@@ -202,9 +202,12 @@ def test_pooling_reads_only_the_positions_it_needs_with_full_forward_gradients(p
 
     def reference():
         emb = rm.palm.embed(x, finetune_scope="reward", extra_embed=extra)
-        keep = {"mean": mask, "response_mean": mask & ~prompt_mask,
-                "last": torch.nn.functional.one_hot(torch.tensor([9, 6, 3]), 10).bool()}[pooling]
+        last = torch.nn.functional.one_hot(torch.tensor([9, 6, 3]), 10).bool()
+        keep = {"mean": mask, "response_mean": mask & ~prompt_mask, "last": last,
+                "response_mean_last": mask & ~prompt_mask}[pooling]
         pooled = (emb * keep[..., None]).sum(1) / keep.sum(1, keepdim=True).clamp(min=1)
+        if pooling == "response_mean_last":  # plus the last response token (none in the empty row 1)
+            pooled = pooled + (emb * (last & keep)[..., None]).sum(1)
         return rm.to_pred(pooled)
 
     def grads(fn):
