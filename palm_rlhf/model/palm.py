@@ -268,7 +268,7 @@ class PaLM(nn.Module):
                     or positions.shape[0] != tokens.shape[0]:
                 raise InputError(f"positions must be an integer (b, T) tensor with b = {tokens.shape[0]}; got "
                                  f"{positions.dtype} {tuple(positions.shape)}")
-            if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= tokens.shape[1]):
+            if bool(((positions < 0) | (positions >= tokens.shape[1])).any()):  # one host sync, not two
                 raise InputError(f"positions must lie in [0, {tokens.shape[1]}) for sequences of "
                                  f"{tokens.shape[1]} tokens")
             positions = positions.long()
