@@ -8,8 +8,9 @@ the policy's own preference accuracy (log p(chosen) > log p(rejected)), and its 
 `kl_ref`, KL(policy || reference) in nats per sequence, measured on completions the policy
 samples (temperature 1, no filter) for the first `kl_samples` held-out prompts: the summed
 log-ratio of each sampled response (`palm_rlhf.rl.kl.sequence_kl`, the k1 estimator: unbiased).
-Past `kl_budget` it warns, and with `stop_at_kl_budget` it ends the run there (final/ is the
-policy at that evaluation). The learning rate warms up linearly, then decays (cosine) to
+Past `kl_budget` it warns, and with `stop_at_kl_budget` it ends the run there: the checkpoint
+holds the policy that passed the budget, final/ the last one measured within it (the starting
+policy if the first evaluation was already over). The learning rate warms up linearly, then decays (cosine) to
 `lr * min_lr_ratio` at `max_steps`, like every other trainer (`runtime.optim.build_scheduler`).
 The policy learns with dropout off (step 1 on a fresh scope has loss ln 2 exactly).
 """
@@ -143,6 +144,8 @@ class DPOTrainer(OnRun):
         self.run.stepper(self.model, self.optimizer, self.scheduler, clip_grad_norm=c.max_grad_norm or 0.0,
                          precision=c.precision)
         self.stop_requested, self.over_budget_since = False, None
+        # the last policy measured within kl_budget (a fresh run's start: KL 0), kept for final/
+        self.within_budget = self._snapshot(0, 0.0) if c.stop_at_kl_budget else None
         self.run.start(self)
         return self
 
@@ -247,7 +250,14 @@ class DPOTrainer(OnRun):
                             c.kl_budget, "; stopping here (stop_at_kl_budget=true)" if c.stop_at_kl_budget else
                             "; lower lr or max_steps, raise beta, or set stop_at_kl_budget=true to stop at the budget")
             self.stop_requested = c.stop_at_kl_budget and kl.over(c.kl_budget)
+            if c.stop_at_kl_budget and not kl.over(c.kl_budget):
+                self.within_budget = self._snapshot(step, kl.mean)
         return row
+
+    def _snapshot(self, step: int, kl_ref: float) -> dict:
+        scope = self.model.finetune_modules[self.config.actor_scope]
+        return {"step": step, "kl_ref": kl_ref,
+                "trainable": {k: v.detach().clone() for k, v in scope.state_dict().items()}}
 
     @torch.no_grad()
     def measure_kl(self, records=None, seed: int = 0) -> SequenceKL | None:
@@ -297,20 +307,37 @@ class DPOTrainer(OnRun):
 
     def state_dict(self) -> dict:
         return {"trainable": dict(self.model.finetune_modules[self.config.actor_scope].state_dict()),
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "within_budget": self.within_budget}
 
     def load_state_dict(self, state: dict, directory: Path) -> None:
         self.model.finetune_modules[self.config.actor_scope].load_state_dict(state["trainable"])
         self.optimizer.load_state_dict(state["optimizer"])
         if "scheduler" in state:  # checkpoints written before DPO had a schedule have none
             self.scheduler.load_state_dict(state["scheduler"])
+        if self.config.stop_at_kl_budget:  # None from a run without the stop: nothing measured within yet
+            self.within_budget = state.get("within_budget")
 
     def saveable(self, final: bool = False):
+        if final and self.stop_requested:
+            self._roll_back_to_budget()
         return MergedAdapter(self.model, self.config.actor_scope)
+
+    def _roll_back_to_budget(self) -> None:
+        """At a stop over kl_budget, the actor scope goes back to the last policy measured within it."""
+        kept, c = self.within_budget, self.config
+        if kept is None:
+            log.warning("dpo: no policy of this run was measured within kl_budget=%g (resumed past it); final/ "
+                        "holds step %d's", c.kl_budget, self.step)
+            return
+        self.model.finetune_modules[c.actor_scope].load_state_dict(kept["trainable"])
+        self.final_policy_step = kept["step"]
+        log.info("dpo: final/ holds step %d's policy (kl_ref %.2f, within kl_budget=%g); step %d's passed the "
+                 "budget and is in the checkpoint", kept["step"], kept["kl_ref"], c.kl_budget, self.step)
 
     def final_record(self) -> dict:
         return {"scope": self.config.actor_scope, "actor_adapter": self.config.actor_adapter,
-                "loss_type": self.config.loss_type}
+                "loss_type": self.config.loss_type, "policy_step": getattr(self, "final_policy_step", self.step)}
 
     def cleanup(self) -> None:
         self.run.close()

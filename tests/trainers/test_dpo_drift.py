@@ -5,11 +5,13 @@ import json
 import logging
 
 import pytest
+import torch
 
 from palm_rlhf.data.synthetic import rule_preference_pairs
 from palm_rlhf.data.tokenizer import ByteTokenizer
 from palm_rlhf.errors import ConfigError
 from palm_rlhf.model import PaLM
+from palm_rlhf.model.checkpoint import load_adapter
 from palm_rlhf.runtime.optim import warmup_cosine
 from palm_rlhf.trainers.dpo import DPOConfig, DPOTrainer
 from rl_fixtures import pretrained_tiny_state, tiny_model  # noqa: F401
@@ -76,3 +78,50 @@ def test_budget_warns_and_stop_at_kl_budget_ends_the_run(tmp_path, tiny_model, p
     assert [row["step"] for row in history] == [1, 2, 3]  # stopped at the first eval over budget
     run = json.loads((tmp_path / "stop" / "dpo" / "final" / "run.json").read_text())
     assert run["steps"] == 3
+    assert run["policy_step"] == 0  # the first evaluation was already over: final/ is the start policy
+    assert stop.measure_kl(seed=0).mean == 0.0  # the trainer's model too: a fresh scope is its reference
+    assert _scope(tmp_path / "stop" / "dpo" / "final", config, state) == pytest.approx(
+        _scope(None, config, state, fresh=stop))
+
+
+def _scope(adapter, config, state, fresh=None) -> list:
+    """The actor scope's weights, flattened: of an adapter directory loaded into the base, or of a
+    scope as a fresh run starts it (`fresh`: a trainer whose config gives the scope's rank)."""
+    model = PaLM(**config)
+    model.load_state_dict(state)
+    if adapter is not None:
+        load_adapter(model, adapter / "adapter.safetensors", scope="actor")
+    else:
+        torch.manual_seed(fresh.config.seed)
+        model.add_finetune_params("actor", lora_r=fresh.config.lora_r, lora_alpha=fresh.config.lora_alpha)
+    return torch.cat([v.flatten() for _, v in sorted(model.finetune_modules["actor"].state_dict().items())]).tolist()
+
+
+def test_stop_at_kl_budget_keeps_the_last_policy_within_it_and_resumes_with_it(tmp_path, pretrained_tiny_state):
+    config, state = pretrained_tiny_state
+
+    def model():
+        m = PaLM(**config)
+        m.load_state_dict(state)
+        return m
+
+    # the same run without a budget gives the kl_ref of each evaluation; the budget goes between two
+    free = make(tmp_path / "free", model(), max_steps=9, save_every=3, keep_last=3)
+    kl = {row["step"]: row["kl_ref"] for row in free.train() if "kl_ref" in row}
+    free.cleanup()
+    assert kl[3] < min(kl[6], kl[9]), kl
+    budget = (kl[3] + min(kl[6], kl[9])) / 2  # step 3 within, steps 6 and 9 over
+    stop = make(tmp_path / "stop", model(), max_steps=9, save_every=3, kl_budget=budget, stop_at_kl_budget=True)
+    assert [row["step"] for row in stop.train()][-1] == 6  # stopped at the first evaluation over the budget
+    stop.cleanup()
+    run_dir = tmp_path / "stop" / "dpo"
+    step3 = _scope(tmp_path / "free" / "dpo" / "checkpoints" / "step_00000003", config, state)
+    assert _scope(run_dir / "final", config, state) == step3  # final/: the policy measured within it
+    assert _scope(run_dir / "checkpoints" / "step_00000006", config, state) != step3  # the checkpoint: where it stopped
+    assert json.loads((run_dir / "final" / "run.json").read_text())["policy_step"] == 3
+
+    # rerunning the command resumes from step 6, trains on and stops at 9 (still over): final/ is step 3's again
+    again = make(tmp_path / "stop", model(), max_steps=9, save_every=3, kl_budget=budget, stop_at_kl_budget=True)
+    assert [row["step"] for row in again.train()] == [7, 8, 9]
+    again.cleanup()
+    assert _scope(run_dir / "final", config, state) == step3
