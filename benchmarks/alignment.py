@@ -380,7 +380,7 @@ def main() -> None:
     p.add_argument("--pretrain-steps", type=int, default=300)  # the tiny-stdlib preset's own
     p.add_argument("--rm-steps", type=int, default=2000)       # the bound (the preset's max_steps: 300)
     p.add_argument("--rl-steps", type=int, default=200)        # configs/rl/{ppo,grpo}.yaml's
-    p.add_argument("--dpo-steps", type=int, default=500)       # configs/rl/dpo.yaml's
+    p.add_argument("--dpo-steps", type=int, default=2000)      # configs/rl/dpo.yaml's
     p.add_argument("--pairs", type=int, default=4096, help="prompts sampled for training pairs")
     p.add_argument("--samples-per-prompt", type=int, default=4,
                    help="training pairs drawn per training prompt (held-out prompts: one pair each)")

@@ -55,8 +55,8 @@ class DPOConfig(RunSettings):
     heldout_fraction: float = 0.1    # share of `data` held out when heldout is empty
     tokenizer: str | None = None         # None: the tokenizer saved with `model`
     eos_token: int | None = None         # closes every response; None: the tokenizer's EOS id
-    batch_size: int = 16                 # pairs per optimizer step (global; a multiple of the processes)
-    lr: float = 2e-4                 # learning rate of the actor scope
+    batch_size: int = 64                 # pairs per optimizer step (global; a multiple of the processes)
+    lr: float = 1e-3                 # learning rate of the actor scope (configs/rl/dpo.yaml: why)
     weight_decay: float = 0.0        # AdamW weight decay
     beta: float = 1.0                # strength of the KL to the reference (higher: closer; configs/rl/dpo.yaml: why)
     loss_type: str = "sigmoid"           # sigmoid (DPO) | ipo
