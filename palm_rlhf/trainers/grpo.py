@@ -22,6 +22,7 @@ from .rl_base import RLRunConfig, RLTrainerBase
 @dataclass
 class GRPOConfig(RLRunConfig):
     out_dir: str = "runs/grpo"
+    lr: float = 5e-4                 # actor learning rate (configs/rl/grpo.yaml: why)
     group_size: int = 8              # samples per prompt (one group)
     clip_eps: float = 0.2            # ratio clip (low side, and high unless clip_eps_high)
     clip_eps_high: float | None = None  # upper ratio clip, e.g. 0.28 (DAPO); null: clip_eps
