@@ -307,19 +307,22 @@ def adapter_exists(run: Path) -> bool:
 
 @torch.no_grad()
 def dpo_accuracy(model, tok, records) -> float:
-    """Held-out implicit-reward accuracy: log-ratio of chosen > log-ratio of rejected."""
+    """Held-out implicit-reward accuracy as the DPO trainer computes it: the summed log-ratio
+    (policy vs reference) of chosen + EOS above that of rejected + EOS (`encode_pair`)."""
     from palm_rlhf.rl.collect import right_pad
     from palm_rlhf.rl.rollout import pack_sequences, response_log_probs
+    from palm_rlhf.trainers.dpo import DPOConfig, encode_pair
 
-    def ratio(responses):
-        prompts = [torch.tensor(tok.encode(r.prompt)) for r in records]
-        rows = [torch.tensor(tok.encode(x)) for x in responses]
-        resp, lengths = right_pad(rows)
+    rows = [encode_pair(r, tok, DPOConfig().max_len) for r in records]
+
+    def ratio(side: int):
+        prompts = [torch.tensor(row[side][0]) for row in rows]
+        resp, lengths = right_pad([torch.tensor(row[side][1]) for row in rows])
         packed = pack_sequences(*right_pad(prompts), resp, torch.arange(resp.shape[1]) < lengths[:, None])
         pol, _ = response_log_probs(model, packed, finetune_scope="actor")
         ref, _ = response_log_probs(model, packed, disable_lora=True)
         return (pol - ref).sum(-1)
-    return float((ratio([r.chosen for r in records]) > ratio([r.rejected for r in records])).float().mean())
+    return float((ratio(0) > ratio(1)).float().mean())
 
 
 # ---------------------------------------------------------------- report
