@@ -8,9 +8,8 @@ checkpoints load unchanged. Behaviour fixed on purpose (see docs/reward.md):
   deterministic number, unless ``sample_from_bins=True`` is asked for explicitly (the seed
   sampled a random bin by default, so the same response got different rewards);
 * ``pooling='response_mean'`` (default) averages the response tokens only, ``'last'`` takes the
-  last non-pad token, ``'response_mean_last'`` adds the two (the mean sees every response token,
-  the last token is where the response ends), ``'mean'`` is the seed's mean over prompt *and*
-  response;
+  last non-pad token, ``'response_mean_last'`` adds the two, ``'mean'`` is the seed's mean over
+  prompt *and* response;
 * the caller's PaLM is deep-copied before dropout is set or a LoRA scope is added, so the
   model passed in is never modified.
 """
@@ -177,11 +176,10 @@ class RewardModel(nn.Module):
         positions, counted = self._pooled_positions(x, mask, prompt_mask)
         embeds = self.palm.embed(x, finetune_scope=self.reward_lora_scope, disable_lora=disable_lora,
                                  extra_embed=extra_embed, positions=positions)
-        # a row with an empty response pools to zeros: its reward is the head's bias
-        pooled = masked_mean(embeds, counted[..., None], dim=1)
-        if self.pooling == "response_mean_last":  # kept positions come first: the last is at count - 1
-            last = (counted.sum(-1) - 1).clamp(min=0)
-            pooled = pooled + embeds[torch.arange(len(last), device=x.device), last] * counted.any(-1)[:, None]
+        pooled = masked_mean(embeds, counted[..., None], dim=1)  # an empty response: zeros, the head's bias
+        if self.pooling == "response_mean_last":  # plus the last kept position (kept ones come first)
+            last = (counted.sum(-1) - 1).clamp(min=0)[:, None, None].expand(-1, 1, embeds.shape[-1])
+            pooled = pooled + embeds.gather(1, last).squeeze(1) * counted.any(-1)[:, None]
         return self.to_pred(pooled)
 
     def expected_rating(self, bin_logits: Tensor) -> Tensor:
