@@ -10,8 +10,9 @@ samples (temperature 1, no filter) for the first `kl_samples` held-out prompts: 
 log-ratio of each sampled response (`palm_rlhf.rl.kl.sequence_kl`, the k1 estimator: unbiased).
 Past `kl_budget` it warns, and with `stop_at_kl_budget` it ends the run there: the checkpoint
 holds the policy that passed the budget, final/ the last one measured within it (the starting
-policy if the first evaluation was already over). The learning rate warms up linearly, then decays (cosine) to
-`lr * min_lr_ratio` at `max_steps`, like every other trainer (`runtime.optim.build_scheduler`).
+policy if the first evaluation was already over). The learning rate warms up linearly, then
+decays (cosine) to `lr * min_lr_ratio` at `max_steps`, like every other trainer
+(`runtime.optim.build_scheduler`).
 The policy learns with dropout off (step 1 on a fresh scope has loss ln 2 exactly).
 """
 
@@ -331,13 +332,17 @@ class DPOTrainer(OnRun):
                         "holds step %d's", c.kl_budget, self.step)
             return
         self.model.finetune_modules[c.actor_scope].load_state_dict(kept["trainable"])
-        self.final_policy_step = kept["step"]
         log.info("dpo: final/ holds step %d's policy (kl_ref %.2f, within kl_budget=%g); step %d's passed the "
                  "budget and is in the checkpoint", kept["step"], kept["kl_ref"], c.kl_budget, self.step)
 
     def final_record(self) -> dict:
         return {"scope": self.config.actor_scope, "actor_adapter": self.config.actor_adapter,
-                "loss_type": self.config.loss_type, "policy_step": getattr(self, "final_policy_step", self.step)}
+                "loss_type": self.config.loss_type, "policy_step": self._final_policy_step()}
+
+    def _final_policy_step(self) -> int:
+        """The step whose policy final/ holds: the kept one after a stop over the budget."""
+        rolled_back = self.stop_requested and self.within_budget is not None
+        return self.within_budget["step"] if rolled_back else self.step
 
     def cleanup(self) -> None:
         self.run.close()
