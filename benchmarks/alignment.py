@@ -4,13 +4,14 @@
     nice -n 5 python benchmarks/alignment.py                   # the presets' own step counts, 3 seeds
     python benchmarks/alignment.py --rm-steps 2000 --jobs 9    # the issue-19 targets, parallel runs
 
-Per pretrain preset (configs/pretrain/tiny-stdlib.yaml) the model is pretrained once and cached
-(`--cache`, default /tmp/palm-rlhf-cache/alignment). For each hidden rule, pairs of completions
-sampled from it are labelled by the rule (ties dropped); held-out pairs come from prompts never
-used for training. Then for each seed, exactly as a user would, through the CLI with nothing but
+The policy's base (configs/pretrain/tiny-stdlib.yaml) and the reward model's (`--rm-base`, default
+configs/pretrain/small-stdlib.yaml: a 0.2M-parameter RM does not hold the word rule) are pretrained
+once and cached (`--cache`, default /tmp/palm-rlhf-cache/alignment). For each hidden rule, pairs of
+completions sampled from the policy's base are labelled by the rule (ties dropped); held-out pairs
+come from prompts never used for training. Then for each seed, exactly as a user would, through the CLI with nothing but
 the shipped preset, paths, a step count, the seed and the response length:
 
-    reward train --config pairwise     -> held-out pairwise accuracy
+    reward train --config pairwise (model = the RM base)  -> held-out pairwise accuracy
     ppo  --config ppo  (reward_model = that RM)   -> mean reward gain (rule and RM) and KL
     grpo --config grpo (reward_model = that RM)   -> the same
     dpo  --config dpo                   -> held-out implicit-reward accuracy and KL
@@ -30,6 +31,7 @@ The rules are this file's own (the issue keeps its rules private; these are not 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import keyword
 import math
@@ -56,37 +58,44 @@ KEYWORDS = set(keyword.kwlist) | {"self", "None", "True", "False"}
 # ---------------------------------------------------------------- hidden rules
 
 
-def vowel_rule(text: str) -> float:
-    return sum(c in "aeiou" for c in text) / len(text) if text else 0.0
+def balanced_line(line: str) -> bool:
+    """Brackets balance and no trailing whitespace."""
+    depth = 0
+    for c in line:
+        depth += (c in "([{") - (c in ")]}")
+        if depth < 0:
+            return False
+    return depth == 0 and line == line.rstrip()
 
 
-def word_rule(text: str) -> float:
-    """Share of the whitespace-separated words that look like words: lowercase letters only, >= 3 long."""
-    words = text.split()
-    return sum(w.isalpha() and w.islower() and len(w) >= 3 for w in words) / len(words) if words else 0.0
+# Every rule is a share: the good units of a completion over its units (how it splits, what is good).
+UNITS = {
+    "vowel": (list, lambda c: c in "aeiou"),
+    "word": (str.split, lambda w: w.isalpha() and w.islower() and len(w) >= 3),
+    "format": (lambda text: text.split("\n"), balanced_line),
+    "keyword": (lambda text: re.findall(r"[A-Za-z_]+", text), KEYWORDS.__contains__),
+}
 
 
-def keyword_rule(text: str) -> float:
-    """Share of the words that are Python keywords (ties on most pairs of a barely trained model)."""
-    words = re.findall(r"[A-Za-z_]+", text)
-    return sum(w in KEYWORDS for w in words) / len(words) if words else 0.0
+def good_units(rule: str, text: str) -> tuple[int, int]:
+    """(good units, units) of `text` under `rule`."""
+    split, good = UNITS[rule]
+    units = split(text)
+    return sum(map(good, units)), len(units)
 
 
-def format_rule(text: str) -> float:
-    """Fraction of lines whose brackets balance and that carry no trailing whitespace."""
-    lines = text.split("\n")
-
-    def ok(line: str) -> bool:
-        depth = 0
-        for c in line:
-            depth += (c in "([{") - (c in ")]}")
-            if depth < 0:
-                return False
-        return depth == 0 and line == line.rstrip()
-    return sum(map(ok, lines)) / len(lines)
+def rule_score(rule: str, text: str) -> float:
+    good, n = good_units(rule, text)
+    return good / n if n else 0.0
 
 
-RULES = {"vowel": vowel_rule, "word": word_rule, "format": format_rule, "keyword": keyword_rule}
+def count_agrees(rule: str, record) -> bool:
+    """Does the COUNT of good units order the pair as the rule's share does? A score summed over the
+    response's tokens, like DPO's implicit reward, finds a count easier to express than a share."""
+    return good_units(rule, record.chosen)[0] > good_units(rule, record.rejected)[0]
+
+
+RULES = {rule: functools.partial(rule_score, rule) for rule in UNITS}
 
 
 # ---------------------------------------------------------------- helpers
@@ -111,11 +120,11 @@ def mean_se(values) -> tuple[float, float]:
     return statistics.fmean(values), se
 
 
-def pretrain(cache: Path, steps: int, threads: int) -> Path:
-    out = cache / f"pretrain-tiny-stdlib-{steps}"
+def pretrain(cache: Path, preset: str, steps: int, threads: int) -> Path:
+    out = cache / f"pretrain-{preset}-{steps}"
     if not (out / "final" / "config.json").is_file():
         out.mkdir(parents=True, exist_ok=True)
-        cli(["pretrain", "--config", "configs/pretrain/tiny-stdlib.yaml", f"out_dir={out}", f"max_steps={steps}",
+        cli(["pretrain", "--config", f"configs/pretrain/{preset}.yaml", f"out_dir={out}", f"max_steps={steps}",
              "progress=false"],
             cache / "pretrain.log", threads)
     return out
@@ -219,7 +228,7 @@ def adapter_of(run: Path) -> Path:
 # ---------------------------------------------------------------- one (rule, seed) job
 
 
-def job(pre: Path, rule: str, seed: int, work: Path, args, threads: int) -> dict:
+def job(pre: Path, rm_pre: Path, rule: str, seed: int, work: Path, args, threads: int) -> dict:
     from palm_rlhf.data.preferences import read_preferences
     from palm_rlhf.model.checkpoint import load_adapter
     from palm_rlhf.model.reward import RewardModel
@@ -232,7 +241,7 @@ def job(pre: Path, rule: str, seed: int, work: Path, args, threads: int) -> dict
     common = [f"seed={seed}", "progress=false"]
     rm_dir = work / "rm"
     if not (rm_dir / "final").is_dir():
-        cli(["reward", "train", "--config", "configs/reward/pairwise.yaml", f"model={pre / 'final'}",
+        cli(["reward", "train", "--config", "configs/reward/pairwise.yaml", f"model={rm_pre / 'final'}",
              f"data={data / 'train.jsonl'}", f"val_data={data / 'val.jsonl'}", f"out_dir={rm_dir}",
              f"max_steps={args.rm_steps}", *common], log, threads)
     rm = RewardModel.from_pretrained(rm_dir / "final", dropout=0.0).eval()
@@ -274,7 +283,12 @@ def job(pre: Path, rule: str, seed: int, work: Path, args, threads: int) -> dict
                "rule_gain_se": math.hypot(rule_after[1], rule_before[1]),
                "rm_gain_se": math.hypot(rm_after[1], rm_before[1]), "sample": texts[0]}
         if algo == "dpo":
-            row["heldout_accuracy"] = dpo_accuracy(model, tok, val)
+            right = dpo_correct(model, tok, val)
+            agrees = torch.tensor([count_agrees(rule, r) for r in val])
+            row["heldout_accuracy"] = float(right.float().mean())
+            # [right, pairs] where a count of good units orders the pair as the share does, then where not
+            row["count_split"] = [int(right[agrees].sum()), int(agrees.sum()), int(right[~agrees].sum()),
+                                  int((~agrees).sum())]
             row["curve"] = curve(out, "heldout_reward_accuracy")
             row["kl_curve"] = curve(out, "kl_ref")
         result[algo] = row
@@ -306,8 +320,8 @@ def adapter_exists(run: Path) -> bool:
 
 
 @torch.no_grad()
-def dpo_accuracy(model, tok, records) -> float:
-    """Held-out implicit-reward accuracy as the DPO trainer computes it: the summed log-ratio
+def dpo_correct(model, tok, records) -> torch.Tensor:
+    """Per pair, right under the DPO trainer's held-out implicit-reward accuracy: the summed log-ratio
     (policy vs reference) of chosen + EOS above that of rejected + EOS (`encode_pair`)."""
     from palm_rlhf.rl.collect import right_pad
     from palm_rlhf.rl.rollout import pack_sequences, response_log_probs
@@ -322,7 +336,7 @@ def dpo_accuracy(model, tok, records) -> float:
         pol, _ = response_log_probs(model, packed, finetune_scope="actor")
         ref, _ = response_log_probs(model, packed, disable_lora=True)
         return (pol - ref).sum(-1)
-    return float((ratio(0) > ratio(1)).float().mean())
+    return ratio(0) > ratio(1)
 
 
 # ---------------------------------------------------------------- report
@@ -350,6 +364,11 @@ def report(results: list[dict], out: Path) -> str:
                             for r in rows) if algo == "dpo" else ""
             lines.append(f"| {rule} | {','.join(str(r['seed']) for r in rows)} | {acc} | {algo} | {gain} | "
                          f"{rm_gain} | {kl} | {dpo} |")
+    splits = [f"{r['rule']} seed {r['seed']}: {a}/{n} and {b}/{m}" for r in results
+              if "count_split" in r["dpo"] for a, n, b, m in [r["dpo"]["count_split"]]]
+    if splits:
+        lines += ["", "DPO held-out pairs right where the count of good units orders the pair as the share does, "
+                  "and where it does not: " + "; ".join(splits)]
     table = "\n".join(lines)
     (out / "table.md").write_text(table + "\n")
     try:
@@ -380,7 +399,9 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="few steps and pairs: a smoke run in minutes")
     p.add_argument("--rules", default="vowel,word,format")
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--pretrain-steps", type=int, default=300)  # the tiny-stdlib preset's own
+    p.add_argument("--pretrain-steps", type=int, default=300)  # the pretrain presets' own
+    p.add_argument("--rm-base", default="small-stdlib",
+                   help="pretrain preset of the reward model's base (same tokenizer as tiny-stdlib's)")
     p.add_argument("--rm-steps", type=int, default=2000)       # the issue's bound (the preset's max_steps: 300)
     p.add_argument("--rl-steps", type=int, default=200)        # configs/rl/{ppo,grpo}.yaml's
     p.add_argument("--dpo-steps", type=int, default=2000)      # configs/rl/dpo.yaml's
@@ -404,20 +425,21 @@ def main() -> None:
     threads = max(1, cores // max(1, args.jobs))
     print(f"torch {torch.__version__}, {cores} cores, {args.jobs} jobs x {threads} threads, "
           f"cuda={torch.cuda.is_available()}", flush=True)
-    pre = pretrain(cache, args.pretrain_steps, cores)
+    pre = pretrain(cache, "tiny-stdlib", args.pretrain_steps, cores)
+    rm_pre = pretrain(cache, args.rm_base, args.pretrain_steps, cores)
     rules, seeds = args.rules.split(","), [int(s) for s in args.seeds.split(",")]
     tag = f"p{args.pairs}x{args.samples_per_prompt}-h{args.heldout_pairs}-e{args.eval_prompts}-t{args.tokens}-b{args.prompt_bytes}"
     for rule in rules:
         print(f"{rule}: pairs {make_pairs(pre, rule, cache / f'{pre.name}-{tag}' / rule, args)}", flush=True)
-    runs = f"run-{args.rm_steps}-{args.rl_steps}-{args.dpo_steps}"
-    tasks = [(pre, rule, seed, cache / f"{pre.name}-{tag}" / rule / f"{runs}-s{seed}", args, threads)
+    runs = f"run-{args.rm_steps}-{args.rl_steps}-{args.dpo_steps}-rm-{args.rm_base}"
+    tasks = [(pre, rm_pre, rule, seed, cache / f"{pre.name}-{tag}" / rule / f"{runs}-s{seed}", args, threads)
              for rule in rules for seed in seeds]
     results = []
     # spawn, not fork: a forked child of a process that already ran torch ops can hang in its thread pool
     with ProcessPoolExecutor(max_workers=max(1, args.jobs), mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {pool.submit(job, *t): t for t in tasks}
         for future in as_completed(futures):
-            _, rule, seed, work, *_ = futures[future]
+            _, _, rule, seed, work, *_ = futures[future]
             try:
                 result = future.result()
             except Exception as e:  # one failed run must not hide the others' figures
