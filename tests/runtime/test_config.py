@@ -168,3 +168,19 @@ def test_config_help_inherits_the_parents_comment():
 
     rows = {key: (default, text) for key, _, default, text in config_help(Child)}
     assert rows["max_steps"] == (3, "steps in all")
+
+
+def test_small_stdlib_is_tiny_stdlib_wider_and_deeper():
+    """The reward model's base in benchmarks/alignment.py: the same corpus, tokenizer and schedule as
+    tiny-stdlib (so its reward model reads tiny-stdlib's text), a model 4.5x the parameters."""
+    from dataclasses import replace
+
+    from palm_rlhf.model import PaLM
+    from palm_rlhf.trainers.pretrain import PretrainConfig
+
+    tiny, small = load_config(PretrainConfig, "tiny-stdlib"), load_config(PretrainConfig, "small-stdlib")
+    assert (small.model.dim, small.model.depth) == (128, 4) and (tiny.model.dim, tiny.model.depth) == (64, 2)
+    assert replace(small, model=tiny.model, out_dir=tiny.out_dir) == tiny
+    params = {name: PaLM(num_tokens=256, dim=c.model.dim, depth=c.model.depth, heads=c.model.heads,
+                         dim_head=c.model.dim_head).num_parameters() for name, c in (("tiny", tiny), ("small", small))}
+    assert params["small"] == 901_760 and params["tiny"] < 250_000, params
