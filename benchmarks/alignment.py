@@ -295,7 +295,7 @@ def job(pre: Path, rm_pre: Path, rule: str, seed: int, work: Path, args, threads
         if algo == "dpo":
             margins = dpo_margins(model, tok, val)
             row["heldout_accuracy"] = float((margins > 0).float().mean())
-            train = read_preferences(data / "train.jsonl")[:1000]  # fitted as well as it generalises?
+            train = read_preferences(data / "train.jsonl")[:1000]  # (all of them under --quick): fits as it generalises?
             row["train_accuracy"] = float((dpo_margins(model, tok, train) > 0).float().mean())
             row["unit_fit"] = unit_fit(rule, val, margins)
             row["curve"] = curve(out, "heldout_reward_accuracy")
@@ -382,7 +382,7 @@ def report(results: list[dict], out: Path) -> str:
     if fits:
         lines += ["", "DPO's implicit reward against the rule's units: its margin (log-ratio, chosen minus rejected) "
                   "fitted on the pair's difference in good and in bad units, on the held-out pairs",
-                  "", "| rule | seed | train acc (1,000 pairs) | held-out acc | nats per good, bad unit | "
+                  "", "| rule | seed | train acc (first 1,000 pairs) | held-out acc | nats per good, bad unit | "
                   "fitted part's acc | R^2 | residual sd |", "| --- | --- | --- | --- | --- | --- | --- | --- |",
                   *fits]
     table = "\n".join(lines)
