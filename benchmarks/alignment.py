@@ -295,7 +295,7 @@ def job(pre: Path, rm_pre: Path, rule: str, seed: int, work: Path, args, threads
         if algo == "dpo":
             margins = dpo_margins(model, tok, val)
             row["heldout_accuracy"] = float((margins > 0).float().mean())
-            train = read_preferences(data / "train.jsonl")[:1000]  # (all of them under --quick): fits as it generalises?
+            train = read_preferences(data / "train.jsonl")[:1000]  # all of them under --quick
             row["train_accuracy"] = float((dpo_margins(model, tok, train) > 0).float().mean())
             row["unit_fit"] = unit_fit(rule, val, margins)
             row["curve"] = curve(out, "heldout_reward_accuracy")
