@@ -8,8 +8,8 @@ The policy's base (configs/pretrain/tiny-stdlib.yaml) and the reward model's (`-
 configs/pretrain/small-stdlib.yaml: a 0.2M-parameter RM does not hold the word rule) are pretrained
 once and cached (`--cache`, default /tmp/palm-rlhf-cache/alignment). For each hidden rule, pairs of
 completions sampled from the policy's base are labelled by the rule (ties dropped); held-out pairs
-come from prompts never used for training. Then for each seed, exactly as a user would, through the CLI with nothing but
-the shipped preset, paths, a step count, the seed and the response length:
+come from prompts never used for training. Then for each seed, exactly as a user would, through the
+CLI with nothing but the shipped preset, paths, a step count, the seed and the response length:
 
     reward train --config pairwise (model = the RM base)  -> held-out pairwise accuracy
     ppo  --config ppo  (reward_model = that RM)   -> mean reward gain (rule and RM) and KL
@@ -344,9 +344,9 @@ def dpo_margins(model, tok, records, chunk: int = 512) -> torch.Tensor:
         ref, _ = response_log_probs(model, packed, disable_lora=True)
         return (pol - ref).sum(-1)
 
-    margins = []
+    max_len, margins = DPOConfig().max_len, []
     for start in range(0, len(records), chunk):
-        rows = [encode_pair(r, tok, DPOConfig().max_len) for r in records[start:start + chunk]]
+        rows = [encode_pair(r, tok, max_len) for r in records[start:start + chunk]]
         margins.append(ratio(rows, 0) - ratio(rows, 1))
     return torch.cat(margins)
 
