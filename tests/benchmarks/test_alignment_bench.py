@@ -35,3 +35,25 @@ def test_unit_fit_recovers_a_per_unit_margin():
 
     noisy = margins + torch.tensor([(-1.0) ** i for i in range(len(pairs))])
     assert alignment.unit_fit("word", records, noisy)["r2"] < 1.0
+
+
+def test_label_puts_the_rules_choice_first_and_drops_ties():
+    prompts = ["p1", "p2", "p3"]
+    first = ["the cat sat", "x = 1", "one two"]
+    second = ["X.y z", "the end", "two one"]  # the last pair ties (both all good)
+    records = alignment.label("word", prompts, first, second)
+    assert [(r.prompt, r.chosen, r.rejected) for r in records] == [("p1", "the cat sat", "X.y z"),
+                                                                   ("p2", "the end", "x = 1")]
+    assert all(r.annotator == "rule:word" for r in records)
+
+
+def test_more_table_reports_accuracies_with_their_standard_errors():
+    result = {"rule": "word", "seed": 1, "rm_accuracy": 0.95,
+              "dpo": {"heldout_accuracy": 0.85, "train_accuracy": 0.92},
+              "more": {"held_more": {"n": 1600, "rm_accuracy": 0.975, "dpo_accuracy": 0.8},
+                       "train_new": {"n": 400, "rm_accuracy": 0.9, "dpo_accuracy": 0.75}}}
+    row = alignment.more_table([result])[-1]
+    # sqrt(p (1 - p) / n): 0.975 of 1,600 -> 0.0039, 0.8 of 1,600 -> 0.010, 0.75 of 400 -> 0.0217
+    assert row == ("| word | 1 | 0.950 | 0.975 ± 0.004 (1600) | 0.850 | 0.800 ± 0.010 | 0.920 | "
+                   "0.750 ± 0.022 (400) |")
+    assert alignment.more_table([{**result, "more": {}}]) == []  # results cached before these pairs existed
