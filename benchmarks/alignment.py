@@ -105,7 +105,21 @@ def unit_fit(rule: str, records, margins: torch.Tensor) -> dict:
     return {"per_good": float(coef[0]), "per_bad": float(coef[1]),
             "fit_accuracy": float((fitted > 0).double().mean()),
             "r2": float(1 - (y - fitted).pow(2).sum() / (y - y.mean()).pow(2).sum()),
-            "residual_sd": float((y - fitted).std())}
+            "residual_sd": float((y - fitted).std()), "residuals": (y - fitted).tolist()}
+
+
+def residual_agreement(results: list[dict]) -> list[str]:
+    """Per rule, the correlation between seeds of the unexplained part of DPO's held-out margins: near 0
+    if it is each run's own noise, near 1 if every run learns the same thing besides the rule."""
+    lines = []
+    for rule in dict.fromkeys(r["rule"] for r in results):
+        runs = [(r["seed"], r["dpo"]["unit_fit"]["residuals"]) for r in results
+                if r["rule"] == rule and "residuals" in r["dpo"].get("unit_fit", {})]
+        corrs = [f"seeds {a}-{b} {statistics.correlation(x, y):.2f}"
+                 for i, (a, x) in enumerate(runs) for b, y in runs[i + 1:]]
+        if corrs:
+            lines.append(f"- {rule}: " + ", ".join(corrs))
+    return ["", "The unexplained part's correlation between seeds (the same held-out pairs):", *lines] if lines else []
 
 
 RULES = {rule: functools.partial(rule_score, rule) for rule in UNITS}
@@ -461,7 +475,7 @@ def report(results: list[dict], out: Path) -> str:
                   "fitted on the pair's difference in good and in bad units, on the held-out pairs",
                   "", "| rule | seed | train acc (first 1,000 pairs) | held-out acc | nats per good, bad unit | "
                   "fitted part's acc | R^2 | residual sd |", "| --- | --- | --- | --- | --- | --- | --- | --- |",
-                  *fits]
+                  *fits, *residual_agreement(results)]
     lines += more_table(results)
     table = "\n".join(lines)
     (out / "table.md").write_text(table + "\n")

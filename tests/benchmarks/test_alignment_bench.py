@@ -57,3 +57,12 @@ def test_more_table_reports_accuracies_with_their_standard_errors():
     assert row == ("| word | 1 | 0.950 | 0.975 ± 0.004 (1600) | 0.850 | 0.800 ± 0.010 | 0.920 | "
                    "0.750 ± 0.022 (400) |")
     assert alignment.more_table([{**result, "more": {}}]) == []  # results cached before these pairs existed
+
+
+def test_residual_agreement_between_seeds():
+    def run(seed, residuals, rule="word"):
+        return {"rule": rule, "seed": seed, "dpo": {"unit_fit": {"residuals": residuals}}}
+    same, flipped = [1.0, -2.0, 0.5, 3.0], [-1.0, 2.0, -0.5, -3.0]
+    lines = alignment.residual_agreement([run(0, same), run(1, same), run(2, flipped), run(0, same, "format")])
+    assert lines[-1] == "- word: seeds 0-1 1.00, seeds 0-2 -1.00, seeds 1-2 -1.00"  # format: one seed, no line
+    assert alignment.residual_agreement([{"rule": "word", "seed": 0, "dpo": {}}]) == []
