@@ -273,8 +273,8 @@ def make_more_pairs(pre: Path, rule: str, out: Path, args) -> dict[str, Path]:
     from palm_rlhf.data.preferences import write_preferences
 
     wanted = {"held_more": (f"val-more{args.more_draws}.jsonl", args.more_draws, 1000),
-              "train_new": (f"train-new{args.new_completion_prompts}.jsonl", 2 * (args.new_completion_prompts > 0),
-                            2000)}
+              "train_new": (f"train-new{args.new_completion_prompts}.jsonl",
+                            2 if args.new_completion_prompts else 0, 2000)}
     model = None
     for key, (name, draws, seed) in wanted.items():
         if draws and not (out / name).is_file():
