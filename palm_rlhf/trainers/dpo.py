@@ -63,6 +63,7 @@ class DPOConfig(RunSettings):
     loss_type: str = "sigmoid"           # sigmoid (DPO) | ipo
     label_smoothing: float = 0.0     # conservative DPO: assumed share of flipped labels
     max_len: int = 256                   # prompt + response tokens per sequence (prompt cut from the left)
+    use_lora: bool = True            # train a LoRA actor scope (false: every weight; reference = a frozen copy)
     lora_r: int = 8                  # LoRA rank
     lora_alpha: float = DEFAULT_LORA_ALPHA  # LoRA output scale alpha / r: a learning rate transfers across ranks
     actor_scope: str = "actor"       # name of the trained LoRA scope
@@ -99,6 +100,9 @@ class DPOConfig(RunSettings):
         if self.stop_at_kl_budget and (self.kl_budget is None or not self.kl_samples):
             raise ConfigError("stop_at_kl_budget=true needs kl_budget=NATS and kl_samples > 0 (kl_ref is what "
                               "is compared with the budget)")
+        if not self.use_lora and self.actor_adapter:
+            raise ConfigError("actor_adapter needs use_lora=true (the adapter is loaded into the LoRA actor scope); "
+                              "to train every weight, start from a run whose final/ has it merged: model=RUN_DIR")
 
 
 def encode_pair(record: PairwiseRecord, tokenizer, max_len: int, eos: int | None = None):
@@ -130,14 +134,17 @@ class DPOTrainer(OnRun):
         self._load_records()
         start_policy(self)
         self.eos = eos_token(c, self.tokenizer)
-        if c.actor_scope not in self.model.finetune_modules:
-            self.model.add_finetune_params(c.actor_scope, lora_r=c.lora_r, lora_alpha=c.lora_alpha)
-        if c.actor_adapter:
-            load_adapter(self.model, c.actor_adapter, scope=c.actor_scope)
+        self.scope = c.actor_scope if c.use_lora else None  # None: every base weight trains
+        if self.scope is not None:
+            if self.scope not in self.model.finetune_modules:
+                self.model.add_finetune_params(self.scope, lora_r=c.lora_r, lora_alpha=c.lora_alpha)
+            if c.actor_adapter:
+                load_adapter(self.model, c.actor_adapter, scope=self.scope)
         for p in self.model.palm_parameters():
-            p.requires_grad_(False)
-        self.reference = Reference(self.model, c.actor_scope)
-        self.params = list(self.model.finetune_parameters(c.actor_scope))
+            p.requires_grad_(self.scope is None)
+        self.reference = Reference(self.model, self.scope)  # scope None: a frozen copy of the start
+        self.params = list(self.model.finetune_parameters(self.scope) if self.scope is not None
+                           else self.model.palm_parameters())
         self.optimizer = torch.optim.AdamW(self.params, lr=c.lr, weight_decay=c.weight_decay)
         schedule = OptimConfig(lr=c.lr, weight_decay=c.weight_decay, warmup_steps=c.warmup_steps,
                                min_lr_ratio=c.min_lr_ratio)
@@ -185,7 +192,7 @@ class DPOTrainer(OnRun):
         packed = pack_sequences(prompts.to(device), torch.tensor([len(p) for p, _ in pairs], device=device),
                                 responses.to(device), mask.to(device))
         if policy:
-            logp, _ = response_log_probs(self.model, packed, finetune_scope=self.config.actor_scope)
+            logp, _ = response_log_probs(self.model, packed, finetune_scope=self.scope)
         else:
             logp = self.reference.log_probs(packed)
         total = logp.sum(-1)
@@ -256,9 +263,12 @@ class DPOTrainer(OnRun):
         return row
 
     def _snapshot(self, step: int, kl_ref: float) -> dict:
-        scope = self.model.finetune_modules[self.config.actor_scope]
         return {"step": step, "kl_ref": kl_ref,
-                "trainable": {k: v.detach().clone() for k, v in scope.state_dict().items()}}
+                "trainable": {k: v.detach().clone() for k, v in self.trainable().state_dict().items()}}
+
+    def trainable(self) -> torch.nn.Module:
+        """What trains: the actor LoRA scope, or the whole model (use_lora=false)."""
+        return self.model if self.scope is None else self.model.finetune_modules[self.scope]
 
     @torch.no_grad()
     def measure_kl(self, records=None, seed: int = 0) -> SequenceKL | None:
@@ -275,11 +285,11 @@ class DPOTrainer(OnRun):
         try:
             sampling = SamplingConfig(max_new_tokens=c.kl_max_new_tokens, temperature=1.0, eos_token=self.eos,
                                       seed=seed)
-            out = generate(self.model, prompts, sampling, finetune_scope=c.actor_scope)
+            out = generate(self.model, prompts, sampling, finetune_scope=self.scope)
             device = out.tokens.device
             padded, lengths = right_pad(prompts)
             packed = pack_sequences(padded.to(device), lengths.to(device), out.tokens, out.mask)
-            logp, _ = response_log_probs(self.model, packed, finetune_scope=c.actor_scope)
+            logp, _ = response_log_probs(self.model, packed, finetune_scope=self.scope)
             return sequence_kl(logp, self.reference.log_probs(packed), out.mask)
         finally:
             self.model.train(was_training)
@@ -307,12 +317,12 @@ class DPOTrainer(OnRun):
     # ------------------------------------------------------------------ what a checkpoint holds
 
     def state_dict(self) -> dict:
-        return {"trainable": dict(self.model.finetune_modules[self.config.actor_scope].state_dict()),
+        return {"trainable": dict(self.trainable().state_dict()),
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "within_budget": self.within_budget}
 
     def load_state_dict(self, state: dict, directory: Path) -> None:
-        self.model.finetune_modules[self.config.actor_scope].load_state_dict(state["trainable"])
+        self.trainable().load_state_dict(state["trainable"])
         self.optimizer.load_state_dict(state["optimizer"])
         if "scheduler" in state:  # checkpoints written before DPO had a schedule have none
             self.scheduler.load_state_dict(state["scheduler"])
@@ -322,7 +332,7 @@ class DPOTrainer(OnRun):
     def saveable(self, final: bool = False):
         if final and self.stop_requested:
             self._roll_back_to_budget()
-        return MergedAdapter(self.model, self.config.actor_scope)
+        return self.model if self.scope is None else MergedAdapter(self.model, self.scope)
 
     def _roll_back_to_budget(self) -> None:
         """At a stop over kl_budget, the actor scope goes back to the last policy measured within it."""
@@ -331,12 +341,12 @@ class DPOTrainer(OnRun):
             log.warning("dpo: no policy of this run was measured within kl_budget=%g (resumed past it); final/ "
                         "holds step %d's", c.kl_budget, self.step)
             return
-        self.model.finetune_modules[c.actor_scope].load_state_dict(kept["trainable"])
+        self.trainable().load_state_dict(kept["trainable"])
         log.info("dpo: final/ holds step %d's policy (kl_ref %.2f, within kl_budget=%g); step %d's passed the "
                  "budget and is in the checkpoint", kept["step"], kept["kl_ref"], c.kl_budget, self.step)
 
     def final_record(self) -> dict:
-        return {"scope": self.config.actor_scope, "actor_adapter": self.config.actor_adapter,
+        return {"scope": self.scope, "actor_adapter": self.config.actor_adapter,
                 "loss_type": self.config.loss_type, "policy_step": self._final_policy_step()}
 
     def _final_policy_step(self) -> int:

@@ -13,7 +13,7 @@ from palm_rlhf.data.tokenizer import ByteTokenizer
 from palm_rlhf.model import PaLM
 from palm_rlhf.runtime.config import load_config
 
-TRAINERS = ("pretrain", "finetune", "reward", "ppo", "grpo", "dpo")
+TRAINERS = ("pretrain", "finetune", "reward", "ppo", "grpo", "dpo", "dpo-full")  # dpo-full: use_lora=false
 TINY = dict(num_tokens=256, dim=16, depth=1, heads=2, dim_head=8)
 TEXT = "".join(f"line {i}: the quick brown fox jumps over the lazy dog {i * 7 % 13}\n" for i in range(200))
 
@@ -56,9 +56,9 @@ def overrides(kind: str, tmp_path, out: str, max_steps: int = 4) -> list[str]:
             ["prompts_per_step=2", "group_size=2", "minibatch_size=4"]
         return common + [base, f"prompts={tmp_path / 'prompts.txt'}", "reward_fn=run_testing:vowels",
                          "max_new_tokens=4", "sample_every=0", "lr=1e-2", *extra]
-    if kind == "dpo":
+    if kind in ("dpo", "dpo-full"):
         return common + [base, f"data={tmp_path / 'prefs.jsonl'}", "batch_size=2", "max_len=32", "eval_every=2",
-                         "lr=1e-2"]
+                         "lr=1e-2", *(["use_lora=false"] if kind == "dpo-full" else [])]
     raise ValueError(kind)
 
 

@@ -3,6 +3,7 @@ stop the run) and follows the shared warmup + cosine schedule."""
 
 import json
 import logging
+import math
 
 import pytest
 import torch
@@ -34,6 +35,25 @@ def test_config_checks():
         DPOConfig(stop_at_kl_budget=True)
     with pytest.raises(ConfigError, match="min_lr_ratio"):
         DPOConfig(min_lr_ratio=2.0)
+    with pytest.raises(ConfigError, match="actor_adapter needs use_lora=true"):
+        DPOConfig(use_lora=False, actor_adapter="runs/sft/final/adapter.safetensors")
+
+
+def test_use_lora_false_trains_every_weight_against_a_frozen_copy(tmp_path, tiny_model):
+    start = {k: v.detach().clone() for k, v in tiny_model.named_parameters()}  # weights, not buffers
+    trainer = make(tmp_path, tiny_model, use_lora=False)
+    assert trainer.reference.kind == "frozen_copy" and not tiny_model.finetune_modules  # no LoRA scope
+    assert trainer.measure_kl(seed=0).mean == 0.0
+    history = trainer.train()
+    trainer.cleanup()
+    assert history[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # the policy starts as its reference
+    assert history[-1]["kl_ref"] > 0.0
+    final = PaLM.from_pretrained(tmp_path / "dpo" / "final").state_dict()
+    moved = [k for k in start if not torch.equal(final[k], start[k])]
+    assert len(moved) == len(start), set(start) - set(moved)  # every weight trained
+    reference = trainer.reference.model.state_dict()
+    assert all(torch.equal(reference[k], start[k]) for k in start)  # the reference did not move
+    assert json.loads((tmp_path / "dpo" / "final" / "run.json").read_text())["scope"] is None
 
 
 def test_kl_ref_is_zero_at_the_start_and_logged_every_eval(tmp_path, tiny_model):
