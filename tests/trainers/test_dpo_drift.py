@@ -145,3 +145,30 @@ def test_stop_at_kl_budget_keeps_the_last_policy_within_it_and_resumes_with_it(t
     assert [row["step"] for row in again.train()] == [7, 8, 9]
     again.cleanup()
     assert _scope(run_dir / "final", config, state) == step3
+
+
+def test_use_lora_false_stops_at_the_budget_with_the_whole_model_rolled_back(tmp_path, pretrained_tiny_state):
+    config, state = pretrained_tiny_state
+
+    def model():
+        m = PaLM(**config)
+        m.load_state_dict(state)
+        return m
+
+    def weights(directory):
+        return PaLM.from_pretrained(directory).state_dict()
+
+    free = make(tmp_path / "free", model(), max_steps=9, save_every=3, keep_last=3, use_lora=False, lr=3e-3)
+    kl = {row["step"]: row["kl_ref"] for row in free.train() if "kl_ref" in row}
+    free.cleanup()
+    assert kl[3] < min(kl[6], kl[9]), kl
+    budget = (kl[3] + min(kl[6], kl[9])) / 2  # step 3 within, steps 6 and 9 over
+    stop = make(tmp_path / "stop", model(), max_steps=9, save_every=3, kl_budget=budget, stop_at_kl_budget=True,
+                use_lora=False, lr=3e-3)
+    assert [row["step"] for row in stop.train()][-1] == 6
+    stop.cleanup()
+    step3 = weights(tmp_path / "free" / "dpo" / "checkpoints" / "step_00000003")
+    final = weights(tmp_path / "stop" / "dpo" / "final")
+    assert all(torch.equal(final[k], step3[k]) for k in step3)  # final/: the whole model of step 3
+    stopped = weights(tmp_path / "stop" / "dpo" / "checkpoints" / "step_00000006")
+    assert not all(torch.equal(stopped[k], step3[k]) for k in step3)  # the checkpoint: where it stopped
