@@ -80,6 +80,12 @@ def test_learning_rate_warms_up_then_decays(tmp_path, tiny_model):
     assert not any("kl_ref" in row for row in history)  # kl_samples=0: no kl_ref
 
 
+def _pretrained(config, state) -> PaLM:
+    model = PaLM(**config)
+    model.load_state_dict(state)
+    return model
+
+
 def test_budget_warns_and_stop_at_kl_budget_ends_the_run(tmp_path, tiny_model, pretrained_tiny_state, caplog):
     warm = make(tmp_path / "warn", tiny_model, kl_budget=1e-6)
     with caplog.at_level(logging.WARNING, logger="palm_rlhf.trainers.dpo"):
@@ -90,9 +96,7 @@ def test_budget_warns_and_stop_at_kl_budget_ends_the_run(tmp_path, tiny_model, p
     assert len(warnings) == 1 and warnings[0].startswith("dpo step 3: kl_ref")  # once, at the first eval over
 
     config, state = pretrained_tiny_state
-    model = PaLM(**config)
-    model.load_state_dict(state)
-    stop = make(tmp_path / "stop", model, kl_budget=1e-6, stop_at_kl_budget=True)
+    stop = make(tmp_path / "stop", _pretrained(config, state), kl_budget=1e-6, stop_at_kl_budget=True)
     history = stop.train()
     stop.cleanup()
     assert [row["step"] for row in history] == [1, 2, 3]  # stopped at the first eval over budget
@@ -107,8 +111,7 @@ def test_budget_warns_and_stop_at_kl_budget_ends_the_run(tmp_path, tiny_model, p
 def _scope(adapter, config, state, fresh=None) -> list:
     """The actor scope's weights, flattened: of an adapter directory loaded into the base, or of a
     scope as a fresh run starts it (`fresh`: a trainer whose config gives the scope's rank)."""
-    model = PaLM(**config)
-    model.load_state_dict(state)
+    model = _pretrained(config, state)
     if adapter is not None:
         load_adapter(model, adapter / "adapter.safetensors", scope="actor")
     else:
@@ -117,21 +120,21 @@ def _scope(adapter, config, state, fresh=None) -> list:
     return torch.cat([v.flatten() for _, v in sorted(model.finetune_modules["actor"].state_dict().items())]).tolist()
 
 
-def test_stop_at_kl_budget_keeps_the_last_policy_within_it_and_resumes_with_it(tmp_path, pretrained_tiny_state):
-    config, state = pretrained_tiny_state
-
-    def model():
-        m = PaLM(**config)
-        m.load_state_dict(state)
-        return m
-
-    # the same run without a budget gives the kl_ref of each evaluation; the budget goes between two
-    free = make(tmp_path / "free", model(), max_steps=9, save_every=3, keep_last=3)
+def _budget_after_step_3(tmp_path, config, state, **overrides) -> float:
+    """The same 9-step run without a budget (run dir tmp_path/free) gives the kl_ref of each evaluation;
+    the budget goes between them: step 3 within, steps 6 and 9 over."""
+    free = make(tmp_path / "free", _pretrained(config, state), max_steps=9, save_every=3, keep_last=3, **overrides)
     kl = {row["step"]: row["kl_ref"] for row in free.train() if "kl_ref" in row}
     free.cleanup()
     assert kl[3] < min(kl[6], kl[9]), kl
-    budget = (kl[3] + min(kl[6], kl[9])) / 2  # step 3 within, steps 6 and 9 over
-    stop = make(tmp_path / "stop", model(), max_steps=9, save_every=3, kl_budget=budget, stop_at_kl_budget=True)
+    return (kl[3] + min(kl[6], kl[9])) / 2
+
+
+def test_stop_at_kl_budget_keeps_the_last_policy_within_it_and_resumes_with_it(tmp_path, pretrained_tiny_state):
+    config, state = pretrained_tiny_state
+    budget = _budget_after_step_3(tmp_path, config, state)
+    stop = make(tmp_path / "stop", _pretrained(config, state), max_steps=9, save_every=3, kl_budget=budget,
+                stop_at_kl_budget=True)
     assert [row["step"] for row in stop.train()][-1] == 6  # stopped at the first evaluation over the budget
     stop.cleanup()
     run_dir = tmp_path / "stop" / "dpo"
@@ -141,7 +144,8 @@ def test_stop_at_kl_budget_keeps_the_last_policy_within_it_and_resumes_with_it(t
     assert json.loads((run_dir / "final" / "run.json").read_text())["policy_step"] == 3
 
     # rerunning the command resumes from step 6, trains on and stops at 9 (still over): final/ is step 3's again
-    again = make(tmp_path / "stop", model(), max_steps=9, save_every=3, kl_budget=budget, stop_at_kl_budget=True)
+    again = make(tmp_path / "stop", _pretrained(config, state), max_steps=9, save_every=3, kl_budget=budget,
+                stop_at_kl_budget=True)
     assert [row["step"] for row in again.train()] == [7, 8, 9]
     again.cleanup()
     assert _scope(run_dir / "final", config, state) == step3
@@ -150,21 +154,12 @@ def test_stop_at_kl_budget_keeps_the_last_policy_within_it_and_resumes_with_it(t
 def test_use_lora_false_stops_at_the_budget_with_the_whole_model_rolled_back(tmp_path, pretrained_tiny_state):
     config, state = pretrained_tiny_state
 
-    def model():
-        m = PaLM(**config)
-        m.load_state_dict(state)
-        return m
-
     def weights(directory):
         return PaLM.from_pretrained(directory).state_dict()
 
-    free = make(tmp_path / "free", model(), max_steps=9, save_every=3, keep_last=3, use_lora=False, lr=3e-3)
-    kl = {row["step"]: row["kl_ref"] for row in free.train() if "kl_ref" in row}
-    free.cleanup()
-    assert kl[3] < min(kl[6], kl[9]), kl
-    budget = (kl[3] + min(kl[6], kl[9])) / 2  # step 3 within, steps 6 and 9 over
-    stop = make(tmp_path / "stop", model(), max_steps=9, save_every=3, kl_budget=budget, stop_at_kl_budget=True,
-                use_lora=False, lr=3e-3)
+    budget = _budget_after_step_3(tmp_path, config, state, use_lora=False, lr=3e-3)
+    stop = make(tmp_path / "stop", _pretrained(config, state), max_steps=9, save_every=3, kl_budget=budget,
+                stop_at_kl_budget=True, use_lora=False, lr=3e-3)
     assert [row["step"] for row in stop.train()][-1] == 6
     stop.cleanup()
     step3 = weights(tmp_path / "free" / "dpo" / "checkpoints" / "step_00000003")
