@@ -29,6 +29,7 @@ from ..data.preferences import PairwiseRecord, read_preferences
 from ..errors import ConfigError, DataError
 from ..model.checkpoint import load_adapter
 from ..generation import SamplingConfig, generate
+from ..model import PaLM
 from ..model.lora import DEFAULT_LORA_ALPHA
 from ..rl.collect import right_pad
 from ..rl.kl import SequenceKL, sequence_kl
@@ -317,12 +318,17 @@ class DPOTrainer(OnRun):
     # ------------------------------------------------------------------ what a checkpoint holds
 
     def state_dict(self) -> dict:
-        return {"trainable": dict(self.trainable().state_dict()),
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "within_budget": self.within_budget}
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "within_budget": self.within_budget}
+        if self.scope is not None:  # every weight trains: the checkpoint's model.safetensors holds them
+            state["trainable"] = dict(self.trainable().state_dict())
+        return state
 
     def load_state_dict(self, state: dict, directory: Path) -> None:
-        self.trainable().load_state_dict(state["trainable"])
+        if self.scope is None:
+            self.model.load_state_dict(PaLM.from_pretrained(directory).state_dict())
+        else:
+            self.trainable().load_state_dict(state["trainable"])
         self.optimizer.load_state_dict(state["optimizer"])
         if "scheduler" in state:  # checkpoints written before DPO had a schedule have none
             self.scheduler.load_state_dict(state["scheduler"])
