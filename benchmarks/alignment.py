@@ -48,6 +48,7 @@ import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
+from typing import NamedTuple
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
@@ -183,26 +184,56 @@ def snippets(pre: Path, tokenizer, n: int, size: int, seed: int) -> list[str]:
     raise RuntimeError(f"only {len(out)} distinct prompts in the held-out split; ask for fewer")
 
 
+class Policy(NamedTuple):
+    """A model to sample from and score against its reference. A LoRA run is the base with its `actor`
+    scope, against the same model with LoRA disabled; a full-finetune run (`use_lora=false`) is its own
+    model, against the base (`reference`)."""
+    model: torch.nn.Module
+    scope: str | None = None
+    reference: torch.nn.Module | None = None
+
+    def log_probs(self, packed):
+        """Per-token log-probs of the packed responses: (policy's, reference's)."""
+        from palm_rlhf.rl.rollout import response_log_probs
+
+        pol, _ = response_log_probs(self.model, packed, finetune_scope=self.scope)
+        ref, _ = response_log_probs(self.reference or self.model, packed, disable_lora=self.reference is None)
+        return pol, ref
+
+
+def finished(run: Path) -> bool:
+    """A run's policy is saved: a LoRA adapter, or a whole finetuned model in final/."""
+    return adapter_exists(run) or (run / "final" / "model.safetensors").is_file()
+
+
+def load_policy(base, run: Path) -> Policy:
+    """The policy `run` trained on top of `base` (a LoRA adapter is loaded into `base`'s actor scope)."""
+    from palm_rlhf.model import PaLM
+    from palm_rlhf.model.checkpoint import load_adapter
+
+    if adapter_exists(run):
+        load_adapter(base, adapter_of(run), scope="actor")
+        return Policy(base, "actor")
+    return Policy(PaLM.from_pretrained(run / "final").eval(), reference=base)
+
+
 @torch.no_grad()
-def sample(model, tokenizer, prompts: list[str], tokens: int, seed: int, scope: str | None = None,
-           log_probs: bool = True):
-    """One completion per prompt (temperature 1); texts, the policy's and the base's log-probs, mask
+def sample(policy: Policy, tokenizer, prompts: list[str], tokens: int, seed: int, log_probs: bool = True):
+    """One completion per prompt (temperature 1); texts, the policy's and the reference's log-probs, mask
     (only the texts when `log_probs` is false)."""
     from palm_rlhf.generation import SamplingConfig, generate
     from palm_rlhf.rl.collect import right_pad
-    from palm_rlhf.rl.rollout import pack_sequences, response_log_probs
+    from palm_rlhf.rl.rollout import pack_sequences
 
     texts, logp, ref, masks = [], [], [], []
     for i in range(0, len(prompts), 64):
         ids = [torch.tensor(tokenizer.encode(p)) for p in prompts[i:i + 64]]
-        out = generate(model, ids, SamplingConfig(max_new_tokens=tokens, temperature=1.0, seed=seed + i),
-                       finetune_scope=scope)
+        out = generate(policy.model, ids, SamplingConfig(max_new_tokens=tokens, temperature=1.0, seed=seed + i),
+                       finetune_scope=policy.scope)
         texts += [tokenizer.decode(row[:k].tolist()) for row, k in zip(out.tokens, out.lengths.tolist())]
         if not log_probs:
             continue
-        packed = pack_sequences(*right_pad(ids), out.tokens, out.mask)
-        pol, _ = response_log_probs(model, packed, finetune_scope=scope)
-        base, _ = response_log_probs(model, packed, disable_lora=True)
+        pol, base = policy.log_probs(pack_sequences(*right_pad(ids), out.tokens, out.mask))
         width = tokens  # rows of every chunk padded to the same width for one (b, T) tensor
         pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]))  # noqa: E731
         logp.append(pad(pol.float()))
@@ -234,8 +265,8 @@ def draw_pairs(model, tok, rule: str, prompts: list[str], draws: int, tokens: in
     """`draws` labelled pairs per prompt, each of two fresh samples (seeds seed + 10 k, seed + 1 + 10 k)."""
     records = []
     for k in range(draws):
-        a, *_ = sample(model, tok, prompts, tokens, seed=seed + 10 * k, log_probs=False)
-        b, *_ = sample(model, tok, prompts, tokens, seed=seed + 1 + 10 * k, log_probs=False)
+        a, *_ = sample(Policy(model), tok, prompts, tokens, seed=seed + 10 * k, log_probs=False)
+        b, *_ = sample(Policy(model), tok, prompts, tokens, seed=seed + 1 + 10 * k, log_probs=False)
         records += label(rule, prompts, a, b)
     return records
 
@@ -298,10 +329,9 @@ def adapter_of(run: Path) -> Path:
 # ---------------------------------------------------------------- one (rule, seed) job
 
 
-def job(pre: Path, rm_pre: Path, rule: str, seed: int, work: Path, more_pairs: dict[str, Path], args,
-        threads: int) -> dict:
+def job(pre: Path, rm_pre: Path, rule: str, seed: int, work: Path, more_pairs: dict[str, Path], dpo_data: Path,
+        args, threads: int) -> dict:
     from palm_rlhf.data.preferences import read_preferences
-    from palm_rlhf.model.checkpoint import load_adapter
     from palm_rlhf.model.reward import RewardModel
     from palm_rlhf.rl.kl import sequence_kl
 
@@ -335,22 +365,23 @@ def job(pre: Path, rm_pre: Path, rule: str, seed: int, work: Path, more_pairs: d
     prompts = json.loads((data / "eval_prompts.json").read_text())
     score = RULES[rule]
     model, tok = load_base(pre)
-    texts, *_ = sample(model, tok, prompts, args.tokens, seed=100 + seed)
+    texts, *_ = sample(Policy(model), tok, prompts, args.tokens, seed=100 + seed)
     rule_before = mean_se(map(score, texts))
     rm_before = mean_se(rm.score([enc(p) for p in prompts], [enc(t) for t in texts]).tolist())
     result["before"] = {"rule": rule_before, "rm": rm_before}
     for algo in ALGOS:  # train, then measure at once: an interrupted benchmark keeps what finished
-        out = work / algo
-        if not adapter_exists(out):
+        out = work / (dpo_run_name(args) if algo == "dpo" else algo)
+        if not finished(out):
             keys = [f"out_dir={out}", f"max_steps={args.rl_steps if algo != 'dpo' else args.dpo_steps}", *common]
             if algo == "dpo":
-                keys += [f"data={data / 'train.jsonl'}", f"heldout={data / 'val.jsonl'}"]
+                keys += [f"data={dpo_data / 'train.jsonl'}", f"heldout={data / 'val.jsonl'}"]
             else:
                 keys += [f"prompts={data / 'prompts.jsonl'}", f"reward_model={rm_dir / 'final'}",
                          f"max_new_tokens={args.tokens}"]
-            cli([algo, "--config", f"configs/rl/{algo}.yaml", f"model={pre / 'final'}", *keys], log, threads)
-        load_adapter(model, adapter_of(out), scope="actor")
-        texts, logp, ref, mask = sample(model, tok, prompts, args.tokens, seed=100 + seed, scope="actor")
+            preset = args.dpo_config if algo == "dpo" else algo
+            cli([algo, "--config", f"configs/rl/{preset}.yaml", f"model={pre / 'final'}", *keys], log, threads)
+        policy = load_policy(model, out)
+        texts, logp, ref, mask = sample(policy, tok, prompts, args.tokens, seed=100 + seed)
         kl = sequence_kl(logp, ref, mask)
         rule_after = mean_se(map(score, texts))
         rm_after = mean_se(rm.score([enc(p) for p in prompts], [enc(t) for t in texts]).tolist())
@@ -359,17 +390,18 @@ def job(pre: Path, rm_pre: Path, rule: str, seed: int, work: Path, more_pairs: d
                "rule_gain_se": math.hypot(rule_after[1], rule_before[1]),
                "rm_gain_se": math.hypot(rm_after[1], rm_before[1]), "sample": texts[0]}
         if algo == "dpo":
-            margins = dpo_margins(model, tok, val)
+            margins = dpo_margins(policy, tok, val)
             row["heldout_accuracy"] = float((margins > 0).float().mean())
-            train = read_preferences(data / "train.jsonl")[:1000]  # all of them under --quick
-            row["train_accuracy"] = float((dpo_margins(model, tok, train) > 0).float().mean())
+            train = read_preferences(dpo_data / "train.jsonl")[:1000]  # all of them under --quick
+            row["train_accuracy"] = float((dpo_margins(policy, tok, train) > 0).float().mean())
             row["unit_fit"] = unit_fit(rule, val, margins)
             for key, records in more.items():
-                result["more"][key]["dpo_accuracy"] = float((dpo_margins(model, tok, records) > 0).float().mean())
+                result["more"][key]["dpo_accuracy"] = float((dpo_margins(policy, tok, records) > 0).float().mean())
             row["curve"] = curve(out, "heldout_reward_accuracy")
             row["kl_curve"] = curve(out, "kl_ref")
         result[algo] = row
-        model.remove_finetune_params("actor")
+        if policy.scope:
+            model.remove_finetune_params(policy.scope)
         stage(args, {"rule": rule, "seed": seed, "stage": algo, **{k: v for k, v in row.items() if k != "sample"}})
     (work / "result.json").write_text(json.dumps(result, indent=2))
     return result
@@ -397,19 +429,18 @@ def adapter_exists(run: Path) -> bool:
 
 
 @torch.no_grad()
-def dpo_margins(model, tok, records, chunk: int = 512) -> torch.Tensor:
+def dpo_margins(policy: Policy, tok, records, chunk: int = 512) -> torch.Tensor:
     """Per pair, the DPO trainer's implicit-reward margin (over beta): the summed log-ratio (policy vs
     reference) of chosen + EOS minus that of rejected + EOS (`encode_pair`); right where > 0."""
     from palm_rlhf.rl.collect import right_pad
-    from palm_rlhf.rl.rollout import pack_sequences, response_log_probs
+    from palm_rlhf.rl.rollout import pack_sequences
     from palm_rlhf.trainers.dpo import DPOConfig, encode_pair
 
     def ratio(rows, side: int):
         prompts = [torch.tensor(row[side][0]) for row in rows]
         resp, lengths = right_pad([torch.tensor(row[side][1]) for row in rows])
-        packed = pack_sequences(*right_pad(prompts), resp, torch.arange(resp.shape[1]) < lengths[:, None])
-        pol, _ = response_log_probs(model, packed, finetune_scope="actor")
-        ref, _ = response_log_probs(model, packed, disable_lora=True)
+        pol, ref = policy.log_probs(pack_sequences(*right_pad(prompts), resp,
+                                                   torch.arange(resp.shape[1]) < lengths[:, None]))
         return (pol - ref).sum(-1)
 
     max_len, margins = DPOConfig().max_len, []
@@ -502,6 +533,23 @@ def report(results: list[dict], out: Path) -> str:
     return table
 
 
+def pairs_tag(args, draws: int) -> str:
+    """The cache folder of the pairs these flags make, with `draws` training pairs per training prompt."""
+    return f"p{args.pairs}x{draws}-h{args.heldout_pairs}-e{args.eval_prompts}-t{args.tokens}-b{args.prompt_bytes}"
+
+
+def dpo_draws(args) -> int:
+    return args.dpo_samples_per_prompt or args.samples_per_prompt
+
+
+def dpo_run_name(args) -> str:
+    """`dpo` for the preset on the reward model's pairs (the cached runs keep their name), else the preset
+    and DPO's pairs per prompt."""
+    if args.dpo_config == "dpo" and dpo_draws(args) == args.samples_per_prompt:
+        return "dpo"
+    return f"dpo-{args.dpo_config}-x{dpo_draws(args)}"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="few steps and pairs: a smoke run in minutes")
@@ -513,6 +561,10 @@ def main() -> None:
     p.add_argument("--rm-steps", type=int, default=2000)       # the issue's bound (the preset's max_steps: 300)
     p.add_argument("--rl-steps", type=int, default=200)        # configs/rl/{ppo,grpo}.yaml's
     p.add_argument("--dpo-steps", type=int, default=2000)      # configs/rl/dpo.yaml's
+    p.add_argument("--dpo-config", default="dpo", help="DPO's preset, configs/rl/NAME.yaml")
+    p.add_argument("--dpo-samples-per-prompt", type=int,
+                   help="DPO's own training pairs per training prompt (default: --samples-per-prompt); "
+                        "the same prompts and held-out pairs")
     p.add_argument("--pairs", type=int, default=4096, help="prompts sampled for training pairs")
     p.add_argument("--samples-per-prompt", type=int, default=4,
                    help="training pairs drawn per training prompt (held-out prompts: one pair each)")
@@ -541,14 +593,19 @@ def main() -> None:
     pre = pretrain(cache, "tiny-stdlib", args.pretrain_steps, cores)
     rm_pre = pretrain(cache, args.rm_base, args.pretrain_steps, cores)
     rules, seeds = args.rules.split(","), [int(s) for s in args.seeds.split(",")]
-    tag = f"p{args.pairs}x{args.samples_per_prompt}-h{args.heldout_pairs}-e{args.eval_prompts}-t{args.tokens}-b{args.prompt_bytes}"
+    tag = pairs_tag(args, args.samples_per_prompt)
+    dpo_args = argparse.Namespace(**{**vars(args), "samples_per_prompt": dpo_draws(args)})
     more = {}
     for rule in rules:
         print(f"{rule}: pairs {make_pairs(pre, rule, cache / f'{pre.name}-{tag}' / rule, args)}", flush=True)
+        if dpo_draws(args) != args.samples_per_prompt:
+            dpo_pairs = make_pairs(pre, rule, cache / f"{pre.name}-{pairs_tag(args, dpo_draws(args))}" / rule, dpo_args)
+            print(f"{rule}: DPO's pairs {dpo_pairs}", flush=True)
         more[rule] = make_more_pairs(pre, rule, cache / f"{pre.name}-{tag}" / rule, args)
     runs = f"run-{args.rm_steps}-{args.rl_steps}-{args.dpo_steps}-rm-{args.rm_base}"
-    tasks = [(pre, rm_pre, rule, seed, cache / f"{pre.name}-{tag}" / rule / f"{runs}-s{seed}", more[rule], args,
-              threads) for rule in rules for seed in seeds]
+    tasks = [(pre, rm_pre, rule, seed, cache / f"{pre.name}-{tag}" / rule / f"{runs}-s{seed}", more[rule],
+              cache / f"{pre.name}-{pairs_tag(args, dpo_draws(args))}" / rule, args, threads)
+             for rule in rules for seed in seeds]
     results = []
     # spawn, not fork: a forked child of a process that already ran torch ops can hang in its thread pool
     with ProcessPoolExecutor(max_workers=max(1, args.jobs), mp_context=multiprocessing.get_context("spawn")) as pool:

@@ -66,3 +66,53 @@ def test_residual_agreement_between_seeds():
     lines = alignment.residual_agreement([run(0, same), run(1, same), run(2, flipped), run(0, same, "format")])
     assert lines[-1] == "- word: seeds 0-1 1.00, seeds 0-2 -1.00, seeds 1-2 -1.00"  # format: one seed, no line
     assert alignment.residual_agreement([{"rule": "word", "seed": 0, "dpo": {}}]) == []
+
+
+def _summed_log_ratio(policy, reference, prompt, response, scope=None):
+    """log p(response | prompt) under `policy` minus under `reference`, from one plain forward each."""
+    ids = torch.tensor([prompt + response])
+    start = len(prompt) - 1  # the logit that predicts the response's first token
+    with torch.no_grad():
+        pol = policy(ids, finetune_scope=scope).log_softmax(-1)[0, start:-1]
+        ref = reference(ids, disable_lora=scope is not None).log_softmax(-1)[0, start:-1]
+    target = torch.tensor(response)[:, None]
+    return float((pol.gather(1, target) - ref.gather(1, target)).sum())
+
+
+def test_dpo_margins_of_a_lora_run_and_of_a_full_finetune_run(tmp_path):
+    """`load_policy` reads a LoRA run as the base with its actor scope (reference: LoRA off) and a
+    `use_lora=false` run as its own model against the base; either way `dpo_margins` is the summed
+    log-ratio of chosen + EOS minus that of rejected + EOS."""
+    from palm_rlhf.data.tokenizer import ByteTokenizer
+    from palm_rlhf.model import PaLM
+    from palm_rlhf.model.checkpoint import save_adapter
+    from palm_rlhf.trainers.dpo import encode_pair
+
+    torch.manual_seed(0)
+    base = PaLM(dim=16, num_tokens=259, depth=1, dim_head=8, heads=2).eval()
+    tuned = PaLM(dim=16, num_tokens=259, depth=1, dim_head=8, heads=2).eval()  # other weights: a finetuned model
+    tuned.save_pretrained(tmp_path / "full" / "final")
+    base.add_finetune_params("actor", lora_r=2)
+    for weight in base.finetune_modules["actor"].parameters():
+        torch.nn.init.normal_(weight, std=0.5)  # B too: a trained adapter
+    save_adapter(base, "actor", tmp_path / "lora" / "final" / "adapter.safetensors")
+    base.remove_finetune_params("actor")
+
+    tok = ByteTokenizer()
+    records = [PairwiseRecord("def f(x):", " return x", " pass"), PairwiseRecord("a = ", "[1, 2]", "((")]
+    assert not alignment.finished(tmp_path / "neither")
+    for run in ("lora", "full"):
+        assert alignment.finished(tmp_path / run)
+        policy = alignment.load_policy(base, tmp_path / run)
+        model, reference = (base, base) if run == "lora" else (policy.model, base)
+        assert (policy.scope, policy.reference) == (("actor", None) if run == "lora" else (None, base))
+        expected = []
+        for r in records:
+            (prompt, chosen), (_, rejected) = encode_pair(r, tok, 256)
+            expected.append(_summed_log_ratio(model, reference, prompt, chosen, policy.scope)
+                            - _summed_log_ratio(model, reference, prompt, rejected, policy.scope))
+        margins = alignment.dpo_margins(policy, tok, records)
+        assert margins.tolist() == pytest.approx(expected, abs=1e-4)
+        assert margins.abs().min() > 1e-3  # a policy that differs from its reference
+        if policy.scope:
+            base.remove_finetune_params(policy.scope)
