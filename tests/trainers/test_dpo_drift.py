@@ -167,3 +167,14 @@ def test_use_lora_false_stops_at_the_budget_with_the_whole_model_rolled_back(tmp
     assert all(torch.equal(final[k], step3[k]) for k in step3)  # final/: the whole model of step 3
     stopped = weights(tmp_path / "stop" / "dpo" / "checkpoints" / "step_00000006")
     assert not all(torch.equal(stopped[k], step3[k]) for k in step3)  # the checkpoint: where it stopped
+
+
+def test_the_dpo_full_preset_is_the_dpo_preset_training_every_weight():
+    """configs/rl/dpo-full.yaml differs from dpo.yaml only where training every weight needs it, so a
+    change to one preset's loss or budget reaches both."""
+    from palm_rlhf.runtime.config import config_to_dict, load_config
+
+    lora, full = (config_to_dict(load_config(DPOConfig, name)) for name in ("dpo", "dpo-full"))
+    assert {k for k in lora if lora[k] != full[k]} == {"use_lora", "lr", "max_steps", "eval_every", "kl_samples",
+                                                       "save_every"}
+    assert full["use_lora"] is False and full["lr"] < lora["lr"] and full["kl_samples"] > lora["kl_samples"]
