@@ -110,11 +110,12 @@ ARGS = {
     "ppo": ["max_steps=2", "prompts_per_step=8", "kl_target=1.0", "kl_horizon=100", *RL],
     "grpo": ["max_steps=2", "prompts_per_step=4", "group_size=2", *RL],
     "dpo": ["max_steps=3", "batch_size=4", "eval_every=2", "max_len=24", "lr=0.01"],
+    "dpo-full": ["max_steps=3", "batch_size=4", "eval_every=2", "max_len=24", "lr=0.01", "use_lora=false"],
     "reward": ["max_steps=3", "eval_every=3", "log_every=1", "max_len=24", "lr=0.003", "progress=false"],
 }
-COMMAND = {"ppo": ["ppo"], "grpo": ["grpo"], "dpo": ["dpo"], "reward": ["reward", "train"]}
+COMMAND = {"ppo": ["ppo"], "grpo": ["grpo"], "dpo": ["dpo"], "dpo-full": ["dpo"], "reward": ["reward", "train"]}
 INPUTS = {"ppo": ("model", "prompts"), "grpo": ("model", "prompts"), "dpo": ("model", "data"),
-          "reward": ("model", "data")}
+          "dpo-full": ("model", "data"), "reward": ("model", "data")}
 
 
 def _per_process(algo: str, nproc: int) -> list[str]:
@@ -158,14 +159,14 @@ def _launch(algo: str, inputs: list[str], out: Path, nproc: int, device: str):
 
 
 def _trained(algo: str, run_dir: Path) -> dict:
-    """What the run trained: DPO's adapter, the reward model's weights."""
+    """What the run trained: DPO's adapter, the reward model's weights, every weight (dpo-full)."""
     from safetensors.torch import load_file
 
-    return load_file(run_dir / "final" / ("model.safetensors" if algo == "reward" else "adapter.safetensors"))
+    return load_file(run_dir / "final" / ("adapter.safetensors" if algo == "dpo" else "model.safetensors"))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algo", ["ppo", "grpo", "dpo", "reward"])
+@pytest.mark.parametrize("algo", ["ppo", "grpo", "dpo", "dpo-full", "reward"])
 def test_trainers_in_two_gloo_processes_obey_the_nccl_rule(tmp_path, algo):
     """Every collective of the RL, DPO and reward runs goes through the runtime on the model's
     device; the gradients go through DDP (C++), so the rule sees only statistics. DPO and reward
@@ -182,7 +183,16 @@ def test_trainers_in_two_gloo_processes_obey_the_nccl_rule(tmp_path, algo):
     assert main(_argv(algo, inputs, tmp_path / "one", 1)) == 0
     one, two = _trained(algo, tmp_path / "one"), _trained(algo, tmp_path / "two")
     assert one.keys() == two.keys()
-    assert any(v.abs().max() > 1e-4 for k, v in one.items() if k.endswith("B"))  # it learned (LoRA B starts at 0)
+    if algo == "dpo-full":  # it learned: every parameter moved from the base's (buffers do not train)
+        from safetensors.torch import load_file
+
+        from palm_rlhf.model import PaLM
+
+        base = load_file(tmp_path / "base" / "model.safetensors")
+        moved = {k for k in base if (one[k] - base[k]).abs().max() > 1e-6}
+        assert moved == {name for name, _ in PaLM.from_pretrained(tmp_path / "base").named_parameters()}
+    else:
+        assert any(v.abs().max() > 1e-4 for k, v in one.items() if k.endswith("B"))  # it learned (LoRA B starts at 0)
     for k in one:
         torch.testing.assert_close(two[k], one[k], atol=1e-5, rtol=0)
     rows_one, rows_two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
