@@ -175,6 +175,5 @@ def test_the_dpo_full_preset_is_the_dpo_preset_training_every_weight():
     from palm_rlhf.runtime.config import config_to_dict, load_config
 
     lora, full = (config_to_dict(load_config(DPOConfig, name)) for name in ("dpo", "dpo-full"))
-    assert {k for k in lora if lora[k] != full[k]} == {"use_lora", "lr", "max_steps", "eval_every", "kl_samples",
-                                                       "save_every"}
+    assert {k for k in lora if lora[k] != full[k]} == {"use_lora", "lr", "max_steps", "kl_samples", "save_every"}
     assert full["use_lora"] is False and full["lr"] < lora["lr"] and full["kl_samples"] > lora["kl_samples"]
