@@ -348,6 +348,11 @@ class DPOTrainer(OnRun):
                         "holds step %d's", c.kl_budget, self.step)
             return
         self.trainable().load_state_dict(kept["trainable"])
+        if kept["step"] == 0:  # nothing of the training is kept: say so, with the ways out
+            log.warning("dpo: the first evaluation (step %d) was already over kl_budget=%g, so final/ holds the "
+                        "starting policy, untrained; evaluate sooner (eval_every=%d now), lower lr (%g), or raise "
+                        "kl_budget", self.step, c.kl_budget, c.eval_every, c.lr)
+            return
         log.info("dpo: final/ holds step %d's policy (kl_ref %.2f, within kl_budget=%g); step %d's passed the "
                  "budget and is in the checkpoint", kept["step"], kept["kl_ref"], c.kl_budget, self.step)
 

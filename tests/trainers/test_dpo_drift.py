@@ -97,9 +97,13 @@ def test_budget_warns_and_stop_at_kl_budget_ends_the_run(tmp_path, tiny_model, p
 
     config, state = pretrained_tiny_state
     stop = make(tmp_path / "stop", _pretrained(config, state), kl_budget=1e-6, stop_at_kl_budget=True)
-    history = stop.train()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="palm_rlhf.trainers.dpo"):
+        history = stop.train()
     stop.cleanup()
     assert [row["step"] for row in history] == [1, 2, 3]  # stopped at the first eval over budget
+    untrained = [r.getMessage() for r in caplog.records if "starting policy, untrained" in r.getMessage()]
+    assert len(untrained) == 1 and "evaluate sooner (eval_every=3 now)" in untrained[0]
     run = json.loads((tmp_path / "stop" / "dpo" / "final" / "run.json").read_text())
     assert run["steps"] == 3
     assert run["policy_step"] == 0  # the first evaluation was already over: final/ is the start policy
