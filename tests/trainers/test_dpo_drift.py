@@ -80,6 +80,24 @@ def test_learning_rate_warms_up_then_decays(tmp_path, tiny_model):
     assert not any("kl_ref" in row for row in history)  # kl_samples=0: no kl_ref
 
 
+def test_evaluation_does_not_change_what_trains(tmp_path, pretrained_tiny_state):
+    """How often and on how many prompts kl_ref is measured (it samples) leaves the training steps as they
+    were: runs that differ only there end bit for bit the same, so a budget changes only where they stop."""
+    config, state = pretrained_tiny_state
+
+    def weights(name, **evaluation):
+        trainer = make(tmp_path / name, _pretrained(config, state), use_lora=False, lr=3e-3, **evaluation)
+        history = trainer.train()
+        trainer.cleanup()
+        return [row["loss"] for row in history], PaLM.from_pretrained(tmp_path / name / "dpo" / "final").state_dict()
+
+    losses, final = weights("every3", eval_every=3, kl_samples=4)
+    for name, evaluation in {"every2": {"eval_every": 2, "kl_samples": 8}, "none": {"kl_samples": 0}}.items():
+        other_losses, other = weights(name, **evaluation)
+        assert other_losses == losses, name
+        assert all(torch.equal(other[k], final[k]) for k in final), name
+
+
 def _pretrained(config, state) -> PaLM:
     model = PaLM(**config)
     model.load_state_dict(state)
@@ -174,10 +192,11 @@ def test_use_lora_false_stops_at_the_budget_with_the_whole_model_rolled_back(tmp
 
 
 def test_the_dpo_full_preset_is_the_dpo_preset_training_every_weight():
-    """configs/rl/dpo-full.yaml differs from dpo.yaml only where training every weight needs it, so a
-    change to one preset's loss or budget reaches both."""
+    """configs/rl/dpo-full.yaml differs from dpo.yaml only where training every weight needs it (its
+    budget too: it reaches 90% further from the start), so a change to one preset's loss reaches both."""
     from palm_rlhf.runtime.config import config_to_dict, load_config
 
     lora, full = (config_to_dict(load_config(DPOConfig, name)) for name in ("dpo", "dpo-full"))
-    assert {k for k in lora if lora[k] != full[k]} == {"use_lora", "lr", "max_steps", "kl_samples", "save_every"}
+    assert {k for k in lora if lora[k] != full[k]} == {"use_lora", "lr", "max_steps", "kl_samples", "save_every", "kl_budget"}
     assert full["use_lora"] is False and full["lr"] < lora["lr"] and full["kl_samples"] > lora["kl_samples"]
+    assert full["kl_budget"] > lora["kl_budget"]
