@@ -18,8 +18,8 @@ CLI with nothing but the shipped preset, paths, a step count, the seed and the r
 
 DPO can take another preset and more pairs of its own, on the same prompts and held-out pairs:
 `--dpo-config dpo-full --dpo-samples-per-prompt 64 --dpo-steps 16000` trains the most accurate
-implicit reward measured (word 0.900-0.910, format 0.913-0.923 on fresh held-out pairs; see
-benchmarks/README.md#alignment).
+implicit reward measured (on fresh held-out pairs, seeds 0-2: word 0.910, format 0.924-0.965,
+vowel 0.940-0.956; see benchmarks/README.md#alignment).
 
 Accuracies are measured again, with standard errors, on pairs no run trains on: `--more-draws` fresh
 pairs on each held-out prompt, and (DPO) fresh pairs on training prompts, next to its trained pairs.

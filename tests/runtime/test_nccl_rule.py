@@ -106,11 +106,12 @@ def test_reductions_of_tensors_lists_and_dicts_over_two_processes():
 HERE = Path(__file__).resolve().parent
 RL = ["rollout_batch_size=3", "minibatch_size=8", "epochs=2", "max_new_tokens=6", "eos_token=10", "lr=0.01",
       "sample_every=0", "reward_fn=nccl_rule_rewards:ascii_fraction", "progress=false"]
+DPO = ["max_steps=3", "batch_size=4", "eval_every=2", "max_len=24", "lr=0.01"]
 ARGS = {
     "ppo": ["max_steps=2", "prompts_per_step=8", "kl_target=1.0", "kl_horizon=100", *RL],
     "grpo": ["max_steps=2", "prompts_per_step=4", "group_size=2", *RL],
-    "dpo": ["max_steps=3", "batch_size=4", "eval_every=2", "max_len=24", "lr=0.01"],
-    "dpo-full": ["max_steps=3", "batch_size=4", "eval_every=2", "max_len=24", "lr=0.01", "use_lora=false"],
+    "dpo": DPO,
+    "dpo-full": [*DPO, "use_lora=false"],
     "reward": ["max_steps=3", "eval_every=3", "log_every=1", "max_len=24", "lr=0.003", "progress=false"],
 }
 COMMAND = {"ppo": ["ppo"], "grpo": ["grpo"], "dpo": ["dpo"], "dpo-full": ["dpo"], "reward": ["reward", "train"]}

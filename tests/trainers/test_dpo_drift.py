@@ -197,6 +197,7 @@ def test_the_dpo_full_preset_is_the_dpo_preset_training_every_weight():
     from palm_rlhf.runtime.config import config_to_dict, load_config
 
     lora, full = (config_to_dict(load_config(DPOConfig, name)) for name in ("dpo", "dpo-full"))
-    assert {k for k in lora if lora[k] != full[k]} == {"use_lora", "lr", "max_steps", "kl_samples", "save_every", "kl_budget"}
+    differ = {k for k in lora if lora[k] != full[k]}
+    assert differ == {"use_lora", "lr", "max_steps", "kl_samples", "save_every", "kl_budget"}
     assert full["use_lora"] is False and full["lr"] < lora["lr"] and full["kl_samples"] > lora["kl_samples"]
     assert full["kl_budget"] > lora["kl_budget"]
