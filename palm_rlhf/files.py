@@ -14,11 +14,13 @@ tokenizers, prepared corpora, metrics, the feedback export).
 from __future__ import annotations
 
 import io
+import json
 import os
 import pickle
 import pickletools
 import re
 import shutil
+import struct
 import tempfile
 import warnings
 import zipfile
@@ -245,3 +247,51 @@ def load_state_dict_file(path: Path, map_location="cpu") -> dict:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: expected a dict of tensors (a state_dict)")
     return state
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def stream_safetensors(path):
+    """Yield (name, tensor) for each tensor of a safetensors file, in file order, each a view of a
+    private memory map. Read each before asking for the next: the pages of a tensor already
+    read are handed back to the kernel (`MADV_DONTNEED`), so reading a file into a model that is
+    already allocated raises the resident memory by about one tensor, not the file's size."""
+    import mmap
+
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            if header_len > size - 8:
+                raise ValueError(f"header of {header_len} bytes in a file of {size}")
+            header = json.loads(f.read(header_len))
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > 8 + header_len else None
+    except (OSError, ValueError, struct.error) as e:
+        raise CheckpointError(f"{path}: cannot read safetensors file (truncated or corrupt?): {one_line(e)}") from e
+    header.pop("__metadata__", None)
+    base, page = 8 + header_len, mmap.PAGESIZE
+    try:
+        for name, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+            start, end = info["data_offsets"]
+            dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+            if dtype is None or base + end > size:
+                raise CheckpointError(f"{path}: tensor {name} has dtype {info['dtype']} or extends past the end "
+                                      f"of the file (truncated or corrupt?)")
+            count = (end - start) // max(1, torch.empty((), dtype=dtype).element_size())
+            flat = torch.frombuffer(mm, dtype=dtype, count=count, offset=base + start) if count else \
+                torch.empty(0, dtype=dtype)
+            yield name, flat.view(info["shape"])
+            del flat
+            lo = (base + start) // page * page
+            if end > start:
+                mm.madvise(mmap.MADV_DONTNEED, lo, min(size, base + end) - lo)
+    finally:
+        if mm is not None:
+            try:
+                mm.close()
+            except BufferError:  # a caller still holds a view: the map closes when it is freed
+                pass

@@ -22,6 +22,7 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ..files import atomic_save_tensors, atomic_write_bytes, load_state_dict_file, read_safetensors_header
+from .lora import DEFAULT_LORA_TARGETS
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -60,17 +61,26 @@ def load_into(model: nn.Module, state: dict, source: str = "state dict", strict:
 
 
 def palm_config(model, skip: str | None = None) -> dict:
-    """A PaLM's constructor arguments plus its scopes' ranks and alphas (all but `skip`)."""
+    """A PaLM's constructor arguments plus its scopes' ranks, alphas and targets (all but `skip`);
+    targets only where they differ from q, k, v, o (files stay readable by older versions)."""
+    targets = {s: list(t) for s, t in model.finetune_scope_targets.items() if s != skip and t != DEFAULT_LORA_TARGETS}
     return {**model.config,
             "finetune_scopes": {s: r for s, r in model.finetune_scope_ranks.items() if s != skip},
-            "finetune_scope_alphas": {s: a for s, a in model.finetune_scope_alphas.items() if s != skip}}
+            "finetune_scope_alphas": {s: a for s, a in model.finetune_scope_alphas.items() if s != skip},
+            **({"finetune_scope_targets": targets} if targets else {})}
+
+
+def _tied(state: dict, key: str) -> bool:
+    embedding = key.removesuffix(TIED_KEY) + "token_emb.weight"
+    return embedding in state and state[key].data_ptr() == state[embedding].data_ptr()
 
 
 def write_pretrained(model: nn.Module, directory, config: dict) -> Path:
-    """`config.json` and every persistent tensor but the tied output projection, atomically."""
+    """`config.json` and every persistent tensor but a tied output projection, atomically."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v for k, v in model.state_dict().items() if not k.endswith(TIED_KEY)}
+    state = model.state_dict()
+    state = {k: v for k, v in state.items() if not (k.endswith(TIED_KEY) and _tied(state, k))}
     atomic_save_tensors(state, directory / WEIGHTS_NAME, metadata={"format": "pt"})
     atomic_write_bytes(directory / CONFIG_NAME, json.dumps(config, indent=2).encode())
     return directory
@@ -96,32 +106,44 @@ def build_palm(cls, config: dict, source, **overrides):
     config = dict(config)
     scopes = config.pop("finetune_scopes", {}) or {}
     alphas = config.pop("finetune_scope_alphas", {}) or {}
+    targets = config.pop("finetune_scope_targets", {}) or {}
     for key in ("format_version", "layernorm_gain"):
         config.pop(key, None)
     try:
         model = cls(**{**config, **overrides})
     except TypeError as e:
         raise CheckpointError(f"{source}: {e}") from e
-    add_saved_scopes(model, scopes, alphas)
+    add_saved_scopes(model, scopes, alphas, targets)
     return model
 
 
-def from_pretrained(cls, directory, map_location="cpu", **overrides):
+def from_pretrained(cls, directory, map_location="cpu", dtype=None, **overrides):
+    """A model directory: ours (save_pretrained) or a Hugging Face checkpoint of a supported family
+    (`palm_rlhf.model.families`). `dtype` (fp32, bf16; a name or a torch dtype): ours keep the
+    saved dtype unless it is given; a family checkpoint loads as fp32 unless it is given."""
+    from .families import is_family_config, load_family, parse_dtype
+
     directory = Path(directory)
     config = read_config(directory)
     if config.get("model_type") == "reward_model":  # RewardModel.from_pretrained says the converse
         raise CheckpointError(f"{directory} holds a reward model, not a PaLM: load it with RewardModel.from_pretrained "
                               f"(palm-rlhf reward score); generate, serve and feedback serve take a policy run")
+    if is_family_config(config):
+        if overrides:
+            raise CheckpointError(f"{directory}: a Hugging Face checkpoint takes no overrides ({', '.join(overrides)})")
+        return load_family(directory, config, dtype=dtype, device=map_location, model_cls=cls)
     model = build_palm(cls, config, directory / CONFIG_NAME, **overrides)
     load_into(model, load_state_dict_file(directory / WEIGHTS_NAME), source=str(directory / WEIGHTS_NAME))
-    return model.to(map_location)
+    dtype = parse_dtype(dtype)
+    return model.to(map_location) if dtype is None else model.to(map_location, dtype)
 
 
-def add_saved_scopes(model, ranks: dict, alphas: dict) -> None:
+def add_saved_scopes(model, ranks: dict, alphas: dict, targets: dict | None = None) -> None:
     """Recreate the scopes of a config.json record; a scope saved without an alpha
     (before alpha existed) gets alpha = r, the output scale 1 it was trained with."""
     for scope, r in ranks.items():
-        model.add_finetune_params(scope, lora_r=r, lora_alpha=alphas.get(scope, r))
+        model.add_finetune_params(scope, lora_r=r, lora_alpha=alphas.get(scope, r),
+                                  targets=(targets or {}).get(scope, DEFAULT_LORA_TARGETS))
 
 
 # ---------------------------------------------------------------- adapters
@@ -134,6 +156,7 @@ def save_adapter(model, scope: str, path) -> Path:
     tensors = {k[len(prefix):]: v for k, v in model.state_dict().items() if k.startswith(prefix)}
     meta = {"scope": scope, "lora_r": str(model.finetune_scope_ranks[scope]),
             "lora_alpha": repr(model.finetune_scope_alphas[scope]),
+            "lora_targets": ",".join(model.finetune_scope_targets[scope]),
             "dim": str(model.dim), "depth": str(len(model.layers))}
     path = Path(path)
     atomic_save_tensors(tensors, path, metadata=meta)
@@ -152,7 +175,8 @@ def load_adapter(model, path, scope: str | None = None) -> str:
     if scope in model.finetune_modules:
         model.remove_finetune_params(scope)
     r = int(meta["lora_r"])
-    model.add_finetune_params(scope, lora_r=r, lora_alpha=float(meta.get("lora_alpha", r)))
+    targets = meta.get("lora_targets", ",".join(DEFAULT_LORA_TARGETS)).split(",")
+    model.add_finetune_params(scope, lora_r=r, lora_alpha=float(meta.get("lora_alpha", r)), targets=targets)
     try:
         load_into(model.finetune_modules[scope], load_state_dict_file(path), source=str(path))
     except CheckpointError:

@@ -1,8 +1,9 @@
-"""A small key/value cache for multi-query attention (one K/V head per layer).
+"""A small key/value cache: per layer, (batch, max_len, kv_dim) keys and values, where
+kv_dim = kv_heads * dim_head (the heads side by side, as the projection writes them).
 
-Allocated once for (batch, max_len); it never grows. With MQA the cache is
-2 * depth * batch * max_len * dim_head values: for dim_head 64, depth 6,
-batch 8 and 2048 positions that is 12.6 MB in fp32.
+Allocated once for (batch, max_len); it never grows. With PaLM's multi-query attention
+(kv_heads 1) the cache is 2 * depth * batch * max_len * dim_head values: for dim_head 64,
+depth 6, batch 8 and 2048 positions that is 12.6 MB in fp32.
 
 Prompts of different lengths are *left-padded*: row r's first `pad[r]` slots
 are padding, so every row writes its next token into the same slot and a
@@ -19,13 +20,13 @@ from ..errors import InputError
 
 
 class KVCache(nn.Module):
-    def __init__(self, depth: int, batch: int, max_len: int, dim_head: int, *, device=None,
+    def __init__(self, depth: int, batch: int, max_len: int, kv_dim: int, *, device=None,
                  dtype=torch.float32, pad: Tensor | None = None):
         super().__init__()
         self.max_len = max_len
-        self.register_buffer("k", torch.zeros(depth, batch, max_len, dim_head, device=device, dtype=dtype),
+        self.register_buffer("k", torch.zeros(depth, batch, max_len, kv_dim, device=device, dtype=dtype),
                              persistent=False)
-        self.register_buffer("v", torch.zeros(depth, batch, max_len, dim_head, device=device, dtype=dtype),
+        self.register_buffer("v", torch.zeros(depth, batch, max_len, kv_dim, device=device, dtype=dtype),
                              persistent=False)
         pad = torch.zeros(batch, dtype=torch.long, device=device) if pad is None else pad.to(device)
         self.register_buffer("pad", pad, persistent=False)  # (b,) left-padding per row

@@ -45,3 +45,32 @@ class LoRA(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # (x @ A) @ B costs r*(dim + dim_out) per token instead of dim*dim_out
         return (x @ self.A) @ self.B * self.scale
+
+
+# the projections a LoRA scope can adapt, in the order of a block's weights
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+DEFAULT_LORA_TARGETS = ("q", "k", "v", "o")
+
+
+class LoRASet(nn.ModuleDict):
+    """One layer's adapters of one scope, keyed by the projection each adapts.
+
+    `keys` maps a target name to the name its module is stored under: PaLM stores q, k, v, o
+    as "0".."3", so a scope's parameters keep the seed's names
+    (`finetune_modules.{scope}.{layer}.{0..3}.A`); the families store them by name
+    (`finetune_modules.{scope}.{layer}.q.A`). `set[i]` reads the i-th stored module, as the
+    seed's `ModuleList` did.
+    """
+
+    def __init__(self, modules: dict, keys: dict | None = None):
+        super().__init__({(keys or {}).get(t, t): m for t, m in modules.items()})
+        self.key_of = {t: (keys or {}).get(t, t) for t in modules}
+
+    def __getitem__(self, key):
+        if isinstance(key, int):
+            return list(self.values())[key]
+        return super().__getitem__(key)
+
+    def by_target(self) -> dict:
+        """{target: LoRA} for the targets this set adapts."""
+        return {t: super(LoRASet, self).__getitem__(k) for t, k in self.key_of.items()}

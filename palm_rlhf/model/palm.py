@@ -21,8 +21,28 @@ from torch import Tensor, nn
 from ..errors import ConfigError, InputError
 from ..ops import gumbel_sample, top_k
 from .kv_cache import KVCache
-from .layers import LayerNorm, ParallelTransformerBlock, Residual
-from .lora import LoRA
+from .layers import LayerNorm, ParallelTransformerBlock, Residual, RMSNorm, RotaryEmbedding
+from .lora import DEFAULT_LORA_TARGETS, LORA_TARGETS, LoRA, LoRASet
+from .sequential import SequentialBlock
+
+BLOCKS = ("parallel", "sequential")
+PALM_LORA_KEYS = {"q": "0", "k": "1", "v": "2", "o": "3"}  # the seed's per-layer ModuleList indices
+
+
+def _check_family(block, heads, kv_heads, causal, ff_inner, sliding_window):
+    if block not in BLOCKS:
+        raise ConfigError(f"PaLM(block={block!r}): block must be one of {', '.join(BLOCKS)}")
+    if isinstance(kv_heads, bool) or not isinstance(kv_heads, int) or kv_heads <= 0 or heads % kv_heads:
+        raise ConfigError(f"PaLM(kv_heads={kv_heads!r}): the key/value heads must be a positive divisor of "
+                          f"heads={heads}")
+    if block == "parallel" and kv_heads != 1:
+        raise ConfigError(f"PaLM(kv_heads={kv_heads}): PaLM's parallel block is multi-query (kv_heads=1); "
+                          f"grouped-query attention needs block='sequential'")
+    if block == "sequential" and not causal:
+        raise ConfigError("PaLM(block='sequential') is a causal decoder; causal=False is PaLM's parallel block only")
+    for name, value in (("ff_inner", ff_inner), ("sliding_window", sliding_window)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            raise ConfigError(f"PaLM({name}={value!r}) must be a positive integer or None")
 
 
 def _check_config(dim, num_tokens, depth, dim_head, heads, ff_mult, attn_dropout, ff_dropout, lora_r,
@@ -46,39 +66,92 @@ class PaLM(nn.Module):
 
     def __init__(self, *, dim, num_tokens, depth, causal=True, dim_head=64, heads=8, ff_mult=4,
                  attn_dropout=0.0, ff_dropout=0.0, qk_rmsnorm=False, lora_r=8, rotary_xpos_scale_base=512,
-                 flash_attn=False, finetune_scopes=tuple(), cross_entropy_ignore_index=0):
+                 flash_attn=False, finetune_scopes=tuple(), cross_entropy_ignore_index=0,
+                 block="parallel", kv_heads=1, ff_inner=None, norm_eps=1e-6, tie_embeddings=True, qkv_bias=False,
+                 o_bias=False, mlp_bias=False, qk_norm=False, rope_theta=10000.0, rope_scaling=None,
+                 sliding_window=None, family=None, hf_config=None):
+        """The seed's arguments build PaLM. The rest configure the same decoder as a Llama-family
+        model (`palm_rlhf.model.families` writes them from a checkpoint's config.json):
+        block "sequential" (pre-norm attention then feedforward, RMSNorm with `norm_eps`),
+        `kv_heads` grouped-query heads, `ff_inner` the feedforward width (default dim * ff_mult),
+        untied embeddings, q/k/v, output and MLP biases, Qwen3's per-head q/k RMSNorm, the rotary
+        base and `rope_scaling`, Mistral's `sliding_window`; `family` and `hf_config` (the
+        checkpoint's own config) are kept for `export`."""
         super().__init__()
         _check_config(dim, num_tokens, depth, dim_head, heads, ff_mult, attn_dropout, ff_dropout, lora_r,
                       rotary_xpos_scale_base)
+        _check_family(block, heads, kv_heads, causal, ff_inner, sliding_window)
         self.dim, self.dim_head, self.heads, self.causal, self.num_tokens = dim, dim_head, heads, causal, num_tokens
-        self.flash_attn = flash_attn
+        self.flash_attn, self.block, self.kv_heads, self.family = flash_attn, block, kv_heads, family
+        self.sliding_window = sliding_window
         # everything needed to rebuild this model (written to config.json)
         self.config = dict(dim=dim, num_tokens=num_tokens, depth=depth, causal=causal, dim_head=dim_head,
                            heads=heads, ff_mult=ff_mult, attn_dropout=attn_dropout, ff_dropout=ff_dropout,
                            qk_rmsnorm=qk_rmsnorm, lora_r=lora_r, rotary_xpos_scale_base=rotary_xpos_scale_base,
                            flash_attn=flash_attn, cross_entropy_ignore_index=cross_entropy_ignore_index)
-
         self.token_emb = nn.Embedding(num_tokens, dim)
-        self.layers = nn.ModuleList([
-            Residual(ParallelTransformerBlock(
-                dim=dim, causal=causal, dim_head=dim_head, heads=heads, qk_rmsnorm=qk_rmsnorm, ff_mult=ff_mult,
-                attn_dropout=attn_dropout, ff_dropout=ff_dropout, xpos_scale_base=rotary_xpos_scale_base,
-                flash_attn=flash_attn))
-            for _ in range(depth)
-        ])
-        self.norm = LayerNorm(dim)
+        if block == "parallel":
+            self.layers = nn.ModuleList([
+                Residual(ParallelTransformerBlock(
+                    dim=dim, causal=causal, dim_head=dim_head, heads=heads, qk_rmsnorm=qk_rmsnorm, ff_mult=ff_mult,
+                    attn_dropout=attn_dropout, ff_dropout=ff_dropout, xpos_scale_base=rotary_xpos_scale_base,
+                    flash_attn=flash_attn))
+                for _ in range(depth)
+            ])
+            self.norm = LayerNorm(dim)
+        else:
+            ff_inner = ff_inner or dim * ff_mult
+            self.config.update(block=block, kv_heads=kv_heads, ff_inner=ff_inner, norm_eps=norm_eps,
+                               tie_embeddings=tie_embeddings, qkv_bias=qkv_bias, o_bias=o_bias, mlp_bias=mlp_bias,
+                               qk_norm=qk_norm, rope_theta=rope_theta, rope_scaling=rope_scaling,
+                               sliding_window=sliding_window, family=family, hf_config=hf_config)
+            self.layers = nn.ModuleList([
+                SequentialBlock(dim, heads, kv_heads, dim_head, ff_inner, eps=norm_eps, qkv_bias=qkv_bias,
+                                o_bias=o_bias, mlp_bias=mlp_bias, qk_norm=qk_norm, attn_dropout=attn_dropout,
+                                ff_dropout=ff_dropout)
+                for _ in range(depth)
+            ])
+            self.norm = RMSNorm(dim, norm_eps)
+            self.rotary_emb = RotaryEmbedding(dim_head, use_xpos=False, theta=rope_theta, scaling=rope_scaling,
+                                              persistent=False)
         self.to_logits = nn.Linear(dim, num_tokens, bias=False)
-        self.to_logits.weight = self.token_emb.weight  # tied embeddings
+        self.tie_embeddings = tie_embeddings
+        if tie_embeddings:
+            self.to_logits.weight = self.token_emb.weight  # tied embeddings
+        else:
+            nn.init.normal_(self.to_logits.weight, std=0.02)
         nn.init.normal_(self.token_emb.weight, std=0.02)
 
         self.lora_r = lora_r
         self.lora_alpha: float | None = None  # alpha of new scopes; None: the seed's LoRA (see model/lora.py)
+        self.lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS  # targets of new scopes
         self.finetune_modules = nn.ModuleDict({})
         self.finetune_scope_ranks: dict[str, int] = {}
         self.finetune_scope_alphas: dict[str, float] = {}  # saved with the scope: output scale alpha / r
+        self.finetune_scope_targets: dict[str, tuple[str, ...]] = {}
         for scope in finetune_scopes:
             self.add_finetune_params(scope)
         self.cross_entropy_ignore_index = cross_entropy_ignore_index
+
+    @property
+    def rotary(self) -> RotaryEmbedding:
+        """The rotary embedding every block uses (PaLM keeps it in each block, under the seed's names)."""
+        return self.layers[0].fn.rotary_emb if self.block == "parallel" else self.rotary_emb
+
+    def lora_slots(self, layer: int) -> dict[str, tuple[Tensor, int, int]]:
+        """{target: (weight (out, in), first row, end row)}: where each LoRA target's update lands."""
+        if self.block == "parallel":
+            blk = self.layers[layer].fn
+            qd, d = self.heads * self.dim_head, self.dim_head
+            fused = blk.fused_attn_ff_proj.weight
+            return {"q": (fused, 0, qd), "k": (fused, qd, qd + d), "v": (fused, qd + d, qd + 2 * d),
+                    "o": (blk.attn_out.weight, 0, self.dim)}
+        blk = self.layers[layer]
+        qd, kvd = blk.qkv_sizes[:2]
+        return {"q": (blk.qkv.weight, 0, qd), "k": (blk.qkv.weight, qd, qd + kvd),
+                "v": (blk.qkv.weight, qd + kvd, qd + 2 * kvd), "o": (blk.attn_out.weight, 0, self.dim),
+                "up": (blk.gate_up.weight, 0, blk.ff_inner), "gate": (blk.gate_up.weight, blk.ff_inner, 2 * blk.ff_inner),
+                "down": (blk.ff_down.weight, 0, self.dim)}
 
     # ------------------------------------------------------------------ seed utilities
 
@@ -101,15 +174,19 @@ class PaLM(nn.Module):
         return save_pretrained(self, directory)
 
     @classmethod
-    def from_pretrained(cls, directory, map_location="cpu", **overrides) -> "PaLM":
+    def from_pretrained(cls, directory, map_location="cpu", dtype=None, **overrides) -> "PaLM":
+        """Our save_pretrained directory or a Llama/Mistral/Qwen2/Qwen3 checkpoint directory
+        (see `palm_rlhf.model.families`); `dtype` "fp32" / "bf16" or a torch dtype."""
         from .checkpoint import from_pretrained
 
-        return from_pretrained(cls, directory, map_location=map_location, **overrides)
+        return from_pretrained(cls, directory, map_location=map_location, dtype=dtype, **overrides)
 
     def set_dropout(self, dropout: float) -> "PaLM":
         for module in self.layers.modules():
             if isinstance(module, nn.Dropout):
                 module.p = dropout  # attention's too: the blocks pass attn_dropout.p to SDPA
+            if isinstance(module, SequentialBlock):
+                module.attn_dropout = dropout
         return self
 
     # ------------------------------------------------------------------ LoRA finetune scopes
@@ -121,10 +198,13 @@ class PaLM(nn.Module):
             raise ConfigError(f"unknown finetune scope {scope!r}; scopes that exist: {existing}. "
                               f"Create it with add_finetune_params({scope!r}).")
 
-    def add_finetune_params(self, scope: str, lora_r: int | None = None, lora_alpha: float | None = None) -> None:
+    def add_finetune_params(self, scope: str, lora_r: int | None = None, lora_alpha: float | None = None,
+                            targets=None) -> None:
         """A new LoRA scope of rank `lora_r` (default: the model's) scaled by `lora_alpha / lora_r`
         with a bounded A (the trainers pass `DEFAULT_LORA_ALPHA`). `lora_alpha=None` (and
-        `self.lora_alpha` None, the default) is the seed's LoRA: randn A, scale 1."""
+        `self.lora_alpha` None, the default) is the seed's LoRA: randn A, scale 1.
+        `targets`: the projections adapted, from q, k, v, o, gate, up, down (default
+        `self.lora_targets`, q k v o); PaLM's fused block takes q, k, v, o."""
         if scope in self.finetune_modules:
             existing = ", ".join(repr(s) for s in self.finetune_modules)
             raise ConfigError(f"finetune scope {scope!r} already exists (scopes: {existing}); "
@@ -133,33 +213,42 @@ class PaLM(nn.Module):
         alpha = self.lora_alpha if lora_alpha is None else lora_alpha
         if alpha is not None and not float(alpha) > 0:
             raise ConfigError(f"lora_alpha={lora_alpha!r}: must be > 0 (the LoRA output is scaled by alpha / r)")
-        q_inner, kv_inner = self.heads * self.dim_head, self.dim_head
+        targets = tuple(self.lora_targets if targets is None else targets)
+        allowed = tuple(self.lora_slots(0))
+        bad = [t for t in targets if t not in allowed]
+        if bad or not targets or len(set(targets)) != len(targets):
+            kind = "PaLM's fused block" if self.block == "parallel" else "this model"
+            raise ConfigError(f"lora targets {list(targets)}: {kind} takes distinct targets from "
+                              f"{', '.join(allowed)} (all targets: {', '.join(LORA_TARGETS)})")
+        targets = tuple(t for t in LORA_TARGETS if t in targets)  # a canonical order
+        keys = PALM_LORA_KEYS if self.block == "parallel" else None
         param = self.token_emb.weight
-        modules = nn.ModuleList([
-            nn.ModuleList([LoRA(self.dim, q_inner, r, alpha), LoRA(self.dim, kv_inner, r, alpha),
-                           LoRA(self.dim, kv_inner, r, alpha), LoRA(q_inner, self.dim, r, alpha)])
-            for _ in self.layers
-        ])
+        modules = nn.ModuleList()
+        for i in range(len(self.layers)):
+            slots = self.lora_slots(i)
+            modules.append(LoRASet({t: LoRA(slots[t][0].shape[1], slots[t][2] - slots[t][1], r, alpha)
+                                    for t in targets}, keys))
         self.finetune_modules[scope] = modules.to(device=param.device, dtype=param.dtype)
         self.finetune_scope_ranks[scope] = r
         self.finetune_scope_alphas[scope] = modules[0][0].alpha
+        self.finetune_scope_targets[scope] = targets
 
     def remove_finetune_params(self, scope: str) -> nn.ModuleList:
         self.require_scope(scope)
         self.finetune_scope_ranks.pop(scope, None)
         self.finetune_scope_alphas.pop(scope, None)
+        self.finetune_scope_targets.pop(scope, None)
         return self.finetune_modules.pop(scope)
 
     @torch.no_grad()
     def merge_finetune_params(self, scope: str) -> None:
         """Fold a scope's LoRA weights into the base weights and drop the scope."""
         modules = self.remove_finetune_params(scope)
-        for layer, (lora_q, lora_k, lora_v, lora_o) in zip(self.layers, modules):
-            block = layer.fn
-            fused = block.fused_attn_ff_proj.weight  # (out, dim)
-            qkv = torch.cat([lora_q.weight, lora_k.weight, lora_v.weight], dim=1)  # (dim, q+k+v)
-            fused[: qkv.shape[1]].add_(qkv.t().to(fused.dtype))
-            block.attn_out.weight.add_(lora_o.weight.t().to(fused.dtype))
+        for i, lora_set in enumerate(modules):
+            slots = self.lora_slots(i)
+            for target, lora in lora_set.by_target().items():
+                weight, start, end = slots[target]
+                weight[start:end].add_(lora.weight.t().to(weight.dtype))
 
     def palm_parameters(self) -> list[nn.Parameter]:
         """Base parameters, never LoRA ones (a list in a stable order; the seed returned a set)."""
@@ -208,11 +297,11 @@ class PaLM(nn.Module):
     # ------------------------------------------------------------------ forward paths
 
     def lora_layers(self, finetune_scope: str | None, disable_lora: bool = False) -> list:
-        """Each layer's (q, k, v, out) LoRA modules of a scope, or None per layer when no scope applies."""
+        """Each layer's {target: LoRA} of a scope, or None per layer when no scope applies."""
         if finetune_scope is None or disable_lora:
             return [None] * len(self.layers)
         self.require_scope(finetune_scope)
-        return list(self.finetune_modules[finetune_scope])
+        return [lora_set.by_target() for lora_set in self.finetune_modules[finetune_scope]]
 
     def _forward_hidden(self, x: Tensor, finetune_scope=None, disable_lora=False, extra_embed=None,
                         kv_cache=None, positions: Tensor | None = None) -> Tensor:
@@ -236,8 +325,9 @@ class PaLM(nn.Module):
         if kv_cache is not None:
             slots, center, mask = kv_cache.positions(n), kv_cache.center, kv_cache.attention_mask(n)  # (b, n)
         else:
+            self.check_window(n)
             slots, center = torch.arange(n, device=x.device), n // 2  # the seed's centre
-        q_cos, q_sin, k_cos, k_sin = self.layers[0].fn.rotary_emb.tables(slots, center, dtype)  # (.., n, d)
+        q_cos, q_sin, k_cos, k_sin = self.rotary.tables(slots, center, dtype)  # (.., n, d)
         rotary = (q_cos.unsqueeze(-3), q_sin.unsqueeze(-3), k_cos, k_sin)  # query tables broadcast over heads
 
         loras = self.lora_layers(finetune_scope, disable_lora)
@@ -310,9 +400,19 @@ class PaLM(nn.Module):
 
     # ------------------------------------------------------------------ cached decoding
 
+    def check_window(self, length: int) -> None:
+        """InputError for a context longer than a sliding-window model's window (Mistral): beyond it,
+        each token attends only to the last `sliding_window` ones, which this decoder does not do."""
+        if self.sliding_window is not None and length > self.sliding_window:
+            raise InputError(f"a context of {length} tokens is longer than this model's sliding window "
+                             f"({self.sliding_window}); palm-rlhf runs sliding-window models only within the window: "
+                             f"use at most {self.sliding_window} tokens (prompt + new tokens)")
+
     def new_kv_cache(self, batch: int, max_len: int, pad: Tensor | None = None, dtype=None) -> KVCache:
+        """A cache for `batch` rows of up to `max_len` tokens: (depth, b, max_len, kv_heads * dim_head)."""
+        self.check_window(max_len)
         param = self.token_emb.weight
-        return KVCache(len(self.layers), batch, max_len, self.dim_head, device=param.device,
+        return KVCache(len(self.layers), batch, max_len, self.kv_heads * self.dim_head, device=param.device,
                        dtype=dtype or param.dtype, pad=pad)
 
     def forward_cached(self, x: Tensor, kv_cache: KVCache, *, finetune_scope=None, disable_lora=False,

@@ -11,20 +11,24 @@ from palm_rlhf.model.layers import attention
 
 
 def explicit(q, k, v, mask, is_causal):
-    """softmax(q k^T / sqrt(d) + masks) v, the seed's formulation, one key head for all query heads."""
-    scores = torch.einsum("bhid,bjd->bhij", q, k) * q.shape[-1] ** -0.5
+    """softmax(q k^T / sqrt(d) + masks) v; key head i // (h / g) serves query head i."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)  # (b, h, j, d)
+    scores = torch.einsum("bhid,bhjd->bhij", q, k) * q.shape[-1] ** -0.5
     if is_causal:
         scores = scores.masked_fill(torch.ones(scores.shape[-2:], dtype=torch.bool).triu(1), float("-inf"))
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.einsum("bhij,bjd->bhid", scores.softmax(-1), v)
+    return torch.einsum("bhij,bhjd->bhid", scores.softmax(-1), v)
 
 
+@pytest.mark.parametrize("kv_heads", [1, 2, 4], ids=["multi-query", "grouped", "multi-head"])
 @pytest.mark.parametrize("case", ["causal", "key_padding", "query_subset"])
-def test_attention_equals_the_explicit_formula(case):
+def test_attention_equals_the_explicit_formula(case, kv_heads):
     g = torch.Generator().manual_seed(0)
-    b, h, n, d = 2, 3, 11, 8
-    q, k, v = torch.randn(b, h, n, d, generator=g), torch.randn(b, n, d, generator=g), torch.randn(b, n, d, generator=g)
+    b, h, n, d = 2, 4, 11, 8
+    q = torch.randn(b, h, n, d, generator=g)
+    k, v = torch.randn(b, kv_heads, n, d, generator=g), torch.randn(b, kv_heads, n, d, generator=g)
     mask, is_causal = None, False
     if case == "causal":
         is_causal = True

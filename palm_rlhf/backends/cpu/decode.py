@@ -101,11 +101,13 @@ class Decoder:
             attn_out, ff_out = blk.output_weights()
             fused_delta = out_delta = None
             if copy and lora is not None:  # fold the scope into the copies: no LoRA ops per token
-                lora_q, lora_k, lora_v, lora_o = lora
+                lora_q, lora_k, lora_v, lora_o = (lora.get(t) for t in "qkvo")
                 fused_delta = torch.zeros_like(fused.t())
-                qkv = torch.cat([lora_q.weight, lora_k.weight, lora_v.weight], dim=1)  # (in, (h+2)*d)
-                fused_delta[:, :qkv.shape[1]] = qkv
-                out_delta = lora_o.weight
+                h, d = self.heads, self.dim_head
+                for lora_x, start, size in ((lora_q, 0, h * d), (lora_k, h * d, d), (lora_v, (h + 1) * d, d)):
+                    if lora_x is not None:
+                        fused_delta[:, start:start + size] = lora_x.weight  # (in, size)
+                out_delta = None if lora_o is None else lora_o.weight
             self.weights.append((blk.norm.gamma, blk.norm.beta, layout(fused, fused_delta),
                                  layout(attn_out, out_delta), layout(ff_out)))
             self.step_loras.append(None if copy else lora)
@@ -230,9 +232,11 @@ class Decoder:
         qk = fused[:, : self.qk_dim].view(b, h + 1, d)  # (b, h+1, d): queries, then the key
         v = fused[:, self.qk_dim: self.ff_start]  # (b, d)
         if lora is not None:
-            lora_q, lora_k, lora_v, _ = lora
-            qk = qk + torch.cat([lora_q(xn), lora_k(xn)], dim=-1).view(b, h + 1, d)
-            v = v + lora_v(xn)
+            zeros = xn.new_zeros(*xn.shape[:-1], d)
+            lora_q, lora_k, lora_v = (lora.get(t) for t in "qkv")
+            q_delta = lora_q(xn) if lora_q is not None else xn.new_zeros(*xn.shape[:-1], h * d)
+            qk = qk + torch.cat([q_delta, lora_k(xn) if lora_k is not None else zeros], dim=-1).view(b, h + 1, d)
+            v = v + (lora_v(xn) if lora_v is not None else zeros)
         if self.qk_rmsnorm:
             qk = F.normalize(qk, dim=-1) * self.qk_scale[i]
         qk = torch.addcmul(qk * cos, qk.roll(self.half, -1), sin)  # rotary + xpos (+ 1/sqrt(d) on q)
@@ -272,8 +276,8 @@ class Decoder:
     def _block_out(self, i, lora, x, ctx, fused):
         _, _, _, w_out_t, w_ff_t = self.weights[i]
         out = self._project(ctx, w_out_t, residual=x)  # x + attn_out(ctx)
-        if lora is not None:
-            out = out + lora[3](ctx)
+        if lora is not None and lora.get("o") is not None:
+            out = out + lora["o"](ctx)
         ff_x = fused[:, self.ff_start: self.ff_start + self.ff_inner]
         gate = fused[:, self.ff_start + self.ff_inner:]
         return self._project(F.silu(gate) * ff_x, w_ff_t, residual=out)  # + ff_out(swiglu)
