@@ -20,6 +20,7 @@ _LAZY = {
     "ActorCritic": "palm_rlhf.rl.actor_critic",
     "RLHFTrainer": "palm_rlhf.trainers.rlhf",
     "SamplingConfig": "palm_rlhf.generation",
+    "load_model": "palm_rlhf.runtime.resolve",
 }
 
 

@@ -16,8 +16,8 @@ EXAMPLES = """examples:
   palm-rlhf generate runs/sft --adapter runs/ppo/final/adapter.safetensors --prompt "Tell me"
   palm-rlhf generate runs/ppo/checkpoints/step_00000100 --prompt "Tell me"
 
-CHECKPOINT is a run directory (its final/ is used), a final/ or save_pretrained directory, or a
-checkpoint step directory. The final/ of a LoRA, PPO, GRPO or DPO run already has its adapter
+CHECKPOINT is a run directory (its final/ is used), a final/ or save_pretrained directory, a
+checkpoint step directory, or a Llama/Mistral/Qwen2/Qwen3 checkpoint directory (docs/models.md). The final/ of a LoRA, PPO, GRPO or DPO run already has its adapter
 merged: generate from it as it is. --adapter applies a saved adapter (a file, or a directory
 holding adapter.safetensors) to the model first. The tokenizer saved with the model is used
 (--tokenizer overrides it); generation stops at its EOS id unless --no-eos is given.
@@ -55,13 +55,14 @@ def _unescape(text: str) -> str:
     return text.encode("latin-1", "backslashescape").decode("unicode_escape")
 
 
-def load_model_and_tokenizer(path: Path, tokenizer: str | None = None):
-    """(PaLM, tokenizer, ModelSource) for a run, final/ or step directory; the byte tokenizer when none was saved."""
+def load_model_and_tokenizer(path: Path, tokenizer: str | None = None, dtype=None):
+    """(PaLM, tokenizer, ModelSource) for a run, final/, step or Hugging Face checkpoint directory; the byte
+    tokenizer when none was saved."""
     from ..model import PaLM
     from ..runtime.resolve import check_tokenizer_fits, load_tokenizer_for, resolve_model
 
     source = resolve_model(path)
-    model = PaLM.from_pretrained(source.model_dir)
+    model = PaLM.from_pretrained(source.model_dir, dtype=dtype)
     tok = load_tokenizer_for(source, tokenizer)
     check_tokenizer_fits(tok, model.num_tokens, str(path))
     return model, tok, source
@@ -117,7 +118,7 @@ def run(args) -> int:
         raise ConfigError(f"--num-samples {args.num_samples}: must be >= 1")
     if args.stream and args.num_samples != 1:
         raise ConfigError("--stream prints one sample; drop --num-samples or --stream")
-    model, tokenizer, source = load_model_and_tokenizer(args.checkpoint, args.tokenizer)
+    model, tokenizer, source = load_model_and_tokenizer(args.checkpoint, args.tokenizer, dtype=args.dtype)
     scope = args.scope
     if args.adapter is not None:
         if scope is not None:
@@ -125,8 +126,6 @@ def run(args) -> int:
         scope = apply_adapter(model, source, args.adapter)
     elif scope is not None:
         _check_scope(model, source, scope)
-    if args.dtype == "bf16":
-        model = model.to(torch.bfloat16)
     prompt_text = _unescape(args.prompt)
     ids = tokenizer.encode(prompt_text)
     if not ids:

@@ -33,6 +33,7 @@ COMMAND_MODULES = [
     "finetune",
     "plot",
     "convert",
+    "export",
     "info",
     "generate",
     "reward",

@@ -72,6 +72,46 @@ class KVCache(nn.Module):
     def advance(self, n: int) -> None:
         self.length += n
 
+    # ---------------------------------------------------------------- slot moves (continuous batching)
+
+    def write_row(self, row: int, k: Tensor, v: Tensor) -> None:
+        """Put one prompt's keys and values (depth, n, kv_dim) into `row` so that they end at the
+        current slot (`length`); the row's padding is everything before them."""
+        n, end = k.shape[1], self.length
+        if n > end:
+            raise InputError(f"a prompt of {n} tokens does not end at slot {end}; shift the cache first")
+        self.k[:, row, end - n:end] = k
+        self.v[:, row, end - n:end] = v
+        self.pad[row] = end - n
+
+    def drop_leading(self, drop: int) -> None:
+        """Forget the first `drop` slots of every row (no live row uses them): shift left."""
+        end = self.length
+        self.k[:, :, :end - drop] = self.k[:, :, drop:end].clone()
+        self.v[:, :, :end - drop] = self.v[:, :, drop:end].clone()
+        self.pad.sub_(drop).clamp_(min=0)
+        self.length = end - drop
+
+    def shift_right(self, by: int) -> None:
+        """Move every row's slots `by` later (room for a longer prompt); the rows' padding grows."""
+        end = self.length
+        if end + by > self.max_len:
+            raise InputError(f"cannot shift {end} slots by {by} in a {self.max_len}-slot cache; drop slots first")
+        self.k[:, :, by:end + by] = self.k[:, :, :end].clone()
+        self.v[:, :, by:end + by] = self.v[:, :, :end].clone()
+        self.pad.add_(by)
+        self.length = end + by
+
+    def take_rows(self, other: "KVCache", rows: Tensor) -> None:
+        """Become `other`'s `rows` (renumbered from 0), with its filled slots and their padding."""
+        self.reset(torch.zeros_like(self.pad))
+        end, live = other.length, len(rows)
+        if live:
+            self.k[:, :live, :end] = other.k[:, rows, :end]
+            self.v[:, :live, :end] = other.v[:, rows, :end]
+            self.pad[:live] = other.pad[rows]
+            self.advance(end)
+
     def at(self, slot: Tensor) -> "StaticSlot":
         """This cache seen from one decode slot given as a tensor, for a compiled step."""
         return StaticSlot(self, slot)

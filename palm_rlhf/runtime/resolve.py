@@ -24,13 +24,15 @@ from .checkpoint import CheckpointManager
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ModelSource", "resolve_model", "load_tokenizer_for", "check_tokenizer_fits", "adapter_file", "ADAPTER_NAME"]
+__all__ = ["ModelSource", "resolve_model", "load_tokenizer_for", "check_tokenizer_fits", "adapter_file", "ADAPTER_NAME",
+           "load_model"]
 
 MODEL_CONFIG = "config.json"
 ADAPTER_NAME = "adapter.safetensors"  # a trained LoRA scope alone, beside (or instead of) merged weights
 _STEP_PREFIX = "step_"
 _EXPECTED = ("a run directory (its final/ is used), a final/ or save_pretrained directory "
-             "(config.json + model.safetensors), or a checkpoint step directory (RUN/checkpoints/step_NNNNNNNN)")
+             "(config.json + model.safetensors), a checkpoint step directory (RUN/checkpoints/step_NNNNNNNN), "
+             "or a Llama/Mistral/Qwen2/Qwen3 checkpoint directory (config.json + model*.safetensors)")
 
 
 @dataclass(frozen=True)
@@ -150,3 +152,26 @@ def adapter_file(adapter, source: ModelSource, flag: str = "--adapter") -> Path:
         raise ConfigError(f"{flag} {path}: {source.model_dir} already has this adapter merged in; drop {flag} "
                           f"(or give the model it was trained from, e.g. the run's model=)")
     return path
+
+
+def load_model(path, dtype=None, device="cpu"):
+    """Any model directory -> the model, in eval mode: a run directory, a final/ or step directory,
+    a reward model's, or a Llama/Mistral/Qwen2/Qwen3 checkpoint directory (`model(tokens)` gives
+    logits (b, n, vocab), as a `PaLM` does). `dtype`: "fp32" (default) or "bf16", or a torch dtype.
+
+        model = palm_rlhf.load_model("path/to/SmolLM2-135M", dtype="bf16")
+    """
+    import json
+
+    from ..model import PaLM
+    from ..model.families import parse_dtype
+
+    source = resolve_model(path)
+    config = json.loads((source.model_dir / MODEL_CONFIG).read_text())
+    if config.get("model_type") == "reward_model":
+        from ..model.reward import RewardModel
+
+        model = RewardModel.from_pretrained(source.model_dir, map_location=device)
+        dtype = parse_dtype(dtype)
+        return (model if dtype is None else model.to(dtype)).eval()
+    return PaLM.from_pretrained(source.model_dir, map_location=device, dtype=dtype).eval()

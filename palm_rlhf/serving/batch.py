@@ -82,10 +82,7 @@ class DecodeBatch:
             cache.advance(n)
         elif cache.length < n:
             self._shift(n - cache.length)
-        end = cache.length
-        cache.k[:, slot, end - n:end] = k
-        cache.v[:, slot, end - n:end] = v
-        cache.pad[slot] = end - n
+        cache.write_row(slot, k, v)
         self.rows[slot] = row
         self.decoder.rebind(cache.pad)
 
@@ -120,24 +117,14 @@ class DecodeBatch:
         cache, drop = self.cache, self._live_pad()
         if drop == 0:
             raise RuntimeError("a row outgrew the cache; requests are checked against the context first")
-        end = cache.length
-        cache.k[:, :, :end - drop] = cache.k[:, :, drop:end].clone()
-        cache.v[:, :, :end - drop] = cache.v[:, :, drop:end].clone()
-        cache.pad.sub_(drop).clamp_(min=0)
-        cache.length = end - drop
+        cache.drop_leading(drop)
         self.decoder.rebind(cache.pad)
 
     def _shift(self, by: int) -> None:
         """Move every row's keys/values `by` slots later (room for a longer prompt)."""
-        cache = self.cache
-        end = cache.length
-        if end + by > self.max_len:  # make room first
+        if self.cache.length + by > self.max_len:  # make room first
             self._compact()
-            end = cache.length
-        cache.k[:, :, by:end + by] = cache.k[:, :, :end].clone()
-        cache.v[:, :, by:end + by] = cache.v[:, :, :end].clone()
-        cache.pad.add_(by)
-        cache.length = end + by
+        self.cache.shift_right(by)
 
     def _entry(self, cap: int):
         if cap not in self.pool:
@@ -149,15 +136,10 @@ class DecodeBatch:
         """Move the live rows into the cache of capacity `cap` (slots renumbered from 0)."""
         live = self.live
         cache, decoder = self._entry(cap)
-        cache.reset(torch.zeros_like(cache.pad))
         if live:
-            old = self.cache
-            end = old.length
-            src = torch.tensor([slot for slot, _ in live], device=old.pad.device)
-            cache.k[:, :len(live), :end] = old.k[:, src, :end]
-            cache.v[:, :len(live), :end] = old.v[:, src, :end]
-            cache.pad[:len(live)] = old.pad[src]
-            cache.advance(end)
+            cache.take_rows(self.cache, torch.tensor([slot for slot, _ in live], device=self.cache.pad.device))
+        else:
+            cache.reset(torch.zeros_like(cache.pad))
         self.cache, self.decoder = cache, decoder
         self.rows = [row for _, row in live] + [None] * (cap - len(live))
         decoder.rebind(cache.pad)
