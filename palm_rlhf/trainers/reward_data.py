@@ -64,6 +64,9 @@ def encode_records(records: Sequence[PreferenceRecord], tokenizer) -> EncodedPai
         return torch.tensor(tokenizer.encode(text), dtype=torch.long)
 
     if record_kind(records) == "pairwise":
+        if any(r.is_chat for r in records):
+            raise DataError("conversational preference records (message-list prompts) are read by dpo; reward "
+                            "training takes text prompt/chosen/rejected records")
         return EncodedPairs([ids(r.prompt) for r in records], [ids(r.chosen) for r in records],
                             [ids(r.rejected) for r in records],
                             torch.tensor([float(r.margin) for r in records]))
