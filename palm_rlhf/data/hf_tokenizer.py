@@ -12,10 +12,10 @@ The directory holds `tokenizer.json` and the Hugging Face `tokenizer_config.json
 in transformers) and `generation_config.json`. Our own tokenizer directories use the same file name
 `tokenizer_config.json` with {"type": "byte" | "bpe"}; `is_hf_tokenizer_config` tells them apart.
 
-The "add BOS" rule is transformers' (v5, `TokenizersBackend`): when the config sets `add_bos_token`
-or `add_eos_token`, or `tokenizer.json` has no post-processor, the post-processor is rebuilt from
-those flags (so a BOS the file's post-processor adds is never doubled); otherwise the file's
-post-processor decides.
+The "add BOS" rule is transformers' (v5, `from_pretrained` with a tokenizer.json): the file's
+post-processor decides what `encode(text)` adds (Llama 3's and Llama 2's add BOS; Qwen's add
+nothing), and `add_bos_token` / `add_eos_token` in tokenizer_config.json are ignored, so a BOS is
+never added twice. `add_bos` reports what the post-processor does.
 """
 
 from __future__ import annotations
@@ -104,14 +104,9 @@ class HFTokenizer:
                 self.special_tokens[name] = text
         self._add_missing_special_tokens(tk, config)
 
-        explicit = "add_bos_token" in config or "add_eos_token" in config
-        self.add_bos = bool(config.get("add_bos_token", False)) and "bos_token" in self.special_tokens
-        self.add_eos = bool(config.get("add_eos_token", False)) and "eos_token" in self.special_tokens
-        if explicit or self._tok.post_processor is None:
-            self._rebuild_post_processor(tk)
-        else:  # the file's post-processor decides: read what it adds off an empty encoding
-            added = self._tok.encode("", add_special_tokens=True).ids
-            self.add_bos = bool(added) and added[0] == self.token_id("bos_token")
+        # tokenizer.json's post-processor decides what encode() adds: read it off an empty encoding
+        added = self._tok.encode("", add_special_tokens=True).ids
+        self.add_bos = bool(added) and added[0] == self.token_id("bos_token")
 
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.bos_id = self.token_id("bos_token")
@@ -155,15 +150,6 @@ class HFTokenizer:
                 missing.append(tk.AddedToken(text, special=True, normalized=False))
         if missing:
             self._tok.add_special_tokens(missing)
-
-    def _rebuild_post_processor(self, tk) -> None:
-        bos, eos = self.special_tokens.get("bos_token"), self.special_tokens.get("eos_token")
-        single = f"{bos + ':0 ' if self.add_bos else ''}$A:0{' ' + eos + ':0' if self.add_eos else ''}"
-        pair = (f"{single}{' ' + bos + ':1' if self.add_bos else ''} $B:1"
-                f"{' ' + eos + ':1' if self.add_eos else ''}")
-        special = ([(bos, self._tok.token_to_id(bos))] if self.add_bos else []) + \
-                  ([(eos, self._tok.token_to_id(eos))] if self.add_eos else [])
-        self._tok.post_processor = tk.processors.TemplateProcessing(single=single, pair=pair, special_tokens=special)
 
     def _chat_template(self, config) -> str | None:
         if TEMPLATE_FILE in self._files:

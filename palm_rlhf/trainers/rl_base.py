@@ -107,7 +107,7 @@ def start_policy(trainer) -> None:
         trainer.model = model
         trainer.tokenizer = trainer.tokenizer if trainer.tokenizer is not None else tokenizer
     elif trainer.tokenizer is None and (c.model or c.tokenizer):
-        from ..runtime.resolve import load_tokenizer_for, resolve_model
+        from ..runtime.resolve import load_tokenizer_for
 
         trainer.tokenizer = load_tokenizer_for(resolve_model(c.model) if c.model else None, c.tokenizer)
     check_tokenizer(trainer.tokenizer, trainer.model, where=f"model={c.model or 'the model passed in'}")
