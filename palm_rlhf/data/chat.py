@@ -294,10 +294,10 @@ def encode_reply(template, tokenizer, prompt, reply, where: str = "record") -> t
     """(prompt ids, reply ids) for a prompt message list and a reply (a string: the assistant's
     content, or a list of messages). The prompt ids are `prompt_ids(...)`; the reply ids are what
     the template adds for the reply (with its end-of-turn token; EOS for our plain template)."""
-    prompt = check_messages(prompt, f"{where}: prompt")
+    prompt = check_messages(list(prompt), f"{where}: prompt")
     if isinstance(reply, str):
         reply = [{"role": "assistant", "content": reply}]
-    reply = check_messages(reply, f"{where}: reply")
+    reply = check_messages(list(reply), f"{where}: reply")
     before = template.render(prompt, add_generation_prompt=True)
     full = template.render(prompt + reply, add_generation_prompt=False)
     if not full.startswith(before):
