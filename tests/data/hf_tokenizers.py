@@ -7,8 +7,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-# ChatML (Qwen-style): a default system turn, raise_exception on an unknown role
+# ChatML (Qwen-style): a default system turn; raise_exception on an unknown role or an assistant first
 CHATML = (
+    "{%- if messages[0]['role'] == 'assistant' %}"
+    "{{ raise_exception('Conversations must start with a system or user message') }}{%- endif %}"
     "{%- if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
     "{%- endif %}"
     "{%- for message in messages %}"
