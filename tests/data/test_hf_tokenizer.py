@@ -128,3 +128,22 @@ def test_errors_are_one_line_with_the_fix(tmp_path):
     (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 99999]}))
     with pytest.raises(DataError, match="eos_token_id 99999 is outside the vocabulary"):
         load_tokenizer(directory)
+
+
+def test_a_checkpoint_directory_resolves_to_its_hf_tokenizer(tmp_path):
+    """A model directory with a Hugging Face tokenizer beside config.json: `_source` finds it, and
+    tokenizer= may name such a directory or its tokenizer.json."""
+    import torch
+
+    from palm_rlhf.model import PaLM
+    from palm_rlhf.runtime.resolve import load_tokenizer_for, resolve_model
+
+    directory = llama3(tmp_path / "model")
+    torch.manual_seed(0)
+    PaLM(dim=16, num_tokens=load_tokenizer(directory).vocab_size, depth=1, heads=2,
+         dim_head=8).save_pretrained(directory)
+    source = resolve_model(directory)
+    assert source.tokenizer_dir == directory
+    assert load_tokenizer_for(source) == load_tokenizer(directory)
+    assert load_tokenizer_for(None, override=str(directory)) == load_tokenizer(directory)
+    assert load_tokenizer_for(None, override=str(directory / "tokenizer.json")) == load_tokenizer(directory)
