@@ -113,6 +113,7 @@ def _print_stream(model, tokenizer, prompt_text, ids, config, scope) -> None:
 def run(args) -> int:
     import torch
 
+    from ..data.tokenizer import encode_continuation
     from ..generation import SamplingConfig, generate
 
     if args.num_samples < 1:
@@ -138,7 +139,7 @@ def run(args) -> int:
             max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
             min_p=args.min_p, repetition_penalty=args.repetition_penalty,
             eos_token=None if args.no_eos else list(tokenizer.eos_ids),
-            stop_sequences=[tokenizer.encode(_unescape(s), add_special_tokens=False) for s in args.stop if s],
+            stop_sequences=[encode_continuation(tokenizer, _unescape(s)) for s in args.stop if s],
             seed=args.seed)
     except ConfigError as e:  # name the CLI flag rather than the dataclass field
         flag = lambda m: f"--{m.group(1).replace('_', '-')} {m.group(2)}"  # noqa: E731

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from ..errors import CheckpointError, DataError
+from .tokenizer import encode_continuation
 
 __all__ = ["ChatTemplate", "JinjaChatTemplate", "template_for", "prompt_ids", "encode_conversation",
            "encode_reply", "check_messages", "TEMPLATE_FILE", "ROLES"]
@@ -184,6 +185,8 @@ class JinjaChatTemplate:
                                          **{**self.special_tokens, **kwargs})
         except jinja2.TemplateError as e:  # raise_exception(...) and errors inside the template
             raise DataError(f"{self.where}: {e.message or type(e).__name__}") from e
+        except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:  # e.g. str + None in a template
+            raise DataError(f"{self.where} failed on these messages: {type(e).__name__}: {e}") from e
 
     def __eq__(self, other):
         return isinstance(other, JinjaChatTemplate) and (self.source, self.special_tokens) == \
@@ -221,8 +224,11 @@ def check_messages(messages, where: str = "messages", *, roles=None) -> list[dic
 def prompt_ids(template, tokenizer, messages) -> list[int]:
     """The ids a model continues to answer `messages` (transformers' apply_chat_template with
     add_generation_prompt=True, for a Jinja template)."""
-    return tokenizer.encode(template.render(messages, add_generation_prompt=True),
-                            add_special_tokens=template.add_special_tokens)
+    return _encode(tokenizer, template.render(messages, add_generation_prompt=True), template.add_special_tokens)
+
+
+def _encode(tokenizer, text: str, add_special_tokens: bool) -> list[int]:
+    return tokenizer.encode(text) if add_special_tokens else encode_continuation(tokenizer, text)
 
 
 def _encode_spans(tokenizer, text: str, spans, add_special_tokens: bool) -> tuple[list[int], list[bool]]:
@@ -235,7 +241,7 @@ def _encode_spans(tokenizer, text: str, spans, add_special_tokens: bool) -> tupl
     edges = sorted({0, len(text), *[p for span in spans for p in span]})
     ids, flags = [], []
     for k, (a, b) in enumerate(zip(edges, edges[1:])):
-        piece = tokenizer.encode(text[a:b], add_special_tokens=add_special_tokens and k == 0)
+        piece = _encode(tokenizer, text[a:b], add_special_tokens and k == 0)
         inside = any(s <= a and b <= e for s, e in spans)
         ids += piece
         flags += [inside] * len(piece)

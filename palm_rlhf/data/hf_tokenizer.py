@@ -107,6 +107,7 @@ class HFTokenizer:
         # tokenizer.json's post-processor decides what encode() adds: read it off an empty encoding
         added = self._tok.encode("", add_special_tokens=True).ids
         self.add_bos = bool(added) and added[0] == self.token_id("bos_token")
+        self.adds_special_tokens = bool(added)  # encode(text) != encode(text, add_special_tokens=False)
 
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.bos_id = self.token_id("bos_token")

@@ -29,6 +29,7 @@ import torch
 from ..errors import DataError
 from .chat import ChatTemplate, check_messages, encode_conversation, prompt_ids
 from .jsonl import iter_jsonl
+from .tokenizer import encode_continuation
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +111,7 @@ def encode_sft(records: list, tokenizer, max_len: int, template=None) -> list[tu
             out.append((ids, trained))
             continue
         p = tokenizer.encode(r.prompt)
-        resp = tokenizer.encode(r.response, add_special_tokens=False) + [tokenizer.eos_id]
+        resp = encode_continuation(tokenizer, r.response) + [tokenizer.eos_id]
         if len(p) + len(resp) > budget:
             truncated += 1
             keep_p = min(len(p), max(budget - len(resp), budget // 2))

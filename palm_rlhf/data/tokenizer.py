@@ -9,7 +9,8 @@ losses use explicit masks, so padding never needs an id of its own.
 Hugging Face `tokenizer_config.json`, see `data.hf_tokenizer.HFTokenizer`), which adds BOS and
 several stop ids. So every tokenizer also has `bos_id` (None here), `eos_ids` (every id that ends
 generation: `(eos_id,)` here), `add_bos` and `chat_template` (None: ours have no Jinja template),
-and `encode(text, add_special_tokens=False)` for a continuation (no BOS; the same ids here).
+and `encode(text, add_special_tokens=False)` for a continuation (no BOS; the same ids here);
+`encode_continuation(tokenizer, text)` is that for any tokenizer, a user's plain one included.
 
 Files written by `save(dir)`:
 
@@ -28,8 +29,8 @@ import numpy as np
 from ..errors import ConfigError, DataError
 from ..files import atomic_write_bytes
 
-__all__ = ["ByteTokenizer", "BPETokenizer", "load_tokenizer", "load_tokenizer_or_bytes", "has_tokenizer", "train_bpe",
-           "CONFIG_NAME", "EOS_TOKEN"]
+__all__ = ["ByteTokenizer", "BPETokenizer", "load_tokenizer", "load_tokenizer_or_bytes", "has_tokenizer",
+           "encode_continuation", "train_bpe", "CONFIG_NAME", "EOS_TOKEN"]
 
 CONFIG_NAME = "tokenizer_config.json"
 BPE_NAME = "tokenizer.json"
@@ -44,9 +45,13 @@ class ByteTokenizer:
     pad_id = 0
     kind = "byte"
     bos_id = None
-    eos_ids = (0,)
     add_bos = False
     chat_template = None
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        """Every id that ends generation: EOS alone."""
+        return (self.eos_id,)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(text.encode("utf-8"))
@@ -82,7 +87,6 @@ class BPETokenizer:
     kind = "bpe"
     pad_id = 0
     bos_id = None
-    eos_ids = (0,)
     add_bos = False
     chat_template = None
 
@@ -94,6 +98,11 @@ class BPETokenizer:
                             f"`palm-rlhf tokenizer train`")
         self.eos_id = 0
         self.vocab_size = hf_tokenizer.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        """Every id that ends generation: EOS alone."""
+        return (self.eos_id,)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
@@ -154,6 +163,15 @@ def _nonempty(texts: Iterable[str]) -> Iterator[str]:
             yield t
     if not seen:
         raise DataError("no text to train the BPE tokenizer on; check the input files")
+
+
+def encode_continuation(tokenizer, text: str) -> list[int]:
+    """The ids of `text` that continues a sequence (a response after its prompt, a stop string): no BOS.
+    Tokenizers whose `encode` adds nothing (ours, a user's object with a plain `encode(text)`) are
+    called as they are; a Hugging Face tokenizer that adds BOS/EOS gets `add_special_tokens=False`."""
+    if getattr(tokenizer, "adds_special_tokens", False):
+        return tokenizer.encode(text, add_special_tokens=False)
+    return tokenizer.encode(text)
 
 
 def has_tokenizer(directory) -> bool:

@@ -27,6 +27,7 @@ import torch
 
 from ..data.chat import ChatTemplate, encode_reply, prompt_ids, template_for
 from ..data.preferences import PairwiseRecord, read_preferences
+from ..data.tokenizer import encode_continuation
 from ..errors import ConfigError, DataError
 from ..model.checkpoint import load_adapter
 from ..generation import SamplingConfig, generate
@@ -120,7 +121,7 @@ def encode_pair(record: PairwiseRecord, tokenizer, max_len: int, eos: int | None
             prompt, resp = encode_reply(template or ChatTemplate(), tokenizer, list(record.prompt), reply)
         else:
             prompt = tokenizer.encode(record.prompt)
-            resp = tokenizer.encode(reply, add_special_tokens=False) + [eos]
+            resp = encode_continuation(tokenizer, reply) + [eos]
         resp = resp[: max_len - 1]
         keep = max_len - len(resp)
         out.append(((prompt or [eos])[-keep:], resp))

@@ -228,3 +228,9 @@ def test_a_token_across_a_span_edge_goes_with_its_first_character(tmp_path):
     assert ids == whole and flags == [False, True]  # "Hello" starts before the edge; " there" inside
     ids, flags = _encode_spans(tok, "Hello there", [(5, 11)], add_special_tokens=False)
     assert ids == whole and flags == [False, True]  # an edge between tokens: the pieces agree
+
+
+def test_a_template_that_breaks_on_the_messages_is_a_data_error(tmp_path):
+    tok = load_tokenizer(chatml(tmp_path / "tok", template="{{ messages[0]['content'] + 1 }}"))
+    with pytest.raises(DataError, match="failed on these messages: TypeError"):
+        prompt_ids(template_for(tok), tok, CONVERSATIONS[0])
