@@ -12,7 +12,8 @@ from palm_rlhf.errors import DataError
 
 pytest.importorskip("transformers")
 
-TEXTS = ["Hello there <tool> x<|pad|>", " how are you today?", "", "<|im_start|>user\nHi<|im_end|>", "two <|eot_id|>plus",
+TEXTS = ["Hello there <tool> x<|pad|>", " how are you today?", "", "<|im_start|>user\nHi<|im_end|>",
+         "two <|eot_id|>plus",
          "Ünïcödé ✓ text\n\n  spaced"]
 
 
@@ -55,7 +56,8 @@ def test_encode_decode_and_special_ids_match_transformers(tmp_path, case):
 def test_the_bos_rule_on_each_case(tmp_path):
     """What each case gives, spelled out (transformers 5 with a tokenizer.json: its post-processor
     decides, the config's add_bos_token/add_eos_token are ignored): BOS once or never, never twice."""
-    got = {case: load_tokenizer(make(tmp_path / str(i))).encode("Hello") for i, (case, make) in enumerate(CASES.items())}
+    got = {case: load_tokenizer(make(tmp_path / str(i))).encode("Hello")
+           for i, (case, make) in enumerate(CASES.items())}
     tok = load_tokenizer(tmp_path / "1")
     bos, hello = tok.bos_id, tok.encode("Hello", add_special_tokens=False)
     assert got["BOS from tokenizer.json's post-processor"] == [bos] + hello
