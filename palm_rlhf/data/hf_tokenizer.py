@@ -207,7 +207,9 @@ class HFTokenizer:
         return isinstance(other, HFTokenizer) and self._files == other._files
 
     def __repr__(self):
-        return f"HFTokenizer({str(self.directory)!r}, vocab_size={self.vocab_size})"
+        template = "yes" if self.chat_template else "none"
+        return (f"HFTokenizer(vocab_size={self.vocab_size}, bos_id={self.bos_id}, eos_ids={list(self.eos_ids)}, "
+                f"chat template: {template})")
 
 
 def load_hf_tokenizer(directory) -> HFTokenizer:
