@@ -152,8 +152,16 @@ def _compile(source: str):
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, loopcontrols])
     env.filters["tojson"] = tojson
+    class TemplateDict:
+        # dict() for templates, with no function attributes to reach through
+        def __call__(self, *args, **kwargs):
+            return dict(*args, **kwargs)
+
+        def fromkeys(self, *args, **kwargs):
+            return dict.fromkeys(*args, **kwargs)
+
     env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now, namespace=Namespace,
-                       dict=lambda *a, **k: dict(*a, **k))
+                       dict=TemplateDict())
     return env.from_string(source)
 
 

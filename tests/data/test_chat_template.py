@@ -58,7 +58,8 @@ def test_jinja_helpers_render_as_in_transformers(tmp_path):
                "{%- if m.role == 'system' %}{% continue %}{% endif %}"
                "{% generation %}{{ m | tojson }}{{ m | tojson(indent=2) }}{% endgeneration %}"
                "{%- if loop.index > 2 %}{% break %}{% endif %}{%- endfor %}"
-               "{{ ns.n }}{{ dict(a=1) | tojson }}{{ bos_token is defined }}{{ eos_token }}")
+               "{{ ns.n }}{{ dict(a=1) | tojson }}{{ dict.fromkeys(['k'], 0) | tojson }}"
+               "{{ bos_token is defined }}{{ eos_token }}")
     directory = chatml(tmp_path / "tok", template=helpers)
     tok = load_tokenizer(directory)
     messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "<b>&amp; \"ünï\"</b>"},
@@ -66,7 +67,7 @@ def test_jinja_helpers_render_as_in_transformers(tmp_path):
     want = reference(directory).apply_chat_template(messages, tokenize=False)
     assert template_for(tok).render(messages, add_generation_prompt=False) == want
     assert '"content": "<b>&amp; \\"ünï\\"</b>"' in want  # tojson: no HTML escaping, no \\u escapes
-    assert "never shown" not in want and want.endswith('3{"a": 1}False<|im_end|>')  # no bos_token in ChatML
+    assert "never shown" not in want and want.endswith('3{"a": 1}{"k": 0}False<|im_end|>')  # no bos_token in ChatML
 
 
 def test_strftime_now_and_the_sandbox(tmp_path):
