@@ -189,11 +189,12 @@ class HFTokenizer:
         return np.asarray(self.encode(text, add_special_tokens), dtype=np.int64)
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        """Text of `ids`. Ids past the vocabulary (a checkpoint's embedding is often padded beyond it,
+        e.g. Qwen's) decode to nothing, as in transformers; a negative id is an error."""
         ids = [int(i) for i in ids]
-        bad = [i for i in ids if not 0 <= i < self.vocab_size]
-        if bad:
-            raise DataError(f"token id {bad[0]} is outside the tokenizer's vocabulary [0, {self.vocab_size})")
-        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+        if any(i < 0 for i in ids):
+            raise DataError(f"token id {min(ids)} is negative; token ids are >= 0")
+        return self._tok.decode([i for i in ids if i < self.vocab_size], skip_special_tokens=skip_special_tokens)
 
     def save(self, directory) -> Path:
         """Write the Hugging Face files back exactly as they were read (so `export` can copy them)."""

@@ -69,6 +69,16 @@ def test_the_bos_rule_on_each_case(tmp_path):
     assert [load_tokenizer(tmp_path / str(i)).add_bos for i in range(6)] == [False, True, True, True, False, False]
 
 
+def test_ids_past_the_vocabulary_decode_to_nothing_as_in_transformers(tmp_path):
+    """A checkpoint's embedding may have more rows than the tokenizer has ids (Qwen pads it)."""
+    directory = chatml(tmp_path / "tok")
+    tok, ref = load_tokenizer(directory), reference(directory)
+    ids = tok.encode("Hello") + [tok.vocab_size, tok.vocab_size + 7] + tok.encode(" there")
+    assert tok.decode(ids) == ref.decode(ids) == "Hello there"
+    with pytest.raises(DataError, match="negative"):
+        tok.decode([-1])
+
+
 def test_eos_ids_gather_tokenizer_and_generation_config(tmp_path):
     tok = load_tokenizer(llama3(tmp_path / "a"))  # eos_token <|end_of_text|> = 1, generation [1, 4]
     assert tok.eos_ids == (1, 4) and tok.eos_id == 1 and tok.bos_id == 0
