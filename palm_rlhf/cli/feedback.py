@@ -107,7 +107,7 @@ def run_serve(args) -> int:
         print(f"no --raters file: sign in as 'local' with token {token}")
     sources = [resolve_model(d) for d in args.checkpoint]
     checkpoints = [load_checkpoint(s.model_dir, name=s.name) for s in sources]
-    eos = checkpoints[0].tokenizer.eos_id if checkpoints else 0  # 0 for every palm-rlhf tokenizer
+    eos = list(checkpoints[0].tokenizer.eos_ids) if checkpoints else 0  # 0 for every palm-rlhf tokenizer
     checkpoints += [ServedModel(url, args.generator_api_key) for url in args.generator]
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                               top_k=args.top_k, eos_token=eos)

@@ -90,13 +90,15 @@ def _check_scope(model, source, scope: str) -> None:
                       f"{hint}")
 
 
-def _print_stream(model, tokenizer, ids, config, scope) -> None:
+def _print_stream(model, tokenizer, prompt_text, ids, config, scope) -> None:
     from ..generation import stream
 
     out = sys.stdout
-    out.write(tokenizer.decode(ids))
+    out.write(prompt_text)  # as typed: a BOS the tokenizer added is not text
     new, shown = [], 0
     for token in stream(model, ids, config, finetune_scope=scope):
+        if token in config.eos_ids:
+            break  # the EOS id is a control token, not text
         new.append(token)
         text = tokenizer.decode(new)
         # hold back a trailing partial UTF-8 character until its last byte arrives
@@ -112,6 +114,7 @@ def _print_stream(model, tokenizer, ids, config, scope) -> None:
 def run(args) -> int:
     import torch
 
+    from ..data.tokenizer import encode_continuation
     from ..generation import SamplingConfig, generate
 
     if args.num_samples < 1:
@@ -134,21 +137,22 @@ def run(args) -> int:
         config = SamplingConfig(
             max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
             min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-            eos_token=None if args.no_eos else tokenizer.eos_id,
-            stop_sequences=[tokenizer.encode(_unescape(s)) for s in args.stop if s], seed=args.seed)
+            eos_token=None if args.no_eos else list(tokenizer.eos_ids),
+            stop_sequences=[encode_continuation(tokenizer, _unescape(s)) for s in args.stop if s],
+            seed=args.seed)
     except ConfigError as e:  # name the CLI flag rather than the dataclass field
         flag = lambda m: f"--{m.group(1).replace('_', '-')} {m.group(2)}"  # noqa: E731
         raise ConfigError(re.sub(r"SamplingConfig\((\w+)=([^)]*)\)", flag, str(e))) from None
 
     prompt = torch.tensor(ids, dtype=torch.long)
     if args.stream:
-        _print_stream(model, tokenizer, prompt, config, scope)
+        _print_stream(model, tokenizer, prompt_text, prompt, config, scope)
         return 0
     out = generate(model, [prompt] * args.num_samples, config, finetune_scope=scope)
     for i, row in enumerate(out.sequences()):
         if args.num_samples > 1:
             print(f"--- sample {i + 1} ({out.stop_reasons[i]}) ---")
-        if not args.no_eos and row and row[-1] == tokenizer.eos_id:
+        if not args.no_eos and row and row[-1] in tokenizer.eos_ids:
             row = row[:-1]  # the EOS id is a control token, not text
         print(prompt_text + tokenizer.decode(row))
     return 0

@@ -9,6 +9,16 @@ pairwise (a person preferred ``chosen`` over ``rejected`` for ``prompt``)::
     ``margin`` (optional, >= 0, default 0) asks the Bradley-Terry loss for at least that
     reward gap; ``annotator`` and ``source`` (optional strings) are provenance only.
 
+pairwise, conversational (TRL's conversational preference format; read by DPO)::
+
+    {"prompt": [{"role": "user", "content": "2+2?"}],
+     "chosen": [{"role": "assistant", "content": "4"}], "rejected": [{"role": "assistant", "content": "5"}]}
+
+    ``prompt`` is a message list; ``chosen`` and ``rejected`` are message lists (the reply's
+    messages) or strings (the assistant's reply). DPO renders them with the model's chat template
+    (`data.chat.encode_reply`): the prompt with the generation prompt, each reply as the template
+    renders it, end-of-turn token included.
+
 rating (a score for one response)::
 
     {"prompt": "Q: 2+2?", "response": " 4", "rating": 4}
@@ -30,6 +40,7 @@ from typing import Iterable, Sequence, Union
 
 from ..errors import DataError
 from ..files import atomic_write_bytes
+from .chat import check_messages
 from .jsonl import iter_jsonl
 
 PAIRWISE_FIELDS = ("prompt", "chosen", "rejected", "margin", "annotator", "source")
@@ -52,8 +63,16 @@ class PairwiseRecord:
 
     def __post_init__(self):
         for name in ("prompt", "chosen", "rejected"):
-            if not isinstance(getattr(self, name), str):
-                raise DataError(f"field '{name}' must be a string, got {type(getattr(self, name)).__name__}")
+            value = getattr(self, name)
+            if isinstance(value, (list, tuple)):
+                check_messages(list(value), f"field '{name}'")
+                object.__setattr__(self, name, tuple(dict(m) for m in value))
+            elif not isinstance(value, str):
+                raise DataError(f"field '{name}' must be a string (or, in a conversational record, a list of "
+                                f"messages), got {type(value).__name__}")
+        if isinstance(self.prompt, str) and not (isinstance(self.chosen, str) and isinstance(self.rejected, str)):
+            raise DataError("fields 'chosen'/'rejected' are message lists but 'prompt' is a string; in a "
+                            "conversational record the prompt is a list of messages too")
         if not _is_number(self.margin) or not math.isfinite(self.margin) or self.margin < 0:
             raise DataError(f"field 'margin' must be a finite number >= 0, got {self.margin!r}")
         for name in ("annotator", "source"):
@@ -63,9 +82,18 @@ class PairwiseRecord:
         if self.chosen == self.rejected:
             raise DataError("fields 'chosen' and 'rejected' are identical; a tie carries no preference, drop the record")
 
+    @property
+    def is_chat(self) -> bool:
+        """A conversational record: its prompt is a message list."""
+        return not isinstance(self.prompt, str)
+
+    def __hash__(self):
+        return hash(json.dumps(self.to_dict(), sort_keys=True))
+
     def to_dict(self) -> dict:
         """JSON-ready dict; optional fields at their defaults are left out."""
-        d = {"prompt": self.prompt, "chosen": self.chosen, "rejected": self.rejected}
+        plain = lambda v: v if isinstance(v, str) else [dict(m) for m in v]  # noqa: E731
+        d = {"prompt": plain(self.prompt), "chosen": plain(self.chosen), "rejected": plain(self.rejected)}
         if self.margin:
             d["margin"] = self.margin
         if self.annotator is not None:

@@ -5,6 +5,13 @@ Both share one interface: `vocab_size`, `eos_id`, `pad_id`, `encode(str) -> list
 reads either back. Id 0 is EOS and padding in both: the NUL byte never occurs in text, and
 losses use explicit masks, so padding never needs an id of its own.
 
+`load_tokenizer(dir)` also reads a Hugging Face checkpoint's tokenizer (`tokenizer.json` and the
+Hugging Face `tokenizer_config.json`, see `data.hf_tokenizer.HFTokenizer`), which adds BOS and
+several stop ids. So every tokenizer also has `bos_id` (None here), `eos_ids` (every id that ends
+generation: `(eos_id,)` here), `add_bos` and `chat_template` (None: ours have no Jinja template),
+and `encode(text, add_special_tokens=False)` for a continuation (no BOS; the same ids here);
+`encode_continuation(tokenizer, text)` is that for any tokenizer, a user's plain one included.
+
 Files written by `save(dir)`:
 
     tokenizer_config.json    {"type": "byte" | "bpe", "vocab_size": ..., "eos_id": 0, "pad_id": 0}
@@ -22,8 +29,8 @@ import numpy as np
 from ..errors import ConfigError, DataError
 from ..files import atomic_write_bytes
 
-__all__ = ["ByteTokenizer", "BPETokenizer", "load_tokenizer", "load_tokenizer_or_bytes", "train_bpe", "CONFIG_NAME",
-           "EOS_TOKEN"]
+__all__ = ["ByteTokenizer", "BPETokenizer", "load_tokenizer", "load_tokenizer_or_bytes", "has_tokenizer",
+           "encode_continuation", "train_bpe", "CONFIG_NAME", "EOS_TOKEN"]
 
 CONFIG_NAME = "tokenizer_config.json"
 BPE_NAME = "tokenizer.json"
@@ -37,11 +44,19 @@ class ByteTokenizer:
     eos_id = 0
     pad_id = 0
     kind = "byte"
+    bos_id = None
+    add_bos = False
+    chat_template = None
 
-    def encode(self, text: str) -> list[int]:
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        """Every id that ends generation: EOS alone."""
+        return (self.eos_id,)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(text.encode("utf-8"))
 
-    def encode_array(self, text: str) -> np.ndarray:
+    def encode_array(self, text: str, add_special_tokens: bool = True) -> np.ndarray:
         return np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
 
     def decode(self, ids) -> str:
@@ -71,6 +86,9 @@ class BPETokenizer:
 
     kind = "bpe"
     pad_id = 0
+    bos_id = None
+    add_bos = False
+    chat_template = None
 
     def __init__(self, hf_tokenizer):
         self._tok = hf_tokenizer
@@ -81,10 +99,15 @@ class BPETokenizer:
         self.eos_id = 0
         self.vocab_size = hf_tokenizer.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str) -> list[int]:
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        """Every id that ends generation: EOS alone."""
+        return (self.eos_id,)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
-    def encode_array(self, text: str) -> np.ndarray:
+    def encode_array(self, text: str, add_special_tokens: bool = True) -> np.ndarray:
         return np.asarray(self.encode(text), dtype=np.int64)
 
     def decode(self, ids) -> str:
@@ -142,16 +165,39 @@ def _nonempty(texts: Iterable[str]) -> Iterator[str]:
         raise DataError("no text to train the BPE tokenizer on; check the input files")
 
 
+def encode_continuation(tokenizer, text: str) -> list[int]:
+    """The ids of `text` that continues a sequence (a response after its prompt, a stop string): no BOS.
+    Tokenizers whose `encode` adds nothing (ours, a user's object with a plain `encode(text)`) are
+    called as they are; a Hugging Face tokenizer that adds BOS/EOS gets `add_special_tokens=False`."""
+    if getattr(tokenizer, "adds_special_tokens", False):
+        return tokenizer.encode(text, add_special_tokens=False)
+    return tokenizer.encode(text)
+
+
+def has_tokenizer(directory) -> bool:
+    """Whether `directory` holds a tokenizer `load_tokenizer` reads (ours, or a Hugging Face tokenizer.json)."""
+    directory = Path(directory)
+    return (directory / CONFIG_NAME).is_file() or (directory / BPE_NAME).is_file()
+
+
 def load_tokenizer(directory):
-    """The tokenizer `save(directory)` wrote. DataError when the directory has none."""
+    """The tokenizer `save(directory)` wrote, or a Hugging Face checkpoint's (tokenizer.json +
+    its tokenizer_config.json). DataError when the directory has none."""
+    from .hf_tokenizer import is_hf_tokenizer_config, load_hf_tokenizer
+
     directory = Path(directory)
     meta_path = directory / CONFIG_NAME
     if not meta_path.is_file():
+        if (directory / BPE_NAME).is_file():  # a Hugging Face tokenizer.json alone
+            return load_hf_tokenizer(directory)
         raise DataError(f"{directory}: no {CONFIG_NAME}; save a tokenizer there or use the byte tokenizer")
     try:
         meta = json.loads(meta_path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise DataError(f"{meta_path}: unreadable tokenizer config ({e})") from e
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{meta_path}: unreadable tokenizer config ({e}); restore the file (it is JSON) or "
+                        f"delete the directory's tokenizer files to use bytes") from e
+    if is_hf_tokenizer_config(meta):
+        return load_hf_tokenizer(directory)
     kind = meta.get("type") if isinstance(meta, dict) else None
     if kind == "byte":
         return ByteTokenizer()
@@ -171,4 +217,4 @@ def load_tokenizer_or_bytes(directory):
     DataError, because encoding with the wrong tokenizer would train on garbage silently.
     """
     directory = Path(directory)
-    return load_tokenizer(directory) if (directory / CONFIG_NAME).is_file() else ByteTokenizer()
+    return load_tokenizer(directory) if has_tokenizer(directory) else ByteTokenizer()

@@ -57,10 +57,10 @@ class LoadedCheckpoint:
         generator = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             out = generate(self.model, [torch.tensor(ids, dtype=torch.long)] * n, sampling, generator=generator)
-        eos, vocab = self.tokenizer.eos_id, self.tokenizer.vocab_size
+        eos, vocab = getattr(self.tokenizer, "eos_ids", (self.tokenizer.eos_id,)), self.tokenizer.vocab_size
         texts = []
         for row in out.sequences():
-            if row and row[-1] == eos:
+            if row and row[-1] in eos:
                 row = row[:-1]  # the stop token is not part of the text a rater reads
             texts.append(self.tokenizer.decode([i for i in row if i < vocab]))
         return texts

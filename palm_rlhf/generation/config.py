@@ -35,7 +35,9 @@ class SamplingConfig:
     repetition_penalty: CTRL-style (Keskar et al. 2019): a logit of a token that already
         occurs in the prompt or the generated text is divided by the penalty when
         positive and multiplied by it when negative (1.0 = off).
-    eos_token: a row stops after producing this id (the EOS is kept in its output).
+    eos_token: a row stops after producing this id (the EOS is kept in its output); a list or
+        tuple of ids stops at any of them (a Hugging Face checkpoint's `tokenizer.eos_ids`:
+        its EOS and every `eos_token_id` of generation_config.json). `eos_ids` is the tuple.
     stop_sequences: token-id sequences; a row stops right after producing one of them
         (the sequence is kept in its output).
     seed: seeds a private `torch.Generator` so runs repeat exactly (None = global RNG).
@@ -47,7 +49,7 @@ class SamplingConfig:
     top_p: float = 1.0
     min_p: float = 0.0
     repetition_penalty: float = 1.0
-    eos_token: int | None = None
+    eos_token: int | tuple[int, ...] | None = None
     stop_sequences: tuple = ()
     seed: int | None = None
 
@@ -70,8 +72,16 @@ class SamplingConfig:
         if self.repetition_penalty <= 0:
             raise ConfigError(f"SamplingConfig(repetition_penalty={self.repetition_penalty}) must be > 0 "
                               f"(1.0 = off, > 1 discourages repeats)")
-        if self.eos_token is not None and (not _is_int(self.eos_token) or self.eos_token < 0):
-            raise ConfigError(f"SamplingConfig(eos_token={self.eos_token!r}) must be a token id >= 0 or None")
+        if isinstance(self.eos_token, (list, tuple)):
+            if not self.eos_token or not all(_is_int(t) and t >= 0 for t in self.eos_token):
+                raise ConfigError(f"SamplingConfig(eos_token={self.eos_token!r}) must be token ids >= 0 "
+                                  f"(a non-empty list), one id, or None")
+            self.eos_token = tuple(dict.fromkeys(self.eos_token))
+            if len(self.eos_token) == 1:
+                self.eos_token = self.eos_token[0]
+        elif self.eos_token is not None and (not _is_int(self.eos_token) or self.eos_token < 0):
+            raise ConfigError(f"SamplingConfig(eos_token={self.eos_token!r}) must be a token id >= 0, a list of "
+                              f"them, or None")
         if self.seed is not None and not _is_int(self.seed):
             raise ConfigError(f"SamplingConfig(seed={self.seed!r}) must be an integer or None")
         self.stop_sequences = self._normalise_stops(self.stop_sequences)
@@ -94,6 +104,13 @@ class SamplingConfig:
                                   f"sequence of token ids >= 0")
             out.append(seq)
         return tuple(out)
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        """Every id that ends a row: () without eos_token."""
+        if self.eos_token is None:
+            return ()
+        return self.eos_token if isinstance(self.eos_token, tuple) else (self.eos_token,)
 
     @property
     def greedy(self) -> bool:

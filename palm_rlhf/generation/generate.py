@@ -82,6 +82,7 @@ class _Decode:
         else:
             self.cache = model.new_kv_cache(b, n + T - 1, pad=n - lengths)
         self.stops = [torch.tensor(s, dtype=torch.long, device=device) for s in config.stop_sequences]
+        self.eos = torch.tensor(config.eos_ids, dtype=torch.long, device=device) if config.eos_ids else None
         self.uniforms = None
         if isinstance(generator, (list, tuple)) and not config.greedy:
             self.uniforms = RowUniforms(generator, T, device)
@@ -129,8 +130,8 @@ class _Decode:
 
     def _update_finished(self, t: int, tok: Tensor, alive: Tensor) -> None:
         newly = torch.zeros_like(alive)
-        if self.config.eos_token is not None:
-            hit = alive & tok.eq(self.config.eos_token)
+        if self.eos is not None:
+            hit = alive & torch.isin(tok, self.eos)
             self._mark(hit, "eos")
             newly |= hit
         for stop in self.stops:

@@ -18,7 +18,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..data.tokenizer import CONFIG_NAME as TOKENIZER_CONFIG, ByteTokenizer, load_tokenizer
+from ..data.tokenizer import CONFIG_NAME as TOKENIZER_CONFIG, ByteTokenizer, has_tokenizer, load_tokenizer
 from ..errors import ConfigError
 from .checkpoint import CheckpointManager
 
@@ -38,7 +38,8 @@ _EXPECTED = ("a run directory (its final/ is used), a final/ or save_pretrained 
 @dataclass(frozen=True)
 class ModelSource:
     model_dir: Path             # a save_pretrained directory (config.json + model.safetensors)
-    tokenizer_dir: Path | None  # the directory holding tokenizer_config.json (normally model_dir); None if none saved
+    tokenizer_dir: Path | None  # the directory holding tokenizer_config.json or a Hugging Face tokenizer.json
+                                # (normally model_dir); None if none saved
     run_dir: Path | None        # the run directory it came from, if any
 
     @property
@@ -64,7 +65,7 @@ def _run_dir_of(model_dir: Path) -> Path | None:
 
 
 def _source(model_dir: Path, run_dir: Path | None) -> ModelSource:
-    tokenizer_dir = model_dir if (model_dir / TOKENIZER_CONFIG).is_file() else None
+    tokenizer_dir = model_dir if has_tokenizer(model_dir) else None
     return ModelSource(model_dir=model_dir, tokenizer_dir=tokenizer_dir, run_dir=run_dir)
 
 
@@ -112,14 +113,15 @@ def load_tokenizer_for(source: ModelSource | None, override: str | None = None):
         path = Path(override).expanduser()
         if path.is_file() and path.name in (TOKENIZER_CONFIG, "tokenizer.json"):
             path = path.parent
-        if (path / TOKENIZER_CONFIG).is_file():
+        if has_tokenizer(path):
             return load_tokenizer(path)
         if path.is_dir():
             found = resolve_model(path).tokenizer_dir
             if found is not None:
                 return load_tokenizer(found)
         raise ConfigError(f"tokenizer={override}: no {TOKENIZER_CONFIG} there; pass a directory written by "
-                          f"`palm-rlhf tokenizer train` (or a model/run directory saved with one), or tokenizer=byte")
+                          f"`palm-rlhf tokenizer train`, a Hugging Face checkpoint directory (tokenizer.json), "
+                          f"a model/run directory saved with one, or tokenizer=byte")
     if source is not None and source.tokenizer_dir is not None:
         return load_tokenizer(source.tokenizer_dir)
     where = (f"{source.model_dir} has no {TOKENIZER_CONFIG}" if source is not None

@@ -22,9 +22,11 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from ..errors import DataError
 from .engine import Delta, Failure, QueueFull
 from .protocol import (ApiError, envelope, logprobs_block, new_id, parse_logprobs, parse_messages, parse_prompts,
                        parse_sampling, usage)
+from .template import prompt_ids
 
 log = logging.getLogger(__name__)
 
@@ -272,8 +274,11 @@ def create_app(engine, tokenizer, *, model_name: str, template, api_key: str | N
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = await read_body(request)
-        text = template.render(parse_messages(body))
-        job = parse_sampling(body, [tokenizer.encode(text)], context=context, max_n=engine.max_batch,
+        try:
+            ids = prompt_ids(template, tokenizer, parse_messages(body))
+        except DataError as e:  # the template refused these messages (raise_exception)
+            raise ApiError(400, f"messages: {e}", param="messages", code="invalid_value") from None
+        job = parse_sampling(body, [ids], context=context, max_n=engine.max_batch,
                              default_max_tokens=None, extra_stops=template.stop)
         return await respond(request, job, chat=True)
 

@@ -5,7 +5,8 @@
         print(piece, end="", flush=True)
     session.dropped  # turns removed from the front of the history by the last `ask`
 
-Each turn renders the whole history with the chat template; when the prompt plus room for
+Each turn renders the whole history with the chat template (a checkpoint's Jinja template, or
+ours: `data.chat.template_for`); when the prompt plus room for
 `max_tokens` of reply would not fit the context, the oldest user/assistant turns are dropped
 (the system prompt stays).
 """
@@ -14,8 +15,9 @@ from __future__ import annotations
 
 import queue
 
-from ..errors import InputError
+from ..errors import DataError, InputError
 from .engine import Failure, Params
+from .template import prompt_ids
 
 
 class ChatSession:
@@ -32,7 +34,10 @@ class ChatSession:
 
     def _prompt(self, turns: list[dict]) -> list[int]:
         head = [{"role": "system", "content": self.system}] if self.system else []
-        return self.tokenizer.encode(self.template.render(head + turns))
+        try:
+            return prompt_ids(self.template, self.tokenizer, head + turns)
+        except DataError as e:  # the template refused the conversation (raise_exception)
+            raise InputError(str(e)) from None
 
     def _fit(self, user: dict) -> list[int]:
         """Drop the oldest turns until the prompt leaves room for a reply; returns its token ids."""

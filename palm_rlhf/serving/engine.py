@@ -218,7 +218,7 @@ class Engine:
         rows, source = [], []
         for i, request in enumerate(requests):
             p = request.params
-            eos = self.tokenizer.eos_id if p.stop_at_eos else None
+            eos = getattr(self.tokenizer, "eos_ids", (self.tokenizer.eos_id,)) if p.stop_at_eos else None
             for c in range(request.n):
                 uniforms = None
                 if p.temperature > 0:

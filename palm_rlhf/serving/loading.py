@@ -11,7 +11,7 @@ from ..errors import CheckpointError, ConfigError
 from ..model import PaLM
 from ..model.checkpoint import load_adapter
 from ..runtime.resolve import adapter_file, check_tokenizer_fits, load_tokenizer_for, resolve_model
-from .template import ChatTemplate
+from .template import ChatTemplate, JinjaChatTemplate, template_for
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 class Loaded:
     model: PaLM | None          # None when loaded with weights=False
     tokenizer: object
-    template: ChatTemplate
+    template: ChatTemplate | JinjaChatTemplate
     name: str                   # the model id clients see (/v1/models): the run's name, e.g. "ppo"
     finetune_scope: str | None  # the adapter's LoRA scope, if one was given
 
@@ -36,13 +36,14 @@ def set_threads(threads: int) -> None:
 def load_for_inference(path, adapter=None, tokenizer: str | None = None, *, weights: bool = True) -> Loaded:
     """A run directory, final/ or checkpoint step directory (see `runtime.resolve.resolve_model`), plus
     an optional LoRA adapter -> the model in eval mode, its tokenizer (the one saved with it unless
-    `tokenizer` overrides it) and its chat template (`chat_template.json` there, or the default).
+    `tokenizer` overrides it) and its chat template (the tokenizer's Jinja template, else
+    `chat_template.json` there, else the default; see `data.chat.template_for`).
     `weights=False`: only the tokenizer, template and name (`model` is None; the engine process
     loads and checks the rest, see `worker.EngineProcess`)."""
     source = resolve_model(path)
     model = PaLM.from_pretrained(source.model_dir).eval() if weights else None
     tok = load_tokenizer_for(source, tokenizer)
-    template = ChatTemplate.load(source.model_dir)
+    template = template_for(tok, source.model_dir)
     if model is None:
         return Loaded(None, tok, template, source.name, None)
     check_tokenizer_fits(tok, model.num_tokens, str(path))

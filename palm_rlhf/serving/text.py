@@ -30,8 +30,10 @@ class TextStream:
     with `finish_reason` "stop" (EOS or a stop string) or "length" (`max_tokens` reached).
     """
 
-    def __init__(self, tokenizer, max_tokens: int, stops=(), eos_id: int | None = None):
-        self.tokenizer, self.max_tokens, self.eos_id = tokenizer, max_tokens, eos_id
+    def __init__(self, tokenizer, max_tokens: int, stops=(), eos_id=None):
+        """eos_id: an id or a collection of ids (the tokenizer's `eos_ids`) that end the text; None: none do."""
+        self.tokenizer, self.max_tokens = tokenizer, max_tokens
+        self.eos_ids = frozenset() if eos_id is None else frozenset([eos_id] if isinstance(eos_id, int) else eos_id)
         self.stops = tuple(s for s in stops if s)
         self.tokens: list[int] = []
         self.text = ""          # all text emitted so far
@@ -44,7 +46,7 @@ class TextStream:
 
     def push(self, token: int) -> str:
         self.generated += 1
-        if self.eos_id is not None and token == self.eos_id:
+        if token in self.eos_ids:
             return self._finish("stop", self.tokenizer.decode(self.tokens))
         self.tokens.append(token)
         full = self.tokenizer.decode(self.tokens)

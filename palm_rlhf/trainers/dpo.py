@@ -25,7 +25,9 @@ from typing import ClassVar
 
 import torch
 
+from ..data.chat import ChatTemplate, encode_reply, prompt_ids, template_for
 from ..data.preferences import PairwiseRecord, read_preferences
+from ..data.tokenizer import encode_continuation
 from ..errors import ConfigError, DataError
 from ..model.checkpoint import load_adapter
 from ..generation import SamplingConfig, generate
@@ -38,6 +40,7 @@ from ..rl.reference import Reference
 from ..rl.rollout import pack_sequences, response_log_probs
 from ..runtime.distributed import all_reduce_mean, all_reduce_sum
 from ..runtime.optim import OptimConfig, build_scheduler
+from ..runtime.resolve import resolve_model
 from ..runtime.run import MergedAdapter, OnRun, Run, RunSettings
 from .rl_base import eos_token, seeded, start_policy
 
@@ -106,17 +109,30 @@ class DPOConfig(RunSettings):
                               "to train every weight, start from a run whose final/ has it merged: model=RUN_DIR")
 
 
-def encode_pair(record: PairwiseRecord, tokenizer, max_len: int, eos: int | None = None):
+def encode_pair(record: PairwiseRecord, tokenizer, max_len: int, eos: int | None = None, template=None):
     """(prompt ids, chosen ids + EOS, rejected ids + EOS), responses cut to fit `max_len` with the prompt
-    losing tokens from the left first. `eos` defaults to the tokenizer's."""
+    losing tokens from the left first. `eos` defaults to the tokenizer's. A conversational record
+    (message-list prompt) is rendered with `template` (`data.chat.encode_reply`; None: the plain default):
+    each reply's ids are what the template renders for it, end-of-turn token included."""
     eos = tokenizer.eos_id if eos is None else eos
-    prompt = tokenizer.encode(record.prompt) or [eos]
     out = []
-    for text in (record.chosen, record.rejected):
-        resp = (tokenizer.encode(text) + [eos])[: max_len - 1]
+    for reply in (record.chosen, record.rejected):
+        if record.is_chat:
+            prompt, resp = encode_reply(template or ChatTemplate(), tokenizer, list(record.prompt), reply)
+        else:
+            prompt = tokenizer.encode(record.prompt)
+            resp = encode_continuation(tokenizer, reply) + [eos]
+        resp = resp[: max_len - 1]
         keep = max_len - len(resp)
-        out.append((prompt[-keep:], resp))
+        out.append(((prompt or [eos])[-keep:], resp))
     return out
+
+
+def prompt_of(record: PairwiseRecord, tokenizer, template=None) -> list[int]:
+    """The prompt ids a policy continues for `record` (rendered with the template when conversational)."""
+    if record.is_chat:
+        return prompt_ids(template or ChatTemplate(), tokenizer, list(record.prompt))
+    return tokenizer.encode(record.prompt)
 
 
 class DPOTrainer(OnRun):
@@ -135,6 +151,8 @@ class DPOTrainer(OnRun):
         self._load_records()
         start_policy(self)
         self.eos = eos_token(c, self.tokenizer)
+        # conversational records render with the model's chat template (Jinja, chat_template.json, or ours)
+        self.template = template_for(self.tokenizer, resolve_model(c.model).model_dir if c.model else None)
         self.scope = c.actor_scope if c.use_lora else None  # None: every base weight trains
         if self.scope is not None:
             if self.scope not in self.model.finetune_modules:
@@ -178,7 +196,7 @@ class DPOTrainer(OnRun):
 
     def _sequence_log_probs(self, records, policy: bool):
         """(chosen, rejected) log-probs (b,) each: summed over response tokens (DPO) or averaged (IPO)."""
-        rows = [encode_pair(r, self.tokenizer, self.config.max_len, self.eos) for r in records]
+        rows = [encode_pair(r, self.tokenizer, self.config.max_len, self.eos, self.template) for r in records]
         pairs = [side for row in rows for side in row]  # chosen0, rejected0, chosen1, ...
         device = self.model.token_emb.weight.device
         n_p = max(len(p) for p, _ in pairs)
@@ -280,11 +298,13 @@ class DPOTrainer(OnRun):
         if not records:
             return None
         keep = max(1, c.max_len - c.kl_max_new_tokens)  # prompts lose tokens from the left, as in training
-        prompts = [torch.tensor((self.tokenizer.encode(r.prompt) or [self.eos])[-keep:]) for r in records]
+        prompts = [torch.tensor((prompt_of(r, self.tokenizer, self.template) or [self.eos])[-keep:])
+                   for r in records]
         was_training = self.model.training
         self.model.eval()
         try:
-            sampling = SamplingConfig(max_new_tokens=c.kl_max_new_tokens, temperature=1.0, eos_token=self.eos,
+            stop = [self.eos] if c.eos_token is not None else list(getattr(self.tokenizer, "eos_ids", [self.eos]))
+            sampling = SamplingConfig(max_new_tokens=c.kl_max_new_tokens, temperature=1.0, eos_token=stop,
                                       seed=seed)
             out = generate(self.model, prompts, sampling, finetune_scope=self.scope)
             device = out.tokens.device

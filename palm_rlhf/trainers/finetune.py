@@ -17,12 +17,14 @@ from typing import ClassVar
 
 import torch
 
-from ..data.sft import encode_sft, read_sft, sft_batch, split_records
+from ..data.chat import template_for
+from ..data.sft import encode_sft, read_sft, sample_prompt, sft_batch, split_records
 from ..errors import ConfigError
 from ..model import PaLM
 from ..model.lora import DEFAULT_LORA_ALPHA
 from ..ops import token_cross_entropy
 from ..runtime import distributed as rdist, fsdp
+from ..runtime.resolve import resolve_model
 from ..runtime.run import ADAPTER_NAME, MergedAdapter
 from .base import LMTrainer, RunConfig
 from .rl_setup import load_start
@@ -80,14 +82,16 @@ class FinetuneTrainer(LMTrainer):
         if not c.data:
             raise ConfigError("data is not set; pass data=FILE.jsonl of {\"prompt\", \"response\"} lines")
         self.start_model, self.tokenizer = load_start(c.model, c.tokenizer)
+        # chat records render with the model's template: its Jinja one, else its chat_template.json, else ours
+        self.template = template_for(self.tokenizer, resolve_model(c.model).model_dir)
         records = read_sft(c.data)
         if c.val_data:
             train, val = records, read_sft(c.val_data)
         else:
             train, val = split_records(records, c.val_fraction, c.seed)
-        self.train_examples = encode_sft(train, self.tokenizer, c.seq_len)
-        self.val_examples = encode_sft(val, self.tokenizer, c.seq_len) if val else []
-        self.val_prompts = [r.prompt for r in val[:1]] or [train[0].prompt]
+        self.train_examples = encode_sft(train, self.tokenizer, c.seq_len, self.template)
+        self.val_examples = encode_sft(val, self.tokenizer, c.seq_len, self.template) if val else []
+        self.val_prompts = [sample_prompt(r, self.tokenizer, self.template) for r in (val[:1] or train[:1])]
         log.info("SFT: %d training and %d validation examples", len(train), len(val))
 
     def build_model(self) -> PaLM:
@@ -152,12 +156,13 @@ class FinetuneTrainer(LMTrainer):
 
         if self.env.world_size > 1 and self.config.distributed == "fsdp":
             return None
-        prompt = torch.tensor(self.tokenizer.encode(self.val_prompts[0]) or [self.tokenizer.eos_id])
+        ids, text = self.val_prompts[0]
+        prompt = torch.tensor(ids or [self.tokenizer.eos_id])
+        eos = self.tokenizer.eos_ids
         out = generate(self.model, [prompt], SamplingConfig(max_new_tokens=self.config.sample_tokens, temperature=0.7,
-                                                            eos_token=self.tokenizer.eos_id, seed=self.config.seed),
+                                                            eos_token=list(eos), seed=self.config.seed),
                        finetune_scope=self.scope)
-        return self.val_prompts[0] + " => " + self.tokenizer.decode([t for t in out.sequences()[0]
-                                                                     if t != self.tokenizer.eos_id])
+        return text + " => " + self.tokenizer.decode([t for t in out.sequences()[0] if t not in eos])
 
     def saveable(self, final: bool = False):
         if final and self.scope and not fsdp.is_sharded(self.wrapped):

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from ..data.preferences import PairwiseRecord, PreferenceRecord, RatingRecord
+from ..data.tokenizer import encode_continuation
 from ..errors import DataError
 from ..model.reward import RewardModel, pack_prompt_response
 from ..rl.reward_losses import (
@@ -60,14 +61,18 @@ def record_kind(records: Sequence[PreferenceRecord], source: str = "data") -> st
 
 
 def encode_records(records: Sequence[PreferenceRecord], tokenizer) -> EncodedPairs | EncodedRatings:
-    def ids(text: str) -> Tensor:
-        return torch.tensor(tokenizer.encode(text), dtype=torch.long)
+    def ids(text: str, prompt: bool = True) -> Tensor:  # a response continues its prompt: no BOS
+        return torch.tensor(tokenizer.encode(text) if prompt else encode_continuation(tokenizer, text),
+                            dtype=torch.long)
 
     if record_kind(records) == "pairwise":
-        return EncodedPairs([ids(r.prompt) for r in records], [ids(r.chosen) for r in records],
-                            [ids(r.rejected) for r in records],
+        if any(r.is_chat for r in records):
+            raise DataError("conversational preference records (message-list prompts) are read by dpo; reward "
+                            "training takes text prompt/chosen/rejected records")
+        return EncodedPairs([ids(r.prompt) for r in records], [ids(r.chosen, False) for r in records],
+                            [ids(r.rejected, False) for r in records],
                             torch.tensor([float(r.margin) for r in records]))
-    return EncodedRatings([ids(r.prompt) for r in records], [ids(r.response) for r in records],
+    return EncodedRatings([ids(r.prompt) for r in records], [ids(r.response, False) for r in records],
                           torch.tensor([float(r.rating) for r in records]))
 
 

@@ -15,6 +15,7 @@ import torch
 
 from ..data.jsonl import iter_jsonl
 from ..data.preferences import PairwiseRecord
+from ..data.tokenizer import encode_continuation
 from ..errors import DataError
 from ..files import atomic_write_bytes
 from ..model.reward import RewardModel
@@ -43,15 +44,16 @@ def score_file(model: RewardModel, tokenizer, data, out, batch_size: int = 32, m
     """Score every line of `data`, write `out` atomically, return a summary
     ({"records": n} plus pairwise accuracy and mean margin when the file is pairwise)."""
     rows = read_score_requests(data)
-    def ids(text: str) -> torch.Tensor:
-        return torch.tensor(tokenizer.encode(text), dtype=torch.long)  # score() moves batches to the model
+    def ids(text: str, prompt: bool = True) -> torch.Tensor:  # a response continues its prompt: no BOS
+        return torch.tensor(tokenizer.encode(text) if prompt else encode_continuation(tokenizer, text),
+                            dtype=torch.long)
 
     prompts, responses, slots = [], [], []  # slots: (row index, output key)
     for i, row in enumerate(rows):
         keys = ("chosen", "rejected") if "chosen" in row else ("response",)
         for key in keys:
             prompts.append(ids(row["prompt"]))
-            responses.append(ids(row[key]))
+            responses.append(ids(row[key], False))
             slots.append((i, "reward" if key == "response" else f"{key}_reward"))
     rewards = model.score(prompts, responses, batch_size=batch_size, max_len=max_len).tolist()
     for (i, key), value in zip(slots, rewards):
@@ -70,11 +72,12 @@ def score_file(model: RewardModel, tokenizer, data, out, batch_size: int = 32, m
 def score_records(model: RewardModel, tokenizer, records: list[PairwiseRecord], batch_size: int = 32,
                   max_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen_rewards, rejected_rewards) for pairwise records, each (N,)."""
-    def ids(text: str) -> torch.Tensor:
-        return torch.tensor(tokenizer.encode(text), dtype=torch.long)  # score() moves batches to the model
+    def ids(text: str, prompt: bool = True) -> torch.Tensor:  # a response continues its prompt: no BOS
+        return torch.tensor(tokenizer.encode(text) if prompt else encode_continuation(tokenizer, text),
+                            dtype=torch.long)
 
     prompts = [ids(r.prompt) for r in records]
-    responses = [ids(r.chosen) for r in records] + [ids(r.rejected) for r in records]
+    responses = [ids(r.chosen, False) for r in records] + [ids(r.rejected, False) for r in records]
     rewards = model.score(prompts + prompts, responses, batch_size=batch_size, max_len=max_len)
     return rewards[: len(records)], rewards[len(records):]
 

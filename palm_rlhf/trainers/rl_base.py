@@ -22,10 +22,12 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from ..data.chat import template_for
 from ..errors import ConfigError
 from ..generation import SamplingConfig
 from ..model.lora import DEFAULT_LORA_ALPHA
 from ..runtime.distributed import all_reduce_sum
+from ..runtime.resolve import resolve_model
 from ..runtime.run import MergedAdapter, OnRun, Run, RunSettings
 from ..rl.collect import collect_rollout, policy_temperature, strip_eos
 from ..rl.kl import kl_per_token, negative_kl_is_significant
@@ -105,7 +107,7 @@ def start_policy(trainer) -> None:
         trainer.model = model
         trainer.tokenizer = trainer.tokenizer if trainer.tokenizer is not None else tokenizer
     elif trainer.tokenizer is None and (c.model or c.tokenizer):
-        from ..runtime.resolve import load_tokenizer_for, resolve_model
+        from ..runtime.resolve import load_tokenizer_for
 
         trainer.tokenizer = load_tokenizer_for(resolve_model(c.model) if c.model else None, c.tokenizer)
     check_tokenizer(trainer.tokenizer, trainer.model, where=f"model={c.model or 'the model passed in'}")
@@ -117,6 +119,13 @@ def eos_token(config, tokenizer) -> int | None:
     if config.eos_token is not None:
         return config.eos_token
     return getattr(tokenizer, "eos_id", None)
+
+
+def stop_ids(config, tokenizer):
+    """What ends a rollout: eos_token when set, else every stop id of the tokenizer (a Hugging Face
+    checkpoint's EOS and generation_config.json's eos_token_id list)."""
+    ids = getattr(tokenizer, "eos_ids", None) if config.eos_token is None else None
+    return list(ids) if ids else eos_token(config, tokenizer)
 
 
 class RLTrainerBase(OnRun):
@@ -141,11 +150,13 @@ class RLTrainerBase(OnRun):
         self.run.check_divides("prompts_per_step", c.prompts_per_step)
         self.run.check_divides("minibatch_size", c.minibatch_size)
         start_policy(self)
+        # chat prompts render with the model's template (its Jinja one, chat_template.json, or ours)
+        template = template_for(self.tokenizer, resolve_model(c.model).model_dir if c.model else None)
         self.prompt_list = load_prompts(self.prompt_list if self.prompt_list is not None else c.prompts,
-                                        self.tokenizer)
+                                        self.tokenizer, template)
         self.reward = load_reward(self.reward, c, self.tokenizer)
         self.sampling = SamplingConfig(max_new_tokens=c.max_new_tokens, temperature=c.temperature,
-                                       eos_token=eos_token(c, self.tokenizer))
+                                       eos_token=stop_ids(c, self.tokenizer))
         self.temperature = policy_temperature(self.sampling)
         self._build()  # adds the actor (and critic) scopes, loads actor_adapter
         self.reference = Reference(self.model, self.actor_scope)

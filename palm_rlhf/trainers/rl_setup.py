@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError, DataError
+from ..data.chat import check_messages, prompt_ids, template_for
 from ..data.prompts import read_prompts
 from ..model.palm import PaLM
 from ..model.reward import RewardModel
@@ -31,15 +32,19 @@ def check_tokenizer(tokenizer, model, where: str = "model") -> None:
         check_tokenizer_fits(tokenizer, model.num_tokens, where=where)
 
 
-def load_prompts(source, tokenizer) -> list[torch.Tensor]:
-    """Prompts from a list (of token tensors, or of strings with a tokenizer) or a .txt/.jsonl file."""
+def load_prompts(source, tokenizer, template=None) -> list[torch.Tensor]:
+    """Prompts from a list (of token tensors, of strings or of chat message lists, with a tokenizer) or a
+    .txt/.jsonl file. Chat prompts render with `template` (None: `data.chat.template_for(tokenizer)`)."""
     if isinstance(source, (str, Path)):
-        source = read_prompts(source, key="prompts=")  # the feedback app's reader: \n, .jsonl
+        source = read_prompts(source, key="prompts=", messages=True)  # the feedback app's reader: \n, .jsonl
     out = []
     for i, p in enumerate(source):
-        if isinstance(p, str):
-            if tokenizer is None:
-                raise ConfigError("text prompts need a tokenizer (pass tokenizer=...)")
+        chat = isinstance(p, list) and bool(p) and isinstance(p[0], dict)
+        if (isinstance(p, str) or chat) and tokenizer is None:
+            raise ConfigError("text prompts need a tokenizer (pass tokenizer=...)")
+        if chat:
+            p = prompt_ids(template or template_for(tokenizer), tokenizer, check_messages(p, f"prompt {i}"))
+        elif isinstance(p, str):
             p = tokenizer.encode(p)
         t = torch.as_tensor(p, dtype=torch.long).reshape(-1)
         if t.numel() == 0:

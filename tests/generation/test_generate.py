@@ -67,6 +67,21 @@ def test_eos_stops_one_row_and_pads_after_it_while_others_continue():
     assert torch.equal(out.tokens[1], free.tokens[1])  # the other row is unaffected
 
 
+def test_several_eos_ids_each_stop_their_row():
+    """eos_token=[a, b] (a checkpoint's eos_ids): row 0 stops at a, row 1 at b, each at its first one."""
+    model = tiny(seed=3)
+    ps = prompts(5, 5, seed=3)
+    free = generate(model, ps, SamplingConfig(max_new_tokens=24, seed=0))
+    row0, row1 = free.tokens[0].tolist(), free.tokens[1].tolist()
+    a = next(t for t in row0[1:] if t not in row1)
+    b = next(t for t in row1[1:] if t not in row0[: row0.index(a) + 1])
+    out = generate(model, ps, SamplingConfig(max_new_tokens=24, seed=0, eos_token=[a, b]))
+    ends = [row0.index(a) if b not in row0 else min(row0.index(a), row0.index(b)), row1.index(b)]
+    assert out.stop_reasons == ["eos", "eos"] and out.lengths.tolist() == [ends[0] + 1, ends[1] + 1]
+    assert out.tokens[1, : ends[1] + 1].tolist() == row1[: ends[1] + 1]
+    assert SamplingConfig(eos_token=[a, b, a]).eos_ids == (a, b) and SamplingConfig(eos_token=[a]).eos_token == a
+
+
 def test_stop_sequence_ends_the_row_after_the_sequence():
     model = tiny(seed=4)
     ps = prompts(6, seed=4)

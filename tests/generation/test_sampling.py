@@ -114,7 +114,8 @@ def test_legacy_semantics_are_inverted():
 @pytest.mark.parametrize("field, value", [
     ("max_new_tokens", 0), ("top_p", 0.0), ("top_p", 1.5), ("top_p", -0.1), ("temperature", -1.0),
     ("top_k", -1), ("top_k", 2.5), ("min_p", 1.0), ("repetition_penalty", 0.0), ("temperature", math.nan),
-    ("stop_sequences", "\n\n"), ("stop_sequences", [[]]), ("eos_token", -1),
+    ("stop_sequences", "\n\n"), ("stop_sequences", [[]]), ("eos_token", -1), ("eos_token", []),
+    ("eos_token", [1, -2]), ("eos_token", [1.0]),
 ])
 def test_bad_config_names_the_field(field, value):
     with pytest.raises(ConfigError, match=field):
