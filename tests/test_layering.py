@@ -228,9 +228,10 @@ def test_private_access_checker_catches_planted_reads(tmp_path, monkeypatch):
 
 
 def test_model_layer_stays_small():
-    """Issue 15's size budget: `model/` plus `ops.py` at most 1,600 lines, no file over 400
-    (ARCHITECTURE.md: a file past that is two ideas)."""
+    """The size budget: `model/` plus `ops.py` at most 2,350 lines, no file over 400
+    (ARCHITECTURE.md: a file past that is two ideas). PaLM alone took 1,600; the Llama family
+    (its block, checkpoint mapping, export, grouped-query attention, rope scaling) about 600."""
     files = [*sorted((PACKAGE / "model").glob("*.py")), PACKAGE / "ops.py"]
     lines = {f.relative_to(PACKAGE).as_posix(): len(f.read_text().splitlines()) for f in files}
-    assert sum(lines.values()) <= 1600, lines
+    assert sum(lines.values()) <= 2350, lines
     assert not {f: n for f, n in lines.items() if n > 400}

@@ -8,6 +8,10 @@ with `strict=True`. Each `forward` flag routes to a method:
     forward(x, return_loss=True)                -> loss(x)
     forward(x, return_only_embedding=True)      -> embed(x)
     forward(x, return_logits_with_embedding=True) -> logits_and_embeds(x)
+
+The same class is the one decoder of the Llama family (block="sequential", see its
+constructor and `palm_rlhf.model.families`). LoRA scopes live in `scopes.py`, input checks in
+`checks.py`.
 """
 
 from __future__ import annotations
@@ -18,49 +22,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import ConfigError, InputError
+from ..errors import InputError
 from ..ops import gumbel_sample, top_k
+from .checks import InputChecks, check_config, check_family
 from .kv_cache import KVCache
 from .layers import LayerNorm, ParallelTransformerBlock, Residual, RMSNorm, RotaryEmbedding
-from .lora import DEFAULT_LORA_TARGETS, LORA_TARGETS, LoRA, LoRASet
+from .lora import DEFAULT_LORA_TARGETS
+from .scopes import FinetuneScopes
 from .sequential import SequentialBlock
 
-BLOCKS = ("parallel", "sequential")
-PALM_LORA_KEYS = {"q": "0", "k": "1", "v": "2", "o": "3"}  # the seed's per-layer ModuleList indices
 
-
-def _check_family(block, heads, kv_heads, causal, ff_inner, sliding_window):
-    if block not in BLOCKS:
-        raise ConfigError(f"PaLM(block={block!r}): block must be one of {', '.join(BLOCKS)}")
-    if isinstance(kv_heads, bool) or not isinstance(kv_heads, int) or kv_heads <= 0 or heads % kv_heads:
-        raise ConfigError(f"PaLM(kv_heads={kv_heads!r}): the key/value heads must be a positive divisor of "
-                          f"heads={heads}")
-    if block == "parallel" and kv_heads != 1:
-        raise ConfigError(f"PaLM(kv_heads={kv_heads}): PaLM's parallel block is multi-query (kv_heads=1); "
-                          f"grouped-query attention needs block='sequential'")
-    if block == "sequential" and not causal:
-        raise ConfigError("PaLM(block='sequential') is a causal decoder; causal=False is PaLM's parallel block only")
-    for name, value in (("ff_inner", ff_inner), ("sliding_window", sliding_window)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-            raise ConfigError(f"PaLM({name}={value!r}) must be a positive integer or None")
-
-
-def _check_config(dim, num_tokens, depth, dim_head, heads, ff_mult, attn_dropout, ff_dropout, lora_r,
-                  rotary_xpos_scale_base):
-    for name, value in (("dim", dim), ("num_tokens", num_tokens), ("depth", depth), ("dim_head", dim_head),
-                        ("heads", heads), ("ff_mult", ff_mult), ("lora_r", lora_r)):
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ConfigError(f"PaLM({name}={value!r}): {name} must be a positive integer")
-    if dim_head % 2:
-        raise ConfigError(f"PaLM(dim_head={dim_head}): rotary embeddings need an even dim_head; use {dim_head + 1}")
-    for name, value in (("attn_dropout", attn_dropout), ("ff_dropout", ff_dropout)):
-        if not 0.0 <= float(value) < 1.0:
-            raise ConfigError(f"PaLM({name}={value!r}): dropout must be in [0, 1)")
-    if not float(rotary_xpos_scale_base) > 0:
-        raise ConfigError(f"PaLM(rotary_xpos_scale_base={rotary_xpos_scale_base!r}) must be > 0")
-
-
-class PaLM(nn.Module):
+class PaLM(FinetuneScopes, InputChecks, nn.Module):
     # which decode engine `palm_rlhf.generation` runs: "auto", "plain" or "cpu" (palm_rlhf/backends)
     backend: str = "auto"
 
@@ -78,9 +50,9 @@ class PaLM(nn.Module):
         base and `rope_scaling`, Mistral's `sliding_window`; `family` and `hf_config` (the
         checkpoint's own config) are kept for `export`."""
         super().__init__()
-        _check_config(dim, num_tokens, depth, dim_head, heads, ff_mult, attn_dropout, ff_dropout, lora_r,
+        check_config(dim, num_tokens, depth, dim_head, heads, ff_mult, attn_dropout, ff_dropout, lora_r,
                       rotary_xpos_scale_base)
-        _check_family(block, heads, kv_heads, causal, ff_inner, sliding_window)
+        check_family(block, heads, kv_heads, causal, ff_inner, sliding_window)
         self.dim, self.dim_head, self.heads, self.causal, self.num_tokens = dim, dim_head, heads, causal, num_tokens
         self.flash_attn, self.block, self.kv_heads, self.family = flash_attn, block, kv_heads, family
         self.sliding_window = sliding_window
@@ -138,21 +110,6 @@ class PaLM(nn.Module):
         """The rotary embedding every block uses (PaLM keeps it in each block, under the seed's names)."""
         return self.layers[0].fn.rotary_emb if self.block == "parallel" else self.rotary_emb
 
-    def lora_slots(self, layer: int) -> dict[str, tuple[Tensor, int, int]]:
-        """{target: (weight (out, in), first row, end row)}: where each LoRA target's update lands."""
-        if self.block == "parallel":
-            blk = self.layers[layer].fn
-            qd, d = self.heads * self.dim_head, self.dim_head
-            fused = blk.fused_attn_ff_proj.weight
-            return {"q": (fused, 0, qd), "k": (fused, qd, qd + d), "v": (fused, qd + d, qd + 2 * d),
-                    "o": (blk.attn_out.weight, 0, self.dim)}
-        blk = self.layers[layer]
-        qd, kvd = blk.qkv_sizes[:2]
-        return {"q": (blk.qkv.weight, 0, qd), "k": (blk.qkv.weight, qd, qd + kvd),
-                "v": (blk.qkv.weight, qd + kvd, qd + 2 * kvd), "o": (blk.attn_out.weight, 0, self.dim),
-                "up": (blk.gate_up.weight, 0, blk.ff_inner), "gate": (blk.gate_up.weight, blk.ff_inner, 2 * blk.ff_inner),
-                "down": (blk.ff_down.weight, 0, self.dim)}
-
     # ------------------------------------------------------------------ seed utilities
 
     @property
@@ -189,119 +146,7 @@ class PaLM(nn.Module):
                 module.attn_dropout = dropout
         return self
 
-    # ------------------------------------------------------------------ LoRA finetune scopes
-
-    def require_scope(self, scope: str) -> None:
-        """ConfigError naming the scopes that exist unless `scope` is one of them."""
-        if scope not in self.finetune_modules:
-            existing = ", ".join(repr(s) for s in self.finetune_modules) or "none"
-            raise ConfigError(f"unknown finetune scope {scope!r}; scopes that exist: {existing}. "
-                              f"Create it with add_finetune_params({scope!r}).")
-
-    def add_finetune_params(self, scope: str, lora_r: int | None = None, lora_alpha: float | None = None,
-                            targets=None) -> None:
-        """A new LoRA scope of rank `lora_r` (default: the model's) scaled by `lora_alpha / lora_r`
-        with a bounded A (the trainers pass `DEFAULT_LORA_ALPHA`). `lora_alpha=None` (and
-        `self.lora_alpha` None, the default) is the seed's LoRA: randn A, scale 1.
-        `targets`: the projections adapted, from q, k, v, o, gate, up, down (default
-        `self.lora_targets`, q k v o); PaLM's fused block takes q, k, v, o."""
-        if scope in self.finetune_modules:
-            existing = ", ".join(repr(s) for s in self.finetune_modules)
-            raise ConfigError(f"finetune scope {scope!r} already exists (scopes: {existing}); "
-                              f"pick a new name or remove_finetune_params({scope!r}) first.")
-        r = self.lora_r if lora_r is None else lora_r
-        alpha = self.lora_alpha if lora_alpha is None else lora_alpha
-        if alpha is not None and not float(alpha) > 0:
-            raise ConfigError(f"lora_alpha={lora_alpha!r}: must be > 0 (the LoRA output is scaled by alpha / r)")
-        targets = tuple(self.lora_targets if targets is None else targets)
-        allowed = tuple(self.lora_slots(0))
-        bad = [t for t in targets if t not in allowed]
-        if bad or not targets or len(set(targets)) != len(targets):
-            kind = "PaLM's fused block" if self.block == "parallel" else "this model"
-            raise ConfigError(f"lora targets {list(targets)}: {kind} takes distinct targets from "
-                              f"{', '.join(allowed)} (all targets: {', '.join(LORA_TARGETS)})")
-        targets = tuple(t for t in LORA_TARGETS if t in targets)  # a canonical order
-        keys = PALM_LORA_KEYS if self.block == "parallel" else None
-        param = self.token_emb.weight
-        modules = nn.ModuleList()
-        for i in range(len(self.layers)):
-            slots = self.lora_slots(i)
-            modules.append(LoRASet({t: LoRA(slots[t][0].shape[1], slots[t][2] - slots[t][1], r, alpha)
-                                    for t in targets}, keys))
-        self.finetune_modules[scope] = modules.to(device=param.device, dtype=param.dtype)
-        self.finetune_scope_ranks[scope] = r
-        self.finetune_scope_alphas[scope] = modules[0][0].alpha
-        self.finetune_scope_targets[scope] = targets
-
-    def remove_finetune_params(self, scope: str) -> nn.ModuleList:
-        self.require_scope(scope)
-        self.finetune_scope_ranks.pop(scope, None)
-        self.finetune_scope_alphas.pop(scope, None)
-        self.finetune_scope_targets.pop(scope, None)
-        return self.finetune_modules.pop(scope)
-
-    @torch.no_grad()
-    def merge_finetune_params(self, scope: str) -> None:
-        """Fold a scope's LoRA weights into the base weights and drop the scope."""
-        modules = self.remove_finetune_params(scope)
-        for i, lora_set in enumerate(modules):
-            slots = self.lora_slots(i)
-            for target, lora in lora_set.by_target().items():
-                weight, start, end = slots[target]
-                weight[start:end].add_(lora.weight.t().to(weight.dtype))
-
-    def palm_parameters(self) -> list[nn.Parameter]:
-        """Base parameters, never LoRA ones (a list in a stable order; the seed returned a set)."""
-        lora = {id(p) for p in self.finetune_modules.parameters()}
-        return [p for p in self.parameters() if id(p) not in lora]
-
-    def finetune_parameters(self, scope: str = "default"):
-        self.require_scope(scope)
-        return self.finetune_modules[scope].parameters()
-
-    # ------------------------------------------------------------------ input checks
-
-    def _check_tokens(self, x: Tensor, min_len: int = 1) -> None:
-        if not isinstance(x, Tensor):
-            raise InputError(f"token ids must be a torch.Tensor, got {type(x).__name__}")
-        if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
-            raise InputError(f"token ids must be an integer tensor, got dtype {x.dtype}; use x.long()")
-        if x.ndim != 2:
-            raise InputError(f"token ids must have shape (batch, seq_len), got {tuple(x.shape)}; "
-                             f"use x.unsqueeze(0) for a single sequence")
-        if x.shape[-1] < min_len or x.shape[0] == 0:
-            raise InputError(f"token ids of shape {tuple(x.shape)} are too short: need seq_len >= {min_len}"
-                             + (" for return_loss (inputs and shifted labels)" if min_len > 1 else ""))
-        lo, hi = torch.aminmax(x)
-        lo, hi = int(lo), int(hi)
-        low_ok = 0 if self.causal else -(2**62)
-        if lo < low_ok or hi >= self.num_tokens:
-            bad = lo if lo < low_ok else hi
-            neg = "" if self.causal else " (negative ids mark padding in non-causal mode)"
-            raise InputError(f"token id {bad} is outside [0, {self.num_tokens}){neg}; "
-                             f"check the tokenizer's vocabulary against PaLM(num_tokens={self.num_tokens})")
-
-    def _check_extra_embed(self, extra_embed: Tensor | None, x: Tensor) -> None:
-        if extra_embed is None:
-            return
-        expected = (*x.shape, self.dim)
-        try:
-            torch.broadcast_shapes(tuple(extra_embed.shape), expected)
-            ok = extra_embed.ndim <= 3 and extra_embed.shape[-1] == self.dim
-        except RuntimeError:
-            ok = False
-        if not ok:
-            raise InputError(f"extra_embed of shape {tuple(extra_embed.shape)} does not match the token "
-                             f"embeddings {expected}; it must broadcast to (batch, seq_len, dim={self.dim})")
-
     # ------------------------------------------------------------------ forward paths
-
-    def lora_layers(self, finetune_scope: str | None, disable_lora: bool = False) -> list:
-        """Each layer's {target: LoRA} of a scope, or None per layer when no scope applies."""
-        if finetune_scope is None or disable_lora:
-            return [None] * len(self.layers)
-        self.require_scope(finetune_scope)
-        return [lora_set.by_target() for lora_set in self.finetune_modules[finetune_scope]]
 
     def _forward_hidden(self, x: Tensor, finetune_scope=None, disable_lora=False, extra_embed=None,
                         kv_cache=None, positions: Tensor | None = None) -> Tensor:
