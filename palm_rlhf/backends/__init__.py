@@ -3,8 +3,9 @@
 - ``"plain"``: `PaLM.forward_cached` per token, the model's one block forward; any device.
 - ``"cpu"``: `palm_rlhf.backends.cpu.Decoder`, the same function with the weights bound once in
   the layouts a CPU streams fastest (oneDNN-prepacked where the build has it); CPU only.
-- ``"auto"`` (default): ``"cpu"`` for a PaLM on a CPU, ``"plain"`` elsewhere (the cpu engine is
-  written for PaLM's parallel block; a Llama-family model decodes through the plain engine). On the development
+- ``"auto"`` (default): ``"cpu"`` for a model on a CPU, ``"plain"`` elsewhere. The cpu engine has
+  one decode step per block kind: `Decoder` (PaLM's parallel block) and `FamilyDecoder` (the
+  Llama family's sequential block). On the development
   CPU the cpu engine decodes faster than the plain one (benchmarks/generate.py, ``ours`` vs
   ``ours-plain``; figures in benchmarks/README.md).
 
@@ -52,11 +53,11 @@ def resolve(backend: str, device) -> str:
 
 def decoder_for(model, cache, finetune_scope: str | None = None, disable_lora: bool = False):
     """The decode engine `model.backend` selects, over `cache` (see the module docstring)."""
-    engine = resolve(getattr(model, "backend", "auto"), model.token_emb.weight.device)
-    if engine == "cpu" and getattr(model, "block", "parallel") == "parallel":  # the cpu engine is PaLM's block
-        from .cpu import Decoder
+    if resolve(getattr(model, "backend", "auto"), model.token_emb.weight.device) == "cpu":
+        from .cpu import Decoder, FamilyDecoder
 
-        return Decoder(model, cache, finetune_scope, disable_lora)
+        engine = FamilyDecoder if getattr(model, "block", "parallel") == "sequential" else Decoder
+        return engine(model, cache, finetune_scope, disable_lora)
     return PlainDecoder(model, cache, finetune_scope, disable_lora)
 
 

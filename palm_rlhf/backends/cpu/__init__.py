@@ -3,6 +3,7 @@ oneDNN-prepacked weights. The only place in the package that calls private torch
 (`torch.ops.mkldnn._*`), each guarded by `onednn_works`."""
 
 from .decode import Decoder
+from .family import FamilyDecoder
 from .onednn import onednn_linear, onednn_packed, onednn_works
 
-__all__ = ["Decoder", "onednn_linear", "onednn_packed", "onednn_works"]
+__all__ = ["Decoder", "FamilyDecoder", "onednn_linear", "onednn_packed", "onednn_works"]
