@@ -21,10 +21,10 @@ def make_hf_checkpoint(case: str, directory, *, vocab: int = 384, seed: int = 0,
     import transformers
 
     cls_name, extra = FAMILY_CASES[case]
-    config = getattr(transformers, cls_name)(
-        vocab_size=vocab, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=1024, initializer_range=0.2, rms_norm_eps=1e-5,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0, **{**extra, **overrides})
+    settings = dict(vocab_size=vocab, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, max_position_embeddings=1024, initializer_range=0.2, rms_norm_eps=1e-5,
+                    bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    config = getattr(transformers, cls_name)(**{**settings, **extra, **overrides})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     with torch.no_grad():  # non-trivial norm gains and biases, so a swapped tensor shows

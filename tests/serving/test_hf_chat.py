@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))
-from hf_tokenizers import chatml, reference  # noqa: E402
+from hf_tokenizers import chatml, reference
 
 from palm_rlhf.data.chat import JinjaChatTemplate, prompt_ids  # noqa: E402
 from palm_rlhf.data.hf_tokenizer import HFTokenizer  # noqa: E402

@@ -3,14 +3,11 @@ its Jinja (ChatML) template: SFT trains on the assistant turns only and final/ c
 tokenizer files unchanged; DPO trains on TRL's conversational pairs."""
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))
-from hf_tokenizers import chatml  # noqa: E402
+from hf_tokenizers import chatml
 
 from palm_rlhf.data.chat import encode_conversation, template_for  # noqa: E402
 from palm_rlhf.data.tokenizer import load_tokenizer  # noqa: E402
