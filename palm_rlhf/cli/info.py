@@ -31,11 +31,11 @@ def _tensor_shapes(path: Path) -> tuple[dict, dict]:
     return read_safetensors_header(path)
 
 
-def _count(shapes: dict, exclude_prefix: str = "finetune_modules.") -> tuple[int, int]:
+def _count(shapes: dict, exclude_prefix: str = "finetune_modules.", tied: bool = True) -> tuple[int, int]:
     import math
 
     base = sum(math.prod(s) for k, s in shapes.items() if not k.startswith(exclude_prefix) and "beta" not in k
-               and k != "to_logits.weight" and not k.endswith(("inv_freq", "rotary_emb.scale")))
+               and not (tied and k == "to_logits.weight") and not k.endswith(("inv_freq", "rotary_emb.scale")))
     lora = sum(math.prod(s) for k, s in shapes.items() if k.startswith(exclude_prefix))
     return base, lora
 
@@ -79,13 +79,20 @@ def describe(path: Path) -> dict:
     if config.get("model_type") == "reward_model":
         info.update(kind="reward model", reward=config.get("reward"))
         config = dict(config["palm"])
+    elif "model_type" in config:
+        info["kind"] = f"{config['model_type']} checkpoint (Hugging Face format)"
+    elif config.get("family"):
+        info["kind"] = f"{config['family']} model (palm-rlhf format; `palm-rlhf export` writes it for transformers)"
+        config.pop("hf_config", None)
     else:
         info["kind"] = "PaLM"
     info["scopes"] = config.pop("finetune_scopes", {}) or {}
     info["config"] = {k: v for k, v in config.items() if k not in ("format_version", "layernorm_gain")}
-    weights = directory / "model.safetensors"
-    if weights.is_file():
-        info["parameters"], info["lora_parameters"] = _count(_tensor_shapes(weights)[0])
+    shapes = {}
+    for weights in sorted(directory.glob("model*.safetensors")):
+        shapes.update(_tensor_shapes(weights)[0])
+    if shapes:
+        info["parameters"], info["lora_parameters"] = _count(shapes, tied=config.get("tie_embeddings", True))
     if source.tokenizer_dir is None:
         info["tokenizer"] = "none saved (bytes assumed)"
     else:
