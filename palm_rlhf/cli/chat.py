@@ -39,7 +39,7 @@ def run(args) -> int:
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         raise ConfigError("--temperature must be >= 0 and --top-p in (0, 1]")
     set_threads(args.threads)
-    loaded = load_for_inference(args.model, args.adapter, args.tokenizer)
+    loaded = load_for_inference(args.model, args.adapter, args.tokenizer, dtype=args.dtype)
     engine = Engine(loaded.model, loaded.tokenizer, context=args.context, max_batch=1, gather_s=0.0,
                     finetune_scope=loaded.finetune_scope).start()
     session = ChatSession(engine, loaded.tokenizer, loaded.template, system=args.system,

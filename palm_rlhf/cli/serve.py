@@ -23,7 +23,7 @@ Clients: curl, or the openai package with base_url="http://127.0.0.1:8000/v1" (d
 def add_model_arguments(p) -> None:
     """MODEL, --adapter, --tokenizer, --context, --threads: shared by `serve` and `chat`."""
     p.add_argument("model", type=Path, help="a run directory (its final/), a final/ or save_pretrained "
-                   "directory, or a checkpoint step directory")
+                   "directory, a checkpoint step directory, or a Llama/Mistral/Qwen checkpoint directory")
     p.add_argument("--adapter", type=Path, default=None,
                    help="a LoRA adapter to apply: adapter.safetensors, or a LoRA/PPO/GRPO/DPO run directory")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the one saved with the model)")
@@ -31,6 +31,8 @@ def add_model_arguments(p) -> None:
                    help="context length in tokens: prompt + reply must fit (default: %(default)s)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (default: torch's choice; 1 is fastest for tiny models or a busy CPU)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default=None,
+                   help="weights' dtype (default: as saved for our models, fp32 for a family checkpoint)")
 
 
 def register(sub) -> None:
@@ -81,10 +83,10 @@ def run(args) -> int:
         threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
         level = logging.getLogger().getEffectiveLevel()
         engine = EnginePool([EngineProcess(Source(args.model, args.adapter, args.tokenizer, threads,
-                                                  level if i == 0 else logging.ERROR), **options)
+                                                  level if i == 0 else logging.ERROR, args.dtype), **options)
                              for i in range(args.workers)]).start()
     else:
-        loaded = load_for_inference(args.model, args.adapter, args.tokenizer)
+        loaded = load_for_inference(args.model, args.adapter, args.tokenizer, dtype=args.dtype)
         engine = Engine(loaded.model, loaded.tokenizer, finetune_scope=loaded.finetune_scope, **options)
     try:  # the engine processes must not outlive a failure here
         if args.workers > 1:  # the first replica has logged the warnings about the model

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import InputError
+from ..errors import ConfigError, InputError
 from ..generation import SamplingConfig, process_logits, sample
 from .batch import DecodeBatch
 from .text import TextStream
@@ -117,6 +117,10 @@ class Engine:
     def __init__(self, model, tokenizer, *, context: int, max_batch: int = 16, max_queue: int = 256,
                  gather_s: float = 0.01, prefill_tokens: int = 1024, finetune_scope=None):
         self.model, self.tokenizer, self.context = model.eval(), tokenizer, context
+        window = getattr(model, "sliding_window", None)
+        if window is not None and context > window:
+            raise ConfigError(f"--context {context} is longer than the model's sliding window ({window}); palm-rlhf "
+                              f"runs sliding-window models within the window: use --context {window} or less")
         self.max_batch, self.max_queue, self.gather_s, self.scope = max_batch, max_queue, gather_s, finetune_scope
         self.prefill_tokens = prefill_tokens  # most prompt tokens prefilled in one forward
         self.batch = DecodeBatch(model, context, max_batch, finetune_scope)

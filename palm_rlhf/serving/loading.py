@@ -33,7 +33,8 @@ def set_threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
-def load_for_inference(path, adapter=None, tokenizer: str | None = None, *, weights: bool = True) -> Loaded:
+def load_for_inference(path, adapter=None, tokenizer: str | None = None, *, weights: bool = True,
+                       dtype=None) -> Loaded:
     """A run directory, final/ or checkpoint step directory (see `runtime.resolve.resolve_model`), plus
     an optional LoRA adapter -> the model in eval mode, its tokenizer (the one saved with it unless
     `tokenizer` overrides it) and its chat template (the tokenizer's Jinja template, else
@@ -41,7 +42,7 @@ def load_for_inference(path, adapter=None, tokenizer: str | None = None, *, weig
     `weights=False`: only the tokenizer, template and name (`model` is None; the engine process
     loads and checks the rest, see `worker.EngineProcess`)."""
     source = resolve_model(path)
-    model = PaLM.from_pretrained(source.model_dir).eval() if weights else None
+    model = PaLM.from_pretrained(source.model_dir, dtype=dtype).eval() if weights else None
     tok = load_tokenizer_for(source, tokenizer)
     template = template_for(tok, source.model_dir)
     if model is None:

@@ -50,6 +50,7 @@ class Source:
     tokenizer: str | None = None
     threads: int = 0
     log_level: int = logging.WARNING
+    dtype: str | None = None
 
 
 @dataclass
@@ -283,7 +284,7 @@ def _child(commands, events, source: Source, options: dict) -> None:
 
     try:
         set_threads(source.threads)
-        loaded = load_for_inference(source.model, source.adapter, source.tokenizer)
+        loaded = load_for_inference(source.model, source.adapter, source.tokenizer, dtype=source.dtype)
     except (ConfigError, CheckpointError, DataError, InputError) as e:
         events.send(("error", type(e).__name__, str(e)))
         return
