@@ -3,6 +3,7 @@
     python benchmarks/serve.py                          # levels 1 4 16 64, 2 repeats (many minutes)
     python benchmarks/serve.py --levels 1 16 --repeats 1 --systems ours
     python benchmarks/serve.py --levels 16 --repeats 5 --systems ours ours-workers hf
+    python benchmarks/serve.py --family llama --levels 1 16 --threads 1   # one Llama checkpoint for both
 
 Model: config S of issue 4 (dim 384, depth 6, heads 6, dim_head 64, vocab 256, random weights),
 and for HF the matched-size `LlamaForCausalLM` of benchmarks/generate.py (one key/value head,
@@ -26,6 +27,12 @@ its text is held back, e.g. half a UTF-8 character); then the same requests one 
 system and level, medians over repeats (runs interleaved: ours, hf, ours, hf ...): total
 completion tokens/s, p50/p95 time to first token (TTFT), p50/p95 per-token latency after the
 first, and the ratios concurrent/sequential and ours/hf.
+
+`--family llama`: both servers load one Llama-family checkpoint directory written here (config S:
+hidden 384, 6 layers, 6 heads, 2 key/value heads, SwiGLU 1024, vocabulary 32,000, random weights)
+with one tokenizer.json beside it (the 256 byte-level symbols, 31,743 filler tokens and an EOS):
+ours runs `palm-rlhf serve DIR`, HF `pipeline("text-generation")` over
+`AutoModelForCausalLM.from_pretrained(DIR)` and `AutoTokenizer.from_pretrained(DIR)`.
 """
 
 from __future__ import annotations
@@ -69,6 +76,38 @@ def build_hf_pipeline():
                       eos_token_id=None, pad_token_id=0)
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg).eval()
+    return pipeline("text-generation", model=model, tokenizer=tokenizer, device="cpu")
+
+
+def write_family_checkpoint(directory: Path) -> Path:
+    """A config-S Llama checkpoint with a 32,000-token byte-level tokenizer, as a downloaded one would be."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {c: i for i, c in enumerate(alphabet)}
+    vocab.update({f"<filler{i}>": len(alphabet) + i for i in range(32000 - 1 - len(alphabet))})
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.add_special_tokens([AddedToken("<|eos|>", special=True)])  # id 31999
+    directory.mkdir(parents=True, exist_ok=True)
+    tk.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|eos|>", "pad_token": "<|eos|>"}))
+    cfg = LlamaConfig(vocab_size=32000, hidden_size=DIM, intermediate_size=1024, num_hidden_layers=DEPTH,
+                      num_attention_heads=HEADS, num_key_value_heads=2, max_position_embeddings=2048,
+                      tie_word_embeddings=False, bos_token_id=None, eos_token_id=31999, pad_token_id=31999)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(directory)
+    return directory
+
+
+def build_hf_family_pipeline(directory):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+    tokenizer = AutoTokenizer.from_pretrained(directory, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
     return pipeline("text-generation", model=model, tokenizer=tokenizer, device="cpu")
 
 
@@ -134,14 +173,16 @@ class HFEngine:
                     r.sink(Delta(i, text, "length", [], r.params.max_tokens))
 
 
-def hf_server(max_batch: int) -> None:
-    from palm_rlhf.data.tokenizer import ByteTokenizer
+def hf_server(max_batch: int, family_dir: str | None = None) -> None:
+    from palm_rlhf.data.tokenizer import ByteTokenizer, load_tokenizer
     from palm_rlhf.feedback.server import bind, serve
     from palm_rlhf.serving import ChatTemplate
     from palm_rlhf.serving.app import create_app
 
-    engine = HFEngine(build_hf_pipeline(), context=1024, max_batch=max_batch)
-    app = create_app(engine, ByteTokenizer(), model_name="llama", template=ChatTemplate())
+    pipe = build_hf_family_pipeline(family_dir) if family_dir else build_hf_pipeline()
+    engine = HFEngine(pipe, context=1024, max_batch=max_batch)
+    tokenizer = load_tokenizer(family_dir) if family_dir else ByteTokenizer()
+    app = create_app(engine, tokenizer, model_name="llama", template=ChatTemplate())
     sock = bind("127.0.0.1", 0)
     print(f"serving llama on http://127.0.0.1:{sock.getsockname()[1]}/v1", flush=True)
     serve(app, sock)
@@ -227,18 +268,25 @@ def main(argv=None):
     ap.add_argument("--hf-server", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--max-batch", type=int, default=64)
     ap.add_argument("--workers", type=int, default=2, help="`serve --workers` of the ours-workers system")
+    ap.add_argument("--family", choices=["llama"], default=None,
+                    help="serve one Llama-family checkpoint (and its tokenizer) with both systems")
+    ap.add_argument("--family-dir", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the `finally` that stops the servers
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.hf_server:
-        return hf_server(args.max_batch)
+        return hf_server(args.max_batch, args.family_dir)
 
     from palm_rlhf.model import PaLM
 
     tmp = Path(tempfile.mkdtemp(prefix="serve-bench-"))
     torch.manual_seed(0)
-    PaLM(dim=DIM, num_tokens=VOCAB, depth=DEPTH, heads=HEADS, dim_head=DIM_HEAD).save_pretrained(tmp / "model")
+    if args.family:
+        write_family_checkpoint(tmp / "model")
+    else:
+        PaLM(dim=DIM, num_tokens=VOCAB, depth=DEPTH, heads=HEADS, dim_head=DIM_HEAD).save_pretrained(tmp / "model")
+    family = ["--family-dir", str(tmp / "model")] if args.family else []
     threads = ["--threads", str(args.threads)] if args.threads else []
     procs, urls = [], {}
     try:
@@ -249,7 +297,7 @@ def main(argv=None):
                 cmd = [sys.executable, "-m", "palm_rlhf", "serve", str(tmp / "model"), "--port", "0",
                        "--max-batch", str(args.max_batch), *threads, *extra]
             else:
-                cmd = [sys.executable, __file__, "--hf-server", "--max-batch", str(args.max_batch), *threads]
+                cmd = [sys.executable, __file__, "--hf-server", "--max-batch", str(args.max_batch), *threads, *family]
             proc, url = start_server(cmd)
             procs.append(proc)
             urls[system] = url
