@@ -68,7 +68,11 @@ def build_llama(dtype):
                       num_attention_heads=HEADS, num_key_value_heads=1, head_dim=DIM_HEAD,
                       max_position_embeddings=2048, tie_word_embeddings=True, bos_token_id=None,
                       eos_token_id=None, pad_token_id=0)
-    model = LlamaForCausalLM(cfg).to(dtype).eval()
+    return hf_runner(LlamaForCausalLM(cfg).to(dtype).eval())
+
+
+def hf_runner(model):
+    """Sampling with transformers' `generate` (its KV cache), every row to exactly the new-token count."""
 
     def run(prompts, new_tokens=NEW):
         with torch.inference_mode():
@@ -113,15 +117,7 @@ def build_family_ours(dtype):
 def build_family_hf(dtype):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(FAMILY_DIR, dtype=dtype).eval()
-
-    def run(prompts, new_tokens=NEW):
-        with torch.inference_mode():
-            out = model.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=True,
-                                 temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=new_tokens,
-                                 min_new_tokens=new_tokens, use_cache=True, pad_token_id=0)
-        assert out.shape[1] == PROMPT + new_tokens
-    return run
+    return hf_runner(AutoModelForCausalLM.from_pretrained(FAMILY_DIR, dtype=dtype).eval())
 
 
 BUILDERS = {"ours": build_ours, "ours-plain": lambda dtype: build_ours(dtype, "plain"), "seed": build_seed,
