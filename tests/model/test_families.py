@@ -210,3 +210,19 @@ def test_a_context_longer_than_the_sliding_window_is_refused(checkpoints):
         model(torch.zeros(1, 513, dtype=torch.long))
     with pytest.raises(InputError, match="sliding window"):
         model.new_kv_cache(1, 600)
+
+
+def test_loading_and_running_needs_no_transformers(checkpoints):
+    """The library reads a family checkpoint with its own code: a fresh process loads, runs and
+    generates without ever importing transformers (the reference in tests only)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch, palm_rlhf\n"
+            "from palm_rlhf.generation import SamplingConfig, generate\n"
+            f"model = palm_rlhf.load_model({str(checkpoints['qwen3'][0])!r})\n"
+            "model(torch.zeros(1, 4, dtype=torch.long))\n"
+            "generate(model, [torch.tensor([3, 4])], SamplingConfig(max_new_tokens=3))\n"
+            "assert 'transformers' not in sys.modules, 'transformers was imported'\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-1000:]
