@@ -29,3 +29,15 @@ def model_dir(tmp_path_factory):
     directory = tmp_path_factory.mktemp("serve") / "tiny"
     PaLM(dim=32, num_tokens=256, depth=2, heads=2, dim_head=16).save_pretrained(directory)
     return directory
+
+
+@pytest.fixture(scope="module")
+def family_model(tmp_path_factory):
+    """A tiny random Qwen2-family checkpoint (grouped-query attention, q/k/v biases) built by
+    transformers and loaded on our decoder, vocabulary 256 (the byte tokenizer's)."""
+    pytest.importorskip("transformers")
+    from family_testing import make_hf_checkpoint
+
+    directory = tmp_path_factory.mktemp("family")
+    make_hf_checkpoint("qwen2", directory, vocab=256)
+    return PaLM.from_pretrained(directory).eval()

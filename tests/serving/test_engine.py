@@ -42,12 +42,14 @@ def greedy_reference(model, prompt, max_tokens):
     return TOK.decode(out.sequences()[0])
 
 
+@pytest.mark.parametrize("which", ["model", "family_model"], ids=["palm", "qwen2"])
 @pytest.mark.parametrize("context", [256, 40])
-def test_greedy_rows_joining_and_leaving_match_generate_alone(model, context):
+def test_greedy_rows_joining_and_leaving_match_generate_alone(request, which, context):
     """Prompts of 1-30 tokens with 3-9 new tokens, all submitted at once to a batch of 4: rows
     join a running batch, leave early, the bucket grows and shrinks; with context 40 the shared
     slot counter also has to be compacted and shifted. Each row's greedy text equals `generate`
-    on its prompt alone."""
+    on its prompt alone, for PaLM and for a Qwen2-family model (grouped-query KV cache)."""
+    model = request.getfixturevalue(which)
     prompts = [TOK.encode("abcdefghijklmnopqrstuvwxyz0123"[: 1 + (7 * i) % 30]) for i in range(12)]
     max_tokens = [3 + (5 * i) % 7 for i in range(12)]
     engine = Engine(model, TOK, context=context, max_batch=4, gather_s=0.0).start()
