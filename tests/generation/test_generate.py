@@ -132,11 +132,26 @@ def test_stream_yields_the_same_tokens_as_generate():
 
 
 def test_outputs_are_usable_by_autograd_and_training_mode_is_restored():
+    """generate() runs without autograd, yet its tokens must train like any ids (the embedding saves
+    them for backward). The gradient they give equals the one from the same ids built afresh, and it
+    reaches exactly the embedding rows it must: the ids in the sequences (input side) and the one
+    scored column k (output side; to_logits is tied to token_emb), every other row exactly zero."""
     model = tiny().train()
     out = generate(model, prompts(3), SamplingConfig(max_new_tokens=4, seed=0))
     assert model.training
-    loss = model.logits(out.tokens).sum()  # embedding saves the ids for backward
-    loss.backward()
+    present = set(out.tokens.flatten().tolist())
+    k = min(set(range(V)) - present)  # a column no sequence holds: its row gets the output side alone
+    weights = torch.randn(out.tokens.shape, generator=torch.Generator().manual_seed(1))
+
+    def embedding_grad(tokens):
+        model.zero_grad(set_to_none=True)
+        (model.logits(tokens)[..., k] * weights).sum().backward()
+        return model.token_emb.weight.grad.clone()
+
+    grad = embedding_grad(out.tokens)
+    torch.testing.assert_close(grad, embedding_grad(torch.tensor(out.tokens.tolist())), rtol=0, atol=0)
+    nonzero = {row for row in range(V) if grad[row].abs().sum() > 0}
+    assert nonzero == present | {k}
 
 
 @pytest.mark.parametrize("bad, match", [
