@@ -6,17 +6,12 @@ import functools
 
 import pytest
 
-from tests.helpers.models import FAMILIES, make_model, make_palm
-
-
-@pytest.fixture
-def palm():
-    """A tiny PaLM with randomized weights (tests.helpers.models.make_palm(seed=0)), in eval mode."""
-    return make_palm()
+from tests.helpers.models import FAMILIES, make_model
 
 
 @pytest.fixture(params=FAMILIES)
 def model_factory(request):
-    """`model_factory(seed=0, randomized=True, **overrides)` builds a tiny model of one family; a test
-    that takes this fixture runs once per family in tests.helpers.models.FAMILIES (PaLM for now)."""
+    """`model_factory(seed=0, randomized=True, **overrides)` builds a tiny model of one family
+    (tests.helpers.models.make_model); a test that takes this fixture runs once per family in
+    tests.helpers.models.FAMILIES (PaLM for now), its id naming the family (`[palm]`)."""
     return functools.partial(make_model, request.param)
