@@ -48,7 +48,10 @@ class Server:
 def start_server(db: Path, raters: Path, *extra: str, timeout: float = 60.0) -> Server:
     """Start fake_feedback_server.py on a free loopback port; wait for its URL line."""
     args = [sys.executable, str(HERE / "fake_feedback_server.py"), "--db", str(db), "--raters", str(raters), *extra]
-    proc, lines = launch(args, "URL ", timeout=timeout, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    # the script's own folder heads its import path: put this checkout's palm_rlhf before an installed one
+    path = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    proc, lines = launch(args, "URL ", timeout=timeout, cwd=ROOT,
+                         env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path})
     url = next(l for l in lines if l.startswith("URL "))[4:].strip().rstrip("/")
     wait_healthy(url, proc, lines)
     return Server(url=url, proc=proc, args=args)
