@@ -25,6 +25,17 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _check_out(out: Path) -> None:
+    """The shared writable-directory check (as every trainer's out_dir and `data prepare --out` have),
+    run once the source has loaded: a bad source leaves no output directory behind."""
+    from ..errors import ConfigError
+    from ..files import unusable_dir_reason
+
+    why = unusable_dir_reason(out)
+    if why is not None:
+        raise ConfigError(f"output directory {out} cannot be used ({why}); choose another OUT")
+
+
 def _export_directory(args) -> int:
     """A run, final/ or step directory -> a standalone save_pretrained directory with its tokenizer."""
     from ..model import PaLM
@@ -32,6 +43,7 @@ def _export_directory(args) -> int:
 
     source = resolve_model(args.source)
     model = PaLM.from_pretrained(source.model_dir)
+    _check_out(args.out)
     model.save_pretrained(args.out)
     if source.tokenizer_dir is not None:
         load_tokenizer_for(source).save(args.out)
@@ -55,6 +67,7 @@ def run(args) -> int:
     for scope, r in scopes.items():
         model.add_finetune_params(scope, lora_r=r)
     load_into(model, state, source=str(args.source))
+    _check_out(args.out)
     model.save_pretrained(args.out)
     print(f"wrote {args.out} ({model.num_parameters():,} parameters, scopes: {list(scopes) or 'none'})")
     return 0

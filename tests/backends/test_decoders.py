@@ -14,18 +14,11 @@ import pytest
 import torch
 
 from palm_rlhf.backends import PlainDecoder, decoder_for
-from palm_rlhf.backends.cpu import Decoder, decode, onednn_packed
+from palm_rlhf.backends.cpu import Decoder, FamilyDecoder, decode, onednn_packed
 from palm_rlhf.generation import PackedPrompts
-from palm_rlhf.model import PaLM
+from tests.helpers.models import tiny_palm as tiny
 
 STEPS = 200
-
-
-def tiny(seed=0, **kw):
-    torch.manual_seed(seed)
-    cfg = dict(dim=32, num_tokens=64, depth=2, heads=2, dim_head=16)
-    cfg.update(kw)
-    return PaLM(**cfg).eval()
 
 
 def set_xpos(model, on: bool):
@@ -59,7 +52,12 @@ class StaticEager(PlainDecoder):
         return logits
 
 
-ENGINES = {"plain": PlainDecoder, "static": StaticEager, "cpu": Decoder}
+def cpu_engine(model, cache, **scope):
+    """The CPU backend's decode step for the model's block kind."""
+    return (FamilyDecoder if model.block == "sequential" else Decoder)(model, cache, **scope)
+
+
+ENGINES = {"plain": PlainDecoder, "static": StaticEager, "cpu": cpu_engine}
 
 
 def greedy_cached(model, prompt, steps, engine="cpu", **scope):
@@ -96,9 +94,9 @@ def test_cached_greedy_equals_uncached_over_200_tokens(xpos, lora, engine):
 
 @pytest.mark.parametrize("rows", [1, 4])
 @torch.no_grad()
-def test_cached_greedy_equals_uncached_for_other_batch_sizes(rows):
-    """The decode step's weight layouts depend on the batch size (`Decoder._layout`)."""
-    model = tiny(seed=2)
+def test_cached_greedy_equals_uncached_for_other_batch_sizes(rows, model_factory):
+    """The decode step's weight layouts depend on the batch size (`Decoder._layout`); every family."""
+    model = model_factory(seed=2, randomized=False)
     add_trained_lora(model)
     prompt = torch.randint(1, 64, (rows, 5))
     ref_tokens, ref_logits = greedy_uncached(model, prompt, STEPS, finetune_scope="sft")

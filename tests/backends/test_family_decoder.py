@@ -11,7 +11,7 @@ from palm_rlhf import PaLM
 from palm_rlhf.backends import PlainDecoder, decoder_for
 from palm_rlhf.backends.cpu import FamilyDecoder
 
-from family_testing import make_hf_checkpoint
+from tests.helpers.families import make_hf_checkpoint
 
 pytest.importorskip("transformers")
 

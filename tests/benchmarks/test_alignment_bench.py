@@ -1,14 +1,12 @@
 """benchmarks/alignment.py's bookkeeping: the rules' units and the fit of DPO's margins on them."""
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-import alignment  # noqa: E402
-from palm_rlhf.data.preferences import PairwiseRecord  # noqa: E402
+from palm_rlhf.data.preferences import PairwiseRecord
+from tests.helpers.scripts import BENCHMARKS, load_script
+
+alignment = load_script(BENCHMARKS / "alignment.py")
 
 
 def test_good_units_by_hand():

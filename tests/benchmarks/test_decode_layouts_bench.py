@@ -1,12 +1,10 @@
 """benchmarks/decode_layouts.py times the right thing: every layout computes x @ W + r."""
 
-import sys
-from pathlib import Path
-
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-import decode_layouts  # noqa: E402
+from tests.helpers.scripts import BENCHMARKS, load_script
+
+decode_layouts = load_script(BENCHMARKS / "decode_layouts.py")
 
 
 def test_every_benchmarked_layout_computes_the_same_product():

@@ -1,13 +1,11 @@
 """The training benchmarks' bookkeeping: FLOP count, matched model sizes, clean skip without data."""
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-import quality  # noqa: E402
-import train  # noqa: E402
+from tests.helpers.scripts import BENCHMARKS, load_script
+
+train = load_script(BENCHMARKS / "train.py")
+quality = load_script(BENCHMARKS / "quality.py")  # imports train by that name: load it first
 
 
 def test_flops_per_token_by_hand():

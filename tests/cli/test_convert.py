@@ -4,7 +4,10 @@ whose model gives the reference package's logits."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import palm_rlhf_pytorch as ref_pkg  # the [test] extra, which also brings pytest: never skipped
@@ -16,6 +19,7 @@ from palm_rlhf.model import PaLM
 from palm_rlhf.model.convert import v08_to_ours
 
 
+ROOT = Path(__file__).resolve().parents[2]
 CFG = dict(dim=32, num_tokens=50, depth=2, heads=2, dim_head=16)
 
 
@@ -107,3 +111,25 @@ def test_a_run_directory_exports_its_final_model_and_tokenizer(tmp_path, capsys)
     again = PaLM.from_pretrained(tmp_path / "out")
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
     assert load_tokenizer(tmp_path / "out") == ByteTokenizer()
+
+
+@pytest.mark.parametrize("source", ["state dict", "run directory"])
+def test_an_output_path_under_a_file_is_one_error_line(tmp_path, source):
+    """`palm-rlhf convert MODEL OUT` with OUT under a file: exit 2 and one `error:` line naming the file
+    (it was `internal error: NotADirectoryError`), and the file is left as it was."""
+    torch.manual_seed(0)
+    if source == "state dict":
+        src = tmp_path / "palm.pt"
+        torch.save(reference().state_dict(), src)
+    else:
+        src = tmp_path / "run"
+        PaLM(**CFG).save_pretrained(src / "final")
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("a file, not a directory")
+    proc = subprocess.run([sys.executable, "-m", "palm_rlhf", "convert", str(src), str(blocker / "out")],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout == ""
+    assert proc.stderr.splitlines() == [f"error: output directory {blocker / 'out'} cannot be used "
+                                        f"({str(blocker)!r} is a file); choose another OUT"]
+    assert blocker.read_text() == "a file, not a directory"

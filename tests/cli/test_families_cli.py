@@ -16,8 +16,8 @@ import sys
 import pytest
 import torch
 
-from family_testing import make_hf_checkpoint
-from hf_tokenizers import llama3
+from tests.helpers.families import make_hf_checkpoint
+from tests.helpers.hf_tokenizers import llama3
 
 transformers = pytest.importorskip("transformers")
 

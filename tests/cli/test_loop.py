@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.processes import launch, wait_healthy
+
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tests" / "feedback"))
-from feedback_testing import launch, wait_healthy  # noqa: E402  (the feedback tests' process helpers)
 PAGE = ROOT / "docs" / "loop.md"
 BIN = Path(sys.executable).parent          # the venv whose python runs the tests
 EXE = BIN / "palm-rlhf"

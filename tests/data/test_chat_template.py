@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from hf_tokenizers import CHATML, CONVERSATIONS, LLAMA3, chatml, llama3, reference
+from tests.helpers.hf_tokenizers import CHATML, CONVERSATIONS, LLAMA3, chatml, llama3, reference
 from palm_rlhf.data.chat import (ChatTemplate, JinjaChatTemplate, encode_conversation, encode_reply, prompt_ids,
                                  template_for)
 from palm_rlhf.data.preferences import PairwiseRecord, read_preferences

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from hf_tokenizers import CHATML_SPECIALS, LLAMA3_SPECIALS, build, chatml, llama3, reference
+from tests.helpers.hf_tokenizers import CHATML_SPECIALS, LLAMA3_SPECIALS, build, chatml, llama3, reference
 from palm_rlhf.data.hf_tokenizer import HFTokenizer
 from palm_rlhf.data.tokenizer import ByteTokenizer, load_tokenizer, load_tokenizer_or_bytes, train_bpe
 from palm_rlhf.errors import DataError

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-EXAMPLES = ROOT / "examples"
+from tests.helpers.scripts import EXAMPLES, ROOT, load_script
 
 
 def run_example(name: str, out: Path, *extra: str) -> tuple[str, dict]:
@@ -29,12 +28,8 @@ def finite(*values) -> bool:
 
 
 def load_example_module(name: str):
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        import importlib
-        return importlib.import_module(name)
-    finally:
-        sys.path.remove(str(EXAMPLES))
+    load_script(EXAMPLES / "common.py")  # the examples' shared module, which they import as `common`
+    return load_script(EXAMPLES / f"{name}.py")
 
 
 def test_arithmetic_verifier_scores_by_hand():

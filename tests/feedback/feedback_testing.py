@@ -10,14 +10,15 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import fake_feedback_server as fake_server  # (also run as a script by start_server)
+
+from tests.helpers.processes import launch, wait_healthy
+
 HERE = Path(__file__).parent
 ROOT = HERE.parent.parent
-sys.path.insert(0, str(HERE))
-import fake_feedback_server as fake_server  # noqa: E402  (also run as a script by start_server)
 
 FakePairSource = fake_server.FakePairSource
 
@@ -44,50 +45,16 @@ class Server:
         self.proc.wait(timeout=20)
 
 
-def launch(args: list, needle: str, *, timeout: float = 60.0, **popen) -> tuple[subprocess.Popen, list[str]]:
-    """Start `args` (stdout and stderr merged) and wait for an output line containing `needle`;
-    returns the process and the lines read so far (a thread keeps appending)."""
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
-    lines: list[str] = []
-    seen = threading.Event()
-
-    def read():
-        for line in proc.stdout:
-            lines.append(line)
-            if needle in line:
-                seen.set()
-
-    threading.Thread(target=read, daemon=True).start()
-    if not seen.wait(timeout):
-        proc.kill()
-        raise RuntimeError(f"{' '.join(map(str, args))} did not print {needle!r}:\n" + "".join(lines))
-    return proc, lines
-
-
 def start_server(db: Path, raters: Path, *extra: str, timeout: float = 60.0) -> Server:
     """Start fake_feedback_server.py on a free loopback port; wait for its URL line."""
     args = [sys.executable, str(HERE / "fake_feedback_server.py"), "--db", str(db), "--raters", str(raters), *extra]
-    proc, lines = launch(args, "URL ", timeout=timeout, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    # the script's own folder heads its import path: put this checkout's palm_rlhf before an installed one
+    path = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    proc, lines = launch(args, "URL ", timeout=timeout, cwd=ROOT,
+                         env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path})
     url = next(l for l in lines if l.startswith("URL "))[4:].strip().rstrip("/")
     wait_healthy(url, proc, lines)
     return Server(url=url, proc=proc, args=args)
-
-
-def wait_healthy(url: str, proc, lines, timeout: float = 30.0) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError("feedback server exited:\n" + "".join(lines))
-        try:
-            if httpx.get(url + "/healthz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("feedback server never answered /healthz:\n" + "".join(lines))
 
 
 def judge_loop(url: str, token: str, n: int, acknowledged: list, errors: list, stop: threading.Event | None = None):

@@ -41,19 +41,23 @@ def browser():
         b.close()
 
 
-def sign_in(page, url: str, name: str) -> None:
+def sign_in(page, url: str, name: str, state: str = "ready") -> None:
     response = page.goto(url + "/")
     assert response.status == 401                     # not signed in yet: the sign-in page
     page.fill("#token", TOKENS[name])
     page.click("button.primary")
-    page.wait_for_selector("body[data-state=ready]")
+    page.wait_for_selector(f"body[data-state={state}]")
 
 
-def wait_count(page, n: int) -> None:
+def expect_text(page, selector: str, text: str) -> None:
     # locator waits, not wait_for_function: the page's CSP forbids the eval that one needs
     from playwright.sync_api import expect
 
-    expect(page.locator("#count-you")).to_have_text(str(n))
+    expect(page.locator(selector)).to_have_text(text)
+
+
+def wait_count(page, n: int) -> None:
+    expect_text(page, "#count-you", str(n))
     page.wait_for_selector("body[data-state=ready]")
 
 
@@ -151,3 +155,34 @@ def test_page_is_ready_only_once_its_keys_work(browser, tmp_path, server_factory
     page.wait_for_selector("#completion-a")
     assert page.get_attribute("body", "data-state") == "loading"
     context.close()
+
+
+def test_a_waiting_page_polls_with_javascript_and_refreshes_without(browser, tmp_path, server_factory):
+    """No pair until the test releases one, and the page does not wait: it renders "waiting". With
+    JavaScript the page polls and shows the pair in place, still the same document 3.5 s after it
+    loaded (a self-refresh would reload it under the rater: a key pressed, or a judgement sent,
+    while it reloads is lost), and a key judges. Without JavaScript it refreshes itself until the
+    pair is there."""
+    write_raters(tmp_path / "raters.txt", ["alice"])
+    release = tmp_path / "release"
+    server = server_factory(tmp_path / "f.sqlite", tmp_path / "raters.txt", "--hold", str(release), "--page-wait", "0")
+    page = browser.new_page()
+    sign_in(page, server.url, "alice", state="waiting")
+    page.evaluate("window.firstDocument = true")
+    no_js = browser.new_context(java_script_enabled=False)
+    static = no_js.new_page()
+    assert static.goto(server.url + "/").status == 401
+    static.fill("#token", TOKENS["alice"])
+    static.click("button.primary")
+    assert static.locator("#judge-form").is_hidden()          # no pair yet
+
+    page.wait_for_timeout(3_500)                               # the old self-refresh came at 3 s
+    release.touch()
+    page.wait_for_selector("body[data-state=ready]")           # the pair, shown by the script
+    assert page.evaluate("window.firstDocument") is True
+    static.wait_for_selector("#judge-form", state="visible")   # a refresh (every 3 s) brought it
+    assert static.input_value("#pair-id") == page.input_value("#pair-id")
+    page.keyboard.press("1")
+    expect_text(page, "#count-you", "1")
+    no_js.close()
+    page.close()

@@ -13,7 +13,8 @@ import sys
 import httpx
 import pytest
 import torch
-from feedback_testing import ROOT, launch, write_raters
+from feedback_testing import ROOT, write_raters
+from tests.helpers.processes import launch
 
 from palm_rlhf.cli.main import main
 from palm_rlhf.errors import ConfigError

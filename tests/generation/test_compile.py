@@ -9,12 +9,11 @@ import pytest
 import torch
 
 from palm_rlhf.generation import SamplingConfig, compiled, generate
-from palm_rlhf.model import PaLM
+from tests.helpers.models import tiny_palm
 
 
 def tiny():
-    torch.manual_seed(0)
-    return PaLM(dim=32, num_tokens=64, depth=1, heads=2, dim_head=16).eval()
+    return tiny_palm(depth=1)
 
 
 @pytest.fixture(autouse=True)

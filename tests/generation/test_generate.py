@@ -7,16 +7,9 @@ import torch
 
 from palm_rlhf.errors import ConfigError, InputError
 from palm_rlhf.generation import SamplingConfig, generate, process_logits, stream
-from palm_rlhf.model import PaLM
+from tests.helpers.models import tiny_palm as tiny
 
-V = 64
-
-
-def tiny(seed=0, **kw):
-    torch.manual_seed(seed)
-    cfg = dict(dim=32, num_tokens=V, depth=2, heads=2, dim_head=16)
-    cfg.update(kw)
-    return PaLM(**cfg).eval()
+V = 64  # tiny()'s num_tokens
 
 
 def prompts(*lengths, seed=0):
@@ -28,8 +21,8 @@ GREEDY = SamplingConfig(max_new_tokens=24, temperature=0)
 
 
 @pytest.mark.parametrize("flash_attn", [False, True])
-def test_batch_of_different_lengths_equals_each_prompt_alone(flash_attn):
-    model = tiny(flash_attn=flash_attn)
+def test_batch_of_different_lengths_equals_each_prompt_alone(flash_attn, model_factory):
+    model = model_factory(randomized=False, flash_attn=flash_attn)
     ps = prompts(3, 9, 1, 6)
     out = generate(model, ps, GREEDY)
     for i, p in enumerate(ps):
@@ -147,11 +140,26 @@ def test_stream_yields_the_same_tokens_as_generate():
 
 
 def test_outputs_are_usable_by_autograd_and_training_mode_is_restored():
+    """generate() runs without autograd, yet its tokens must train like any ids (the embedding saves
+    them for backward). The gradient they give equals the one from the same ids built afresh, and it
+    reaches exactly the embedding rows it must: the ids in the sequences (input side) and the one
+    scored column k (output side; to_logits is tied to token_emb), every other row exactly zero."""
     model = tiny().train()
     out = generate(model, prompts(3), SamplingConfig(max_new_tokens=4, seed=0))
     assert model.training
-    loss = model.logits(out.tokens).sum()  # embedding saves the ids for backward
-    loss.backward()
+    present = set(out.tokens.flatten().tolist())
+    k = min(set(range(V)) - present)  # a column no sequence holds: its row gets the output side alone
+    weights = torch.randn(out.tokens.shape, generator=torch.Generator().manual_seed(1))
+
+    def embedding_grad(tokens):
+        model.zero_grad(set_to_none=True)
+        (model.logits(tokens)[..., k] * weights).sum().backward()
+        return model.token_emb.weight.grad.clone()
+
+    grad = embedding_grad(out.tokens)
+    torch.testing.assert_close(grad, embedding_grad(torch.tensor(out.tokens.tolist())), rtol=0, atol=0)
+    nonzero = {row for row in range(V) if grad[row].abs().sum() > 0}
+    assert nonzero == present | {k}
 
 
 @pytest.mark.parametrize("bad, match", [

@@ -7,7 +7,7 @@ import torch
 
 from palm_rlhf.errors import InputError
 from palm_rlhf.generation import PackedPrompts
-from palm_rlhf.model import PaLM
+from tests.helpers.models import tiny_palm
 
 
 @pytest.mark.parametrize("scope", [None, "actor"])
@@ -15,8 +15,7 @@ def test_packed_prefill_equals_one_prompt_at_a_time(scope):
     """Prompts of 1, 7, 3 and 12 tokens in one packed forward: each prompt's last-token logits
     and its keys/values equal a prefill of that prompt alone in a KV cache of the same length
     (same xpos centre), with and without a LoRA scope."""
-    torch.manual_seed(0)
-    model = PaLM(dim=32, num_tokens=64, depth=2, heads=2, dim_head=16).eval()
+    model = tiny_palm(seed=0)
     if scope:
         model.add_finetune_params(scope, lora_r=2)
         with torch.no_grad():

@@ -147,7 +147,7 @@ def test_family_checkpoint_on_cuda_matches_transformers(tmp_path, case):
     CPU, same weights) over 300 tokens, cached decoding equal to the full forward, and greedy
     generation equal on both devices."""
     pytest.importorskip("transformers")
-    from family_testing import make_hf_checkpoint
+    from tests.helpers.families import make_hf_checkpoint
 
     ref = make_hf_checkpoint(case, tmp_path)
     model = PaLM.from_pretrained(tmp_path, map_location="cuda").eval()

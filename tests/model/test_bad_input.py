@@ -7,7 +7,7 @@ import torch
 
 from palm_rlhf.errors import ConfigError, InputError, PalmRLHFError
 from palm_rlhf.model import PaLM
-from palm_testing import TINY, make_palm
+from tests.helpers.models import TINY, make_palm
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from palm_rlhf.model import PaLM
-from palm_testing import TINY, make_palm
+from tests.helpers.models import TINY, make_palm
 
 GEN = torch.Generator().manual_seed(0)
 X = torch.randint(1, 64, (2, 24), generator=GEN)

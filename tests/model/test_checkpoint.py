@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 import palm_rlhf.files as ckpt
 from palm_rlhf.errors import CheckpointError
 from palm_rlhf.model import PaLM
-from palm_testing import TINY, make_palm
+from tests.helpers.models import TINY, make_palm
 
 X = torch.randint(0, 64, (2, 13), generator=torch.Generator().manual_seed(0))
 

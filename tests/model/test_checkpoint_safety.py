@@ -20,7 +20,7 @@ from palm_rlhf.model.checkpoint import load_adapter, save_adapter
 from palm_rlhf.model.reward import RewardModel
 from palm_rlhf.runtime.checkpoint import CheckpointManager
 from palm_rlhf.trainers.rlhf import RLHFTrainer
-from palm_testing import TINY, make_palm
+from tests.helpers.models import TINY, make_palm
 
 REFUSAL = "(it asks to run code: posix.system); refusing to load it."
 PYTORCH_ADVICE = ("weights_only", "add_safe_globals", "trusted source", "Weights only load failed")

@@ -1,6 +1,6 @@
 """Llama-family checkpoints on our one decoder, against transformers on the same weights.
 
-Each case is a tiny random checkpoint built by transformers in the test (family_testing.py):
+Each case is a tiny random checkpoint built by transformers in the test (tests/helpers/families.py):
 Llama with llama3 rope scaling, Llama with linear scaling + attention and MLP biases + tied
 embeddings, Mistral (sliding window), Qwen2 (q/k/v biases, tied), Qwen3 (per-head q/k norm,
 explicit head_dim 24 != hidden / heads).
@@ -17,7 +17,7 @@ from palm_rlhf import CheckpointError, InputError, PaLM
 from palm_rlhf.generation import SamplingConfig, generate
 from palm_rlhf.model.families import export_adapter, export_family
 
-from family_testing import FAMILY_CASES, make_hf_checkpoint
+from tests.helpers.families import FAMILY_CASES, make_hf_checkpoint
 
 transformers = pytest.importorskip("transformers")
 

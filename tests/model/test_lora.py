@@ -8,7 +8,7 @@ import torch
 
 from palm_rlhf.errors import CheckpointError, ConfigError
 from palm_rlhf.model.checkpoint import load_adapter, save_adapter
-from palm_testing import make_palm
+from tests.helpers.models import make_palm
 
 X = torch.randint(0, 64, (2, 19), generator=torch.Generator().manual_seed(0))
 

@@ -12,7 +12,7 @@ from palm_rlhf.model.checkpoint import load_adapter, save_adapter
 from palm_rlhf.model.lora import DEFAULT_LORA_ALPHA, LoRA
 from palm_rlhf.model.palm import PaLM
 from palm_rlhf.model.reward import RewardModel
-from palm_testing import make_palm
+from tests.helpers.models import make_palm
 
 X = torch.randint(0, 64, (4, 17), generator=torch.Generator().manual_seed(0))
 

@@ -17,7 +17,7 @@ import torch
 
 from palm_rlhf.model import PaLM
 from palm_rlhf.model.convert import ours_to_v08, v08_to_ours
-from palm_testing import randomize
+from tests.helpers.models import randomize
 
 
 TOL = 1e-5

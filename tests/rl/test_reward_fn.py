@@ -17,7 +17,11 @@ def score(prompts, completions):
 
 
 def with_reasons(prompts, completions, stop_reasons=None):
-    return [1.0 for _ in completions]
+    return [len(c) + (100.0 if r == "eos" else 0.0) for c, r in zip(completions, stop_reasons)]
+
+
+def with_finished(prompts, completions, *, finished):
+    return [float(f) for f in finished]
 
 
 def trl_style(completions, **kwargs):
@@ -53,9 +57,17 @@ def test_file_path_form(workdir):
     assert fn(["p"], ["aa"]) == [2.0]
 
 
-def test_optional_extra_arguments_are_fine(workdir):
+def test_optional_extra_arguments_are_given_their_values(workdir):
+    """A function that declares stop_reasons (optional) or finished (keyword-only) is called with each
+    completion's: "xy" stopped at eos -> 2 + 100; "abc" ran out of tokens -> 3. Without stop reasons
+    the source calls every completion finished (eos)."""
     _, name = workdir
-    as_reward_source(import_reward_function(f"{name}:with_reasons"), ByteTokenizer())
+    source = as_reward_source(import_reward_function(f"{name}:with_reasons"), ByteTokenizer())
+    prompts, completions = [_ids("p"), _ids("q")], [_ids("xy"), _ids("abc")]
+    assert source(prompts, completions, ["eos", "max_new_tokens"]).tolist() == [102.0, 3.0]
+    assert source(prompts, completions).tolist() == [102.0, 103.0]
+    finished = as_reward_source(import_reward_function(f"{name}:with_finished"), ByteTokenizer())
+    assert finished(prompts, completions, ["stop_sequence", "eos"]).tolist() == [0.0, 1.0]
 
 
 def test_wrong_signature_is_a_config_error_showing_the_expected_one(workdir):
@@ -81,5 +93,5 @@ def test_bad_specs(workdir, spec, expect):
 
 def test_missing_function_lists_what_is_there(workdir):
     _, name = workdir
-    with pytest.raises(ConfigError, match="has no 'scorer'; its functions: score, trl_style, with_reasons"):
+    with pytest.raises(ConfigError, match="has no 'scorer'; its functions: score, trl_style, with_finished, with_reasons"):
         import_reward_function(f"{name}:scorer")

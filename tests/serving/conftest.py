@@ -36,7 +36,7 @@ def family_model(tmp_path_factory):
     """A tiny random Qwen2-family checkpoint (grouped-query attention, q/k/v biases) built by
     transformers and loaded on our decoder, vocabulary 256 (the byte tokenizer's)."""
     pytest.importorskip("transformers")
-    from family_testing import make_hf_checkpoint
+    from tests.helpers.families import make_hf_checkpoint
 
     directory = tmp_path_factory.mktemp("family")
     make_hf_checkpoint("qwen2", directory, vocab=256)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hf_tokenizers import chatml, reference
+from tests.helpers.hf_tokenizers import chatml, reference
 
 from palm_rlhf.data.chat import JinjaChatTemplate, prompt_ids  # noqa: E402
 from palm_rlhf.data.hf_tokenizer import HFTokenizer  # noqa: E402

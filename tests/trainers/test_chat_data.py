@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from hf_tokenizers import chatml
+from tests.helpers.hf_tokenizers import chatml
 
 from palm_rlhf.data.chat import encode_conversation, template_for  # noqa: E402
 from palm_rlhf.data.tokenizer import load_tokenizer  # noqa: E402
