@@ -3,7 +3,8 @@
 Trains the actor LoRA scope on pairwise preference records (the JSONL schema of
 `palm_rlhf.data.preferences`). The reference is the same model with the actor
 scope disabled (fresh scope) or a frozen snapshot of a pretrained adapter
-(`palm_rlhf.rl.reference`); `lora.r=0` trains every weight against a frozen copy. Reports held-out implicit-reward accuracy and margin,
+(`palm_rlhf.rl.reference`); `lora.r=0` trains every weight against a frozen copy. Reports
+held-out implicit-reward accuracy and margin,
 the policy's own preference accuracy (log p(chosen) > log p(rejected)), and its drift every
 `eval.every` steps: `kl_ref`, KL(policy || reference) in nats per sequence, measured on completions
 the policy samples (temperature 1, no filter) for the first `kl_samples` held-out prompts: the
