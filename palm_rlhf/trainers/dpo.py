@@ -28,7 +28,7 @@ from ..errors import ConfigError, DataError
 from ..model.checkpoint import load_adapter
 from ..generation import SamplingConfig, generate
 from ..model import PaLM
-from ..model.scopes import adapter_on_frozen_base
+from ..model.adapters import adapter_on_frozen_base
 from ..data.sampling import split_heldout, stream_indices
 from ..ops import eval_mode
 from ..rl.collect import right_pad
