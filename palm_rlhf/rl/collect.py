@@ -21,6 +21,7 @@ from ..generation import SamplingConfig, generate
 from .reference import Reference
 from .rewards import RewardSource
 from .rollout import Rollout, pack_sequences, response_log_probs
+from ..ops import eval_mode
 
 
 def sampling_is_plain(config: SamplingConfig) -> bool:
@@ -67,17 +68,13 @@ def collect_rollout(model, prompts: Sequence[Tensor], sampling: SamplingConfig, 
     packed = pack_sequences(prompt_ids, prompt_lengths, tokens, mask)
     temperature = policy_temperature(sampling)
 
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         if sampling_is_plain(sampling):
             old_log_probs = gen_log_probs.masked_fill(~mask, 0.0)
         else:
             old_log_probs, _ = response_log_probs(model, packed, finetune_scope=actor_scope, temperature=temperature)
         ref_log_probs = reference.log_probs(packed, temperature)
         values = actor_critic.values(packed) if actor_critic is not None else None
-    finally:
-        model.train(was_training)
 
     completions = [strip_eos(row[:n].cpu(), r) for row, n, r in
                    zip(tokens, out.lengths.tolist(), out.stop_reasons)]

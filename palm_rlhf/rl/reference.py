@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .rollout import PackedSequences, response_log_probs
+from ..ops import eval_mode
 
 
 def scope_is_zero(model, scope: str) -> bool:
@@ -44,13 +45,9 @@ class Reference:
 
     @torch.no_grad()
     def log_probs(self, packed: PackedSequences, temperature: float = 1.0) -> Tensor:
-        was_training = self.model.training
-        self.model.eval()
-        try:
+        with eval_mode(self.model):
             logp, _ = response_log_probs(self.model, packed, finetune_scope=self.scope,
                                          disable_lora=self.disable_lora, temperature=temperature)
-        finally:
-            self.model.train(was_training)
         return logp
 
 
