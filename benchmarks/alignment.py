@@ -198,12 +198,15 @@ class Policy(NamedTuple):
     reference: torch.nn.Module | None = None
 
     def log_probs(self, packed):
-        """Per-token log-probs of the packed responses: (policy's, reference's)."""
-        from palm_rlhf.rl.rollout import response_log_probs
+        """Per-token log-probs of the packed responses: (policy's, reference's), through the trainers' scorer."""
+        from types import SimpleNamespace
 
-        pol, _ = response_log_probs(self.model, packed, finetune_scope=self.scope)
-        ref, _ = response_log_probs(self.reference or self.model, packed, disable_lora=self.reference is None)
-        return pol, ref
+        from palm_rlhf.generation.scoring import Scorer
+
+        reference = SimpleNamespace(model=self.reference or self.model, scope=None,
+                                    disable_lora=self.reference is None)
+        scorer = Scorer(self.model, self.scope, reference=reference)
+        return scorer.policy(packed)[0], scorer.reference_log_probs(packed)
 
 
 def finished(run: Path) -> bool:
@@ -228,7 +231,7 @@ def sample(policy: Policy, tokenizer, prompts: list[str], tokens: int, seed: int
     (only the texts when `log_probs` is false)."""
     from palm_rlhf.generation import SamplingConfig, generate
     from palm_rlhf.rl.collect import right_pad
-    from palm_rlhf.rl.rollout import pack_sequences
+    from palm_rlhf.generation.scoring import pack_sequences
 
     texts, logp, ref, masks = [], [], [], []
     for i in range(0, len(prompts), 64):
@@ -438,7 +441,7 @@ def dpo_margins(policy: Policy, tok, records, chunk: int = 512) -> torch.Tensor:
     """Per pair, the DPO trainer's implicit-reward margin (over beta): the summed log-ratio (policy vs
     reference) of chosen + EOS minus that of rejected + EOS (`encode_pair`); right where > 0."""
     from palm_rlhf.rl.collect import right_pad
-    from palm_rlhf.rl.rollout import pack_sequences
+    from palm_rlhf.generation.scoring import pack_sequences
     from palm_rlhf.trainers.dpo import DPOConfig, encode_pair
 
     def ratio(rows, side: int):

@@ -29,13 +29,13 @@ from ..data.preferences import PairwiseRecord, read_preferences
 from ..errors import ConfigError, DataError
 from ..model.checkpoint import load_adapter
 from ..generation import SamplingConfig, generate
+from ..generation.scoring import Scorer, pack_sequences
 from ..model import PaLM
 from ..model.lora import DEFAULT_LORA_ALPHA
 from ..rl.collect import right_pad
 from ..rl.kl import SequenceKL, sequence_kl
 from ..rl.losses import PREFERENCE_LOSSES, preference_loss
 from ..rl.reference import Reference
-from ..rl.rollout import pack_sequences, response_log_probs
 from ..runtime.distributed import all_reduce_mean, all_reduce_sum
 from ..runtime.optim import OptimConfig, build_scheduler
 from ..runtime.run import MergedAdapter, OnRun, Run, RunSettings
@@ -144,6 +144,7 @@ class DPOTrainer(OnRun):
         for p in self.model.palm_parameters():
             p.requires_grad_(self.scope is None)
         self.reference = Reference(self.model, self.scope)  # scope None: a frozen copy of the start
+        self.scorer = Scorer(self.model, self.scope, reference=self.reference)  # temperature 1
         self.params = list(self.model.finetune_parameters(self.scope) if self.scope is not None
                            else self.model.palm_parameters())
         self.optimizer = torch.optim.AdamW(self.params, lr=c.lr, weight_decay=c.weight_decay)
@@ -192,10 +193,7 @@ class DPOTrainer(OnRun):
             mask[i, : len(r)] = True
         packed = pack_sequences(prompts.to(device), torch.tensor([len(p) for p, _ in pairs], device=device),
                                 responses.to(device), mask.to(device))
-        if policy:
-            logp, _ = response_log_probs(self.model, packed, finetune_scope=self.scope)
-        else:
-            logp = self.reference.log_probs(packed)
+        logp = self.scorer.policy(packed)[0] if policy else self.scorer.reference_log_probs(packed)
         total = logp.sum(-1)
         if self.config.loss_type == "ipo":
             total = total / packed.mask.sum(-1).clamp(min=1)
@@ -290,8 +288,7 @@ class DPOTrainer(OnRun):
             device = out.tokens.device
             padded, lengths = right_pad(prompts)
             packed = pack_sequences(padded.to(device), lengths.to(device), out.tokens, out.mask)
-            logp, _ = response_log_probs(self.model, packed, finetune_scope=self.scope)
-            return sequence_kl(logp, self.reference.log_probs(packed), out.mask)
+            return sequence_kl(self.scorer.policy(packed)[0], self.scorer.reference_log_probs(packed), out.mask)
         finally:
             self.model.train(was_training)
 

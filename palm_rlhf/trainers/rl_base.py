@@ -24,6 +24,7 @@ from torch import Tensor
 
 from ..errors import ConfigError
 from ..generation import SamplingConfig
+from ..generation.scoring import Scorer
 from ..model.lora import DEFAULT_LORA_ALPHA
 from ..runtime.distributed import all_reduce_sum
 from ..runtime.run import MergedAdapter, OnRun, Run, RunSettings
@@ -120,7 +121,8 @@ def eos_token(config, tokenizer) -> int | None:
 
 
 class RLTrainerBase(OnRun):
-    """Subclasses implement `_build`, `_prepare`, `_loss`, `_trainable_state`, `_load_trainable_state`."""
+    """Subclasses implement `_build`, `_prepare`, `_loss`, `_trainable_state`, `_load_trainable_state`.
+    `_loss(mb)` scores the minibatch with `self.scorer` and hands the tensors to a loss of `palm_rlhf.rl`."""
 
     name = "rl"
     postfix = ("reward_mean", "kl_ref")
@@ -149,6 +151,10 @@ class RLTrainerBase(OnRun):
         self.temperature = policy_temperature(self.sampling)
         self._build()  # adds the actor (and critic) scopes, loads actor_adapter
         self.reference = Reference(self.model, self.actor_scope)
+        # the one model forward of this run: old/reference log-probs and values at collection, and the
+        # log-probs (entropy, values) each loss reads under the current weights
+        self.scorer = Scorer(self.model, self.actor_scope, temperature=self.temperature, reference=self.reference,
+                             critic=self._critic())
         self.params = [p for p in self._parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self._param_groups(), lr=c.lr, weight_decay=c.weight_decay)
         self.run.stepper(self.model, self.optimizer, clip_grad_norm=c.max_grad_norm or 0.0, precision=c.precision)
@@ -183,8 +189,7 @@ class RLTrainerBase(OnRun):
         gens = row_generators(c.seed, step, range(first, first + len(rows)), self.model.token_emb.weight.device)
         chunk = c.rollout_batch_size
         rollout = concat_rollouts([
-            collect_rollout(self.model, rows[i:i + chunk], self.sampling, self.reward, self.reference,
-                            actor_scope=self.actor_scope, actor_critic=self._critic(), generator=gens[i:i + chunk])
+            collect_rollout(self.scorer, rows[i:i + chunk], self.sampling, self.reward, generator=gens[i:i + chunk])
             for i in range(0, len(rows), chunk)])
         t1 = time.perf_counter()
         metrics = self._rollout_metrics(rollout, step)
