@@ -61,7 +61,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 # the RL tests, fastest first, so that most mutants die within seconds
 RL_TESTS = ["tests/rl", "tests/trainers/test_rlhf.py", "tests/trainers/test_dpo.py", "tests/trainers/test_ppo.py",
-            "tests/trainers/test_grpo.py", "tests/trainers/test_rl_progress.py",
+            "tests/trainers/test_grpo.py", "tests/trainers/test_reinforce.py", "tests/trainers/test_rl_progress.py",
             "tests/trainers/test_rl_distributed.py"]
 
 
@@ -78,6 +78,8 @@ PPO, GRPO, LOSSES, ADV = "palm_rlhf/rl/ppo.py", "palm_rlhf/rl/grpo.py", "palm_rl
     "palm_rlhf/rl/advantages.py"
 PPO_T, BASE_T, DPO_T, RLHF_T = "palm_rlhf/trainers/ppo.py", "palm_rlhf/trainers/rl_base.py", \
     "palm_rlhf/trainers/dpo.py", "palm_rlhf/trainers/rlhf.py"
+REINFORCE, RPP_T, SCORER = "palm_rlhf/rl/reinforce.py", "palm_rlhf/trainers/reinforce_pp.py", \
+    "palm_rlhf/generation/scoring.py"
 CONTROLLER_CALL = "self.kl_ctl.update(float(total[0] / total[1]), int(total[1]))"
 
 MUTANTS = [
@@ -145,6 +147,27 @@ MUTANTS = [
            "KL(ref || policy) instead of KL(policy || ref)"),
     Mutant("ppo-min-instead-of-max", LOSSES, "loss = torch.maximum(unclipped, clipped)",
            "loss = torch.minimum(unclipped, clipped)", "the optimistic, not the pessimistic, PPO bound"),
+    # the one scorer (issue 31): what every loss reads
+    Mutant("scorer-temperature-ignored", SCORER, "finetune_scope=self.scope, temperature=self.temperature,",
+           "finetune_scope=self.scope,", "the policy's log-probs ignore the sampling temperature"),
+    Mutant("scorer-reference-keeps-lora", SCORER, "disable_lora=ref.disable_lora,", "disable_lora=False,",
+           "the reference of a fresh adapter is scored with the adapter on (KL to itself)"),
+    # RLOO and REINFORCE++ (issue 31)
+    Mutant("rloo-baseline-includes-self", REINFORCE,
+           "others = (groups.sum(-1, keepdim=True) - groups) / (group_size - 1)",
+           "others = groups.mean(-1, keepdim=True)", "RLOO's baseline includes the sample itself"),
+    Mutant("rloo-kl-ignored", REINFORCE, "rewards = rollout.scores.float() - hp.kl_coef * kl.sum(-1)",
+           "rewards = rollout.scores.float()", "RLOO's reward leaves out the KL to the reference"),
+    Mutant("reinforce-pp-baseline-ignored", REINFORCE, "    if group_size is not None:\n        scores = group_mean",
+           "    if False:\n        scores = group_mean", "REINFORCE++-baseline never subtracts the group mean"),
+    Mutant("reinforce-pp-gamma-ignored", REINFORCE, "running = (rewards[:, t] + gamma * running)",
+           "running = (rewards[:, t] + running)", "REINFORCE++'s returns ignore the discount"),
+    Mutant("reinforce-pp-not-whitened", REINFORCE, "return whiten(returns, mask, reduce_sum=reduce_sum), returns",
+           "return returns, returns", "REINFORCE++'s advantages are the raw returns"),
+    Mutant("reinforce-pp-whiten-rank-local", RPP_T, "reinforce_prepare(rollout, self.hp, all_reduce_sum)",
+           "reinforce_prepare(rollout, self.hp)", "each rank whitens REINFORCE++'s advantages over its own tokens"),
+    Mutant("reinforce-entropy-sign", REINFORCE, "- hp.ent_coef * entropy", "+ hp.ent_coef * entropy",
+           "RLOO's and REINFORCE++'s entropy bonus becomes a penalty"),
 ]
 
 # name -> why it is not a real bug (mutants expected to survive; none at the last run)
