@@ -7,6 +7,7 @@ Everything here is a pure function of its inputs.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -150,3 +151,14 @@ def token_cross_entropy(logits: Tensor, targets: Tensor, mask: Tensor | None = N
         return losses.mean()
     mask = mask.reshape(-1).to(losses.dtype)
     return (losses * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+@contextmanager
+def eval_mode(module: torch.nn.Module):
+    """`module.eval()` inside the block, its own train/eval mode restored after (errors included)."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)

@@ -19,7 +19,7 @@ from .jsonl import iter_jsonl
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SFTRecord", "read_sft", "encode_sft", "sft_batch", "split_records"]
+__all__ = ["SFTRecord", "read_sft", "encode_sft", "sft_batch"]
 
 
 @dataclass(frozen=True)
@@ -47,15 +47,6 @@ def read_sft(path) -> list[SFTRecord]:
     if not records:
         raise DataError(f"{path}: no records; the file is empty")
     return records
-
-
-def split_records(records: list, val_fraction: float, seed: int) -> tuple[list, list]:
-    """A deterministic shuffle-split into (train, val); at least one training record."""
-    if val_fraction <= 0 or len(records) < 2:
-        return list(records), []
-    order = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed)).tolist()
-    n_val = min(len(records) - 1, max(1, round(len(records) * val_fraction)))
-    return [records[i] for i in order[n_val:]], [records[i] for i in order[:n_val]]
 
 
 def encode_sft(records: list[SFTRecord], tokenizer, max_len: int) -> list[tuple[list[int], int]]:

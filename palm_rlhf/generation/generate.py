@@ -21,6 +21,7 @@ from .compiled import compiled_decoder, first_step
 from .config import SamplingConfig
 from .prompts import pack_prompts
 from .sampling import RowUniforms, process_logits, sample, token_log_probs
+from ..ops import eval_mode
 
 PAD_ID = 0
 
@@ -169,13 +170,9 @@ def _make_generator(config: SamplingConfig, generator, device):
 
 @contextlib.contextmanager
 def _eval_mode(model):
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         with torch.inference_mode():
             yield
-    finally:
-        model.train(was_training)
 
 
 def _start(model, prompts, config, lengths, finetune_scope, disable_lora, generator, compile=False) -> _Decode:
@@ -222,9 +219,7 @@ def stream(model, prompt, config: SamplingConfig | None = None, *, finetune_scop
         if prompt.shape[0] != 1:
             raise InputError(f"stream() takes one prompt; got a batch of {prompt.shape[0]} (use generate())")
         prompt = prompt[0]
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         with torch.inference_mode():
             decode = _start(model, [prompt], config, None, finetune_scope, disable_lora, generator)
         steps = iter(decode)
@@ -238,5 +233,3 @@ def stream(model, prompt, config: SamplingConfig | None = None, *, finetune_scop
             yield int(tok[0])
             if bool(decode.finished[0]):
                 return
-    finally:
-        model.train(was_training)

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ..errors import InputError
-from ..ops import entropy_from_logits, log_probs_of
+from ..ops import entropy_from_logits, eval_mode, log_probs_of
 
 
 @dataclass
@@ -92,22 +92,6 @@ def response_values(model, value_head, packed: PackedSequences, finetune_scope: 
     return v.masked_fill(~packed.mask, 0.0)
 
 
-class eval_mode:
-    """`with eval_mode(model):` switches to eval and restores the previous mode on exit."""
-
-    def __init__(self, model):
-        self.model = model
-
-    def __enter__(self):
-        self.was_training = self.model.training
-        self.model.eval()
-        return self.model
-
-    def __exit__(self, *exc):
-        self.model.train(self.was_training)
-        return False
-
-
 class Scorer:
     """Scores (prompt, response) rows for one run.
 
@@ -157,4 +141,4 @@ class Scorer:
         return old_log_probs, ref, values
 
 
-__all__ = ["PackedSequences", "pack_sequences", "response_log_probs", "response_values", "eval_mode", "Scorer"]
+__all__ = ["PackedSequences", "pack_sequences", "response_log_probs", "response_values", "Scorer"]

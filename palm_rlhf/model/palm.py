@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError, InputError
-from ..ops import gumbel_sample, top_k
+from ..ops import eval_mode, gumbel_sample, top_k
 from .kv_cache import KVCache
 from .layers import LayerNorm, ParallelTransformerBlock, Residual
 from .lora import LoRA
@@ -357,9 +357,8 @@ class PaLM(nn.Module):
         steps = max(1, seq_len - n)
         out = torch.cat([prompt, prompt.new_zeros(b, steps)], dim=-1)  # (b, n + steps) preallocated
         done = torch.zeros(b, dtype=torch.bool, device=prompt.device)
-        was_training, end = self.training, n
-        self.eval()
-        try:
+        end = n
+        with eval_mode(self):
             # a bidirectional model has no KV cache: recompute the prefix every step, as the seed does
             cache = self.new_kv_cache(b, n + steps - 1) if self.causal else None
             logits = self.forward_cached(prompt, cache, **scope) if cache is not None else None
@@ -382,8 +381,6 @@ class PaLM(nn.Module):
                         break
                 if cache is not None and t < steps - 1:
                     logits = self.forward_cached(sample[:, None], cache, **scope)
-        finally:
-            self.train(was_training)
         out = out[:, :end].reshape(*lead, end)
         return out[..., n:] if return_seq_without_prompt else out
 

@@ -25,10 +25,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import CheckpointError, ConfigError, InputError
-from ..ops import gumbel_sample, masked_mean
+from ..ops import eval_mode, gumbel_sample, masked_mean
 from ..files import load_state_dict_file
 from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, build_palm, load_into, palm_config, read_config, write_pretrained
 from .palm import PaLM
+from .scopes import adapter_on_frozen_base
 
 POOLINGS = ("response_mean", "last", "response_mean_last", "mean")
 
@@ -74,7 +75,7 @@ class RewardModel(nn.Module):
     def __init__(self, palm: PaLM, dropout: float = 0.1, num_binned_output: float = 0.0, use_lora: bool = True,
                  lora_r: int = 8, reward_lora_scope: str = "reward", sample_from_bins: bool | None = None,
                  sample_temperature: float = 1.0, *, pooling: str = "response_mean",
-                 lora_alpha: float | None = None):
+                 lora_alpha: float | None = None, lora_options: dict | None = None):
         super().__init__()
         if not isinstance(palm, PaLM):
             raise ConfigError(f"RewardModel(palm=...) needs a palm_rlhf PaLM, got {type(palm).__name__}")
@@ -92,8 +93,9 @@ class RewardModel(nn.Module):
         self.palm = copy.deepcopy(palm)
         self.palm.set_dropout(dropout)
         self.reward_lora_scope = reward_lora_scope if use_lora else None
-        if self.reward_lora_scope is not None:
-            self.palm.add_finetune_params(reward_lora_scope, lora_r=lora_r, lora_alpha=lora_alpha)
+        lora_options = dict(lora_options or {})
+        if self.reward_lora_scope is not None:  # the adapter trains on a frozen base
+            adapter_on_frozen_base(self.palm, reward_lora_scope, r=lora_r, alpha=lora_alpha, **lora_options)
         lora_alpha = self.palm.finetune_scope_alphas.get(reward_lora_scope, lora_alpha)
 
         dim = palm.dim
@@ -112,6 +114,9 @@ class RewardModel(nn.Module):
                                   reward_lora_scope=reward_lora_scope, sample_from_bins=self.sample_from_bins,
                                   sample_temperature=self.sample_temperature, pooling=pooling,
                                   lora_alpha=None if lora_alpha is None else float(lora_alpha))
+        if lora_options:  # e.g. targets: what from_pretrained needs to rebuild the same scope
+            self.reward_config["lora_options"] = {k: list(v) if isinstance(v, tuple) else v
+                                                  for k, v in lora_options.items()}
 
     # ------------------------------------------------------------------ seed utilities
 
@@ -210,9 +215,7 @@ class RewardModel(nn.Module):
         Rows are right-padded (with a causal PaLM, real tokens never see the padding), scored
         `batch_size` at a time, and returned in the input order.
         """
-        was_training = self.training
-        self.eval()
-        try:
+        with eval_mode(self):
             device = self.prompt_embed.device
             out = []
             for i in range(0, len(prompts), batch_size):
@@ -223,8 +226,6 @@ class RewardModel(nn.Module):
             if not out:
                 raise InputError("score() got no (prompt, response) pairs")
             return torch.cat(out)
-        finally:
-            self.train(was_training)
 
     # ------------------------------------------------------------------ save / load
 

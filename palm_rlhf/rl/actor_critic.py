@@ -20,7 +20,8 @@ from torch import Tensor, nn
 from ..errors import ConfigError, InputError
 from ..generation import SamplingConfig, generate
 from ..model.palm import PaLM
-from ..ops import top_k
+from ..model.scopes import adapter_on_frozen_base
+from ..ops import eval_mode, top_k
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,8 @@ class ActorCritic(nn.Module):
     def __init__(self, palm: PaLM, critic: PaLM | None = None, pooled_values: bool = False, actor_lora: bool = True,
                  critic_lora: bool = True, actor_lora_r: int = 8, critic_lora_r: int = 8,
                  actor_lora_scope: str = "actor", critic_lora_scope: str = "critic", actor_dropout: float = 0.0,
-                 critic_dropout: float = 0.0, critic_dim_out: int = 6, *, lora_alpha: float | None = None):
+                 critic_dropout: float = 0.0, critic_dim_out: int = 6, *, lora_alpha: float | None = None,
+                 lora_options: dict | None = None):
         super().__init__()
         if not isinstance(palm, PaLM):
             raise ConfigError(f"ActorCritic(palm=...) needs a palm_rlhf PaLM, got {type(palm).__name__}")
@@ -60,17 +62,12 @@ class ActorCritic(nn.Module):
         palm.set_dropout(actor_dropout)
         if not self.critic_shares_base:
             critic.set_dropout(critic_dropout)
-        if self.actor_lora and actor_lora_scope not in palm.finetune_modules:
-            palm.add_finetune_params(actor_lora_scope, lora_r=actor_lora_r, lora_alpha=lora_alpha)
-        if self.critic_lora and critic_lora_scope not in critic.finetune_modules:
-            critic.add_finetune_params(critic_lora_scope, lora_r=critic_lora_r, lora_alpha=lora_alpha)
+        # LoRA trains only the adapters: a frozen base skips its weight gradients in backward
         if self.actor_lora:
-            # LoRA trains only the adapters: freezing the base skips its weight gradients in backward
-            for p in palm.palm_parameters():
-                p.requires_grad_(False)
-        if self.critic_lora and not self.critic_shares_base:
-            for p in critic.palm_parameters():
-                p.requires_grad_(False)
+            adapter_on_frozen_base(palm, actor_lora_scope, r=actor_lora_r, alpha=lora_alpha, **(lora_options or {}))
+        if self.critic_lora:
+            adapter_on_frozen_base(critic, critic_lora_scope, r=critic_lora_r, alpha=lora_alpha,
+                                   **(lora_options or {}))
         self.value_head = nn.Linear(palm.dim, 1)
         # small initial values: the critic starts predicting ~0 and learns the scale of the returns
         nn.init.normal_(self.value_head.weight, std=1e-3)
@@ -142,9 +139,7 @@ class ActorCritic(nn.Module):
             raise InputError(f"state must be (batch, n) prompt ids with n >= 1, got shape {tuple(state.shape)}")
         b, n = state.shape
         max_new = max(1, max_seq_len - n)  # the seed samples at least one token
-        was_training = self.training
-        self.eval()
-        try:
+        with eval_mode(self):
             if filter_logits_fn is None or filter_logits_fn is top_k:
                 vocab = self.actor_palm.num_tokens
                 k = 0 if filter_logits_fn is None else math.ceil((1 - filter_thres) * vocab)
@@ -167,8 +162,6 @@ class ActorCritic(nn.Module):
                 before = is_eos.long().cumsum(-1) - is_eos.long()  # EOS strictly before each position
                 mask = before.eq(0)
             action_logits, values = self.forward(sequence, return_values=return_values)
-        finally:
-            self.train(was_training)
         return PPOActionCriticReturn(actions, sequence, mask, prompt_mask, action_logits, values)
 
     def forward(self, x: Tensor, mask: Tensor | None = None, return_values: bool = True):

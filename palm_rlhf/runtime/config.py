@@ -15,8 +15,12 @@ key raises `ConfigError` listing the valid keys. Validation itself lives in each
 `__post_init__`, which runs once when the object is built here.
 
 Renamed keys keep working: a config dataclass declares its old spellings as a class attribute
-`ALIASES: ClassVar[dict[str, str]] = {"steps": "max_steps"}`; YAML keys and overrides alike are
-translated, with one deprecation line per old spelling used. `config_help(cls)` lists every key
+`ALIASES: ClassVar[dict[str, str | Converted]] = {"steps": "max_steps", "lr": "optim.lr"}`; YAML keys and
+overrides alike are translated, with one deprecation line per old spelling used. A new name may be
+dotted (a flat old key moved into a section), an old name may be dotted (`"data.val_fraction":
+"eval.fraction"`: a key moved out of a section), and an old key whose value changes meaning is a
+`Converted(fn, "new keys")`: `fn(old_value, values)` returns the new keys' values, given the other
+keys of the same section (`values`, old spellings already renamed; defaults filled by the caller). `config_help(cls)` lists every key
 with its type, default and one-line meaning: `field(metadata={"help": ...})` if given, else the
 trailing `# comment` of the field's line in the class body (a subclass that redeclares a field
 without a comment inherits its parent's).
@@ -39,7 +43,7 @@ import yaml
 
 from ..errors import ConfigError
 
-__all__ = ["load_config", "config_to_dict", "config_from_dict", "config_keys", "config_help", "list_run_presets",
+__all__ = ["Converted", "OldKeysAccepted", "load_config", "config_to_dict", "config_from_dict", "config_keys", "config_help", "list_run_presets",
            "resolve_config_path", "PRESET_DIR"]
 
 log = logging.getLogger(__name__)
@@ -139,38 +143,133 @@ def _coerce(key: str, value, tp):
     return value
 
 
-def _aliases(cls) -> dict[str, str]:
+@dataclasses.dataclass(frozen=True)
+class Converted:
+    """An old key whose value is translated: `fn(old_value, values) -> {new dotted key: value}`."""
+
+    fn: typing.Callable[[Any, dict], dict]
+    new: str  # what the deprecation line tells the user to write instead (e.g. "batch_size and micro_batch_size")
+
+
+def _aliases(cls) -> dict:
     return getattr(cls, "ALIASES", None) or {}
 
 
+def _warn_once(old: str, new: str, seen: set) -> None:
+    if old not in seen:
+        seen.add(old)
+        log.warning("config key %r is deprecated; write %s instead", old,
+                    new if " " in new or "=" in new else new + "=")
+
+
 def _canonical(cls, name: str, prefix: str, seen: set) -> str:
-    """`name`, or the field it is an old spelling of (logged once per load)."""
+    """`name`, or the key it is an old spelling of (logged once per load); a Converted key stays."""
     new = _aliases(cls).get(name)
-    if new is None:
+    if new is None or isinstance(new, Converted):
         return name
-    if prefix + name not in seen:
-        seen.add(prefix + name)
-        log.warning("config key %r is deprecated; write %s= instead", prefix + name, prefix + new)
+    _warn_once(prefix + name, prefix + new, seen)
     return new
 
 
-def _normalize(cls, values: dict, prefix: str, seen: set) -> dict:
-    """`values` with every old spelling (ALIASES, nested groups included) renamed to its field."""
+def _put(out: dict, key: str, value, prefix: str, old: str) -> None:
+    """out[key] = value for a dotted key (nested dicts created); a key set twice is a ConfigError."""
+    parts = key.split(".")
+    node = out
+    for part in parts[:-1]:
+        sub = node.setdefault(part, {})
+        if not isinstance(sub, dict):
+            raise ConfigError(f"{prefix}{part}: expected a mapping of fields, got {sub!r}")
+        node = sub
+    if parts[-1] in node:
+        raise ConfigError(f"{prefix}{old} and {prefix}{key} are both set; keep {prefix}{key} "
+                          f"({prefix}{old} is its old name)")
+    node[parts[-1]] = value
+
+
+def _field_default(f: dataclasses.Field):
+    """A field's default as a plain value (a nested section as a dict); MISSING if it has none."""
+    if f.default is not dataclasses.MISSING:
+        value = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+        value = f.default_factory()
+    else:
+        return dataclasses.MISSING
+    return config_to_dict(value) if dataclasses.is_dataclass(value) else value
+
+
+def _defaults(cls) -> dict:
+    out = {}
+    for f in dataclasses.fields(cls):
+        value = _field_default(f)
+        if value is not dataclasses.MISSING:
+            out[f.name] = value
+    return out
+
+
+def _normalize(cls, values: dict, prefix: str, seen: set, convert: bool = True, defaults: dict | None = None) -> dict:
+    """`values` with every old spelling (ALIASES, nested groups included) renamed to its field;
+    with `convert`, Converted old keys are translated too (after every rename, so they see the
+    section's other keys whatever their order)."""
     if not isinstance(values, dict):
         return values
+    aliases = _aliases(cls)
+    values = dict(values)
+    for old, new in aliases.items():  # old keys inside a section, moved out of it: "data.val_fraction"
+        if "." not in old or isinstance(new, Converted):
+            continue
+        group, leaf = old.rsplit(".", 1)
+        node = values
+        for part in group.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf in node:
+            node = dict(node)
+            value = node.pop(leaf)
+            _set_path(values, group, node)
+            _warn_once(prefix + old, prefix + new, seen)
+            _put(values, new, value, prefix, old)
     types = _field_types(cls)
     out: dict = {}
+    converted = []
     for name, value in values.items():
+        alias = aliases.get(name) if isinstance(name, str) else None
+        if isinstance(alias, Converted):
+            converted.append((name, value, alias))
+            continue
         new = _canonical(cls, name, prefix, seen) if isinstance(name, str) else name
-        if new in out:
-            old = name if new != name else next(k for k, v in _aliases(cls).items() if v == new and k in values)
-            raise ConfigError(f"{prefix}{old} and {prefix}{new} are both set; keep {prefix}{new} "
-                              f"({prefix}{old} is its old name)")
-        tp = types.get(new)
-        if tp is not None and _is_dataclass_type(tp) and isinstance(value, dict):
-            value = _normalize(tp, value, f"{prefix}{new}.", seen)
-        out[new] = value
+        if new == name and isinstance(value, dict) and isinstance(out.get(name), dict):
+            merged = dict(out[name])  # a section already holding keys moved into it from flat old ones
+            for k, v in value.items():
+                _put(merged, k, v, f"{prefix}{name}.", k)
+            out[name] = merged
+        else:
+            _put(out, new, dict(value) if isinstance(value, dict) else value, prefix, name)
+    own_defaults = {**_defaults(cls), **(defaults or {})}
+    for name, sub in list(out.items()):
+        tp = types.get(name)
+        if tp is not None and _is_dataclass_type(tp) and isinstance(sub, dict):
+            nested = own_defaults.get(name)
+            out[name] = _normalize(tp, sub, f"{prefix}{name}.", seen, convert,
+                                   nested if isinstance(nested, dict) else None)
+    if converted and not convert:  # kept as written for the final pass
+        for name, value, _ in converted:
+            out[name] = value
+        return out
+    for name, value, alias in converted:
+        _warn_once(prefix + name, alias.new, seen)
+        current = {**own_defaults, **out}
+        for key, new_value in alias.fn(value, current).items():
+            _set_path(out, key, new_value)
     return out
+
+
+def _set_path(out: dict, key: str, value) -> None:
+    parts = key.split(".")
+    node = out
+    for part in parts[:-1]:
+        nxt = node.get(part)
+        node[part] = nxt = dict(nxt) if isinstance(nxt, dict) else {}
+        node = nxt
+    node[parts[-1]] = value
 
 
 def config_from_dict(cls, values: dict, prefix: str = "", _seen: set | None = None):
@@ -185,16 +284,55 @@ def config_from_dict(cls, values: dict, prefix: str = "", _seen: set | None = No
     if unknown:
         raise ConfigError(f"unknown config key {prefix + unknown[0]!r}; valid keys: {', '.join(config_keys(cls, prefix))}")
     kwargs = {}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     for name, value in values.items():
         tp = types[name]
         if _is_dataclass_type(tp):
-            kwargs[name] = value if isinstance(value, tp) else config_from_dict(tp, value, f"{prefix}{name}.")
+            if not isinstance(value, tp):  # the keys given, over this command's defaults for the section
+                default = _field_default(fields[name])
+                if isinstance(default, dict) and isinstance(value, dict):
+                    value = {**default, **value}
+                value = config_from_dict(tp, value, f"{prefix}{name}.")
+            kwargs[name] = value
         else:
             kwargs[name] = _coerce(prefix + name, value, tp)
     try:
         return cls(**kwargs)
     except TypeError as e:  # a missing required field
         raise ConfigError(f"{prefix or cls.__name__}: {e}") from None
+
+
+class OldKeysAccepted(type):
+    """Metaclass of the run configs: `DPOConfig(lr=1e-3, use_lora=False)` (old spellings as keyword
+    arguments) is translated as a YAML file would be, with the same one-line notices, so Python
+    callers keep working for a release too; a section given as a dict (`optim={"lr": 1e-3}`) sets
+    those keys over the command's defaults for it."""
+
+    def __call__(cls, *args, **kwargs):
+        if kwargs and dataclasses.is_dataclass(cls):
+            types = _field_types(cls)
+            if any(k not in types or (_is_dataclass_type(types[k]) and isinstance(v, dict)) for k, v in kwargs.items()):
+                kwargs = _translate_kwargs(cls, kwargs)  # old spellings, or a section given as a dict
+        return super().__call__(*args, **kwargs)
+
+
+def _translate_kwargs(cls, kwargs: dict) -> dict:
+    plain = {k: config_to_dict(v) if dataclasses.is_dataclass(v) and not isinstance(v, type) else v
+             for k, v in kwargs.items()}
+    values = _normalize(cls, plain, "", set())
+    types = _field_types(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    out = {}
+    for name, value in values.items():
+        if name not in types:
+            raise TypeError(f"{cls.__name__}() got an unexpected keyword argument {name!r}; valid keys: "
+                            f"{', '.join(config_keys(cls))}")
+        tp = types[name]
+        if _is_dataclass_type(tp) and isinstance(value, dict):
+            default = _field_default(fields[name])
+            value = config_from_dict(tp, {**(default if isinstance(default, dict) else {}), **value}, f"{name}.")
+        out[name] = value
+    return out
 
 
 def config_to_dict(config) -> dict:
@@ -209,11 +347,25 @@ def config_to_dict(config) -> dict:
 
 
 def _set_dotted(values: dict, cls, key: str, raw: str, seen: set) -> None:
-    parts = key.split(".")
     valid = config_keys(cls)
+    alias = _aliases(cls).get(key)
+    if "." in key and alias is not None and not isinstance(alias, Converted):  # a key moved out of a section
+        _warn_once(key, alias, seen)
+        key = alias
+    parts = key.split(".")
     node, node_cls = values, cls
-    for i, part in enumerate(parts):
-        part = parts[i] = _canonical(node_cls, part, ".".join(parts[:i]) + "." if i else "", seen)
+    i = 0
+    while i < len(parts):
+        part = parts[i]
+        where = ".".join(parts[:i]) + "." if i else ""
+        alias = _aliases(node_cls).get(part)
+        if isinstance(alias, Converted) and i == len(parts) - 1:
+            node[part] = yaml.safe_load(raw) if raw.strip() else ""  # translated when the config is built
+            return
+        new = _canonical(node_cls, part, where, seen)
+        if new != part:  # a renamed key, perhaps moved into a section: "lr" -> "optim.lr"
+            parts[i:i + 1] = new.split(".")
+            continue
         types = _field_types(node_cls)
         if part not in types:
             raise ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(valid)}")
@@ -231,6 +383,7 @@ def _set_dotted(values: dict, cls, key: str, raw: str, seen: set) -> None:
                 raise ConfigError(f"{'.'.join(parts[:i + 1])}: expected a mapping in the YAML file")
             node[part] = sub
         node, node_cls = sub, types[part]
+        i += 1
 
 
 def list_run_presets() -> list[str]:
@@ -274,7 +427,7 @@ def load_config(cls, path: str | Path | None = None, overrides: Iterable[str] = 
         if not isinstance(values, dict):
             raise ConfigError(f"--config {path}: expected a mapping of config fields at the top level")
     seen: set = set()
-    values = _normalize(cls, values, "", seen)
+    values = _normalize(cls, values, "", seen, convert=False)  # Converted keys wait for the overrides
     for item in overrides or ():
         if "=" not in item:
             raise ConfigError(f"override {item!r}: write it as key=value (e.g. optim.lr=1e-3)")

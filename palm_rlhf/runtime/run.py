@@ -48,7 +48,7 @@ from ..model.checkpoint import save_adapter
 from ..files import atomic_write_bytes, unusable_dir_reason
 from . import distributed as rdist
 from .checkpoint import CheckpointManager
-from .config import config_to_dict
+from .config import OldKeysAccepted, config_to_dict
 from .resolve import ADAPTER_NAME
 from .metrics import MetricsLogger, check_report_to, default_report_to
 from .seed import rng_state, seed_everything, set_rng_state
@@ -66,7 +66,7 @@ CONFIG_NAME = "config.yaml"
 
 
 @dataclasses.dataclass
-class RunSettings:
+class RunSettings(metaclass=OldKeysAccepted):
     """The keys every training command shares (subclasses change defaults by redeclaring a field)."""
 
     ALIASES: ClassVar[dict[str, str]] = {}

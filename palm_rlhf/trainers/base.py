@@ -17,6 +17,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -25,9 +26,12 @@ from ..errors import CheckpointError, ConfigError
 from ..model.checkpoint import load_into
 from ..files import load_state_dict_file
 from ..runtime import fsdp
+from ..ops import eval_mode
+from ..runtime.config import Converted
 from ..runtime.optim import OptimConfig, build_optimizer, build_scheduler
 from ..runtime.run import OnRun, Run, RunSettings
 from ..runtime.step import PRECISIONS
+from ..runtime.vocab import BATCH_ALIASES, EVAL_ALIASES, EvalConfig, check_batch_keys, micro_batches_per_step
 
 log = logging.getLogger(__name__)
 
@@ -45,29 +49,38 @@ class ModelConfig:
     attn_dropout: float = 0.0        # dropout on attention weights
     ff_dropout: float = 0.0          # dropout in the feed-forward
     qk_rmsnorm: bool = False         # RMS-normalise queries and keys
-    flash_attn: bool = False         # attention through F.scaled_dot_product_attention (false: explicit math)
+    flash_attn: bool = False         # accepted for compatibility: attention always runs through SDPA
     rotary_xpos_scale_base: int = 512  # xPos scale base of the rotary embedding
+
+    def __post_init__(self):
+        if self.flash_attn:
+            log.warning("model.flash_attn=true has no effect: attention always runs through "
+                        "torch's scaled_dot_product_attention, which picks the fastest kernel itself")
 
     def kwargs(self, num_tokens: int) -> dict:
         return dict(dim=self.dim, depth=self.depth, heads=self.heads, dim_head=self.dim_head, ff_mult=self.ff_mult,
                     attn_dropout=self.attn_dropout, ff_dropout=self.ff_dropout, qk_rmsnorm=self.qk_rmsnorm,
-                    flash_attn=self.flash_attn, rotary_xpos_scale_base=self.rotary_xpos_scale_base,
+                    rotary_xpos_scale_base=self.rotary_xpos_scale_base,
                     num_tokens=num_tokens)
 
 
 @dataclass
 class RunConfig(RunSettings):
     """Fields every language-model trainer shares (plus the run's own: out_dir, max_steps, resume, ...)."""
+
+    ALIASES: ClassVar[dict] = {**BATCH_ALIASES, **EVAL_ALIASES,
+                               "eval_batches": Converted(lambda v, values: {"eval.samples": int(v) * int(
+                                   values.get("batch_size") or 1)}, "eval.samples= (held-out examples)")}
+
     out_dir: str = "runs/train"
     max_steps: int = 1000
     log_every: int = 10
     save_every: int = 200          # 0: only at the end (and on SIGINT/SIGTERM)
     keep_last: int = 3
     optim: OptimConfig = field(default_factory=OptimConfig)
-    batch_size: int = 16           # sequences per micro-batch per process
-    grad_accum: int = 1            # micro-batches per optimizer step
-    eval_every: int = 100          # 0: only at the end
-    eval_batches: int = 8            # batches per validation
+    batch_size: int = 16           # examples per optimizer step, over all processes
+    micro_batch_size: int = 0      # examples per process per forward (accumulation); 0: batch_size / processes
+    eval: EvalConfig = field(default_factory=lambda: EvalConfig(every=100, fraction=0.05))
     sample_every: int = 0          # 0: no generated samples
     sample_tokens: int = 128         # tokens per generated sample
     precision: str = "fp32"        # fp32 | bf16 (CPU or CUDA) | fp16 (CUDA, with a grad scaler)
@@ -77,11 +90,12 @@ class RunConfig(RunSettings):
 
     def __post_init__(self):
         super().__post_init__()
-        for name in ("batch_size", "grad_accum", "eval_batches", "sample_tokens"):
+        check_batch_keys(self.batch_size, self.micro_batch_size)
+        for name in ("sample_tokens",):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{name}={v!r}: must be a positive integer")
-        for name in ("eval_every", "sample_every", "threads"):
+        for name in ("sample_every", "threads"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ConfigError(f"{name}={v!r}: must be an integer >= 0")
@@ -138,6 +152,7 @@ class LMTrainer(OnRun):
         self.run.open()
         if c.threads:
             torch.set_num_threads(c.threads)
+        self.micro, self.accum = micro_batches_per_step(c.batch_size, c.micro_batch_size, self.env.world_size)
         self.build_data()
         self.model = self.build_model().to(self.env.device)
         latest = self.run.resume_point()
@@ -146,11 +161,10 @@ class LMTrainer(OnRun):
                       source=str(latest))
         self.wrapped = self._wrap(self.model)
         self.forward_module = torch.compile(self.wrapped) if c.compile else self.wrapped
-        self.optimizer = build_optimizer([(n, p) for n, p in self.model.named_parameters() if p.requires_grad],
-                                         c.optim)
+        self.optimizer = build_optimizer(self.model, c.optim)
         self.scheduler = build_scheduler(self.optimizer, c.optim, c.max_steps)
-        self.run.stepper(self.wrapped, self.optimizer, self.scheduler, grad_accum=c.grad_accum,
-                         clip_grad_norm=c.optim.clip_grad_norm, precision=c.precision)
+        self.run.stepper(self.wrapped, self.optimizer, self.scheduler, grad_accum=self.accum,
+                         clip_grad_norm=c.optim.max_grad_norm, precision=c.precision)
         self.run.start(self)
         n_train = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         log.info("%s: %d trainable parameters, %d process(es) on %s, step %d of %d", self.name, n_train,
@@ -171,11 +185,11 @@ class LMTrainer(OnRun):
         # batches are a function of (seed, step): the step *is* the data position
         return {"optimizer": fsdp.optimizer_state(self.wrapped, self.optimizer),
                 "scheduler": self.scheduler.state_dict(), "tokens_seen": self.tokens_seen,
-                "global_batch": self.config.batch_size * self.config.grad_accum * self.env.world_size}
+                "global_batch": self.config.batch_size}
 
     def load_state_dict(self, state: dict, directory: Path) -> None:
         before = state.get("global_batch")
-        now = self.config.batch_size * self.config.grad_accum * self.env.world_size
+        now = self.config.batch_size
         if before is not None and before != now:
             log.warning("global batch changed on resume (%d -> %d sequences per step): the data order differs "
                         "from the interrupted run", before, now)
@@ -213,7 +227,7 @@ class LMTrainer(OnRun):
                    "tokens_per_s": (self.tokens_seen - self._tokens0) / elapsed if elapsed > 0 else 0.0,
                    **({"skipped": 1} if result.skipped else {})}
         self.summary["train/loss"] = result.loss
-        if (c.eval_every and done % c.eval_every == 0) or done == c.max_steps:
+        if (c.eval.every and done % c.eval.every == 0) or done == c.max_steps:
             self.summary.update(self._evaluate(done))
         if c.sample_every and done % c.sample_every == 0 and self.is_main:
             text = self.sample()
@@ -223,12 +237,10 @@ class LMTrainer(OnRun):
         return metrics
 
     def _evaluate(self, done: int) -> dict:
-        self.model.eval()
         try:
-            with torch.no_grad(), self.run.stepper_.autocast():
+            with eval_mode(self.model), torch.no_grad(), self.run.stepper_.autocast():
                 metrics = self.evaluate()
         finally:
-            self.model.train()
             fsdp.reshard(self.wrapped)
         if metrics:
             self.run.log(metrics, step=done)

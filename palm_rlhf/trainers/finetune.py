@@ -2,8 +2,8 @@
 
 Loss: cross entropy on response tokens (+ the appended EOS) only, averaged over all response
 tokens of the optimizer step (micro-batches are weighted by their token counts, so accumulation
-and processes do not change the objective). Full finetuning, or a LoRA scope (`lora.scope=sft`)
-on a frozen base.
+and processes do not change the objective). Full finetuning (`lora.r=0`, the default), or a LoRA
+scope (`lora.r=8`, named by `lora.scope`, default `sft`) on a frozen base.
 
 OUT/final is a plain PaLM directory (LoRA merged into the weights) with the tokenizer saved with
 `model`; with LoRA, OUT/final/adapter.safetensors also holds the scope alone (`load_adapter(base, path)`).
@@ -17,56 +17,43 @@ from typing import ClassVar
 
 import torch
 
-from ..data.sft import encode_sft, read_sft, sft_batch, split_records
+from ..data.sampling import split_heldout, stream_indices
+from ..data.sft import encode_sft, read_sft, sft_batch
 from ..errors import ConfigError
 from ..model import PaLM
-from ..model.lora import DEFAULT_LORA_ALPHA
+from ..model.scopes import adapter_on_frozen_base
 from ..ops import token_cross_entropy
 from ..runtime import distributed as rdist, fsdp
 from ..runtime.run import ADAPTER_NAME, MergedAdapter
+from ..runtime.vocab import EvalConfig, LoraConfig, lora_kwargs, step_positions
 from .base import LMTrainer, RunConfig
 from .rl_setup import load_start
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FinetuneConfig", "LoraConfig", "FinetuneTrainer", "ADAPTER_NAME"]  # ADAPTER_NAME: re-exported
+__all__ = ["FinetuneConfig", "LoraConfig", "FinetuneTrainer", "ADAPTER_NAME"]  # both re-exported
 
-
-
-@dataclass
-class LoraConfig:
-    scope: str = ""     # "" = full finetune; a name (e.g. "sft") = train only that LoRA scope
-    r: int = 8                       # LoRA rank
-    alpha: float = DEFAULT_LORA_ALPHA  # LoRA output scale alpha / r: a learning rate transfers across ranks
-
-    def __post_init__(self):
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
-            raise ConfigError(f"lora.r={self.r!r}: must be a positive integer")
 
 
 @dataclass
 class FinetuneConfig(RunConfig):
-    ALIASES: ClassVar[dict[str, str]] = {"base": "model"}
+    ALIASES: ClassVar[dict] = {**RunConfig.ALIASES, "base": "model"}
 
     out_dir: str = "runs/sft"
     model: str = ""             # the starting point: a run directory (its final/), a final/ or checkpoint directory
     tokenizer: str | None = None  # None: the tokenizer saved with `model`
     data: str = ""              # JSONL of {"prompt", "response"}
-    val_data: str = ""          # held-out JSONL; empty: hold out val_fraction of `data`
-    val_fraction: float = 0.05       # share of `data` held out when val_data is empty
     seq_len: int = 256          # prompt + response + EOS longer than seq_len + 1 are truncated
-    lora: LoraConfig = field(default_factory=LoraConfig)
+    lora: LoraConfig = field(default_factory=lambda: LoraConfig(r=0))
+    eval: EvalConfig = field(default_factory=lambda: EvalConfig(every=100, fraction=0.05))
 
     def __post_init__(self):
         super().__post_init__()
         if isinstance(self.seq_len, bool) or not isinstance(self.seq_len, int) or self.seq_len < 2:
             raise ConfigError(f"seq_len={self.seq_len!r}: must be an integer >= 2")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ConfigError(f"val_fraction={self.val_fraction!r}: must be in [0, 1)")
-
-
-def sample_order(seed: int, epoch: int, n: int) -> torch.Tensor:
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        if self.lora.scope and not self.lora.r:
+            raise ConfigError(f"lora.scope={self.lora.scope!r} names an adapter but lora.r=0 trains every weight; "
+                              f"set lora.r=8 (the rank) to train the scope, or drop lora.scope")
 
 
 class FinetuneTrainer(LMTrainer):
@@ -81,10 +68,12 @@ class FinetuneTrainer(LMTrainer):
             raise ConfigError("data is not set; pass data=FILE.jsonl of {\"prompt\", \"response\"} lines")
         self.start_model, self.tokenizer = load_start(c.model, c.tokenizer)
         records = read_sft(c.data)
-        if c.val_data:
-            train, val = records, read_sft(c.val_data)
+        if c.eval.data:
+            train, val = records, read_sft(c.eval.data)
         else:
-            train, val = split_records(records, c.val_fraction, c.seed)
+            train, val = split_heldout(records, c.eval.fraction, c.seed)
+        if c.eval.samples:
+            val = val[:c.eval.samples]
         self.train_examples = encode_sft(train, self.tokenizer, c.seq_len)
         self.val_examples = encode_sft(val, self.tokenizer, c.seq_len) if val else []
         self.val_prompts = [r.prompt for r in val[:1]] or [train[0].prompt]
@@ -93,39 +82,23 @@ class FinetuneTrainer(LMTrainer):
     def build_model(self) -> PaLM:
         c = self.config
         model, self.start_model = self.start_model, None
-        self.scope = c.lora.scope or None
+        self.scope = (c.lora.scope or "sft") if c.lora.r else None
         if self.scope:
             if self.scope in model.finetune_modules:
                 raise ConfigError(f"lora.scope={self.scope!r} already exists in {c.model}; choose another name")
-            model.add_finetune_params(self.scope, c.lora.r, c.lora.alpha)
-            for p in model.parameters():
-                p.requires_grad_(False)
-            for p in model.finetune_parameters(self.scope):
-                p.requires_grad_(True)
+            adapter_on_frozen_base(model, self.scope, r=c.lora.r, alpha=c.lora.alpha,
+                                   **lora_kwargs(model.add_finetune_params, c.lora))
         return model
 
     def micro_batches(self, step: int) -> list:
-        """Global example indices step*B .. (step+1)*B - 1 of an endless stream of per-epoch shuffles."""
+        """Examples step*B .. (step+1)*B - 1 of the endless stream of per-epoch shuffles, this process's share."""
         c, env = self.config, self.env
-        n = len(self.train_examples)
-        per_micro = env.world_size * c.batch_size
-        start = step * c.grad_accum * per_micro
         batches = []
-        for i in range(c.grad_accum):
-            first = start + i * per_micro + env.rank * c.batch_size
-            picks = []
-            for k in range(first, first + c.batch_size):
-                epoch, pos = divmod(k, n)
-                picks.append(self.train_examples[int(self._order(epoch)[pos])])
+        for positions in step_positions(step, c.batch_size, self.micro, env.rank, env.world_size):
+            picks = [self.train_examples[i] for i in stream_indices(c.seed, len(self.train_examples), positions)]
             tokens, mask = sft_batch(picks, self.tokenizer.pad_id)
             batches.append((tokens.to(env.device), mask.to(env.device)))
         return batches
-
-    def _order(self, epoch: int) -> torch.Tensor:
-        cached = getattr(self, "_order_cache", None)
-        if cached is None or cached[0] != epoch:
-            self._order_cache = cached = (epoch, sample_order(self.config.seed, epoch, len(self.train_examples)))
-        return cached[1]
 
     def loss(self, batch):
         tokens, mask = batch
@@ -138,8 +111,8 @@ class FinetuneTrainer(LMTrainer):
         c, env = self.config, self.env
         mine = self.val_examples[env.rank::env.world_size]
         totals = torch.zeros(2, dtype=torch.float64, device=env.device)
-        for i in range(0, len(mine), c.batch_size):
-            tokens, mask = (t.to(env.device) for t in sft_batch(mine[i:i + c.batch_size], self.tokenizer.pad_id))
+        for i in range(0, len(mine), self.micro):
+            tokens, mask = (t.to(env.device) for t in sft_batch(mine[i:i + self.micro], self.tokenizer.pad_id))
             logits = self.wrapped(tokens[:, :-1], finetune_scope=self.scope)
             n = mask.sum()
             totals[0] += token_cross_entropy(logits, tokens[:, 1:], mask).double() * n

@@ -8,22 +8,25 @@ prompts_per_step must divide by the number of processes, so every rank holds who
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from ..model.checkpoint import load_adapter
+from ..model.scopes import adapter_on_frozen_base
 from ..rl.collect import rollout_packed
 from ..rl.losses import aggregation_count
 from ..rl.grpo import GRPOHyperparams, grpo_loss, grpo_prepare
 from ..runtime.distributed import all_reduce_sum
+from ..runtime.optim import OptimConfig
 from .rl_base import RLRunConfig, RLTrainerBase
 
 
 @dataclass
 class GRPOConfig(RLRunConfig):
     out_dir: str = "runs/grpo"
-    lr: float = 5e-4                 # actor learning rate (configs/rl/grpo.yaml: why)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-4, weight_decay=0.0, betas=(0.9, 0.999),
+                                                                   warmup=0, schedule="constant"))
     group_size: int = 8              # samples per prompt (one group)
     clip_eps: float = 0.2            # ratio clip (low side, and high unless clip_eps_high)
     clip_eps_high: float | None = None  # upper ratio clip, e.g. 0.28 (DAPO); null: clip_eps
@@ -31,7 +34,6 @@ class GRPOConfig(RLRunConfig):
     scale_by_std: bool = True        # divide advantages by the group's std (false: Dr. GRPO)
     aggregation: str = "seq_mean"        # seq_mean (GRPO) | token_mean (DAPO) | seq_sum_norm (Dr. GRPO)
     ent_coef: float = 0.0            # entropy bonus weight
-    actor_scope: str = "actor"       # name of the trained LoRA scope
 
     def __post_init__(self):
         super().__post_init__()
@@ -49,13 +51,10 @@ class GRPOTrainer(RLTrainerBase):
     def _build(self) -> None:
         c = self.config
         self.hp = c.hyperparams()
-        self.actor_scope = c.actor_scope
-        if self.actor_scope not in self.model.finetune_modules:
-            self.model.add_finetune_params(self.actor_scope, lora_r=c.lora_r, lora_alpha=c.lora_alpha)
+        self.actor_scope = c.lora.scope or "actor"
+        adapter_on_frozen_base(self.model, self.actor_scope, r=c.lora.r, alpha=c.lora.alpha, **self._lora_options())
         if c.actor_adapter:
             load_adapter(self.model, c.actor_adapter, scope=self.actor_scope)
-        for p in self.model.palm_parameters():
-            p.requires_grad_(False)
 
     def _expand_prompts(self, rows):
         # group by group: rows i*G .. i*G+G-1 share prompt i (a rank holds whole groups: the run checked

@@ -26,7 +26,7 @@ from .rl_base import RLRunConfig, RLTrainerBase
 @dataclass
 class PPOConfig(RLRunConfig):
     out_dir: str = "runs/ppo"
-    critic_lr: float = 1e-4          # critic (value scope + head) learning rate
+    critic_lr: float = 1e-4          # critic (value scope + head) peak learning rate (the actor's: optim.lr)
     kl_coef: float = 2.0                 # initial (or fixed) coefficient of the k1 penalty (configs/rl/ppo.yaml: why)
     kl_target: float | None = None       # set to use the adaptive controller (target KL per sequence)
     kl_horizon: int = 10000          # steps over which the adaptive controller moves
@@ -66,8 +66,9 @@ class PPOTrainer(RLTrainerBase):
         c = self.config
         self.hp = c.hyperparams()
         if self.actor_critic is None:
-            self.actor_critic = ActorCritic(self.model, actor_lora_r=c.lora_r, critic_lora_r=c.lora_r,
-                                            lora_alpha=c.lora_alpha)
+            self.actor_critic = ActorCritic(self.model, actor_lora_r=c.lora.r, critic_lora_r=c.lora.r,
+                                            lora_alpha=c.lora.alpha, actor_lora_scope=c.lora.scope or "actor",
+                                            lora_options=self._lora_options())
         self.actor_scope = self.actor_critic.actor_lora_scope
         if c.actor_adapter:
             load_adapter(self.model, c.actor_adapter, scope=self.actor_scope)
@@ -76,10 +77,9 @@ class PPOTrainer(RLTrainerBase):
     def _parameters(self):
         return self.actor_critic.actor_parameters() + self.actor_critic.critic_parameters()
 
-    def _param_groups(self):
+    def _lr_of(self):
         actor = {id(p) for p in self.actor_critic.actor_parameters()}
-        return [{"params": [p for p in self.params if id(p) in actor], "lr": self.config.lr},
-                {"params": [p for p in self.params if id(p) not in actor], "lr": self.config.critic_lr}]
+        return lambda name, p: None if id(p) in actor else self.config.critic_lr
 
     def _critic(self):
         return self.actor_critic

@@ -4,10 +4,11 @@ Next-token prediction on random windows of a prepared token file. `data.sources`
 directory written by `palm-rlhf prepare` or raw inputs (text files, directories, `stdlib`),
 which are prepared into `OUT/data` first (and reused by later runs and resumes).
 
-Batches: step s draws `world_size * grad_accum * batch_size` window offsets from a generator
-seeded with (seed, s); process r takes column r of each micro-batch. The global batch of a step
-is therefore the same for any split into processes and micro-batches, and the step number is
-the whole data position (exact resume without saving a sampler).
+Batches: step s draws `batch_size` window offsets from a generator seeded with (seed, s)
+(`data.sampling.seeded`); micro-batch i of process r takes the offsets at the positions
+`runtime.vocab.step_positions` gives it. The global batch of a step is therefore the same for any
+split into processes and micro-batches, and the step number is the whole data position (exact
+resume without saving a sampler).
 """
 
 from __future__ import annotations
@@ -15,16 +16,19 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
 
+from ..data.sampling import seeded
 from ..data.corpus import MANIFEST_NAME, load_tokens, prepare_corpus, read_manifest, resolve_sources
 from ..data.tokenizer import ByteTokenizer, load_tokenizer
 from ..errors import ConfigError, DataError
 from ..model import PaLM
 from ..ops import token_cross_entropy
 from ..runtime import distributed as rdist
+from ..runtime.vocab import EvalConfig, step_positions
 from .base import LMTrainer, ModelConfig, RunConfig, bits_per_byte
 
 log = logging.getLogger(__name__)
@@ -36,33 +40,36 @@ __all__ = ["PretrainConfig", "DataConfig", "PretrainTrainer", "batch_offsets"]
 class DataConfig:
     sources: tuple[str, ...] = ("stdlib",)  # a prepared directory, or files / directories / 'stdlib'
     tokenizer: str = "byte"                 # byte, or a directory holding a saved tokenizer
-    val_fraction: float = 0.05              # used when preparing raw sources
 
     def __post_init__(self):
         if not self.sources:
             raise ConfigError("data.sources is empty: give text files, directories, a prepared dir, or stdlib")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ConfigError(f"data.val_fraction={self.val_fraction!r}: must be in [0, 1)")
 
 
 @dataclass
 class PretrainConfig(RunConfig):
+    ALIASES: ClassVar[dict] = {**RunConfig.ALIASES, "data.val_fraction": "eval.fraction"}
+
     out_dir: str = "runs/pretrain"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     seq_len: int = 256               # tokens per training window
     init_from: str = ""            # start from a save_pretrained directory instead of random weights
+    # eval.fraction: the share of raw sources held out when they are prepared; eval.samples: windows
+    eval: EvalConfig = field(default_factory=lambda: EvalConfig(every=100, fraction=0.05, samples=128))
 
     def __post_init__(self):
         super().__post_init__()
+        if self.eval.data:
+            raise ConfigError(f"eval.data={self.eval.data!r}: pretraining holds out eval.fraction of its sources "
+                              f"when it prepares them; a prepared directory in data.sources brings its own split")
         if isinstance(self.seq_len, bool) or not isinstance(self.seq_len, int) or self.seq_len < 2:
             raise ConfigError(f"seq_len={self.seq_len!r}: must be an integer >= 2")
 
 
-def batch_offsets(seed: int, step: int, grad_accum: int, world_size: int, batch_size: int, high: int) -> torch.Tensor:
-    """Window starts (grad_accum, world_size, batch_size) in [0, high) for one optimizer step."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    return torch.randint(0, high, (grad_accum, world_size, batch_size), generator=g)
+def batch_offsets(seed: int, step: int, batch_size: int, high: int) -> torch.Tensor:
+    """The `batch_size` window starts in [0, high) of one optimizer step (all processes together)."""
+    return torch.randint(0, high, (batch_size,), generator=seeded(seed, step))
 
 
 def tokenizer_from(spec: str):
@@ -95,10 +102,10 @@ class PretrainTrainer(LMTrainer):
                 m = read_manifest(target)
                 have = [[s["path"], s["bytes"]] for s in m["sources"]]
                 reuse = (have == want and m["vocab_size"] == tokenizer.vocab_size
-                         and m.get("val_fraction") == c.val_fraction)
+                         and m.get("val_fraction") == self.config.eval.fraction)
             if not reuse:
                 log.info("preparing %d file(s) into %s", len(files), target)
-                prepare_corpus([str(p) for p in files], target, tokenizer, val_fraction=c.val_fraction)
+                prepare_corpus([str(p) for p in files], target, tokenizer, val_fraction=self.config.eval.fraction)
         rdist.barrier()
         return target
 
@@ -136,10 +143,10 @@ class PretrainTrainer(LMTrainer):
         return torch.from_numpy(tokens[idx].astype(np.int64)).to(self.env.device)
 
     def micro_batches(self, step: int) -> list[torch.Tensor]:
-        c = self.config
-        offsets = batch_offsets(c.seed, step, c.grad_accum, self.env.world_size, c.batch_size,
-                                len(self.train_tokens) - c.seq_len)
-        return [self._windows(self.train_tokens, offsets[i, self.env.rank].numpy()) for i in range(c.grad_accum)]
+        c, env = self.config, self.env
+        offsets = batch_offsets(c.seed, step, c.batch_size, len(self.train_tokens) - c.seq_len)
+        return [self._windows(self.train_tokens, offsets[[p - step * c.batch_size for p in positions]].numpy())
+                for positions in step_positions(step, c.batch_size, self.micro, env.rank, env.world_size)]
 
     def loss(self, batch: torch.Tensor):
         inputs, targets = batch[:, :-1], batch[:, 1:]  # (b, n)
@@ -153,12 +160,15 @@ class PretrainTrainer(LMTrainer):
         if self.val_tokens is None:
             return {}
         c, env = self.config, self.env
-        per_rank = c.eval_batches * c.batch_size
-        starts = np.linspace(0, len(self.val_tokens) - c.seq_len - 1, per_rank * env.world_size).astype(np.int64)
+        last = len(self.val_tokens) - c.seq_len - 1
+        if c.eval.samples:  # eval.samples windows spread evenly over the split
+            starts = np.linspace(0, last, c.eval.samples).astype(np.int64)
+        else:  # all of it, window after window
+            starts = np.arange(0, last + 1, c.seq_len, dtype=np.int64)
         mine = starts[env.rank::env.world_size]
         totals = torch.zeros(2, dtype=torch.float64, device=env.device)
-        for i in range(0, len(mine), c.batch_size):
-            batch = self._windows(self.val_tokens, mine[i:i + c.batch_size])
+        for i in range(0, len(mine), self.micro):
+            batch = self._windows(self.val_tokens, mine[i:i + self.micro])
             logits = self.wrapped(batch[:, :-1])
             totals[0] += token_cross_entropy(logits, batch[:, 1:]).double() * batch[:, 1:].numel()
             totals[1] += batch[:, 1:].numel()

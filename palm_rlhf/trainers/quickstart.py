@@ -136,10 +136,8 @@ class Quickstart:
         config = PretrainConfig(
             out_dir=str(step_dir), data=DataConfig(sources=("stdlib",)),
             model=ModelConfig(dim=128, depth=4, heads=4, dim_head=32), seq_len=128, batch_size=16,
-            max_steps=steps, eval_every=max(1, steps // 6), eval_batches=4, save_every=max(1, steps // 6),
-            keep_last=1, seed=c.seed, progress=c.progress)
-        config.optim.lr = 2e-3
-        config.optim.warmup_steps = max(1, steps // 20)
+            max_steps=steps, eval={"every": max(1, steps // 6), "samples": 64}, save_every=max(1, steps // 6),
+            keep_last=1, seed=c.seed, progress=c.progress, optim={"lr": 2e-3, "warmup": max(1, steps // 20)})
         trainer = PretrainTrainer(config).setup()
         try:
             summary = trainer.train()  # Ctrl-C: checkpoint saved, RunInterrupted (a KeyboardInterrupt) propagates
@@ -179,9 +177,9 @@ class Quickstart:
         steps = c.scaled(200, minimum=10)
         prefs = self.out / "preferences"
         config = RewardTrainConfig(model=str(self._pretrained()), data=str(prefs / "train.jsonl"),
-                                   val_data=str(prefs / "val.jsonl"), out_dir=str(step_dir), max_steps=steps,
-                                   batch_size=16, lr=3e-3, eval_every=max(1, steps // 5), save_every=max(1, steps // 5),
-                                   keep_last=1, seed=c.seed, progress=c.progress)
+                                   eval={"data": str(prefs / "val.jsonl"), "every": max(1, steps // 5)},
+                                   out_dir=str(step_dir), max_steps=steps, batch_size=16, optim={"lr": 3e-3},
+                                   save_every=max(1, steps // 5), keep_last=1, seed=c.seed, progress=c.progress)
         trainer = RewardTrainer(config).setup()
         try:
             trainer.train()
@@ -196,16 +194,16 @@ class Quickstart:
         reward = RewardModel.from_pretrained(self.out / "reward" / "final", dropout=0.0).eval()
         prompts = self._prompts(tokenizer, 512, seed=c.seed + 3)
         common = dict(out_dir=str(step_dir), max_steps=c.scaled(40, minimum=2), max_new_tokens=c.response_tokens,
-                      temperature=1.0, eos_token=None, lr=1e-3, seed=c.seed, save_every=5, keep_last=1,
+                      temperature=1.0, eos_token=None, optim={"lr": 1e-3}, seed=c.seed, save_every=5, keep_last=1,
                       sample_every=10, progress=c.progress)
         # The reward model's scores spread over about +-10 on this task, so the KL coefficients are
         # large: measured at 40 steps, PPO with kl_coef 0.05 and lr 3e-3 bought +18 reward for 59
         # nats/sequence of KL (vowel soup); 1.0 and 1e-3 keep it near 6 nats (0.25 nats/token).
         if c.algo == "ppo":
-            config = PPOConfig(prompts_per_step=32, minibatch_size=16, epochs=2, kl_coef=1.0, critic_lr=3e-3, **common)
+            config = PPOConfig(prompts_per_step=32, batch_size=16, epochs=2, kl_coef=1.0, critic_lr=3e-3, **common)
             cls = PPOTrainer
         else:
-            config = GRPOConfig(prompts_per_step=8, group_size=4, minibatch_size=16, epochs=1, kl_coef=0.2, **common)
+            config = GRPOConfig(prompts_per_step=8, group_size=4, batch_size=16, epochs=1, kl_coef=0.2, **common)
             cls = GRPOTrainer
         prompt_ids = [torch.tensor(tokenizer.encode(p)) for p in prompts]
         return cls(config, model=model, reward=reward, prompts=prompt_ids, tokenizer=tokenizer).setup(), tokenizer

@@ -9,12 +9,13 @@ subtracted before shaping and whitening. The setup (one actor LoRA scope) is GRP
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..errors import ConfigError
 from ..rl.collect import rollout_packed
 from ..rl.reinforce import ReinforceHyperparams, policy_gradient_loss, reinforce_prepare
 from ..runtime.distributed import all_reduce_sum
+from ..runtime.optim import OptimConfig
 from .grpo import GRPOTrainer
 from .rl_base import RLRunConfig
 
@@ -22,7 +23,8 @@ from .rl_base import RLRunConfig
 @dataclass
 class ReinforcePPConfig(RLRunConfig):
     out_dir: str = "runs/reinforce-pp"
-    lr: float = 5e-4                 # actor learning rate (configs/rl/reinforce-pp.yaml: why)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-4, weight_decay=0.0, betas=(0.9, 0.999),
+                                                                   warmup=0, schedule="constant"))  # GRPO's
     baseline: bool = False           # REINFORCE++-baseline: subtract each prompt's mean score (group_size >= 2)
     group_size: int = 1              # samples per prompt (each prompt is repeated group_size times)
     kl_coef: float = 0.05            # weight of the per-token k1 KL to the reference in the reward
@@ -31,7 +33,6 @@ class ReinforcePPConfig(RLRunConfig):
     clip_eps_high: float | None = None  # upper ratio clip; null: clip_eps
     aggregation: str = "token_mean"  # token_mean | seq_mean | seq_sum_norm
     ent_coef: float = 0.0            # entropy bonus weight
-    actor_scope: str = "actor"       # name of the trained LoRA scope
 
     def __post_init__(self):
         super().__post_init__()

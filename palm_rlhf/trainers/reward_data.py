@@ -1,10 +1,9 @@
 """Preference records -> token batches for reward training, and held-out evaluation.
 
-Batches are a pure function of (seed, step): sample ``i`` of the endless stream is position
-``i mod N`` of epoch ``i // N``'s permutation (``torch.randperm`` seeded with ``seed + epoch``).
-So resuming needs only the step counter, and with W processes rank r takes rows r, r + W, ...
-of the same global batch, so 2 processes see exactly what 1 process with the same global
-batch sees.
+Which records a step trains on is the one rule every trainer uses (`data.sampling.stream_indices`
+at the positions `runtime.vocab.step_positions` gives each process and micro-batch): a pure
+function of (seed, step), so resuming needs only the step counter and 2 processes see exactly
+what 1 process with the same batch_size sees.
 """
 
 from __future__ import annotations
@@ -25,6 +24,7 @@ from ..rl.reward_losses import (
     rating_metrics,
     rating_mse_loss,
 )
+from ..ops import eval_mode
 
 
 @dataclass(frozen=True)
@@ -71,37 +71,6 @@ def encode_records(records: Sequence[PreferenceRecord], tokenizer) -> EncodedPai
                           torch.tensor([float(r.rating) for r in records]))
 
 
-def split_validation(records: list, fraction: float, seed: int) -> tuple[list, list]:
-    """Deterministic shuffle, then the last `fraction` of records (at least 1) are held out."""
-    if fraction <= 0:
-        return records, []
-    order = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed)).tolist()
-    n_val = max(1, int(round(len(records) * fraction)))
-    if n_val >= len(records):
-        raise DataError(f"{len(records)} record(s) leave nothing to train on after holding out "
-                        f"{fraction:.0%} for validation; add records or lower val_fraction")
-    return [records[i] for i in order[:-n_val]], [records[i] for i in order[-n_val:]]
-
-
-def batch_indices(step: int, micro: int, batch_size: int, grad_accum: int, n: int, seed: int,
-                  rank: int = 0, world_size: int = 1) -> list[int]:
-    """Dataset indices of micro-batch `micro` of optimizer step `step` on `rank`.
-
-    A global step consumes batch_size * grad_accum * world_size samples; each micro-batch is a
-    contiguous block of batch_size * world_size of them, split across ranks by stride.
-    """
-    per_micro = batch_size * world_size
-    start = (step * grad_accum + micro) * per_micro
-    positions = range(start + rank, start + per_micro, world_size)
-    out, cache = [], {}
-    for pos in positions:
-        epoch, i = divmod(pos, n)
-        if epoch not in cache:
-            cache[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-        out.append(cache[epoch][i])
-    return out
-
-
 def make_batch(data: EncodedPairs | EncodedRatings, indices: Sequence[int], max_len: int) -> dict[str, Tensor]:
     """Pairwise: chosen rows then rejected rows, one (2b, n) batch (one forward pass for both)."""
     if isinstance(data, EncodedPairs):
@@ -132,9 +101,7 @@ def reward_loss(model: RewardModel, batch: dict[str, Tensor], use_margin: bool =
 def evaluate(model: RewardModel, data: EncodedPairs | EncodedRatings, batch_size: int, max_len: int,
              device) -> dict[str, float]:
     """Pairwise: accuracy + mean margin; ratings: accuracy (rounded prediction == rating) + MAE; plus loss."""
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         losses, first, second = [], [], []
         for start in range(0, len(data), batch_size):
             idx = list(range(start, min(start + batch_size, len(data))))
@@ -151,9 +118,7 @@ def evaluate(model: RewardModel, data: EncodedPairs | EncodedRatings, batch_size
             torch.cat(first), torch.cat(second))
         metrics["loss"] = (torch.stack(losses).sum() / len(data)).item()
         return metrics
-    finally:
-        model.train(was_training)
 
 
-__all__ = ["EncodedPairs", "EncodedRatings", "record_kind", "encode_records", "split_validation",
-           "batch_indices", "make_batch", "reward_loss", "evaluate"]
+__all__ = ["EncodedPairs", "EncodedRatings", "record_kind", "encode_records", "make_batch", "reward_loss",
+           "evaluate"]

@@ -14,8 +14,9 @@ and loss normalisers are summed across ranks, and gradients are averaged.
 from __future__ import annotations
 
 import logging
+import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
@@ -23,11 +24,14 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
+from ..data.sampling import seeded
 from ..generation import SamplingConfig
 from ..generation.scoring import Scorer
-from ..model.lora import DEFAULT_LORA_ALPHA
+from ..runtime.budget import Budget, check_budget
 from ..runtime.distributed import all_reduce_sum
+from ..runtime.optim import OptimConfig, build_optimizer, build_scheduler
 from ..runtime.run import MergedAdapter, OnRun, Run, RunSettings
+from ..runtime.vocab import OPTIM_ALIASES, LoraConfig, check_batch_keys, lora_kwargs, micro_batches_per_step
 from ..rl.collect import collect_rollout, policy_temperature, strip_eos
 from ..rl.kl import kl_per_token, negative_kl_is_significant
 from ..rl.reference import Reference
@@ -40,7 +44,8 @@ log = logging.getLogger(__name__)
 class RLRunConfig(RunSettings):
     """Fields every RL run shares (see configs/rl/*.yaml for commented examples)."""
 
-    ALIASES: ClassVar[dict[str, str]] = {"steps": "max_steps"}
+    ALIASES: ClassVar[dict] = {**OPTIM_ALIASES, "steps": "max_steps", "minibatch_size": "batch_size",
+                               "lora_r": "lora.r", "lora_alpha": "lora.alpha", "actor_scope": "lora.scope"}
 
     out_dir: str = "runs/rl"
     model: str = ""                      # the starting PaLM: a run directory (its final/), a final/ or checkpoint dir
@@ -54,36 +59,34 @@ class RLRunConfig(RunSettings):
     missing_eos_penalty: float = 0.0     # subtracted from responses that hit max_new_tokens
     prompts_per_step: int = 16           # a multiple of the number of processes
     rollout_batch_size: int = 64         # rows generated together (a step's rows are collected in chunks)
-    minibatch_size: int = 16             # rows per optimizer step (global, over all ranks)
+    batch_size: int = 16                 # rollout rows per optimizer step, over all processes
+    micro_batch_size: int = 0            # rows per process per forward (accumulation); 0: batch_size / processes
     epochs: int = 1                  # passes over each step's rollouts
     max_new_tokens: int = 64         # tokens generated per rollout
     temperature: float = 1.0         # sampling temperature of rollouts (the policy optimised)
     eos_token: int | None = None         # None: the tokenizer's EOS id
-    lr: float = 1e-4                 # actor learning rate
-    weight_decay: float = 0.0        # AdamW weight decay
-    max_grad_norm: float | None = 1.0  # gradient clipping; null: off
     precision: str = "fp32"              # fp32 | bf16 (autocast) | fp16 (CUDA)
-    lora_r: int = 8                  # LoRA rank of the trained scopes
-    lora_alpha: float = DEFAULT_LORA_ALPHA  # LoRA output scale alpha / r: a learning rate transfers across ranks
     sample_every: int = 10               # log a table of completions every N steps (0 = never)
+    kl_budget: float | None = None       # nats/sequence: warn when a step's kl_ref passes it (null: no budget)
+    stop_at_kl_budget: bool = False      # end the run at the first kl_ref over kl_budget; final/ keeps the last within it
+    # RL's optimizer steps are minibatches: optim.warmup counts them; the default is a constant lr
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, weight_decay=0.0, betas=(0.9, 0.999),
+                                                                   warmup=0, schedule="constant"))
+    lora: LoraConfig = field(default_factory=lambda: LoraConfig(scope="actor"))
 
     def __post_init__(self):
         super().__post_init__()
-        for name in ("prompts_per_step", "rollout_batch_size", "minibatch_size", "epochs",
-                     "max_new_tokens", "lora_r"):
+        for name in ("prompts_per_step", "rollout_batch_size", "epochs", "max_new_tokens"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
+        check_batch_keys(self.batch_size, self.micro_batch_size)
         if self.temperature <= 0:
             raise ConfigError(f"temperature={self.temperature} must be > 0 for RL (a greedy policy has no "
                               f"log-probs to optimise)")
-        if self.lr <= 0:
-            raise ConfigError(f"lr={self.lr} must be > 0")
-        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
-            raise ConfigError(f"max_grad_norm={self.max_grad_norm} must be > 0 or null (off)")
-
-
-def seeded(seed: int, step: int, salt: int) -> torch.Generator:
-    return torch.Generator().manual_seed((seed * 1_000_003 + step * 7919 + salt) % (2 ** 63))
+        if not self.lora.enabled:
+            raise ConfigError("lora.r=0: RL trains a LoRA actor scope against the base as its reference; "
+                              "set lora.r >= 1")
+        check_budget(self.kl_budget, self.stop_at_kl_budget)
 
 
 def row_generators(seed: int, step: int, rows: range, device) -> list[torch.Generator]:
@@ -141,7 +144,11 @@ class RLTrainerBase(OnRun):
         c = self.config
         self.run.open()
         self.run.check_divides("prompts_per_step", c.prompts_per_step)
-        self.run.check_divides("minibatch_size", c.minibatch_size)
+        self.micro, self.accum = micro_batches_per_step(c.batch_size, c.micro_batch_size, self.env.world_size)
+        rows = len(self._expand_prompts([None] * c.prompts_per_step))  # rollout rows per step, all processes
+        if self.accum > 1 and rows % c.batch_size:
+            raise ConfigError(f"micro_batch_size={c.micro_batch_size} accumulates over batch_size={c.batch_size} "
+                              f"rows, which must divide the {rows} rollout rows of a step")
         start_policy(self)
         self.prompt_list = load_prompts(self.prompt_list if self.prompt_list is not None else c.prompts,
                                         self.tokenizer)
@@ -156,10 +163,25 @@ class RLTrainerBase(OnRun):
         self.scorer = Scorer(self.model, self.actor_scope, temperature=self.temperature, reference=self.reference,
                              critic=self._critic())
         self.params = [p for p in self._parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self._param_groups(), lr=c.lr, weight_decay=c.weight_decay)
-        self.run.stepper(self.model, self.optimizer, clip_grad_norm=c.max_grad_norm or 0.0, precision=c.precision)
+        self.optimizer = build_optimizer([(str(i), p) for i, p in enumerate(self.params)], c.optim,
+                                         lr_of=self._lr_of())
+        # the schedule runs over optimizer steps: epochs x minibatches of every RL step
+        self.scheduler = build_scheduler(self.optimizer, c.optim, c.max_steps * c.epochs * math.ceil(rows / c.batch_size))
+        self.run.stepper(self.model, self.optimizer, self.scheduler, grad_accum=self.accum,
+                         clip_grad_norm=c.optim.max_grad_norm, precision=c.precision)
+        self.budget = Budget(self.name, "kl_ref", c.kl_budget, c.stop_at_kl_budget, log=log,
+                             snapshot=lambda: {k: v.detach().clone() for k, v in self._trainable_state().items()},
+                             restore=self._load_trainable_state,
+                             advice="lower optim.lr or max_steps, raise kl_coef",
+                             untrained_advice=f"lower optim.lr ({c.optim.lr:g}), raise kl_coef")
+        self.budget.begin()
         self.run.start(self)
         return self
+
+    @property
+    def stop_requested(self) -> bool:
+        """Past kl_budget with stop_at_kl_budget (Run.train stops; final/ keeps the last step within it)."""
+        return self.budget.stop_requested
 
     # ------------------------------------------------------------------ loop
 
@@ -193,6 +215,8 @@ class RLTrainerBase(OnRun):
             for i in range(0, len(rows), chunk)])
         t1 = time.perf_counter()
         metrics = self._rollout_metrics(rollout, step)
+        # kl_ref measures the policy that collected the rollouts: the one after `step` updates
+        metrics.update(self.budget.measure(step, metrics["kl_ref"]))
         metrics.update(self._prepare(rollout))
         metrics.update(self._learn(rollout, step))
         metrics["seconds_generation"] = t1 - t0
@@ -212,22 +236,27 @@ class RLTrainerBase(OnRun):
         uneven sizes give exactly the mean over the global minibatch."""
         c = self.config
         n = len(rollout)
-        local_mb = c.minibatch_size // self.env.world_size
+        local_mb = self.micro * self.accum  # this process's rows of one optimizer step
         sums: dict[str, float] = {}
         count = 0
         self.model.train()
         for epoch in range(c.epochs):
             order = torch.randperm(n, generator=seeded(c.seed, step * 131 + epoch, 3))
             for start in range(0, n, local_mb):
-                mb = rollout.select(order[start:start + local_mb])
-                captured = {}
+                rows = order[start:start + local_mb]
+                mb = rollout.select(rows)
+                parts = []
 
                 def loss_fn(batch):
                     loss, stats = self._loss(batch)
-                    captured.update(stats)
+                    parts.append((stats, float(batch.mask.sum())))
                     return loss, self._weight(batch)
 
-                result = self.run.optimizer_step(loss_fn, [mb])
+                micro = [rollout.select(part) for part in rows.split(self.micro)]
+                result = self.run.optimizer_step(loss_fn, micro)
+                captured = dict(parts[0][0]) if len(parts) == 1 else {  # token means over the micro-batches
+                    k: sum(float(st[k]) * w for st, w in parts) / max(sum(w for _, w in parts), 1e-12)
+                    for k in parts[0][0]}
                 captured.pop("tokens", None)
                 # the statistics are token means: weighting each rank's by its token count gives the
                 # global minibatch's values
@@ -286,19 +315,26 @@ class RLTrainerBase(OnRun):
         """Trainable weights, optimizer, KL controller (PPO). Rollout randomness is a function of
         (seed, step, row), so the RNG states the run saves are all it needs for an exact resume."""
         return {"trainable": self._trainable_state(), "optimizer": self.optimizer.state_dict(),
-                "extra": self._extra_state()}
+                "scheduler": self.scheduler.state_dict(), "extra": self._extra_state(), **self.budget.state_dict()}
 
     def load_state_dict(self, state: dict, directory: Path) -> None:
         self._load_trainable_state(state["trainable"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if "scheduler" in state:  # checkpoints written before RL had a schedule have none
+            self.scheduler.load_state_dict(state["scheduler"])
         self._load_extra_state(state["extra"])
+        self.budget.load_state_dict(state)
 
     def saveable(self, final: bool = False):
-        """The base with the actor merged + adapter.safetensors (checkpoints and final/ alike)."""
+        """The base with the actor merged + adapter.safetensors (checkpoints and final/ alike); at a stop
+        over kl_budget, final/ holds the last policy measured within it."""
+        if final:
+            self.budget.roll_back(self.step)
         return MergedAdapter(self.model, self.actor_scope)
 
     def final_record(self) -> dict:
-        return {"scope": self.actor_scope, "actor_adapter": self.config.actor_adapter}
+        return {"scope": self.actor_scope, "actor_adapter": self.config.actor_adapter,
+                "policy_step": self.budget.final_step(self.step)}
 
     def _extra_state(self) -> dict:
         return {}
@@ -309,8 +345,13 @@ class RLTrainerBase(OnRun):
     def _critic(self):
         return None
 
-    def _param_groups(self):
-        return [{"params": self.params}]
+    def _lr_of(self):
+        """A per-parameter peak lr (`build_optimizer`'s lr_of), or None: optim.lr for all."""
+        return None
+
+    def _lora_options(self) -> dict:
+        """lora.targets / lora.dropout for add_finetune_params (where the model takes them)."""
+        return lora_kwargs(self.model.add_finetune_params, self.config.lora)
 
     def cleanup(self) -> None:
         self.run.close()

@@ -25,6 +25,8 @@ from ..model.reward import RewardModel
 from ..rl.actor_critic import ActorCritic
 from ..rl.collect import strip_eos
 from ..rl.rewards import as_reward_source
+from ..runtime.optim import OptimConfig
+from ..runtime.vocab import LoraConfig
 from .ppo import PPOConfig, PPOTrainer
 
 log = logging.getLogger(__name__)
@@ -79,6 +81,7 @@ class RLHFTrainer:
                                        critic_dropout=critic_dropout, critic_dim_out=critic_num_pred_bins)
         self.actor_critic = actor_critic
         self.settings = dict(lr=actor_lr, critic_lr=critic_lr, weight_decay=actor_wd, max_grad_norm=max_norm,
+                             betas=tuple(betas),
                              clip_eps=eps_clip, value_clip=value_clip, ent_coef=beta_s, minibatch_size=minibatch_size,
                              epochs=epochs, kl_coef=kl_div_loss_weight, seed=seed)
         self.out_dir = out_dir
@@ -120,12 +123,13 @@ class RLHFTrainer:
         s = self.settings
         config = PPOConfig(out_dir=self.out_dir or tempfile.mkdtemp(prefix="rlhf-"), max_steps=updates,
                            prompts_per_step=update_timesteps, rollout_batch_size=max_batch_size,
-                           minibatch_size=min(s["minibatch_size"], update_timesteps), epochs=s["epochs"],
-                           max_new_tokens=max_new, temperature=temperature, eos_token=eos_token, lr=s["lr"],
-                           critic_lr=s["critic_lr"], weight_decay=s["weight_decay"],
-                           max_grad_norm=s["max_grad_norm"], clip_eps=s["clip_eps"], value_clip=s["value_clip"],
+                           batch_size=min(s["minibatch_size"], update_timesteps), epochs=s["epochs"],
+                           max_new_tokens=max_new, temperature=temperature, eos_token=eos_token,
+                           critic_lr=s["critic_lr"], clip_eps=s["clip_eps"], value_clip=s["value_clip"],
                            ent_coef=s["ent_coef"], kl_coef=s["kl_coef"], seed=s["seed"], sample_every=0,
-                           lora_r=self.actor_critic.actor_palm.lora_r)
+                           optim=OptimConfig(lr=s["lr"], weight_decay=s["weight_decay"], betas=s["betas"],
+                                             max_grad_norm=s["max_grad_norm"], warmup=0, schedule="constant"),
+                           lora=LoraConfig(r=self.actor_critic.actor_palm.lora_r, scope="actor"))
         trainer = PPOTrainer(config, actor_critic=self.actor_critic, model=self.palm,
                              reward=as_reward_source(self.reward_model), prompts=self.prompt_rows)
         try:

@@ -9,10 +9,11 @@ No critic; the setup (one actor LoRA scope, whole groups per rank) is GRPO's.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..rl.collect import rollout_packed
 from ..rl.reinforce import ReinforceHyperparams, policy_gradient_loss, reinforce_prepare
+from ..runtime.optim import OptimConfig
 from .grpo import GRPOTrainer
 from .rl_base import RLRunConfig
 
@@ -20,14 +21,14 @@ from .rl_base import RLRunConfig
 @dataclass
 class RLOOConfig(RLRunConfig):
     out_dir: str = "runs/rloo"
-    lr: float = 5e-4                 # actor learning rate (configs/rl/rloo.yaml: why)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-4, weight_decay=0.0, betas=(0.9, 0.999),
+                                                                   warmup=0, schedule="constant"))  # GRPO's
     group_size: int = 4              # samples per prompt (k); the baseline is the mean of the other k - 1
     kl_coef: float = 0.05            # weight of the summed k1 KL to the reference in each sequence's reward
     clip_eps: float = 0.2            # ratio clip (low side, and high unless clip_eps_high)
     clip_eps_high: float | None = None  # upper ratio clip; null: clip_eps
     aggregation: str = "seq_mean"    # seq_mean (GRPO's) | token_mean | seq_sum_norm (REINFORCE's sum / max_new_tokens)
     ent_coef: float = 0.0            # entropy bonus weight
-    actor_scope: str = "actor"       # name of the trained LoRA scope
 
     def __post_init__(self):
         super().__post_init__()

@@ -38,8 +38,8 @@ def _deprecations(caplog) -> list[str]:
 def test_overrides_after_a_flag(capsys, caplog):
     """issue 19: `ppo --config ppo model=a --no-progress steps=1` said "unrecognized arguments: steps=1"."""
     with caplog.at_level(logging.WARNING):
-        cfg = _printed(capsys, ["ppo", "--config", "ppo", "model=a", "--no-progress", "steps=1", "lr=2e-4"])
-    assert (cfg["model"], cfg["max_steps"], cfg["progress"], cfg["lr"]) == ("a", 1, False, 2e-4)
+        cfg = _printed(capsys, ["ppo", "--config", "ppo", "model=a", "--no-progress", "steps=1", "optim.lr=2e-4"])
+    assert (cfg["model"], cfg["max_steps"], cfg["progress"], cfg["optim"]["lr"]) == ("a", 1, False, 2e-4)
     assert _deprecations(caplog) == ["config key 'steps' is deprecated; write max_steps= instead"]
 
 
@@ -63,10 +63,11 @@ def test_old_reward_flags_are_aliases(capsys, caplog):
     with caplog.at_level(logging.WARNING):
         cfg = _printed(capsys, ["reward", "train", "--base", "runs/sft", "--data", "p.jsonl", "--out", "runs/rm",
                                 "--no-resume", "--set", "max_steps=5", "lr=3e-4"])
-    assert (cfg["model"], cfg["data"], cfg["out_dir"], cfg["resume"], cfg["max_steps"], cfg["lr"]) == \
+    assert (cfg["model"], cfg["data"], cfg["out_dir"], cfg["resume"], cfg["max_steps"], cfg["optim"]["lr"]) == \
         ("runs/sft", "p.jsonl", "runs/rm", "never", 5, 3e-4)
     lines = _deprecations(caplog)
-    assert len(lines) == 5  # one line per old spelling
+    assert len(lines) == 6  # one line per old spelling (lr= too: optim.lr=)
+    assert "config key 'lr' is deprecated; write optim.lr= instead" in lines
     assert "--base is deprecated; write model=runs/sft" in lines
     assert "--no-resume is deprecated; write resume=never" in lines
 

@@ -2,7 +2,8 @@
 
 import pytest
 
-from palm_rlhf.data.sft import SFTRecord, encode_sft, read_sft, sft_batch, split_records
+from palm_rlhf.data.sampling import split_heldout, stream_indices
+from palm_rlhf.data.sft import SFTRecord, encode_sft, read_sft, sft_batch
 from palm_rlhf.data.tokenizer import ByteTokenizer
 from palm_rlhf.errors import DataError
 
@@ -46,6 +47,15 @@ def test_reader_names_line_and_field(tmp_path):
 
 def test_split_is_deterministic_and_disjoint():
     recs = [SFTRecord(str(i), "r") for i in range(20)]
-    train, val = split_records(recs, 0.1, seed=3)
+    train, val = split_heldout(recs, 0.1, seed=3)
     assert len(val) == 2 and len(train) == 18 and not set(train) & set(val)
-    assert split_records(recs, 0.1, seed=3) == (train, val)
+    assert split_heldout(recs, 0.1, seed=3) == (train, val)
+    assert split_heldout(recs, 0.1, seed=4) != (train, val)  # shuffled by the seed, not the file order
+    assert split_heldout(recs, 0.0, seed=3) == (recs, [])
+
+
+def test_the_stream_visits_every_example_once_per_epoch_in_a_seeded_order():
+    n = 7
+    first, second = stream_indices(2, n, range(n)), stream_indices(2, n, range(n, 2 * n))
+    assert sorted(first) == sorted(second) == list(range(n)) and first != second
+    assert stream_indices(2, n, [3, 9]) == [first[3], second[2]]

@@ -6,14 +6,14 @@ from palm_rlhf.data.preferences import PairwiseRecord, RatingRecord
 from palm_rlhf.data.synthetic import rule_annotator, rule_preference_pairs, rule_score
 from palm_rlhf.errors import DataError
 from palm_rlhf.model.reward import RewardModel
+from palm_rlhf.data.sampling import split_heldout, stream_indices
+from palm_rlhf.runtime.vocab import step_positions
 from palm_rlhf.trainers.reward_data import (
-    batch_indices,
     encode_records,
     evaluate,
     make_batch,
     record_kind,
     reward_loss,
-    split_validation,
 )
 
 
@@ -22,16 +22,23 @@ class Bytes:
         return list(s.encode())
 
 
+def batch_indices(step, micro, batch_size, accum, n, seed, rank=0, world_size=1):
+    """Dataset indices of micro-batch `micro` of step `step` on `rank` (per-process micro-batches of
+    batch_size / (accum * world_size)), as the reward trainer draws them."""
+    per = batch_size // (accum * world_size)
+    return stream_indices(seed, n, step_positions(step, batch_size, per, rank, world_size)[micro])
+
+
 def test_batch_indices_cover_each_epoch_once_and_split_across_ranks():
-    n, b, accum = 10, 2, 2
-    # one process: 5 micro-batches of 2 = one epoch of 10 distinct indices
+    n, b, accum = 10, 4, 2
+    # one process: micro-batches of 2, 5 of them = one epoch of 10 distinct indices
     epoch0 = [i for step in range(3) for m in range(accum) for i in batch_indices(step, m, b, accum, n, seed=3)][:n]
     assert sorted(epoch0) == list(range(n))
-    # two ranks with batch 1 each see, together, exactly the one-process batch of 2
+    # two ranks with micro-batches of 1 see, together, exactly the one-process micro-batch of 2
     for step in range(4):
         for m in range(accum):
-            one = batch_indices(step, m, 2, accum, n, seed=3)
-            two = [batch_indices(step, m, 1, accum, n, seed=3, rank=r, world_size=2)[0] for r in range(2)]
+            one = batch_indices(step, m, b, accum, n, seed=3)
+            two = [batch_indices(step, m, b, accum, n, seed=3, rank=r, world_size=2)[0] for r in range(2)]
             assert one == two
     # a pure function of the step: what a resumed run computes equals the uninterrupted run
     assert batch_indices(7, 1, b, accum, n, seed=3) == batch_indices(7, 1, b, accum, n, seed=3)
@@ -53,8 +60,8 @@ def test_mixed_kinds_and_tiny_splits_are_errors():
     with pytest.raises(DataError, match="mixes"):
         record_kind(mixed)
     with pytest.raises(DataError, match="nothing to train"):
-        split_validation([PairwiseRecord("p", "a", "b")], 0.5, seed=0)
-    train, val = split_validation(list(range(10)), 0.2, seed=0)
+        split_heldout([PairwiseRecord("p", "a", "b")], 0.5, seed=0)
+    train, val = split_heldout(list(range(10)), 0.2, seed=0)
     assert len(train) == 8 and len(val) == 2 and sorted(train + val) == list(range(10))
 
 

@@ -104,28 +104,24 @@ def test_reductions_of_tensors_lists_and_dicts_over_two_processes():
 # ---------------------------------------------------------------- the trainers' distributed paths under the rule
 
 HERE = Path(__file__).resolve().parent
-RL = ["rollout_batch_size=3", "minibatch_size=8", "epochs=2", "max_new_tokens=6", "eos_token=10", "lr=0.01",
+RL = ["rollout_batch_size=3", "batch_size=8", "epochs=2", "max_new_tokens=6", "eos_token=10", "optim.lr=0.01",
       "sample_every=0", "reward_fn=nccl_rule_rewards:ascii_fraction", "progress=false"]
-DPO = ["max_steps=3", "batch_size=4", "eval_every=2", "max_len=24", "lr=0.01"]
+DPO = ["max_steps=3", "batch_size=4", "eval.every=2", "max_len=24", "optim.lr=0.01"]
 ARGS = {
     "ppo": ["max_steps=2", "prompts_per_step=8", "kl_target=1.0", "kl_horizon=100", *RL],
     "grpo": ["max_steps=2", "prompts_per_step=4", "group_size=2", *RL],
     "rloo": ["max_steps=2", "prompts_per_step=4", "group_size=2", *RL],
     "reinforce-pp": ["max_steps=2", "prompts_per_step=8", "group_size=1", *RL],  # whitens over both ranks
     "dpo": DPO,
-    "dpo-full": [*DPO, "use_lora=false"],
-    "reward": ["max_steps=3", "eval_every=3", "log_every=1", "max_len=24", "lr=0.003", "progress=false"],
+    "dpo-full": [*DPO, "lora.r=0"],
+    "reward": ["max_steps=3", "eval.every=3", "log_every=1", "max_len=24", "optim.lr=0.003", "progress=false",
+               "batch_size=8"],
 }
 COMMAND = {"ppo": ["ppo"], "grpo": ["grpo"], "rloo": ["rloo"], "reinforce-pp": ["reinforce-pp"], "dpo": ["dpo"],
            "dpo-full": ["dpo"], "reward": ["reward", "train"]}
 INPUTS = {"ppo": ("model", "prompts"), "grpo": ("model", "prompts"), "rloo": ("model", "prompts"),
           "reinforce-pp": ("model", "prompts"), "dpo": ("model", "data"),
           "dpo-full": ("model", "data"), "reward": ("model", "data")}
-
-
-def _per_process(algo: str, nproc: int) -> list[str]:
-    """reward's batch_size counts pairs per process (the others' a global batch)."""
-    return [f"batch_size={8 // nproc}"] if algo == "reward" else []
 
 
 def _inputs(tmp_path: Path) -> list[str]:
@@ -143,7 +139,7 @@ def _inputs(tmp_path: Path) -> list[str]:
 
 def _argv(algo: str, inputs: list[str], out: Path, nproc: int) -> list[str]:
     args = [a for a in inputs if a.split("=")[0] in INPUTS[algo]]
-    return [*COMMAND[algo], *args, *ARGS[algo], *_per_process(algo, nproc), f"out_dir={out}"]
+    return [*COMMAND[algo], *args, *ARGS[algo], f"out_dir={out}"]
 
 
 def _launch(algo: str, inputs: list[str], out: Path, nproc: int, device: str):

@@ -18,16 +18,37 @@ def test_warmup_cosine_by_hand():
     assert warmup_cosine(100, 2, 6, 0.1) == pytest.approx(0.1)  # stays at the floor past max_steps
 
 
-def test_scheduler_follows_the_multiplier():
+def _lrs(config: OptimConfig, steps: int = 6) -> list[float]:
     p = torch.nn.Parameter(torch.zeros(2, 2))
-    opt = build_optimizer([("w", p)], OptimConfig(lr=1.0, warmup_steps=2, min_lr_ratio=0.1))
-    sched = build_scheduler(opt, OptimConfig(lr=1.0, warmup_steps=2, min_lr_ratio=0.1), max_steps=6)
+    opt = build_optimizer([("w", p)], config)
+    sched = build_scheduler(opt, config, max_steps=steps)
     lrs = []
-    for _ in range(6):
+    for _ in range(steps):
         lrs.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
-    assert lrs == pytest.approx([0.5, 1.0, 1.0, 0.775, 0.325, 0.1])
+    return lrs
+
+
+def test_scheduler_follows_the_multiplier():
+    assert _lrs(OptimConfig(lr=1.0, warmup=2, min_lr_ratio=0.1)) == pytest.approx([0.5, 1.0, 1.0, 0.775, 0.325, 0.1])
+    # schedule=constant: the same warmup, then the peak lr (what PPO and GRPO default to)
+    assert _lrs(OptimConfig(lr=1.0, warmup=2, schedule="constant")) == pytest.approx([0.5, 1, 1, 1, 1, 1])
+    # the old spellings still build the same optimizer (one deprecation line each)
+    assert OptimConfig(lr=1.0, warmup_steps=2, clip_grad_norm=0.5, beta2=0.99) == OptimConfig(
+        lr=1.0, warmup=2, max_grad_norm=0.5, betas=(0.9, 0.99))
+
+
+def test_per_parameter_learning_rates_and_betas_reach_the_optimizer():
+    """lr_of gives PPO's critic its own lr; optim.betas is what AdamW and Lion use."""
+    actor, critic = torch.nn.Parameter(torch.zeros(2, 2)), torch.nn.Parameter(torch.zeros(3))
+    config = OptimConfig(lr=0.1, betas=(0.8, 0.9), weight_decay=0.0)
+    opt = build_optimizer([("a", actor), ("c", critic)], config, lr_of=lambda n, p: 0.5 if n == "c" else None)
+    by_param = {id(p): g for g in opt.param_groups for p in g["params"]}
+    assert by_param[id(actor)]["lr"] == 0.1 and by_param[id(critic)]["lr"] == 0.5
+    assert {g["betas"] for g in opt.param_groups} == {(0.8, 0.9)}
+    lion = build_optimizer([("a", actor)], OptimConfig(name="lion", lr=0.1, betas=(0.7, 0.6)))
+    assert lion.param_groups[0]["betas"] == (0.7, 0.6)
 
 
 def test_decay_only_on_matrices():
@@ -53,8 +74,10 @@ def test_lion_step_by_hand():
 def test_optim_config_validation():
     with pytest.raises(ConfigError, match="optim.lr"):
         OptimConfig(lr=0)
-    with pytest.raises(ConfigError, match="optim.beta2"):
-        OptimConfig(beta2=1.0)
+    with pytest.raises(ConfigError, match=r"optim.betas=\[0.9, 1.0\]"):
+        OptimConfig(betas=(0.9, 1.0))
+    with pytest.raises(ConfigError, match="optim.schedule='linear': use one of cosine, constant"):
+        OptimConfig(schedule="linear")
     with pytest.raises(ConfigError, match="no trainable parameters"):
         build_optimizer([("w", torch.nn.Parameter(torch.zeros(2), requires_grad=False))], OptimConfig())
 
@@ -67,7 +90,7 @@ def test_adamw_is_fused_on_cpu_and_steps_like_the_reference_loop():
     fused = build_optimizer(model, config)
     assert all(g["fused"] for g in fused.param_groups)
     plain = torch.optim.AdamW(param_groups(reference.named_parameters(), config.weight_decay), lr=config.lr,
-                              betas=(config.beta1, config.beta2), eps=config.eps)
+                              betas=config.betas, eps=config.eps)
     for _ in range(3):
         x = torch.randn(5, 8)
         for m, opt in ((model, fused), (reference, plain)):

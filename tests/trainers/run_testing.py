@@ -14,7 +14,7 @@ from palm_rlhf.model import PaLM
 from palm_rlhf.runtime.config import load_config
 
 TRAINERS = ("pretrain", "finetune", "reward", "ppo", "grpo", "rloo", "reinforce-pp", "dpo",
-            "dpo-full")  # dpo-full: use_lora=false
+            "dpo-full")  # dpo-full: lora.r=0
 TINY = dict(num_tokens=256, dim=16, depth=1, heads=2, dim_head=8)
 TEXT = "".join(f"line {i}: the quick brown fox jumps over the lazy dog {i * 7 % 13}\n" for i in range(200))
 
@@ -45,23 +45,23 @@ def overrides(kind: str, tmp_path, out: str, max_steps: int = 4) -> list[str]:
     if kind == "pretrain":
         return common + [f"data.sources=[{tmp_path / 'corpus.txt'}]", "data.val_fraction=0.1", "model.dim=16",
                          "model.depth=1", "model.heads=2", "model.dim_head=8", "seq_len=16", "batch_size=2",
-                         "eval_every=0", "save_every=0", "optim.warmup_steps=1", "threads=1"]
+                         "eval.every=0", "save_every=0", "optim.warmup=1", "threads=1"]
     if kind == "finetune":
-        return common + [base, f"data={tmp_path / 'sft.jsonl'}", "seq_len=24", "batch_size=2", "eval_every=0",
-                         "save_every=0", "lora.scope=sft", "optim.warmup_steps=1", "threads=1"]
+        return common + [base, f"data={tmp_path / 'sft.jsonl'}", "seq_len=24", "batch_size=2", "eval.every=0",
+                         "save_every=0", "lora.r=8", "optim.warmup=1", "threads=1"]
     if kind == "reward":
-        return common + [base, f"data={tmp_path / 'prefs.jsonl'}", "batch_size=2", "val_fraction=0",
-                         "dropout=0.1", "max_len=32", "warmup_steps=1"]
+        return common + [base, f"data={tmp_path / 'prefs.jsonl'}", "batch_size=2", "eval.fraction=0",
+                         "dropout=0.1", "max_len=32", "optim.warmup=1"]
     if kind in ("ppo", "grpo", "rloo", "reinforce-pp"):
-        extra = ["prompts_per_step=2", "minibatch_size=2"] if kind == "ppo" else \
-            ["prompts_per_step=2", "group_size=2", "minibatch_size=4"]
+        extra = ["prompts_per_step=2", "batch_size=2"] if kind == "ppo" else \
+            ["prompts_per_step=2", "group_size=2", "batch_size=4"]
         if kind == "reinforce-pp":
             extra.append("baseline=true")
         return common + [base, f"prompts={tmp_path / 'prompts.txt'}", "reward_fn=run_testing:vowels",
-                         "max_new_tokens=4", "sample_every=0", "lr=1e-2", *extra]
+                         "max_new_tokens=4", "sample_every=0", "optim.lr=1e-2", *extra]
     if kind in ("dpo", "dpo-full"):
-        return common + [base, f"data={tmp_path / 'prefs.jsonl'}", "batch_size=2", "max_len=32", "eval_every=2",
-                         "lr=1e-2", *(["use_lora=false"] if kind == "dpo-full" else [])]
+        return common + [base, f"data={tmp_path / 'prefs.jsonl'}", "batch_size=2", "max_len=32", "eval.every=2",
+                         "optim.lr=1e-2", *(["lora.r=0"] if kind == "dpo-full" else [])]
     raise ValueError(kind)
 
 

@@ -1,4 +1,4 @@
-"""DPO reports its drift from the reference (kl_ref every eval_every, a budget that warns and can
+"""DPO reports its drift from the reference (kl_ref every eval.every, a budget that warns and can
 stop the run) and follows the shared warmup + cosine schedule."""
 
 import json
@@ -20,10 +20,23 @@ from rl_fixtures import pretrained_tiny_state, tiny_model  # noqa: F401
 TRAIN, HELDOUT = rule_preference_pairs(64, seed=0), rule_preference_pairs(8, seed=1)
 
 
+def nested(flat: dict) -> dict:
+    """{"optim.lr": 1} -> {"optim": {"lr": 1}}: dotted keys as the CLI takes them."""
+    out: dict = {}
+    for key, value in flat.items():
+        *groups, leaf = key.split(".")
+        node = out
+        for g in groups:
+            node = node.setdefault(g, {})
+        node[leaf] = value
+    return out
+
+
 def make(tmp_path, model, **overrides):
-    config = DPOConfig(**{"out_dir": str(tmp_path / "dpo"), "max_steps": 6, "batch_size": 8, "lr": 3e-2,
-                          "eval_every": 3, "max_len": 40, "kl_samples": 4, "kl_max_new_tokens": 8,
-                          "warmup_steps": 2, "progress": False, **overrides})
+    overrides = {k.replace("__", "."): v for k, v in overrides.items()}  # optim__lr=... -> optim.lr
+    config = DPOConfig(**nested({"out_dir": str(tmp_path / "dpo"), "max_steps": 6, "batch_size": 8,
+                                 "optim.lr": 3e-2, "eval.every": 3, "max_len": 40, "kl_samples": 4,
+                                 "kl_max_new_tokens": 8, "optim.warmup": 2, "progress": False, **overrides}))
     return DPOTrainer(config, model=model, tokenizer=ByteTokenizer(), train_records=TRAIN,
                       heldout_records=HELDOUT).setup()
 
@@ -34,14 +47,14 @@ def test_config_checks():
     with pytest.raises(ConfigError, match="stop_at_kl_budget=true needs kl_budget"):
         DPOConfig(stop_at_kl_budget=True)
     with pytest.raises(ConfigError, match="min_lr_ratio"):
-        DPOConfig(min_lr_ratio=2.0)
-    with pytest.raises(ConfigError, match="actor_adapter needs use_lora=true"):
-        DPOConfig(use_lora=False, actor_adapter="runs/sft/final/adapter.safetensors")
+        DPOConfig(optim={"min_lr_ratio": 2.0})
+    with pytest.raises(ConfigError, match=r"actor_adapter needs a LoRA actor scope \(lora.r > 0"):
+        DPOConfig(lora={"r": 0}, actor_adapter="runs/sft/final/adapter.safetensors")
 
 
-def test_use_lora_false_trains_every_weight_against_a_frozen_copy(tmp_path, tiny_model):
+def test_lora_r_0_trains_every_weight_against_a_frozen_copy(tmp_path, tiny_model):
     start = {k: v.detach().clone() for k, v in tiny_model.named_parameters()}  # weights, not buffers
-    trainer = make(tmp_path, tiny_model, use_lora=False)
+    trainer = make(tmp_path, tiny_model, lora__r=0)
     assert trainer.reference.kind == "frozen_copy" and not tiny_model.finetune_modules  # no LoRA scope
     assert trainer.measure_kl(seed=0).mean == 0.0
     history = trainer.train()
@@ -86,13 +99,13 @@ def test_evaluation_does_not_change_what_trains(tmp_path, pretrained_tiny_state)
     config, state = pretrained_tiny_state
 
     def weights(name, **evaluation):
-        trainer = make(tmp_path / name, _pretrained(config, state), use_lora=False, lr=3e-3, **evaluation)
+        trainer = make(tmp_path / name, _pretrained(config, state), lora__r=0, optim__lr=3e-3, **evaluation)
         history = trainer.train()
         trainer.cleanup()
         return [row["loss"] for row in history], PaLM.from_pretrained(tmp_path / name / "dpo" / "final").state_dict()
 
-    losses, final = weights("every3", eval_every=3, kl_samples=4)
-    for name, evaluation in {"every2": {"eval_every": 2, "kl_samples": 8}, "none": {"kl_samples": 0}}.items():
+    losses, final = weights("every3", eval__every=3, kl_samples=4)
+    for name, evaluation in {"every2": {"eval__every": 2, "kl_samples": 8}, "none": {"kl_samples": 0}}.items():
         other_losses, other = weights(name, **evaluation)
         assert other_losses == losses, name
         assert all(torch.equal(other[k], final[k]) for k in final), name
@@ -121,7 +134,7 @@ def test_budget_warns_and_stop_at_kl_budget_ends_the_run(tmp_path, tiny_model, p
     stop.cleanup()
     assert [row["step"] for row in history] == [1, 2, 3]  # stopped at the first eval over budget
     untrained = [r.getMessage() for r in caplog.records if "starting policy, untrained" in r.getMessage()]
-    assert len(untrained) == 1 and "evaluate sooner (eval_every=3 now)" in untrained[0]
+    assert len(untrained) == 1 and "evaluate sooner (eval.every=3 now)" in untrained[0]
     run = json.loads((tmp_path / "stop" / "dpo" / "final" / "run.json").read_text())
     assert run["steps"] == 3
     assert run["policy_step"] == 0  # the first evaluation was already over: final/ is the start policy
@@ -138,7 +151,7 @@ def _scope(adapter, config, state, fresh=None) -> list:
         load_adapter(model, adapter / "adapter.safetensors", scope="actor")
     else:
         torch.manual_seed(fresh.config.seed)
-        model.add_finetune_params("actor", lora_r=fresh.config.lora_r, lora_alpha=fresh.config.lora_alpha)
+        model.add_finetune_params("actor", lora_r=fresh.config.lora.r, lora_alpha=fresh.config.lora.alpha)
     return torch.cat([v.flatten() for _, v in sorted(model.finetune_modules["actor"].state_dict().items())]).tolist()
 
 
@@ -173,15 +186,15 @@ def test_stop_at_kl_budget_keeps_the_last_policy_within_it_and_resumes_with_it(t
     assert _scope(run_dir / "final", config, state) == step3
 
 
-def test_use_lora_false_stops_at_the_budget_with_the_whole_model_rolled_back(tmp_path, pretrained_tiny_state):
+def test_lora_r_0_stops_at_the_budget_with_the_whole_model_rolled_back(tmp_path, pretrained_tiny_state):
     config, state = pretrained_tiny_state
 
     def weights(directory):
         return PaLM.from_pretrained(directory).state_dict()
 
-    budget = _budget_after_step_3(tmp_path, config, state, use_lora=False, lr=3e-3)
+    budget = _budget_after_step_3(tmp_path, config, state, lora__r=0, optim__lr=3e-3)
     stop = make(tmp_path / "stop", _pretrained(config, state), max_steps=9, save_every=3, kl_budget=budget,
-                stop_at_kl_budget=True, use_lora=False, lr=3e-3)
+                stop_at_kl_budget=True, lora__r=0, optim__lr=3e-3)
     assert [row["step"] for row in stop.train()][-1] == 6
     stop.cleanup()
     step3 = weights(tmp_path / "free" / "dpo" / "checkpoints" / "step_00000003")
@@ -197,7 +210,13 @@ def test_the_dpo_full_preset_is_the_dpo_preset_training_every_weight():
     from palm_rlhf.runtime.config import config_to_dict, load_config
 
     lora, full = (config_to_dict(load_config(DPOConfig, name)) for name in ("dpo", "dpo-full"))
+    def flat(d, prefix=""):
+        return {k: v for key, value in d.items()
+                for k, v in (flat(value, f"{prefix}{key}.").items() if isinstance(value, dict)
+                             else [(prefix + key, value)])}
+
+    lora, full = flat(lora), flat(full)
     differ = {k for k in lora if lora[k] != full[k]}
-    assert differ == {"use_lora", "lr", "max_steps", "kl_samples", "save_every", "kl_budget"}
-    assert full["use_lora"] is False and full["lr"] < lora["lr"] and full["kl_samples"] > lora["kl_samples"]
+    assert differ == {"lora.r", "optim.lr", "max_steps", "kl_samples", "save_every", "kl_budget"}
+    assert full["lora.r"] == 0 and full["optim.lr"] < lora["optim.lr"] and full["kl_samples"] > lora["kl_samples"]
     assert full["kl_budget"] > lora["kl_budget"]

@@ -31,8 +31,8 @@ def base_and_data(tmp_path):
 def _config(tmp_path, base, data, *overrides, out="sft"):
     return load_config(FinetuneConfig, None, [
         f"out_dir={tmp_path / out}", f"model={base}", f"data={data}", "seq_len=32", "batch_size=4", "max_steps=4",
-        "log_every=1", "eval_every=0", "save_every=0", "progress=false", "device=cpu", "val_fraction=0.2",
-        "optim.lr=1e-2", "optim.warmup_steps=0", *overrides])
+        "log_every=1", "eval.every=0", "save_every=0", "progress=false", "device=cpu", "eval.fraction=0.2",
+        "optim.lr=1e-2", "optim.warmup=0", *overrides])
 
 
 def _run(config):
@@ -67,7 +67,7 @@ def test_loss_counts_response_tokens_only(tmp_path, base_and_data):
 def test_accumulation_weights_micro_batches_by_response_tokens(tmp_path, base_and_data):
     base, data = base_and_data
     _run(_config(tmp_path, base, data, "max_steps=2", out="big"))
-    _run(_config(tmp_path, base, data, "max_steps=2", "batch_size=1", "grad_accum=4", out="small"))
+    _run(_config(tmp_path, base, data, "max_steps=2", "micro_batch_size=1", out="small"))
     big = [r["train/loss"] for r in read_metrics(tmp_path / "big") if "train/loss" in r]
     small = [r["train/loss"] for r in read_metrics(tmp_path / "small") if "train/loss" in r]
     assert len(big) == 2 and small == pytest.approx(big, abs=1e-5)
@@ -75,7 +75,7 @@ def test_accumulation_weights_micro_batches_by_response_tokens(tmp_path, base_an
 
 def test_lora_trains_only_its_scope_and_saves_it_alone(tmp_path, base_and_data):
     base, data = base_and_data
-    trainer = _run(_config(tmp_path, base, data, "lora.scope=sft", "lora.r=4", "max_steps=8", "eval_every=4"))
+    trainer = _run(_config(tmp_path, base, data, "lora.scope=sft", "lora.r=4", "max_steps=8", "eval.every=4"))
     losses = [r["train/loss"] for r in read_metrics(tmp_path / "sft") if "train/loss" in r]
     assert losses[-1] < losses[0]
     original = PaLM.from_pretrained(base).state_dict()

@@ -78,10 +78,10 @@ def test_nan_loss_names_the_step_and_keeps_the_last_checkpoint(tmp_path):
 
 @pytest.mark.slow
 def test_accumulation_equals_a_big_batch(tmp_path):
-    """batch 4 x accum 1 and batch 2 x accum 2 see the same 4 windows per step."""
+    """batch_size 4 in one micro-batch and in 4 micro-batches of 1 see the same 4 windows per step."""
     corpus = write_corpus(tmp_path)
-    _train(tiny_config(tmp_path, corpus, "max_steps=3", "eval_every=0", out="big"))
-    _train(tiny_config(tmp_path, corpus, "max_steps=3", "eval_every=0", "batch_size=1", "grad_accum=4",
+    _train(tiny_config(tmp_path, corpus, "max_steps=3", "eval.every=0", out="big"))
+    _train(tiny_config(tmp_path, corpus, "max_steps=3", "eval.every=0", "micro_batch_size=1",
                        out="small"))
     big, small = _losses(tmp_path / "big"), _losses(tmp_path / "small")
     assert sorted(big) == sorted(small) == [1, 2, 3]

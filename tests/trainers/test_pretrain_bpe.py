@@ -24,7 +24,7 @@ def test_bpe_tokenizer_travels_with_the_checkpoint(tmp_path, capsys):
     assert train.dtype == np.uint16 and len(train) < len(TEXT.encode()) * 0.9  # merges shorten the text
     code = main(["pretrain", f"out_dir={tmp_path / 'run'}", f"data.sources=[{tmp_path / 'data'}]", "model.dim=32",
                  "model.depth=1", "model.heads=2", "model.dim_head=16", "seq_len=16", "batch_size=2", "max_steps=2",
-                 "eval_every=0", "progress=false", "device=cpu"])
+                 "eval.every=0", "progress=false", "device=cpu"])
     assert code == 0 and json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 2
     for directory in (CheckpointManager(tmp_path / "run").latest(), tmp_path / "run" / "final"):
         tok = load_tokenizer(directory)

@@ -15,8 +15,8 @@ from pretrain_testing import write_corpus
 pytestmark = pytest.mark.slow
 
 ARGS = ["model.dim=32", "model.depth=1", "model.heads=2", "model.dim_head=16", "seq_len=16", "max_steps=4",
-        "log_every=1", "eval_every=2", "eval_batches=1", "save_every=2", "progress=false", "optim.lr=1e-2",
-        "optim.warmup_steps=1", "device=cpu", "threads=1", "data.val_fraction=0.1"]
+        "log_every=1", "eval.every=2", "eval.samples=4", "save_every=2", "progress=false", "optim.lr=1e-2",
+        "optim.warmup=1", "device=cpu", "threads=1", "eval.fraction=0.1"]
 
 
 def _pretrain(tmp_path, nproc, out, *extra):
@@ -38,7 +38,7 @@ def test_two_processes_equal_one_and_resume_in_one(tmp_path):
     # the 1-process run prepares the corpus; the others reuse the prepared directory
     _pretrain(tmp_path, 1, "one", f"data.sources=[{corpus}]", "batch_size=4")
     data = tmp_path / "one" / "data"
-    _pretrain(tmp_path, 2, "two", f"data.sources=[{data}]", "batch_size=2")
+    _pretrain(tmp_path, 2, "two", f"data.sources=[{data}]", "batch_size=4")
     one, two = _curve(tmp_path / "one"), _curve(tmp_path / "two")
     assert sorted(one) == sorted(two) == [1, 2, 3, 4]
     for step in one:
@@ -68,7 +68,7 @@ def test_fsdp_equals_one_process_and_checkpoints_move_between_them(tmp_path):
     corpus = write_corpus(tmp_path)
     _pretrain(tmp_path, 1, "one", f"data.sources=[{corpus}]", "batch_size=4", "model.depth=2")
     data = tmp_path / "one" / "data"
-    _pretrain(tmp_path, 2, "fsdp", f"data.sources=[{data}]", "batch_size=2", "model.depth=2", "distributed=fsdp")
+    _pretrain(tmp_path, 2, "fsdp", f"data.sources=[{data}]", "batch_size=4", "model.depth=2", "distributed=fsdp")
     one, sharded = _curve(tmp_path / "one"), _curve(tmp_path / "fsdp")
     assert sorted(sharded) == [1, 2, 3, 4]
     assert [sharded[s] for s in one] == pytest.approx([one[s] for s in one], abs=1e-5)
@@ -76,7 +76,7 @@ def test_fsdp_equals_one_process_and_checkpoints_move_between_them(tmp_path):
     _rewind_to_step_2(tmp_path / "fsdp")
     _pretrain(tmp_path, 1, "fsdp", f"data.sources=[{data}]", "batch_size=4", "model.depth=2")
     _rewind_to_step_2(tmp_path / "one")
-    _pretrain(tmp_path, 2, "one", f"data.sources=[{data}]", "batch_size=2", "model.depth=2", "distributed=fsdp")
+    _pretrain(tmp_path, 2, "one", f"data.sources=[{data}]", "batch_size=4", "model.depth=2", "distributed=fsdp")
     for run in ("fsdp", "one"):
         resumed = _curve(tmp_path / run)
         assert [resumed[s] for s in (3, 4)] == pytest.approx([one[s] for s in (3, 4)], abs=1e-5)

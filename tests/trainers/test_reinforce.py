@@ -56,8 +56,8 @@ def test_reward_rises_with_bounded_kl(tmp_path, tiny_model, algo, margin):
     (whitened over the batch: token mean 0, variance 1)."""
     cls, trainer_cls = (RLOOConfig, RLOOTrainer) if algo == "rloo" else (ReinforcePPConfig, ReinforcePPTrainer)
     extra = {"baseline": True} if algo == "reinforce_pp_baseline" else {}
-    config = cls(out_dir=str(tmp_path / algo), prompts_per_step=8, group_size=4, minibatch_size=16,
-                 max_new_tokens=16, eos_token=EOS, sample_every=5, lr=3e-3, max_steps=20, kl_coef=0.05, **extra)
+    config = cls(out_dir=str(tmp_path / algo), prompts_per_step=8, group_size=4, batch_size=16, max_new_tokens=16,
+                 eos_token=EOS, sample_every=5, optim={"lr": 3e-3}, max_steps=20, kl_coef=0.05, **extra)
     history, reward, prepared = _learn(trainer_cls, config, tiny_model)
     assert_rollout_metrics_match(history, reward)  # and KL 0 at step 1 within 1e-5
     assert _gain(history) >= margin, [round(h["reward_mean"], 3) for h in history]

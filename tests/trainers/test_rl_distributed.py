@@ -6,8 +6,8 @@ sampling noise from one seeded by (seed, step, global row index) (`rl_base.row_g
 row is sampled identically whichever rank collects it and in whichever generation chunk (here
 3 rows per chunk: 1 process collects 3+3+2, each rank 3+1). Advantage whitening, the KL
 controller and the loss normalisers are summed over ranks (REINFORCE++ whitens its advantages over
-both ranks' tokens; RLOO's groups, like GRPO's, stay whole on one rank), and `TrainStep` weights every rank's
-loss by its token (PPO) or sequence (GRPO) count. With one minibatch per epoch (minibatch_size =
+both ranks' tokens; RLOO's groups, like GRPO's, stay whole on one rank), and `TrainStep` weights every
+rank's loss by its token (PPO) or sequence (GRPO) count. With one minibatch per epoch (batch_size =
 the global batch), what differs is only float summation order.
 
 In those runs every rank holds as many response tokens as the other and the KL controller sits at
@@ -49,8 +49,8 @@ def ascii_fraction(prompts, completions) -> list[float]:
 
 def run_args(algo, tmp_path, out):
     return [algo, f"model={tmp_path / 'base'}", f"prompts={tmp_path / 'prompts.txt'}",
-            "reward_fn=test_rl_distributed:ascii_fraction", "rollout_batch_size=3", "minibatch_size=8", "epochs=2",
-            "max_new_tokens=6", "eos_token=10", "lr=0.01", "sample_every=0", f"out_dir={out}", *COMMON[algo]]
+            "reward_fn=test_rl_distributed:ascii_fraction", "rollout_batch_size=3", "batch_size=8", "epochs=2",
+            "max_new_tokens=6", "eos_token=10", "optim.lr=0.01", "sample_every=0", f"out_dir={out}", *COMMON[algo]]
 
 
 @pytest.mark.slow

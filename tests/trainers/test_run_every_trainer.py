@@ -175,7 +175,7 @@ def test_grpo_learns_with_dropout_off(tmp_path):
     """A base with dropout 0.1 and unchanged weights: the one minibatch of step 1 sees the policy that
     sampled it, so the ratio is exactly 1 (approx_kl = clip_frac = 0), as in PPO."""
     write_inputs(tmp_path, dropout=0.1)
-    history = _run(make_trainer("grpo", tmp_path, "grpo", "minibatch_size=4", "epochs=1", max_steps=1))
+    history = _run(make_trainer("grpo", tmp_path, "grpo", "batch_size=4", "epochs=1", max_steps=1))
     assert history[0]["approx_kl"] == 0.0 and history[0]["clip_frac"] == 0.0
 
 
@@ -190,7 +190,9 @@ def test_dpo_learns_with_dropout_off(tmp_path):
 @pytest.mark.parametrize("kind, key, message", [
     ("ppo", "prompts_per_step=3", "prompts_per_step=3 does not divide over 2 processes; use 2 or 4"),
     ("grpo", "prompts_per_step=3", "prompts_per_step=3 does not divide over 2 processes; use 2 or 4"),
-    ("ppo", "minibatch_size=5", "minibatch_size=5 does not divide over 2 processes; use 4 or 6"),
+    ("ppo", "batch_size=5", "batch_size=5 does not divide over 2 processes; use 4 or 6"),
+    ("ppo", "micro_batch_size=2", "batch_size=2 is not a multiple of micro_batch_size=2 x 2 process"),
+    ("finetune", "micro_batch_size=2", "batch_size=2 is not a multiple of micro_batch_size=2 x 2 process"),
     ("dpo", "batch_size=3", "batch_size=3 does not divide over 2 processes; use 2 or 4"),
 ])
 def test_batches_that_do_not_split_over_the_processes_are_config_errors(tmp_path, monkeypatch, kind, key, message):
@@ -246,7 +248,7 @@ def test_log_lines_do_not_glue_onto_the_progress_bar(tmp_path, capsys):
     old_level = root.level
     root.setLevel(logging.INFO)
     try:
-        _run(make_trainer("reward", tmp_path, "bar", "progress=true", "val_fraction=0.25", "eval_every=1",
+        _run(make_trainer("reward", tmp_path, "bar", "progress=true", "eval.fraction=0.25", "eval.every=1",
                           max_steps=3))
     finally:
         root.removeHandler(handler)
