@@ -43,6 +43,26 @@ first test that failed for each (with -x; later tests may catch it too: run with
     kl-ref-token-mean                     trainers/test_ppo.py::test_resume_matches_uninterrupted_run
     kl-direction-flipped                  rl/test_loss_terms.py::test_grpo_loss_terms_and_signs
     ppo-min-instead-of-max                rl/test_loss_terms.py::test_grpo_uses_clip_eps_high
+
+Issue 31 (the losses take tensors from generation/scoring.py's Scorer; RLOO and REINFORCE++), 2026-12-07,
+the same machine: every mutant applies (none NOT APPLIED); those of the moved and new code were run, all killed:
+    ppo-entropy-sign, ppo-drop-value-loss  rl/test_loss_terms.py::test_ppo_loss_is_policy_plus_value_minus_entropy
+    grpo-entropy-sign                     rl/test_loss_terms.py::test_grpo_loss_terms_and_signs
+    grpo-ignores-clip-eps-high            rl/test_loss_terms.py::test_grpo_uses_clip_eps_high
+    dpo-mean-log-probs                    trainers/test_dpo.py::test_sequence_log_probs_sum_for_dpo_and_average_for_ipo[sigmoid]
+    same-noise-every-row                  trainers/test_ppo.py::test_ppo_raises_vowel_reward_with_bounded_kl
+    loss-weight-one-per-rank              trainers/test_rl_distributed.py::test_two_torchrun_processes_equal_one_process[ppo]
+    scorer-temperature-ignored            rl/test_rollout.py::test_recomputed_log_probs_equal_rollout_and_kl_starts_at_zero[0.7]
+    scorer-reference-is-the-policy        rl/test_rollout.py::test_frozen_scope_reference_for_pretrained_adapter[seed-lora]
+    rloo-baseline-includes-self           rl/test_reinforce_maths.py::test_leave_one_out_baseline_is_the_other_samples_mean
+    rloo-kl-ignored                       rl/test_reinforce_maths.py::test_rloo_prepare_puts_the_sequence_kl_in_the_reward
+    reinforce-pp-baseline-ignored         rl/test_reinforce_maths.py::test_reinforce_pp_baseline_subtracts_the_group_mean_...
+    reinforce-pp-gamma-ignored            rl/test_reinforce_maths.py::test_discounted_returns_stop_at_the_last_real_token
+    reinforce-pp-not-whitened             rl/test_reinforce_maths.py::test_reinforce_pp_whitens_kl_shaped_returns_over_the_batch
+    reinforce-pp-whiten-rank-local        trainers/test_rl_distributed.py::test_two_torchrun_processes_equal_one_process[reinforce-pp]
+    reinforce-entropy-sign                rl/test_reinforce_maths.py::test_policy_gradient_loss_at_ratio_one_is_minus_the_mean_advantage
+(A first scorer mutant, `disable_lora=False` for the reference, survived and was dropped: with the
+reference's scope None no adapter runs anyway, so it changed nothing.)
 """
 
 from __future__ import annotations
@@ -150,8 +170,9 @@ MUTANTS = [
     # the one scorer (issue 31): what every loss reads
     Mutant("scorer-temperature-ignored", SCORER, "finetune_scope=self.scope, temperature=self.temperature,",
            "finetune_scope=self.scope,", "the policy's log-probs ignore the sampling temperature"),
-    Mutant("scorer-reference-keeps-lora", SCORER, "disable_lora=ref.disable_lora,", "disable_lora=False,",
-           "the reference of a fresh adapter is scored with the adapter on (KL to itself)"),
+    Mutant("scorer-reference-is-the-policy", SCORER, "finetune_scope=ref.scope, disable_lora=ref.disable_lora,",
+           "finetune_scope=self.scope, disable_lora=False,",
+           "the reference is scored through the trained adapter (the KL to the policy itself)"),
     # RLOO and REINFORCE++ (issue 31)
     Mutant("rloo-baseline-includes-self", REINFORCE,
            "others = (groups.sum(-1, keepdim=True) - groups) / (group_size - 1)",
