@@ -380,9 +380,11 @@ def job(pre: Path, rm_pre: Path, rule: str, seed: int, work: Path, more_pairs: d
     rm_before = mean_se(rm.score([enc(p) for p in prompts], [enc(t) for t in texts]).tolist())
     result["before"] = {"rule": rule_before, "rm": rm_before}
     for algo in args.algos.split(","):  # train, then measure at once: an interrupted benchmark keeps what finished
-        out = work / (dpo_run_name(args) if algo == "dpo" else algo)
+        extra = [kv.split(":", 1)[1] for kv in args.set if kv.split(":", 1)[0] == algo]
+        out = work / ((dpo_run_name(args) if algo == "dpo" else algo) + "".join(f"-{kv}" for kv in extra))
         if not finished(out):
-            keys = [f"out_dir={out}", f"max_steps={args.rl_steps if algo != 'dpo' else args.dpo_steps}", *common]
+            keys = [f"out_dir={out}", f"max_steps={args.rl_steps if algo != 'dpo' else args.dpo_steps}", *common,
+                    *extra]
             if algo == "dpo":
                 keys += [f"data={dpo_data / 'train.jsonl'}", f"heldout={data / 'val.jsonl'}"]
             else:
@@ -572,6 +574,8 @@ def main() -> None:
     p.add_argument("--rm-steps", type=int, default=2000)       # the bound (the preset's max_steps: 300)
     p.add_argument("--algos", default=",".join(ALGOS),
                    help=f"comma-separated, of {', '.join(ALL_ALGOS)} (each through its configs/rl preset)")
+    p.add_argument("--set", action="append", default=[], metavar="ALGO:KEY=VALUE",
+                   help="a key for one algorithm's runs, after its preset (e.g. rloo:kl_coef=1.0); repeatable")
     p.add_argument("--rl-steps", type=int, default=200)        # configs/rl/{ppo,grpo}.yaml's
     p.add_argument("--dpo-steps", type=int, default=2000)      # configs/rl/dpo.yaml's
     p.add_argument("--dpo-config", default="dpo", help="DPO's preset, configs/rl/NAME.yaml")
