@@ -216,7 +216,7 @@ class RLTrainerBase(OnRun):
         t1 = time.perf_counter()
         metrics = self._rollout_metrics(rollout, step)
         # kl_ref measures the policy that collected the rollouts: the one after `step` updates
-        metrics.update(self.budget.measure(step, metrics["kl_ref"]))
+        metrics.update(self.budget.measure(step, metrics["kl_ref"], row=step + 1))
         metrics.update(self._prepare(rollout))
         metrics.update(self._learn(rollout, step))
         metrics["seconds_generation"] = t1 - t0
@@ -268,6 +268,7 @@ class RLTrainerBase(OnRun):
                 for k, v in zip(keys, reduced[:-1]):
                     sums[k] = sums.get(k, 0.0) + v / max(reduced[-1], 1e-12)
                 sums["grad_norm"] = sums.get("grad_norm", 0.0) + result.grad_norm  # already global
+                sums["lr"] = sums.get("lr", 0.0) + result.lr  # the actor's, averaged over the step's updates
                 count += 1
         return {k: v / max(count, 1) for k, v in sums.items()}
 
