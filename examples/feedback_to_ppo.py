@@ -115,8 +115,8 @@ def main() -> int:
               "vowel_share": sample_and_score(model, tok, eval_prompts, truth, **score)}
     shutil.rmtree(out / "ppo", ignore_errors=True)  # a fresh PPO run each time (pretraining is reused)
     ppo = PPOTrainer(PPOConfig(out_dir=str(out / "ppo"), max_steps=3 if q else 40, prompts_per_step=16 if q else 32,
-                               batch_size=16, epochs=2, max_new_tokens=max_new, eos_token=tok.eos_id, optim={"lr": 3e-3},
-                               critic_lr=3e-3, kl_coef=0.05, sample_every=0, seed=args.seed),
+                               batch_size=16, epochs=2, max_new_tokens=max_new, eos_token=tok.eos_id,
+                               optim={"lr": 3e-3}, critic_lr=3e-3, kl_coef=0.05, sample_every=0, seed=args.seed),
                      model=model, reward=reward_model, prompts=PROMPTS, tokenizer=tok)
     history = ppo.setup().train()
     ppo.cleanup()

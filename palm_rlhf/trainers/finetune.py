@@ -21,7 +21,7 @@ from ..data.sampling import split_heldout, stream_indices
 from ..data.sft import encode_sft, read_sft, sft_batch
 from ..errors import ConfigError
 from ..model import PaLM
-from ..model.scopes import adapter_on_frozen_base
+from ..model.adapters import adapter_on_frozen_base
 from ..ops import token_cross_entropy
 from ..runtime import distributed as rdist, fsdp
 from ..runtime.run import ADAPTER_NAME, MergedAdapter

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..model.checkpoint import load_adapter
-from ..model.scopes import adapter_on_frozen_base
+from ..model.adapters import adapter_on_frozen_base
 from ..rl.collect import rollout_packed
 from ..rl.losses import aggregation_count
 from ..rl.grpo import GRPOHyperparams, grpo_loss, grpo_prepare

@@ -68,7 +68,7 @@ class RLRunConfig(RunSettings):
     precision: str = "fp32"              # fp32 | bf16 (autocast) | fp16 (CUDA)
     sample_every: int = 10               # log a table of completions every N steps (0 = never)
     kl_budget: float | None = None       # nats/sequence: warn when a step's kl_ref passes it (null: no budget)
-    stop_at_kl_budget: bool = False      # end the run at the first kl_ref over kl_budget; final/ keeps the last within it
+    stop_at_kl_budget: bool = False      # stop at the first kl_ref over kl_budget; final/: the last policy within it
     # RL's optimizer steps are minibatches: optim.warmup counts them; the default is a constant lr
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, weight_decay=0.0, betas=(0.9, 0.999),
                                                                    warmup=0, schedule="constant"))
@@ -166,7 +166,8 @@ class RLTrainerBase(OnRun):
         self.optimizer = build_optimizer([(str(i), p) for i, p in enumerate(self.params)], c.optim,
                                          lr_of=self._lr_of())
         # the schedule runs over optimizer steps: epochs x minibatches of every RL step
-        self.scheduler = build_scheduler(self.optimizer, c.optim, c.max_steps * c.epochs * math.ceil(rows / c.batch_size))
+        updates = c.max_steps * c.epochs * math.ceil(rows / c.batch_size)
+        self.scheduler = build_scheduler(self.optimizer, c.optim, updates)
         self.run.stepper(self.model, self.optimizer, self.scheduler, grad_accum=self.accum,
                          clip_grad_norm=c.optim.max_grad_norm, precision=c.precision)
         self.budget = Budget(self.name, "kl_ref", c.kl_budget, c.stop_at_kl_budget, log=log,

@@ -170,3 +170,15 @@ def test_old_keyword_arguments_build_the_same_config_in_python(kind):
     if kind not in ("pretrain", "finetune"):  # their lr was optim.lr already
         old["lr"], new["optim"] = 0.01, {"lr": 0.01}
     assert config_to_dict(config_cls(**old)) == config_to_dict(config_cls(**new))
+
+
+def test_flash_attn_is_accepted_with_a_notice_and_changes_nothing(tmp_path, caplog):
+    """model.flash_attn=true: attention always runs through SDPA, so the key only says so, once."""
+    from palm_rlhf.trainers.pretrain import PretrainConfig
+
+    with caplog.at_level(logging.WARNING, logger="palm_rlhf.trainers.base"):
+        on = load_config(PretrainConfig, None, ["model.flash_attn=true"])
+    notices = [r.getMessage() for r in caplog.records if "flash_attn" in r.getMessage()]
+    assert len(notices) == 1 and "scaled_dot_product_attention" in notices[0]
+    off = load_config(PretrainConfig, None, [])
+    assert on.model.kwargs(256) == off.model.kwargs(256)  # the model built is the same
