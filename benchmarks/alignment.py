@@ -1,4 +1,5 @@
 """Do the shipped presets align? RM accuracy, PPO/GRPO reward gain vs KL, DPO accuracy vs KL.
+(`--algos grpo,rloo,reinforce-pp` measures RLOO's and REINFORCE++'s presets next to GRPO's.)
 
     python benchmarks/alignment.py --quick                     # smoke run: minutes on a laptop CPU
     nice -n 5 python benchmarks/alignment.py                   # the presets' own step counts, 3 seeds
@@ -60,7 +61,8 @@ sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 import torch  # noqa: E402
 
-ALGOS = ("ppo", "grpo", "dpo")
+ALGOS = ("ppo", "grpo", "dpo")  # the default --algos; rloo and reinforce-pp run on request
+ALL_ALGOS = ("ppo", "grpo", "rloo", "reinforce-pp", "dpo")
 KEYWORDS = set(keyword.kwlist) | {"self", "None", "True", "False"}
 
 
@@ -198,12 +200,15 @@ class Policy(NamedTuple):
     reference: torch.nn.Module | None = None
 
     def log_probs(self, packed):
-        """Per-token log-probs of the packed responses: (policy's, reference's)."""
-        from palm_rlhf.rl.rollout import response_log_probs
+        """Per-token log-probs of the packed responses: (policy's, reference's), through the trainers' scorer."""
+        from types import SimpleNamespace
 
-        pol, _ = response_log_probs(self.model, packed, finetune_scope=self.scope)
-        ref, _ = response_log_probs(self.reference or self.model, packed, disable_lora=self.reference is None)
-        return pol, ref
+        from palm_rlhf.generation.scoring import Scorer
+
+        reference = SimpleNamespace(model=self.reference or self.model, scope=None,
+                                    disable_lora=self.reference is None)
+        scorer = Scorer(self.model, self.scope, reference=reference)
+        return scorer.policy(packed)[0], scorer.reference_log_probs(packed)
 
 
 def finished(run: Path) -> bool:
@@ -228,7 +233,7 @@ def sample(policy: Policy, tokenizer, prompts: list[str], tokens: int, seed: int
     (only the texts when `log_probs` is false)."""
     from palm_rlhf.generation import SamplingConfig, generate
     from palm_rlhf.rl.collect import right_pad
-    from palm_rlhf.rl.rollout import pack_sequences
+    from palm_rlhf.generation.scoring import pack_sequences
 
     texts, logp, ref, masks = [], [], [], []
     for i in range(0, len(prompts), 64):
@@ -374,10 +379,12 @@ def job(pre: Path, rm_pre: Path, rule: str, seed: int, work: Path, more_pairs: d
     rule_before = mean_se(map(score, texts))
     rm_before = mean_se(rm.score([enc(p) for p in prompts], [enc(t) for t in texts]).tolist())
     result["before"] = {"rule": rule_before, "rm": rm_before}
-    for algo in ALGOS:  # train, then measure at once: an interrupted benchmark keeps what finished
-        out = work / (dpo_run_name(args) if algo == "dpo" else algo)
+    for algo in args.algos.split(","):  # train, then measure at once: an interrupted benchmark keeps what finished
+        extra = [kv.split(":", 1)[1] for kv in args.set if kv.split(":", 1)[0] == algo]
+        out = work / ((dpo_run_name(args) if algo == "dpo" else algo) + "".join(f"-{kv}" for kv in extra))
         if not finished(out):
-            keys = [f"out_dir={out}", f"max_steps={args.rl_steps if algo != 'dpo' else args.dpo_steps}", *common]
+            keys = [f"out_dir={out}", f"max_steps={args.rl_steps if algo != 'dpo' else args.dpo_steps}", *common,
+                    *extra]
             if algo == "dpo":
                 keys += [f"data={dpo_data / 'train.jsonl'}", f"eval.data={data / 'val.jsonl'}"]
             else:
@@ -438,7 +445,7 @@ def dpo_margins(policy: Policy, tok, records, chunk: int = 512) -> torch.Tensor:
     """Per pair, the DPO trainer's implicit-reward margin (over beta): the summed log-ratio (policy vs
     reference) of chosen + EOS minus that of rejected + EOS (`encode_pair`); right where > 0."""
     from palm_rlhf.rl.collect import right_pad
-    from palm_rlhf.rl.rollout import pack_sequences
+    from palm_rlhf.generation.scoring import pack_sequences
     from palm_rlhf.trainers.dpo import DPOConfig, encode_pair
 
     def ratio(rows, side: int):
@@ -471,7 +478,7 @@ def binomial(p: float, n: int) -> str:
 
 def more_table(results: list[dict]) -> list[str]:
     """The accuracies again on pairs no run trained on (`make_more_pairs`), with standard errors."""
-    rows = [r for r in results if r.get("more", {}).get("held_more", {}).get("n")]
+    rows = [r for r in results if r.get("more", {}).get("held_more", {}).get("n") and "dpo" in r]
     if not rows:
         return []
     lines = ["", "Accuracy on more pairs, none trained on: fresh pairs on the held-out prompts (n), and DPO on "
@@ -488,12 +495,13 @@ def more_table(results: list[dict]) -> list[str]:
 
 
 def report(results: list[dict], out: Path) -> str:
+    algos = [a for a in ALL_ALGOS if results and all(a in r for r in results)]
     lines = ["| rule | seeds | RM acc | algo | rule gain (x SE) | RM gain (x SE) | KL nats/seq | DPO held-out acc |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for rule in dict.fromkeys(r["rule"] for r in results):
         rows = [r for r in results if r["rule"] == rule]
         acc = ", ".join(f"{r['rm_accuracy']:.3f}" + first_at(r["rm_curve"], 0.95) for r in rows)
-        for algo in ALGOS:
+        for algo in algos:
             gain = ", ".join(f"{r[algo]['rule_gain']:+.3f} ({r[algo]['rule_gain'] / max(r[algo]['rule_gain_se'], 1e-9):+.1f})"
                              for r in rows)
             rm_gain = ", ".join(f"{r[algo]['rm_gain']:+.2f} ({r[algo]['rm_gain'] / max(r[algo]['rm_gain_se'], 1e-9):+.1f})"
@@ -505,7 +513,7 @@ def report(results: list[dict], out: Path) -> str:
                          f"{rm_gain} | {kl} | {dpo} |")
     fits = [f"| {r['rule']} | {r['seed']} | {r['dpo']['train_accuracy']:.3f} | {r['dpo']['heldout_accuracy']:.3f} | "
             f"{f['per_good']:+.2f}, {f['per_bad']:+.2f} | {f['fit_accuracy']:.3f} | {f['r2']:.2f} | "
-            f"{f['residual_sd']:.2f} |" for r in results if "unit_fit" in r["dpo"] for f in [r["dpo"]["unit_fit"]]]
+            f"{f['residual_sd']:.2f} |" for r in results if "unit_fit" in r.get("dpo", {}) for f in [r["dpo"]["unit_fit"]]]
     if fits:
         lines += ["", "DPO's implicit reward against the rule's units: its margin (log-ratio, chosen minus rejected) "
                   "fitted on the pair's difference in good and in bad units, on the held-out pairs",
@@ -522,7 +530,7 @@ def report(results: list[dict], out: Path) -> str:
         import matplotlib.pyplot as plt
     except ImportError:
         return table + "\n(matplotlib not installed: no plots)"
-    for algo in ALGOS:
+    for algo in algos:
         fig, ax = plt.subplots(figsize=(5, 3.6))
         for rule in dict.fromkeys(r["rule"] for r in results):
             pts = [(r[algo]["kl"], r[algo]["rm_gain"]) for r in results if r["rule"] == rule]
@@ -564,6 +572,10 @@ def main() -> None:
     p.add_argument("--rm-base", default="small-stdlib",
                    help="pretrain preset of the reward model's base (same tokenizer as tiny-stdlib's)")
     p.add_argument("--rm-steps", type=int, default=2000)       # the issue's bound (the preset's max_steps: 300)
+    p.add_argument("--algos", default=",".join(ALGOS),
+                   help=f"comma-separated, of {', '.join(ALL_ALGOS)} (each through its configs/rl preset)")
+    p.add_argument("--set", action="append", default=[], metavar="ALGO:KEY=VALUE",
+                   help="a key for one algorithm's runs, after its preset (e.g. rloo:kl_coef=1.0); repeatable")
     p.add_argument("--rl-steps", type=int, default=200)        # configs/rl/{ppo,grpo}.yaml's
     p.add_argument("--dpo-steps", type=int, default=2000)      # configs/rl/dpo.yaml's
     p.add_argument("--dpo-config", default="dpo", help="DPO's preset, configs/rl/NAME.yaml")
@@ -589,6 +601,9 @@ def main() -> None:
                        heldout_pairs=32, eval_prompts=32, tokens=16, seeds="0", more_draws=2,
                        new_completion_prompts=32)
     args = p.parse_args()
+    unknown = set(args.algos.split(",")) - set(ALL_ALGOS)
+    if unknown:
+        p.error(f"--algos: unknown {sorted(unknown)}; use some of {', '.join(ALL_ALGOS)}")
     cache, out = Path(args.cache), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cores = os.cpu_count() or 1
@@ -625,8 +640,9 @@ def main() -> None:
             results.append(result)
             with open(out / "partial.jsonl", "a") as f:  # figures survive an interrupted benchmark
                 f.write(json.dumps(result) + "\n")
-            print(f"{rule} seed {seed}: " + json.dumps({k: v for k, v in result.items() if k not in (*ALGOS, "rm_curve")})
-                  + " " + json.dumps({a: {k: result[a][k] for k in ("kl", "rule_gain", "rm_gain")} for a in ALGOS}),
+            algos = args.algos.split(",")
+            print(f"{rule} seed {seed}: " + json.dumps({k: v for k, v in result.items() if k not in (*algos, "rm_curve")})
+                  + " " + json.dumps({a: {k: result[a][k] for k in ("kl", "rule_gain", "rm_gain")} for a in algos}),
                   flush=True)
     results.sort(key=lambda r: (rules.index(r["rule"]), r["seed"]))
     (out / "results.json").write_text(json.dumps(results, indent=2))

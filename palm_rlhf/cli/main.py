@@ -39,6 +39,8 @@ COMMAND_MODULES = [
     "reward",
     "ppo",
     "grpo",
+    "rloo",
+    "reinforce_pp",
     "dpo",
     "feedback",
     "serve", "chat",

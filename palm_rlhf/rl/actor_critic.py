@@ -3,7 +3,8 @@ scope + a scalar value head) on one PaLM, with the seed's constructor.
 
 Unlike the seed, the critic shares the actor's frozen base weights when both use
 LoRA (the seed deep-copied the whole PaLM), and values are per token: the value of
-the state before response token j is read from the hidden state that predicts j.
+the state before response token j is read from the hidden state that predicts j
+(`palm_rlhf.generation.scoring.Scorer(..., critic=actor_critic).values`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from ..generation import SamplingConfig, generate
 from ..model.palm import PaLM
 from ..model.adapters import adapter_on_frozen_base
 from ..ops import eval_mode, top_k
-from .rollout import PackedSequences, response_log_probs
 
 log = logging.getLogger(__name__)
 
@@ -111,19 +111,6 @@ class ActorCritic(nn.Module):
                 continue
             target = model.finetune_modules[scope] if scope is not None else model
             target.load_state_dict(sub)
-
-    # ------------------------------------------------------------------ RL forward passes
-
-    def log_probs(self, packed: PackedSequences, temperature: float = 1.0, with_entropy: bool = False):
-        """Per-token log-probs (b, T) of the responses under the actor (+ entropy (b, T))."""
-        return response_log_probs(self.actor_palm, packed, finetune_scope=self.actor_lora_scope,
-                                  temperature=temperature, with_entropy=with_entropy)
-
-    def values(self, packed: PackedSequences) -> Tensor:
-        """Per-token values (b, T), 0 on padding."""
-        hidden = self.critic.hidden_states(packed.inputs, packed.index, self.critic_lora_scope)  # (b, T, d)
-        v = self.value_head(hidden).squeeze(-1).float()  # (b, T)
-        return v.masked_fill(~packed.mask, 0.0)
 
     # ------------------------------------------------------------------ seed surface
 

@@ -18,10 +18,9 @@ import torch
 from torch import Tensor
 
 from ..generation import SamplingConfig, generate
-from .reference import Reference
+from ..generation.scoring import PackedSequences, Scorer, pack_sequences
 from .rewards import RewardSource
-from .rollout import Rollout, pack_sequences, response_log_probs
-from ..ops import eval_mode
+from .rollout import Rollout
 
 
 def sampling_is_plain(config: SamplingConfig) -> bool:
@@ -49,33 +48,27 @@ def right_pad(prompts: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
 
 
 @torch.no_grad()
-def collect_rollout(model, prompts: Sequence[Tensor], sampling: SamplingConfig, reward: RewardSource,
-                    reference: Reference, *, actor_scope: str | None, actor_critic=None,
+def collect_rollout(scorer: Scorer, prompts: Sequence[Tensor], sampling: SamplingConfig, reward: RewardSource, *,
                     generator: torch.Generator | Sequence[torch.Generator] | None = None) -> Rollout:
-    """Sample one response per prompt (repeat prompts for groups) and fill a `Rollout`.
+    """Sample one response per prompt (repeat prompts for groups) from `scorer`'s policy and fill a
+    `Rollout`.
 
-    Scores come from `reward`; reference log-probs from `reference`; values from
-    `actor_critic.values` when given (PPO). Nothing vocabulary-sized is kept.
+    Scores come from `reward`; old and reference log-probs and (with a critic, PPO) values from
+    `scorer` (its temperature is the policy's: `policy_temperature(sampling)`). Nothing
+    vocabulary-sized is kept.
     """
+    model = scorer.model
     device = model.token_emb.weight.device
     prompts = [torch.as_tensor(p, dtype=torch.long).reshape(-1) for p in prompts]
-    out = generate(model, prompts, sampling, finetune_scope=actor_scope, generator=generator)
+    out = generate(model, prompts, sampling, finetune_scope=scorer.scope, generator=generator)
     # generate() returns ordinary tensors (cloned outside inference mode): usable in autograd graphs
     tokens, mask, gen_log_probs = out.tokens, out.mask, out.log_probs
     prompt_ids, prompt_lengths = right_pad(prompts)
     prompt_ids, prompt_lengths = prompt_ids.to(device), prompt_lengths.to(device)
     assert mask.shape[1] > 0, "generation always produces at least one token"
     packed = pack_sequences(prompt_ids, prompt_lengths, tokens, mask)
-    temperature = policy_temperature(sampling)
-
-    with eval_mode(model):
-        if sampling_is_plain(sampling):
-            old_log_probs = gen_log_probs.masked_fill(~mask, 0.0)
-        else:
-            old_log_probs, _ = response_log_probs(model, packed, finetune_scope=actor_scope, temperature=temperature)
-        ref_log_probs = reference.log_probs(packed, temperature)
-        values = actor_critic.values(packed) if actor_critic is not None else None
-
+    old_log_probs, ref_log_probs, values = scorer.rollout(packed, gen_log_probs if sampling_is_plain(sampling)
+                                                          else None)
     completions = [strip_eos(row[:n].cpu(), r) for row, n, r in
                    zip(tokens, out.lengths.tolist(), out.stop_reasons)]
     scores = reward([p.cpu() for p in prompts], completions, out.stop_reasons).to(device)
@@ -84,7 +77,7 @@ def collect_rollout(model, prompts: Sequence[Tensor], sampling: SamplingConfig, 
                    values=values, stop_reasons=list(out.stop_reasons))
 
 
-def rollout_packed(rollout: Rollout):
+def rollout_packed(rollout: Rollout) -> PackedSequences:
     """The model inputs of a rollout (or a minibatch of one)."""
     return pack_sequences(rollout.prompts, rollout.prompt_lengths, rollout.responses, rollout.mask)
 

@@ -16,10 +16,9 @@ from torch import Tensor
 from ..errors import ConfigError
 from ..ops import masked_mean
 from .advantages import group_advantages
-from .collect import rollout_packed
 from .kl import kl_per_token
 from .losses import AGGREGATIONS, aggregate, ppo_policy_terms
-from .rollout import Rollout, response_log_probs
+from .rollout import Rollout
 
 
 @dataclass
@@ -51,12 +50,11 @@ def grpo_prepare(rollout: Rollout, hp: GRPOHyperparams) -> dict[str, float]:
             "zero_variance_frac": zero_groups / max(len(rollout) // hp.group_size, 1)}
 
 
-def grpo_loss(model, actor_scope: str | None, mb: Rollout, hp: GRPOHyperparams, temperature: float = 1.0,
-              max_len: int | None = None, denominator: float | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-    packed = rollout_packed(mb)
+def grpo_loss(logp: Tensor, entropy: Tensor, mb: Rollout, hp: GRPOHyperparams, max_len: int | None = None,
+              denominator: float | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """Loss of minibatch `mb` from its log-probs and entropy (b, T) under the current weights
+    (`generation.scoring.Scorer.policy`); `max_len` is the generation budget (seq_sum_norm)."""
     mask = mb.mask
-    logp, entropy = response_log_probs(model, packed, finetune_scope=actor_scope, temperature=temperature,
-                                       with_entropy=True)
     terms = ppo_policy_terms(logp, mb.old_log_probs, mb.advantages, mask, hp.clip_eps, hp.clip_eps_high)
     kl = kl_per_token(logp, mb.ref_log_probs, "k3").masked_fill(~mask, 0.0)
     per_token = terms.loss + hp.kl_coef * kl - hp.ent_coef * entropy

@@ -3,7 +3,8 @@ Huang et al. 2024, arXiv:2403.17031): k1 KL folded into per-token rewards, GAE,
 whitened advantages, clipped policy and value losses, entropy bonus.
 
 `ppo_prepare` turns a collected `Rollout` into rewards/advantages/returns once;
-`ppo_loss` is the loss of one minibatch under the current weights.
+`ppo_loss` is the loss of one minibatch from the log-probs, entropy and values the current
+weights give it (`palm_rlhf.generation.scoring.Scorer` computes them).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from torch import Tensor
 from ..errors import ConfigError
 from ..ops import masked_mean
 from .advantages import ReduceSum, explained_variance, gae, global_masked_mean_var, kl_shaped_rewards, whiten
-from .collect import rollout_packed
 from .kl import kl_per_token
 from .losses import aggregate, clipped_value_loss, ppo_policy_terms
 from .rollout import Rollout
@@ -69,14 +69,14 @@ def ppo_prepare(rollout: Rollout, hp: PPOHyperparams, kl_coef: float, reduce_sum
             "values_mean": float(global_masked_mean_var(rollout.values, mask, reduce_sum)[0])}
 
 
-def ppo_loss(actor_critic, mb: Rollout, hp: PPOHyperparams, temperature: float = 1.0,
+def ppo_loss(logp: Tensor, entropy: Tensor, values: Tensor, mb: Rollout, hp: PPOHyperparams,
              denominator: float | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-    """Loss of minibatch `mb` (token-mean; `denominator` = the token count it is normalised by)."""
-    packed = rollout_packed(mb)
+    """Loss of minibatch `mb` (token-mean; `denominator` = the token count it is normalised by).
+
+    logp, entropy (b, T): the responses' log-probs and the policy's entropy under the current
+    weights; values (b, T): the critic's values (all from `generation.scoring.Scorer`)."""
     mask = mb.mask
-    logp, entropy = actor_critic.log_probs(packed, temperature=temperature, with_entropy=True)
     terms = ppo_policy_terms(logp, mb.old_log_probs, mb.advantages, mask, hp.clip_eps)
-    values = actor_critic.values(packed)
     vf, vf_clipped = clipped_value_loss(values, mb.values, mb.returns, mask, hp.value_clip)
     per_token = terms.loss + hp.vf_coef * vf - hp.ent_coef * entropy  # minimising raises entropy
     loss = aggregate(per_token, mask, "token_mean", denominator=denominator)

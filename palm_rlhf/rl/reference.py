@@ -12,12 +12,6 @@ from __future__ import annotations
 
 import copy
 
-import torch
-from torch import Tensor
-
-from .rollout import PackedSequences, response_log_probs
-from ..ops import eval_mode
-
 
 def scope_is_zero(model, scope: str) -> bool:
     """True when the scope's LoRA update A @ B is exactly zero (every B is 0, as at creation)."""
@@ -25,7 +19,9 @@ def scope_is_zero(model, scope: str) -> bool:
 
 
 class Reference:
-    """Computes reference log-probs; `kind` says how ("disabled_lora" | "frozen_scope" | "frozen_copy")."""
+    """Where the reference policy lives: `model`, its `scope` and whether LoRA is disabled
+    (`disable_lora`); `kind` says how ("disabled_lora" | "frozen_scope" | "frozen_copy"). Its
+    log-probs come from `palm_rlhf.generation.scoring.Scorer.reference_log_probs`."""
 
     def __init__(self, model, actor_scope: str | None):
         self.scope, self.disable_lora = None, False
@@ -42,13 +38,6 @@ class Reference:
                                           lora_alpha=model.finetune_scope_alphas[actor_scope])
             model.finetune_modules[self.scope].load_state_dict(model.finetune_modules[actor_scope].state_dict())
             model.finetune_modules[self.scope].requires_grad_(False)
-
-    @torch.no_grad()
-    def log_probs(self, packed: PackedSequences, temperature: float = 1.0) -> Tensor:
-        with eval_mode(self.model):
-            logp, _ = response_log_probs(self.model, packed, finetune_scope=self.scope,
-                                         disable_lora=self.disable_lora, temperature=temperature)
-        return logp
 
 
 __all__ = ["Reference", "scope_is_zero"]

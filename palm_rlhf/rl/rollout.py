@@ -1,12 +1,7 @@
-"""The `Rollout` container and the one function that turns (prompt, response)
-pairs into per-token log-probs under a model.
+"""The `Rollout` container: a batch of sampled responses and every tensor learning needs about them.
 
-Layout used everywhere in RL: a row is its prompt immediately followed by its
-response, right-padded (so with causal attention no real token ever sees
-padding, and positions match the KV-cached generation exactly). Response token
-j of row i sits at position p_i + j (p_i = prompt length); the logits that
-predict it come from position p_i + j - 1. Only the response positions are
-projected to the vocabulary, and only the gathered per-token log-probs are kept.
+The model forward that fills its log-probs and values is `palm_rlhf.generation.scoring.Scorer`
+(the row layout is described there); the maths in `palm_rlhf.rl` only reads these tensors.
 """
 
 from __future__ import annotations
@@ -15,9 +10,6 @@ from dataclasses import dataclass, field, fields, replace
 
 import torch
 from torch import Tensor
-
-from ..errors import InputError
-from ..ops import entropy_from_logits, log_probs_of
 
 
 @dataclass
@@ -93,64 +85,4 @@ def concat_rollouts(parts: list[Rollout]) -> Rollout:
     return Rollout(**out)
 
 
-@dataclass
-class PackedSequences:
-    """Model inputs for a batch of (prompt, response) rows.
-
-    inputs (b, L - 1): prompt + response right-padded, without the final column (no
-    logits are needed after the last token); index (b, T): the input position whose
-    logits predict each response token; responses (b, T); mask (b, T).
-    """
-
-    inputs: Tensor
-    index: Tensor
-    responses: Tensor
-    mask: Tensor
-
-
-def pack_sequences(prompts: Tensor, prompt_lengths: Tensor, responses: Tensor, mask: Tensor) -> PackedSequences:
-    """Concatenate each row's real prompt and response; see the module docstring for the layout."""
-    b, T = responses.shape
-    if T == 0:
-        raise InputError("every response is empty; nothing to score (max_new_tokens must be >= 1)")
-    plens = prompt_lengths.to(responses.device).long()
-    rlens = mask.long().sum(-1)
-    if bool((plens < 1).any()):
-        raise InputError("every prompt needs at least one token (its last token predicts the first response token)")
-    L = int((plens + rlens).max())
-    L = max(L, int(plens.max()) + 1)
-    cols = torch.arange(L, device=responses.device)[None, :]  # (1, L)
-    n = prompts.shape[1]
-    prompt_ids = torch.zeros(b, L, dtype=torch.long, device=responses.device)
-    prompt_ids[:, : min(n, L)] = prompts[:, :L].to(responses.device)
-    # column c of row i holds response token c - plens[i] when that is a real token
-    j_of_col = cols - plens[:, None]  # (b, L)
-    in_response = (j_of_col >= 0) & (j_of_col < rlens[:, None])
-    response_ids = responses.gather(1, j_of_col.clamp(0, T - 1))
-    x = torch.where(cols < plens[:, None], prompt_ids, torch.where(in_response, response_ids, 0))
-    j = torch.arange(T, device=x.device)[None, :]
-    index = (plens[:, None] + j - 1).clamp(max=L - 2)  # (b, T) logits position of each response token
-    return PackedSequences(inputs=x[:, :-1], index=index, responses=responses, mask=mask.bool())
-
-
-def response_log_probs(model, packed: PackedSequences, *, finetune_scope: str | None = None,
-                       disable_lora: bool = False, temperature: float = 1.0, with_entropy: bool = False
-                       ) -> tuple[Tensor, Tensor | None]:
-    """Per-token log-probs (b, T) of the responses under log_softmax(logits / temperature),
-    and optionally the per-token entropy of that distribution (b, T); both 0 on padding.
-
-    Gradients flow when called with grad enabled. The vocabulary projection is applied
-    to the response positions only.
-    """
-    hidden = model.hidden_states(packed.inputs, packed.index, finetune_scope, disable_lora=disable_lora)  # (b, T, d)
-    logits = model.to_logits(hidden)  # (b, T, V)
-    if temperature != 1.0:
-        logits = logits / temperature
-    logp = log_probs_of(logits, packed.responses).masked_fill(~packed.mask, 0.0)
-    entropy = None
-    if with_entropy:
-        entropy = entropy_from_logits(logits).masked_fill(~packed.mask, 0.0)
-    return logp, entropy
-
-
-__all__ = ["Rollout", "concat_rollouts", "PackedSequences", "pack_sequences", "response_log_probs"]
+__all__ = ["Rollout", "concat_rollouts"]

@@ -29,6 +29,7 @@ from ..data.tokenizer import encode_continuation
 from ..errors import ConfigError, DataError
 from ..model.checkpoint import load_adapter
 from ..generation import SamplingConfig, generate
+from ..generation.scoring import Scorer, pack_sequences
 from ..model import PaLM
 from ..model.adapters import adapter_on_frozen_base
 from ..data.sampling import split_heldout, stream_indices
@@ -37,7 +38,6 @@ from ..rl.collect import right_pad
 from ..rl.kl import SequenceKL, sequence_kl
 from ..rl.losses import PREFERENCE_LOSSES, preference_loss
 from ..rl.reference import Reference
-from ..rl.rollout import pack_sequences, response_log_probs
 from ..runtime.distributed import all_reduce_mean, all_reduce_sum
 from ..runtime.budget import Budget, check_budget
 from ..runtime.optim import OptimConfig, build_optimizer, build_scheduler
@@ -152,6 +152,7 @@ class DPOTrainer(OnRun):
             for p in self.model.palm_parameters():
                 p.requires_grad_(True)
         self.reference = Reference(self.model, self.scope)  # scope None: a frozen copy of the start
+        self.scorer = Scorer(self.model, self.scope, reference=self.reference)  # temperature 1
         trainable = self.trainable()
         self.optimizer = build_optimizer(trainable if self.scope is not None else
                                          [(n, p) for n, p in self.model.named_parameters()
@@ -202,10 +203,7 @@ class DPOTrainer(OnRun):
         responses, response_lengths = right_pad([torch.tensor(r, dtype=torch.long) for _, r in pairs])
         mask = torch.arange(responses.shape[1])[None, :] < response_lengths[:, None]  # (2b, n_r)
         packed = pack_sequences(prompts.to(device), prompt_lengths.to(device), responses.to(device), mask.to(device))
-        if policy:
-            logp, _ = response_log_probs(self.model, packed, finetune_scope=self.scope)
-        else:
-            logp = self.reference.log_probs(packed)
+        logp = self.scorer.policy(packed)[0] if policy else self.scorer.reference_log_probs(packed)
         total = logp.sum(-1)
         if self.config.loss_type == "ipo":
             total = total / packed.mask.sum(-1).clamp(min=1)
@@ -283,8 +281,7 @@ class DPOTrainer(OnRun):
             device = out.tokens.device
             padded, lengths = right_pad(prompts)
             packed = pack_sequences(padded.to(device), lengths.to(device), out.tokens, out.mask)
-            logp, _ = response_log_probs(self.model, packed, finetune_scope=self.scope)
-            return sequence_kl(logp, self.reference.log_probs(packed), out.mask)
+            return sequence_kl(self.scorer.policy(packed)[0], self.scorer.reference_log_probs(packed), out.mask)
 
     @torch.no_grad()
     def evaluate(self, records=None, batch_size: int = 32) -> dict[str, float]:

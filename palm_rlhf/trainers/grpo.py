@@ -14,6 +14,7 @@ import torch
 
 from ..model.checkpoint import load_adapter
 from ..model.adapters import adapter_on_frozen_base
+from ..rl.collect import rollout_packed
 from ..rl.losses import aggregation_count
 from ..rl.grpo import GRPOHyperparams, grpo_loss, grpo_prepare
 from ..runtime.distributed import all_reduce_sum
@@ -75,7 +76,8 @@ class GRPOTrainer(RLTrainerBase):
         return float(aggregation_count(mb.mask, self.hp.aggregation))
 
     def _loss(self, mb):
-        return grpo_loss(self.model, self.actor_scope, mb, self.hp, self.temperature, self.config.max_new_tokens)
+        logp, entropy = self.scorer.policy(rollout_packed(mb), with_entropy=True)
+        return grpo_loss(logp, entropy, mb, self.hp, self.config.max_new_tokens)
 
     def _trainable_state(self):
         return dict(self.model.finetune_modules[self.actor_scope].state_dict())

@@ -16,6 +16,7 @@ import torch
 from ..errors import ConfigError
 from ..model.checkpoint import load_adapter
 from ..rl.actor_critic import ActorCritic
+from ..rl.collect import rollout_packed
 from ..rl.kl import make_kl_controller
 from ..rl.ppo import PPOHyperparams, ppo_loss, ppo_prepare
 from ..runtime.distributed import all_reduce_sum
@@ -98,7 +99,9 @@ class PPOTrainer(RLTrainerBase):
         return stats
 
     def _loss(self, mb):
-        return ppo_loss(self.actor_critic, mb, self.hp, self.temperature)
+        packed = rollout_packed(mb)
+        logp, entropy = self.scorer.policy(packed, with_entropy=True)
+        return ppo_loss(logp, entropy, self.scorer.values(packed), mb, self.hp)
 
     def _trainable_state(self):
         return self.actor_critic.trainable_state()

@@ -233,8 +233,7 @@ class Quickstart:
             if label == "after":
                 load_adapter(model, self._adapter(), scope=scope)
             gen = torch.Generator().manual_seed(c.seed + 5)
-            r = collect_rollout(model, prompts, sampling, trainer.reward, trainer.reference, actor_scope=scope,
-                                generator=gen)
+            r = collect_rollout(trainer.scorer, prompts, sampling, trainer.reward, generator=gen)
             texts = [tokenizer.decode(strip_eos(t[:k], s).tolist())
                      for t, k, s in zip(r.responses, r.lengths.tolist(), r.stop_reasons)]
             kl = ((r.old_log_probs - r.ref_log_probs) * r.mask).sum(-1)

@@ -27,6 +27,7 @@ from ..data.chat import template_for
 from ..errors import ConfigError
 from ..data.sampling import seeded
 from ..generation import SamplingConfig
+from ..generation.scoring import Scorer
 from ..runtime.budget import Budget, check_budget
 from ..runtime.distributed import all_reduce_sum
 from ..runtime.optim import OptimConfig, build_optimizer, build_scheduler
@@ -132,7 +133,8 @@ def stop_ids(config, tokenizer):
 
 
 class RLTrainerBase(OnRun):
-    """Subclasses implement `_build`, `_prepare`, `_loss`, `_trainable_state`, `_load_trainable_state`."""
+    """Subclasses implement `_build`, `_prepare`, `_loss`, `_trainable_state`, `_load_trainable_state`.
+    `_loss(mb)` scores the minibatch with `self.scorer` and hands the tensors to a loss of `palm_rlhf.rl`."""
 
     name = "rl"
     postfix = ("reward_mean", "kl_ref")
@@ -167,6 +169,10 @@ class RLTrainerBase(OnRun):
         self.temperature = policy_temperature(self.sampling)
         self._build()  # adds the actor (and critic) scopes, loads actor_adapter
         self.reference = Reference(self.model, self.actor_scope)
+        # the one model forward of this run: old/reference log-probs and values at collection, and the
+        # log-probs (entropy, values) each loss reads under the current weights
+        self.scorer = Scorer(self.model, self.actor_scope, temperature=self.temperature, reference=self.reference,
+                             critic=self._critic())
         self.params = [p for p in self._parameters() if p.requires_grad]
         self.optimizer = build_optimizer([(str(i), p) for i, p in enumerate(self.params)], c.optim,
                                          lr_of=self._lr_of())
@@ -217,8 +223,7 @@ class RLTrainerBase(OnRun):
         gens = row_generators(c.seed, step, range(first, first + len(rows)), self.model.token_emb.weight.device)
         chunk = c.rollout_batch_size
         rollout = concat_rollouts([
-            collect_rollout(self.model, rows[i:i + chunk], self.sampling, self.reward, self.reference,
-                            actor_scope=self.actor_scope, actor_critic=self._critic(), generator=gens[i:i + chunk])
+            collect_rollout(self.scorer, rows[i:i + chunk], self.sampling, self.reward, generator=gens[i:i + chunk])
             for i in range(0, len(rows), chunk)])
         t1 = time.perf_counter()
         metrics = self._rollout_metrics(rollout, step)

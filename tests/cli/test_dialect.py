@@ -18,6 +18,8 @@ COMMANDS = {
     ("reward", "train"): "palm_rlhf.trainers.reward.RewardTrainConfig",
     ("ppo",): "palm_rlhf.trainers.ppo.PPOConfig",
     ("grpo",): "palm_rlhf.trainers.grpo.GRPOConfig",
+    ("rloo",): "palm_rlhf.trainers.rloo.RLOOConfig",
+    ("reinforce-pp",): "palm_rlhf.trainers.reinforce_pp.ReinforcePPConfig",
     ("dpo",): "palm_rlhf.trainers.dpo.DPOConfig",
 }
 # the keys that mean the same thing in every command that has them (issue 14's table)

@@ -43,6 +43,26 @@ first test that failed for each (with -x; later tests may catch it too: run with
     kl-ref-token-mean                     trainers/test_ppo.py::test_resume_matches_uninterrupted_run
     kl-direction-flipped                  rl/test_loss_terms.py::test_grpo_loss_terms_and_signs
     ppo-min-instead-of-max                rl/test_loss_terms.py::test_grpo_uses_clip_eps_high
+
+Issue 31 (the losses take tensors from generation/scoring.py's Scorer; RLOO and REINFORCE++), 2026-12-07,
+the same machine: every mutant applies (none NOT APPLIED); those of the moved and new code were run, all killed:
+    ppo-entropy-sign, ppo-drop-value-loss  rl/test_loss_terms.py::test_ppo_loss_is_policy_plus_value_minus_entropy
+    grpo-entropy-sign                     rl/test_loss_terms.py::test_grpo_loss_terms_and_signs
+    grpo-ignores-clip-eps-high            rl/test_loss_terms.py::test_grpo_uses_clip_eps_high
+    dpo-mean-log-probs                    trainers/test_dpo.py::test_sequence_log_probs_sum_for_dpo_and_average_for_ipo[sigmoid]
+    same-noise-every-row                  trainers/test_ppo.py::test_ppo_raises_vowel_reward_with_bounded_kl
+    loss-weight-one-per-rank              trainers/test_rl_distributed.py::test_two_torchrun_processes_equal_one_process[ppo]
+    scorer-temperature-ignored            rl/test_rollout.py::test_recomputed_log_probs_equal_rollout_and_kl_starts_at_zero[0.7]
+    scorer-reference-is-the-policy        rl/test_rollout.py::test_frozen_scope_reference_for_pretrained_adapter[seed-lora]
+    rloo-baseline-includes-self           rl/test_reinforce_maths.py::test_leave_one_out_baseline_is_the_other_samples_mean
+    rloo-kl-ignored                       rl/test_reinforce_maths.py::test_rloo_prepare_puts_the_sequence_kl_in_the_reward
+    reinforce-pp-baseline-ignored         rl/test_reinforce_maths.py::test_reinforce_pp_baseline_subtracts_the_group_mean_...
+    reinforce-pp-gamma-ignored            rl/test_reinforce_maths.py::test_discounted_returns_stop_at_the_last_real_token
+    reinforce-pp-not-whitened             rl/test_reinforce_maths.py::test_reinforce_pp_whitens_kl_shaped_returns_over_the_batch
+    reinforce-pp-whiten-rank-local        trainers/test_rl_distributed.py::test_two_torchrun_processes_equal_one_process[reinforce-pp]
+    reinforce-entropy-sign                rl/test_reinforce_maths.py::test_policy_gradient_loss_at_ratio_one_is_minus_the_mean_advantage
+(A first scorer mutant, `disable_lora=False` for the reference, survived and was dropped: with the
+reference's scope None no adapter runs anyway, so it changed nothing.)
 """
 
 from __future__ import annotations
@@ -61,7 +81,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 # the RL tests, fastest first, so that most mutants die within seconds
 RL_TESTS = ["tests/rl", "tests/trainers/test_rlhf.py", "tests/trainers/test_dpo.py", "tests/trainers/test_ppo.py",
-            "tests/trainers/test_grpo.py", "tests/trainers/test_rl_progress.py",
+            "tests/trainers/test_grpo.py", "tests/trainers/test_reinforce.py", "tests/trainers/test_rl_progress.py",
             "tests/trainers/test_rl_distributed.py"]
 
 
@@ -78,6 +98,8 @@ PPO, GRPO, LOSSES, ADV = "palm_rlhf/rl/ppo.py", "palm_rlhf/rl/grpo.py", "palm_rl
     "palm_rlhf/rl/advantages.py"
 PPO_T, BASE_T, DPO_T, RLHF_T = "palm_rlhf/trainers/ppo.py", "palm_rlhf/trainers/rl_base.py", \
     "palm_rlhf/trainers/dpo.py", "palm_rlhf/trainers/rlhf.py"
+REINFORCE, RPP_T, SCORER = "palm_rlhf/rl/reinforce.py", "palm_rlhf/trainers/reinforce_pp.py", \
+    "palm_rlhf/generation/scoring.py"
 CONTROLLER_CALL = "self.kl_ctl.update(float(total[0] / total[1]), int(total[1]))"
 
 MUTANTS = [
@@ -145,6 +167,28 @@ MUTANTS = [
            "KL(ref || policy) instead of KL(policy || ref)"),
     Mutant("ppo-min-instead-of-max", LOSSES, "loss = torch.maximum(unclipped, clipped)",
            "loss = torch.minimum(unclipped, clipped)", "the optimistic, not the pessimistic, PPO bound"),
+    # the one scorer (issue 31): what every loss reads
+    Mutant("scorer-temperature-ignored", SCORER, "finetune_scope=self.scope, temperature=self.temperature,",
+           "finetune_scope=self.scope,", "the policy's log-probs ignore the sampling temperature"),
+    Mutant("scorer-reference-is-the-policy", SCORER, "finetune_scope=ref.scope, disable_lora=ref.disable_lora,",
+           "finetune_scope=self.scope, disable_lora=False,",
+           "the reference is scored through the trained adapter (the KL to the policy itself)"),
+    # RLOO and REINFORCE++ (issue 31)
+    Mutant("rloo-baseline-includes-self", REINFORCE,
+           "others = (groups.sum(-1, keepdim=True) - groups) / (group_size - 1)",
+           "others = groups.mean(-1, keepdim=True)", "RLOO's baseline includes the sample itself"),
+    Mutant("rloo-kl-ignored", REINFORCE, "rewards = rollout.scores.float() - hp.kl_coef * kl.sum(-1)",
+           "rewards = rollout.scores.float()", "RLOO's reward leaves out the KL to the reference"),
+    Mutant("reinforce-pp-baseline-ignored", REINFORCE, "    if group_size is not None:\n        scores = group_mean",
+           "    if False:\n        scores = group_mean", "REINFORCE++-baseline never subtracts the group mean"),
+    Mutant("reinforce-pp-gamma-ignored", REINFORCE, "running = (rewards[:, t] + gamma * running)",
+           "running = (rewards[:, t] + running)", "REINFORCE++'s returns ignore the discount"),
+    Mutant("reinforce-pp-not-whitened", REINFORCE, "return whiten(returns, mask, reduce_sum=reduce_sum), returns",
+           "return returns, returns", "REINFORCE++'s advantages are the raw returns"),
+    Mutant("reinforce-pp-whiten-rank-local", RPP_T, "reinforce_prepare(rollout, self.hp, all_reduce_sum)",
+           "reinforce_prepare(rollout, self.hp)", "each rank whitens REINFORCE++'s advantages over its own tokens"),
+    Mutant("reinforce-entropy-sign", REINFORCE, "- hp.ent_coef * entropy", "+ hp.ent_coef * entropy",
+           "RLOO's and REINFORCE++'s entropy bonus becomes a penalty"),
 ]
 
 # name -> why it is not a real bug (mutants expected to survive; none at the last run)

@@ -16,7 +16,8 @@ from palm_rlhf.rl.actor_critic import ActorCritic
 from palm_rlhf.rl.grpo import GRPOHyperparams, grpo_loss
 from palm_rlhf.rl.losses import aggregate
 from palm_rlhf.rl.ppo import PPOHyperparams, ppo_loss
-from palm_rlhf.rl.rollout import Rollout, pack_sequences, response_log_probs
+from palm_rlhf.rl.rollout import Rollout
+from palm_rlhf.generation.scoring import Scorer, pack_sequences, response_log_probs
 
 # two rows: prompt [3, 4, 5] + response [5, 6, 2]; prompt [7] + response [8, 9] (+ padding)
 MASK = torch.tensor([[True, True, True], [True, True, False]])
@@ -41,6 +42,21 @@ def actor_critic():
     return ac
 
 
+def scorer(ac):
+    return Scorer(ac.actor_palm, ac.actor_lora_scope, critic=ac)
+
+
+def ppo_loss_of(ac, mb, hp):
+    """The PPO trainer's `_loss`: score the minibatch under the current weights, then the pure loss."""
+    logp, entropy = scorer(ac).policy(packed(), with_entropy=True)
+    return ppo_loss(logp, entropy, scorer(ac).values(packed()), mb, hp)
+
+
+def grpo_loss_of(palm, mb, hp):
+    logp, entropy = Scorer(palm, "actor").policy(packed(), with_entropy=True)
+    return grpo_loss(logp, entropy, mb, hp)
+
+
 def rollout(logp, **kw):
     """A minibatch whose old log-probs are `logp` (detached): ratio 1 under the same weights."""
     p = packed()
@@ -51,8 +67,8 @@ def rollout(logp, **kw):
 
 def ppo_minibatch(ac, returns=None, advantages=ADV):
     with torch.no_grad():
-        logp, _ = ac.log_probs(packed())
-        values = ac.values(packed())
+        logp, _ = scorer(ac).policy(packed())
+        values = scorer(ac).values(packed())
     returns = values + 1.0 if returns is None else returns
     return rollout(logp, values=values, advantages=advantages.masked_fill(~MASK, 0), returns=returns)
 
@@ -70,16 +86,16 @@ def test_ppo_loss_is_policy_plus_value_minus_entropy(actor_critic):
     changes it by exactly -0.1 * (mean entropy): the bonus lowers the loss where entropy is high."""
     ac = actor_critic
     mb = ppo_minibatch(ac)
-    no_ent, stats = ppo_loss(ac, mb, PPOHyperparams(vf_coef=0.5, ent_coef=0.0, value_clip=None))
+    no_ent, stats = ppo_loss_of(ac, mb, PPOHyperparams(vf_coef=0.5, ent_coef=0.0, value_clip=None))
     assert no_ent.item() == pytest.approx(-0.55, abs=1e-5)
     assert float(stats["policy_loss"]) == pytest.approx(-0.8, abs=1e-5)
     assert float(stats["value_loss"]) == pytest.approx(0.5, abs=1e-5)
-    no_vf, _ = ppo_loss(ac, mb, PPOHyperparams(vf_coef=0.0, ent_coef=0.0, value_clip=None))
+    no_vf, _ = ppo_loss_of(ac, mb, PPOHyperparams(vf_coef=0.0, ent_coef=0.0, value_clip=None))
     assert no_vf.item() == pytest.approx(-0.8, abs=1e-5)
-    _, entropy = ac.log_probs(packed(), with_entropy=True)
+    _, entropy = scorer(ac).policy(packed(), with_entropy=True)
     mean_entropy = aggregate(entropy, MASK).item()
     assert 0.5 < mean_entropy < 2.5  # 24 tokens: at most ln 24 = 3.18
-    with_ent, _ = ppo_loss(ac, mb, PPOHyperparams(vf_coef=0.5, ent_coef=0.1, value_clip=None))
+    with_ent, _ = ppo_loss_of(ac, mb, PPOHyperparams(vf_coef=0.5, ent_coef=0.1, value_clip=None))
     assert (with_ent - no_ent).item() == pytest.approx(-0.1 * mean_entropy, rel=1e-5)
 
 
@@ -89,7 +105,7 @@ def test_ppo_value_loss_gradient_reaches_the_critic_only(actor_critic):
     the actor none."""
     ac = actor_critic
     mb = ppo_minibatch(ac, advantages=torch.zeros(2, 3))
-    loss, _ = ppo_loss(ac, mb, PPOHyperparams(vf_coef=0.5, value_clip=None))
+    loss, _ = ppo_loss_of(ac, mb, PPOHyperparams(vf_coef=0.5, value_clip=None))
     loss.backward()
     assert float(ac.value_head.bias.grad) == pytest.approx(-0.5, abs=1e-5)
     critic_lora = list(ac.critic.finetune_parameters(ac.critic_lora_scope))
@@ -102,22 +118,22 @@ def test_ppo_loss_gradient_at_ratio_one_is_reinforce(actor_critic):
     ac = actor_critic
     mb = ppo_minibatch(ac)
     params = ac.actor_parameters()
-    ppo = grads(params, ppo_loss(ac, mb, PPOHyperparams(vf_coef=0.0))[0])
-    logp, _ = ac.log_probs(packed())
+    ppo = grads(params, ppo_loss_of(ac, mb, PPOHyperparams(vf_coef=0.0))[0])
+    logp, _ = scorer(ac).policy(packed())
     reinforce = grads(params, aggregate(-mb.advantages * logp, MASK))
     assert any(float(g.abs().max()) > 1e-6 for g in ppo)
     for a, b in zip(ppo, reinforce):
         torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-5)
 
 
-def entropy_after_step(ac, loss_fn, lr=0.05):
-    """Mean entropy after one plain gradient-descent step on the actor adapter."""
-    params = ac.actor_parameters()
+def entropy_after_step(params, score, loss_fn, lr=0.05):
+    """Mean entropy after one plain gradient-descent step on `params` (the actor adapter); `score` is
+    the scorer of that actor."""
     g = grads(params, loss_fn())
     with torch.no_grad():
         for p, gp in zip(params, g):
             p.sub_(lr * gp)
-        _, entropy = ac.log_probs(packed(), with_entropy=True)
+        _, entropy = score.policy(packed(), with_entropy=True)
     return aggregate(entropy, MASK).item()
 
 
@@ -126,8 +142,8 @@ def test_ppo_entropy_bonus_gradient_raises_entropy(actor_critic):
     ac = actor_critic
     mb = ppo_minibatch(ac, advantages=torch.zeros(2, 3))
     with torch.no_grad():
-        before = float(aggregate(ac.log_probs(packed(), with_entropy=True)[1], MASK))
-    after = entropy_after_step(ac, lambda: ppo_loss(ac, mb, PPOHyperparams(vf_coef=0.0, ent_coef=1.0))[0])
+        before = float(aggregate(scorer(ac).policy(packed(), with_entropy=True)[1], MASK))
+    after = entropy_after_step(ac.actor_parameters(), scorer(ac), lambda: ppo_loss_of(ac, mb, PPOHyperparams(vf_coef=0.0, ent_coef=1.0))[0])
     assert after > before + 1e-4, (before, after)
 
 
@@ -152,13 +168,13 @@ def test_grpo_loss_terms_and_signs(grpo_palm):
     Reference ln 2 below the policy on every token: k3 = e^-ln2 + ln2 - 1 = 0.193147 per token, seq mean
     0.193147; kl_coef 0.1 adds +0.0193147. ent_coef 0.1 adds -0.1 * seq_mean(entropy)."""
     mb = grpo_minibatch(grpo_palm, [1.0, -0.5], ref_shift=math.log(2))
-    base, stats = grpo_loss(grpo_palm, "actor", mb, GRPOHyperparams(group_size=2, kl_coef=0.0))
+    base, stats = grpo_loss_of(grpo_palm, mb, GRPOHyperparams(group_size=2, kl_coef=0.0))
     assert base.item() == pytest.approx(-0.25, abs=1e-5)
-    with_kl, stats = grpo_loss(grpo_palm, "actor", mb, GRPOHyperparams(group_size=2, kl_coef=0.1))
+    with_kl, stats = grpo_loss_of(grpo_palm, mb, GRPOHyperparams(group_size=2, kl_coef=0.1))
     assert with_kl.item() == pytest.approx(-0.25 + 0.1 * (0.5 + math.log(2) - 1), abs=1e-5)
     _, entropy = response_log_probs(grpo_palm, packed(), finetune_scope="actor", with_entropy=True)
     seq_entropy = aggregate(entropy, MASK, "seq_mean").item()
-    with_ent, _ = grpo_loss(grpo_palm, "actor", mb, GRPOHyperparams(group_size=2, kl_coef=0.0, ent_coef=0.1))
+    with_ent, _ = grpo_loss_of(grpo_palm, mb, GRPOHyperparams(group_size=2, kl_coef=0.0, ent_coef=0.1))
     assert (with_ent - base).item() == pytest.approx(-0.1 * seq_entropy, rel=1e-5)
 
 
@@ -168,30 +184,18 @@ def test_grpo_uses_clip_eps_high(grpo_palm):
     (a symmetric clip would give (-1.2 + 1.5) / 2 = 0.15)."""
     mb = grpo_minibatch(grpo_palm, [1.0, -1.0], ratio=1.5)
     hp = GRPOHyperparams(group_size=2, kl_coef=0.0, clip_eps=0.2, clip_eps_high=0.28)
-    loss, stats = grpo_loss(grpo_palm, "actor", mb, hp)
+    loss, stats = grpo_loss_of(grpo_palm, mb, hp)
     assert loss.item() == pytest.approx(0.11, abs=1e-5)
     assert float(stats["clip_frac"]) == pytest.approx(3 / 5, abs=1e-6)
 
 
 def test_grpo_entropy_bonus_gradient_raises_entropy(grpo_palm):
     """A = 0, kl_coef 0, ent_coef 1: a descent step on the GRPO loss raises the entropy."""
-    ac_like = ActorCriticView(grpo_palm)
+    score = Scorer(grpo_palm, "actor")
     mb = grpo_minibatch(grpo_palm, [0.0, 0.0])
     with torch.no_grad():
-        before = float(aggregate(ac_like.log_probs(packed(), with_entropy=True)[1], MASK))
+        before = float(aggregate(score.policy(packed(), with_entropy=True)[1], MASK))
     hp = GRPOHyperparams(group_size=2, kl_coef=0.0, ent_coef=1.0, aggregation="token_mean")
-    after = entropy_after_step(ac_like, lambda: grpo_loss(grpo_palm, "actor", mb, hp)[0])
+    after = entropy_after_step(list(grpo_palm.finetune_parameters("actor")), score,
+                               lambda: grpo_loss_of(grpo_palm, mb, hp)[0])
     assert after > before + 1e-4, (before, after)
-
-
-class ActorCriticView:
-    """The two methods `entropy_after_step` needs, for a bare PaLM with an "actor" scope."""
-
-    def __init__(self, palm):
-        self.palm = palm
-
-    def actor_parameters(self):
-        return list(self.palm.finetune_parameters("actor"))
-
-    def log_probs(self, p, with_entropy=False):
-        return response_log_probs(self.palm, p, finetune_scope="actor", with_entropy=with_entropy)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from palm_rlhf.generation import SamplingConfig
+from palm_rlhf.generation.scoring import Scorer, pack_sequences, response_log_probs
 from palm_rlhf.model.palm import PaLM
 from palm_rlhf.rl.actor_critic import ActorCritic
 from palm_rlhf.rl.collect import collect_rollout, rollout_packed
@@ -11,7 +12,6 @@ from palm_rlhf.rl.kl import kl_per_token
 from palm_rlhf.rl.losses import aggregate, ppo_policy_terms
 from palm_rlhf.rl.reference import Reference
 from palm_rlhf.rl.rewards import as_reward_source
-from palm_rlhf.rl.rollout import pack_sequences, response_log_probs
 
 
 def tiny_palm(seed=0):
@@ -38,6 +38,12 @@ def setup(request):
     return palm, ac
 
 
+def collect(palm, prompts, cfg, reward, ref, actor_critic=None):
+    """collect_rollout with the scorer a trainer builds: the actor scope, the sampling temperature."""
+    scorer = Scorer(palm, "actor", temperature=cfg.temperature, reference=ref, critic=actor_critic)
+    return collect_rollout(scorer, prompts, cfg, reward)
+
+
 def test_pack_sequences_layout():
     """prompt [3, 4] + response [5, 6] and prompt [7] + response [8] (+ pad):
     rows [3, 4, 5, 6] and [7, 8, 0, 0]; inputs drop the last column; response j of row i is
@@ -57,12 +63,11 @@ def test_recomputed_log_probs_equal_rollout_and_kl_starts_at_zero(temperature):
     ref = Reference(palm, ac.actor_lora_scope)
     assert ref.kind == "disabled_lora"
     cfg = SamplingConfig(max_new_tokens=12, temperature=temperature, eos_token=2, seed=0)
-    ro = collect_rollout(palm, prompts() * 3, cfg, as_reward_source(count_of_token_5), ref,
-                         actor_scope="actor", actor_critic=ac)
+    ro = collect(palm, prompts() * 3, cfg, as_reward_source(count_of_token_5), ref, actor_critic=ac)
     assert ro.mask.any(-1).all()
     palm.train()
     with torch.no_grad():
-        logp, _ = ac.log_probs(rollout_packed(ro), temperature=temperature)
+        logp, _ = Scorer(palm, "actor", temperature=temperature).policy(rollout_packed(ro))
     assert (logp - ro.old_log_probs).abs().max() <= 1e-5
     assert kl_per_token(ro.old_log_probs, ro.ref_log_probs)[ro.mask].abs().max() <= 1e-5
     assert bool((ro.values[~ro.mask] == 0).all())
@@ -75,27 +80,28 @@ def test_frozen_scope_reference_for_pretrained_adapter(setup):
     ref = Reference(palm, "actor")
     assert ref.kind == "frozen_scope" and ref.model is palm
     cfg = SamplingConfig(max_new_tokens=6, seed=1)
-    ro = collect_rollout(palm, prompts(), cfg, as_reward_source(count_of_token_5), ref, actor_scope="actor")
+    ro = collect(palm, prompts(), cfg, as_reward_source(count_of_token_5), ref)
     torch.testing.assert_close(ro.ref_log_probs, ro.old_log_probs, atol=1e-5, rtol=0)
     with torch.no_grad():
         for p in ac.actor_parameters():
             p.add_(0.1)
-    assert (ref.log_probs(rollout_packed(ro)) - ro.ref_log_probs).abs().max() <= 1e-6
+    ref_logp = Scorer(palm, "actor", reference=ref).reference_log_probs(rollout_packed(ro))
+    assert (ref_logp - ro.ref_log_probs).abs().max() <= 1e-6
 
 
 def test_ppo_gradient_at_ratio_one_is_reinforce(setup):
     """With old = current log-probs the clipped loss's gradient is that of -A * logp (REINFORCE)."""
     palm, ac = setup
     ref = Reference(palm, "actor")
-    ro = collect_rollout(palm, prompts() * 2, SamplingConfig(max_new_tokens=8, eos_token=2, seed=3),
-                         as_reward_source(count_of_token_5), ref, actor_scope="actor")
+    ro = collect(palm, prompts() * 2, SamplingConfig(max_new_tokens=8, eos_token=2, seed=3),
+                 as_reward_source(count_of_token_5), ref)
     adv = torch.randn(ro.mask.shape, generator=torch.Generator().manual_seed(0)).masked_fill(~ro.mask, 0)
     packed = rollout_packed(ro)
 
     def grads(loss_fn):
         for p in ac.actor_parameters():
             p.grad = None
-        logp, _ = ac.log_probs(packed)
+        logp, _ = Scorer(palm, "actor").policy(packed)
         loss_fn(logp).backward()
         return [p.grad.clone() for p in ac.actor_parameters()]
 
@@ -109,8 +115,8 @@ def test_padding_gets_zero_gradient_and_cannot_change_the_loss(setup):
     """Gradients w.r.t. per-token log-probs are exactly 0 on padding, and garbage written into
     padded response slots changes neither the loss nor the parameter gradients."""
     palm, ac = setup
-    ro = collect_rollout(palm, prompts() * 2, SamplingConfig(max_new_tokens=10, eos_token=2, seed=4),
-                         as_reward_source(count_of_token_5), Reference(palm, "actor"), actor_scope="actor")
+    ro = collect(palm, prompts() * 2, SamplingConfig(max_new_tokens=10, eos_token=2, seed=4),
+                 as_reward_source(count_of_token_5), Reference(palm, "actor"))
     assert (~ro.mask).any(), "need some padding for this test"
     adv = torch.ones(ro.mask.shape)
     leaf = ro.old_log_probs.clone().requires_grad_(True)
@@ -139,8 +145,8 @@ def test_filtered_sampling_recomputes_old_log_probs():
     palm = tiny_palm(1)
     ac = ActorCritic(palm)
     ref = Reference(palm, "actor")
-    ro = collect_rollout(palm, prompts(), SamplingConfig(max_new_tokens=6, top_k=3, seed=0),
-                         as_reward_source(count_of_token_5), ref, actor_scope="actor")
+    ro = collect(palm, prompts(), SamplingConfig(max_new_tokens=6, top_k=3, seed=0),
+                 as_reward_source(count_of_token_5), ref)
     with torch.no_grad():
-        logp, _ = ac.log_probs(rollout_packed(ro))
+        logp, _ = Scorer(palm, "actor").policy(rollout_packed(ro))
     assert (logp - ro.old_log_probs).abs().max() <= 1e-6

@@ -110,13 +110,17 @@ DPO = ["max_steps=3", "batch_size=4", "eval.every=2", "max_len=24", "optim.lr=0.
 ARGS = {
     "ppo": ["max_steps=2", "prompts_per_step=8", "kl_target=1.0", "kl_horizon=100", *RL],
     "grpo": ["max_steps=2", "prompts_per_step=4", "group_size=2", *RL],
+    "rloo": ["max_steps=2", "prompts_per_step=4", "group_size=2", *RL],
+    "reinforce-pp": ["max_steps=2", "prompts_per_step=8", "group_size=1", *RL],  # whitens over both ranks
     "dpo": DPO,
     "dpo-full": [*DPO, "lora.r=0"],
     "reward": ["max_steps=3", "eval.every=3", "log_every=1", "max_len=24", "optim.lr=0.003", "progress=false",
                "batch_size=8"],
 }
-COMMAND = {"ppo": ["ppo"], "grpo": ["grpo"], "dpo": ["dpo"], "dpo-full": ["dpo"], "reward": ["reward", "train"]}
-INPUTS = {"ppo": ("model", "prompts"), "grpo": ("model", "prompts"), "dpo": ("model", "data"),
+COMMAND = {"ppo": ["ppo"], "grpo": ["grpo"], "rloo": ["rloo"], "reinforce-pp": ["reinforce-pp"], "dpo": ["dpo"],
+           "dpo-full": ["dpo"], "reward": ["reward", "train"]}
+INPUTS = {"ppo": ("model", "prompts"), "grpo": ("model", "prompts"), "rloo": ("model", "prompts"),
+          "reinforce-pp": ("model", "prompts"), "dpo": ("model", "data"),
           "dpo-full": ("model", "data"), "reward": ("model", "data")}
 
 
@@ -163,11 +167,11 @@ def _trained(algo: str, run_dir: Path) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algo", ["ppo", "grpo", "dpo", "dpo-full", "reward"])
+@pytest.mark.parametrize("algo", ["ppo", "grpo", "rloo", "reinforce-pp", "dpo", "dpo-full", "reward"])
 def test_trainers_in_two_gloo_processes_obey_the_nccl_rule(tmp_path, algo):
     """Every collective of the RL, DPO and reward runs goes through the runtime on the model's
     device; the gradients go through DDP (C++), so the rule sees only statistics. DPO and reward
-    training in 2 processes equal 1 process with the same global batch (PPO/GRPO:
+    training in 2 processes equal 1 process with the same global batch (PPO/GRPO/RLOO/REINFORCE++:
     tests/trainers/test_rl_distributed.py)."""
     from palm_rlhf.cli.main import main
     from palm_rlhf.runtime.metrics import read_metrics
@@ -175,7 +179,7 @@ def test_trainers_in_two_gloo_processes_obey_the_nccl_rule(tmp_path, algo):
     inputs = _inputs(tmp_path)
     seen = _launch(algo, inputs, tmp_path / "two", 2, "cpu")
     assert any(name == "all_reduce" and where.startswith(nccl_rule.RUNTIME_FILE) for name, where, _ in seen)
-    if algo in ("ppo", "grpo"):
+    if algo in ("ppo", "grpo", "rloo", "reinforce-pp"):  # 2 == 1: tests/trainers/test_rl_distributed.py
         return
     assert main(_argv(algo, inputs, tmp_path / "one", 1)) == 0
     one, two = _trained(algo, tmp_path / "one"), _trained(algo, tmp_path / "two")

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from palm_rlhf.rl.rewards import RewardSource
-from palm_rlhf.rl.rollout import Rollout, pack_sequences, response_log_probs
+from palm_rlhf.generation.scoring import pack_sequences
+from palm_rlhf.rl.rollout import Rollout
 from palm_rlhf.trainers import rl_base
 from rl_fixtures import vowel_fraction
 
@@ -38,14 +39,7 @@ def stub_rollout(trainer, prompts: list[torch.Tensor], rows: list[Row], first: i
     responses = ((torch.arange(first, first + b)[:, None] * 7 + torch.arange(T)[None, :] * 3) % (vocab - 1) + 1) * mask
     kl_tok = torch.tensor([[r.kl / r.length] * T for r in rows]) * mask
     packed = pack_sequences(prompt_ids, plens, responses, mask)
-    critic = getattr(trainer, "actor_critic", None)  # PPO; GRPO has no critic
-    was_training = trainer.model.training
-    trainer.model.eval()
-    with torch.no_grad():
-        logp, _ = response_log_probs(trainer.model, packed, finetune_scope=trainer.actor_scope,
-                                     temperature=trainer.temperature)
-        values = critic.values(packed) if critic is not None else None
-    trainer.model.train(was_training)
+    logp, _, values = trainer.scorer.rollout(packed)  # values: PPO's critic (None without one)
     return Rollout(prompts=prompt_ids, prompt_lengths=plens, responses=responses, mask=mask, old_log_probs=logp,
                    ref_log_probs=logp - kl_tok, scores=torch.tensor([r.score for r in rows]), values=values,
                    stop_reasons=[r.stop for r in rows])
@@ -60,8 +54,7 @@ class StubCollector:
         self.rollouts: list[Rollout] = []
         self.noise: list[list[float]] = []
 
-    def __call__(self, model, prompts, sampling, reward, reference, *, actor_scope=None, actor_critic=None,
-                 generator=None):
+    def __call__(self, scorer, prompts, sampling, reward, *, generator=None):
         step_rows = self.rows[len(self.rollouts)]
         share = len(step_rows) // self.trainer.env.world_size
         assert len(prompts) == share, "one collection call per step: rollout_batch_size >= rows per rank"

@@ -8,7 +8,7 @@ from palm_rlhf.data.tokenizer import ByteTokenizer
 from palm_rlhf.errors import ConfigError
 from palm_rlhf.trainers.dpo import DPOConfig, DPOTrainer, encode_pair
 from palm_rlhf.model.palm import PaLM
-from palm_rlhf.rl.rollout import pack_sequences, response_log_probs
+from palm_rlhf.generation.scoring import pack_sequences, response_log_probs
 from rl_fixtures import pretrained_tiny_state, tiny_model  # noqa: F401
 
 

@@ -1,4 +1,4 @@
-"""kl_budget / stop_at_kl_budget for PPO and GRPO: the run control DPO has (runtime/budget.py), fed
+"""kl_budget / stop_at_kl_budget for PPO, GRPO and RLOO (REINFORCE++ shares RLOO's run, rl_base): the run control DPO has (runtime/budget.py), fed
 each step's kl_ref (the rollouts' KL to the reference, which measures the policy that sampled them:
 the one after step - 1 updates). Past the budget it warns once; with the stop the run ends at the
 first step over it, the checkpoint holds where it stopped and final/ the last policy within it."""
@@ -18,7 +18,9 @@ from run_testing import make_trainer, write_inputs
 
 # enough rows that the policy moves (and kl_ref grows) in a few tiny steps
 MOVES = {"ppo": ["prompts_per_step=8", "batch_size=8", "max_new_tokens=8", "optim.lr=5e-2"],
-         "grpo": ["prompts_per_step=4", "group_size=4", "batch_size=16", "max_new_tokens=8", "optim.lr=5e-2"]}
+         "grpo": ["prompts_per_step=4", "group_size=4", "batch_size=16", "max_new_tokens=8", "optim.lr=5e-2"],
+         "rloo": ["prompts_per_step=4", "group_size=4", "batch_size=16", "max_new_tokens=8", "optim.lr=5e-2",
+                  "kl_coef=0.05"]}
 
 
 def _train(kind, tmp_path, out, *extra, max_steps=5):
@@ -46,7 +48,7 @@ def test_config_checks():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["ppo", "grpo"])
+@pytest.mark.parametrize("kind", ["ppo", "grpo", "rloo"])
 def test_stop_at_kl_budget_keeps_the_last_policy_within_it_and_resumes_with_it(tmp_path, kind, caplog):
     write_inputs(tmp_path)
     free = _train(kind, tmp_path, "free", "save_every=1", "keep_last=5")

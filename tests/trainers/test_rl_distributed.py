@@ -1,12 +1,13 @@
-"""PPO and GRPO under torchrun: 2 CPU processes train exactly what 1 process trains with the same
-global batch.
+"""PPO, GRPO, RLOO and REINFORCE++ under torchrun: 2 CPU processes train exactly what 1 process trains
+with the same global batch.
 
 Why it holds: the step's prompts come from a generator seeded by (seed, step); each rollout row's
 sampling noise from one seeded by (seed, step, global row index) (`rl_base.row_generators`), so a
 row is sampled identically whichever rank collects it and in whichever generation chunk (here
 3 rows per chunk: 1 process collects 3+3+2, each rank 3+1). Advantage whitening, the KL
-controller and the loss normalisers are summed over ranks, and `TrainStep` weights every rank's
-loss by its token (PPO) or sequence (GRPO) count. With one minibatch per epoch (batch_size =
+controller and the loss normalisers are summed over ranks (REINFORCE++ whitens its advantages over
+both ranks' tokens; RLOO's groups, like GRPO's, stay whole on one rank), and `TrainStep` weights every
+rank's loss by its token (PPO) or sequence (GRPO) count. With one minibatch per epoch (batch_size =
 the global batch), what differs is only float summation order.
 
 In those runs every rank holds as many response tokens as the other and the KL controller sits at
@@ -35,6 +36,8 @@ HERE = Path(__file__).resolve().parent
 COMMON = {
     "ppo": ["max_steps=2", "prompts_per_step=8", "kl_target=1.0", "kl_horizon=100"],  # the adaptive controller too
     "grpo": ["max_steps=2", "prompts_per_step=4", "group_size=2"],
+    "rloo": ["max_steps=2", "prompts_per_step=4", "group_size=2"],
+    "reinforce-pp": ["max_steps=2", "prompts_per_step=8", "group_size=1"],
 }
 
 
@@ -51,7 +54,7 @@ def run_args(algo, tmp_path, out):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algo", ["ppo", "grpo"])
+@pytest.mark.parametrize("algo", ["ppo", "grpo", "rloo", "reinforce-pp"])
 def test_two_torchrun_processes_equal_one_process(tmp_path, algo):
     torch.manual_seed(0)
     PaLM(num_tokens=256, dim=32, depth=1, heads=2, dim_head=16).save_pretrained(tmp_path / "base")

@@ -1,7 +1,7 @@
 """The README's promise, checked for every trainer: the same key means the same thing everywhere.
 
-One table, six trainers (pretrain, finetune, reward, PPO, GRPO, DPO), built the way the CLI builds
-them (`run_testing`):
+One table, eight trainers (pretrain, finetune, reward, PPO, GRPO, RLOO, REINFORCE++, DPO), built the
+way the CLI builds them (`run_testing`):
 
 * `optim.*` reaches THE optimizer (its lr, betas, weight decay) and THE step (max_grad_norm);
 * `batch_size` is examples per optimizer step over all processes: 2 gloo processes at batch_size=8
@@ -27,15 +27,16 @@ from run_testing import config_and_trainer_classes, make_trainer, overrides, wri
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime"))
 from dist_testing import run_workers  # noqa: E402
 
-KINDS = ("pretrain", "finetune", "reward", "ppo", "grpo", "dpo")
+KINDS = ("pretrain", "finetune", "reward", "ppo", "grpo", "rloo", "reinforce-pp", "dpo")
 # one optimizer step of 8 examples: sequences, SFT examples, pairs, rollout rows (PPO: 8 prompts;
-# GRPO: 4 prompts x 2 samples), pairs
+# GRPO, RLOO, REINFORCE++-baseline: 4 prompts x 2 samples), pairs
 EIGHT = {"pretrain": ["batch_size=8"], "finetune": ["batch_size=8"], "reward": ["batch_size=8", "dropout=0"],
          "ppo": ["prompts_per_step=8", "batch_size=8"], "grpo": ["prompts_per_step=4", "group_size=2", "batch_size=8"],
-         "dpo": ["batch_size=8"]}
+         "rloo": ["prompts_per_step=4", "group_size=2", "batch_size=8"],
+         "reinforce-pp": ["prompts_per_step=4", "group_size=2", "batch_size=8"], "dpo": ["batch_size=8"]}
 # what each trainer trains, as final/ writes it
 TRAINED = {"pretrain": "model", "finetune": "adapter", "reward": "model", "ppo": "adapter", "grpo": "adapter",
-           "dpo": "adapter"}
+           "rloo": "adapter", "reinforce-pp": "adapter", "dpo": "adapter"}
 _TIMING = ("time", "tokens_per_s", "seconds_generation", "seconds_learning")
 
 
