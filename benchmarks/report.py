@@ -1,5 +1,5 @@
 """The headline figures in one command: decode, training, the RL iteration, serving and memory, each
-side by side with its peers, with quick settings (about 10-15 minutes on 2 busy cores).
+side by side with its peers, with quick settings (about 10-15 minutes on 2 idle cores; pass `--threads 1` when they are busy).
 
     python benchmarks/report.py                      # run everything, write benchmarks/results.md, update README.md
     python benchmarks/report.py --threads 1          # on a busy 2-core machine
