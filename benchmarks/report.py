@@ -151,7 +151,7 @@ ROWS = {"decode": _decode_rows, "decode-seed": _decode_rows, "train": _train_row
 def rows(data: dict) -> list[dict]:
     """Every figure of the report, in BENCHMARKS order, from the data block of results.md."""
     out = []
-    for name in data["commands"]:
+    for name in BENCHMARKS:  # not the JSON's key order: results.md stores its keys sorted
         if name in data["results"]:
             out.extend(ROWS[name](data["results"][name], name))
     return out
@@ -160,9 +160,10 @@ def rows(data: dict) -> list[dict]:
 # ---- rendering -------------------------------------------------------------------------------------
 
 def host_line(meta: dict) -> str:
+    note = f" ({meta['note']})" if meta.get("note") else ""
     return (f"{meta['cpu']}, {meta['cores']} cores, torch {meta['torch']}, threads {meta['threads']}, "
             f"{meta['date']}; load average (1 min) {meta['load_start']:.2f} at the start, "
-            f"{meta['load_end']:.2f} at the end")
+            f"{meta['load_end']:.2f} at the end{note}")
 
 
 def table(data: dict, names=None) -> str:
@@ -177,7 +178,7 @@ def table(data: dict, names=None) -> str:
 
 
 def missing_line(data: dict) -> str:
-    missing = [name for name in data["commands"] if name not in data["results"]]
+    missing = [name for name in BENCHMARKS if name in data["commands"] and name not in data["results"]]
     if not missing:
         return ""
     why = data.get("failures", {})
@@ -198,6 +199,7 @@ def render_results(data: dict) -> str:
         f"- load average (1, 5, 15 min) at the start: {', '.join(f'{v:.2f}' for v in meta['loadavg_start'])}; "
         f"at the end: {', '.join(f'{v:.2f}' for v in meta['loadavg_end'])}",
         f"- wall time: {meta['seconds']:.0f} s",
+        *([f"- note: {meta['note']}"] if meta.get("note") else []),
         "",
         "Every system of a row runs in the same process, interleaved, so a ratio compares like with like",
         "under the same load; the absolute figures move with the host and its load.",
@@ -342,13 +344,22 @@ def main(argv=None) -> None:
     p.add_argument("--timeout", type=float, default=480, help="seconds each benchmark may take")
     p.add_argument("--threads", type=int, default=2,
                    help="torch threads of each benchmark (serving keeps 1 per server); 1 on a busy 2-core machine")
+    p.add_argument("--note", help="a remark on the host's state, kept in results.md (e.g. 'shared with other jobs')")
     p.add_argument("--render-only", action="store_true",
                    help="rebuild README.md's table from benchmarks/results.md without running anything")
     args = p.parse_args(argv)
     if args.render_only:
         data = parse_results(RESULTS.read_text())
+        if args.note:
+            data["meta"]["note"] = args.note
+            RESULTS.write_text(render_results(data))
     else:
-        data = run_all(args.only or list(BENCHMARKS), args.timeout, on_progress=write, threads=args.threads)
+        def progress(data: dict) -> None:
+            data["meta"]["note"] = args.note
+            write(data)
+
+        data = run_all(args.only or list(BENCHMARKS), args.timeout, on_progress=progress, threads=args.threads)
+        data["meta"]["note"] = args.note
         RESULTS.write_text(render_results(data))
         print(f"[report] wrote {RESULTS.relative_to(ROOT)}")
     update_readmes(data)

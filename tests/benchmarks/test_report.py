@@ -54,7 +54,11 @@ def test_results_md_round_trips_and_names_host_load_and_commands():
     data = canned()
     text = report.render_results(data)
     assert report.parse_results(text) == data
+    assert report.table(report.parse_results(text)) == report.table(data)  # the order survives sorted JSON keys
     assert "host CPU: Test CPU (2 cores)" in text
+    noted = {**data, "meta": {**META, "note": "shared with other jobs"}}
+    assert "- note: shared with other jobs" in report.render_results(noted)
+    assert "at the end (shared with other jobs)" in report.readme_block(noted)
     assert "at the start: 1.00, 1.50, 2.00; at the end: 3.00, 2.50, 2.00" in text
     for row in report.table(data).splitlines()[2:]:
         assert "`python benchmarks/" in row, row  # every figure next to its command
