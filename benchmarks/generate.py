@@ -135,6 +135,7 @@ def main(argv=None):
                         help="benchmark a Llama-family checkpoint (ours vs transformers on the same weights)")
     parser.add_argument("--tune-malloc", action="store_true",
                         help="apply the glibc malloc settings the palm-rlhf command uses (to every system)")
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON (benchmarks/report.py reads it)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.tune_malloc:
@@ -182,6 +183,17 @@ def main(argv=None):
                 ours = results[(dtype_name, batch, "ours")]
                 cells += [f"{ours / results[(dtype_name, batch, n)]:.2f}x" for n in args.systems if n != "ours"]
             print(f"| {dtype_name} | {batch} | " + " | ".join(cells) + " |")
+    if args.json:
+        rows = [{"dtype": d, "batch": b, "system": s, "tok_s": v} for (d, b, s), v in results.items()]
+        write_json(args.json, {"benchmark": "generate", "torch": torch.__version__, "threads": torch.get_num_threads(),
+                               "family": args.family, "repeats": args.repeats, "new_tokens": NEW, "rows": rows})
+
+
+def write_json(path: str, payload: dict) -> None:
+    import json
+
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=1)
 
 
 if __name__ == "__main__":

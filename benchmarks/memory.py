@@ -99,8 +99,12 @@ def measure(system: str, n: int, device: str = "cpu", threads: int = 2) -> float
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
 
 
-def table(lengths, device: str, systems=SYSTEMS, threads: int = 2) -> str:
+def table(lengths, device: str, systems=SYSTEMS, threads: int = 2, json_path: str | None = None) -> str:
     peaks = {(s, n): measure(s, n, device, threads) for n in lengths for s in systems}
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({"benchmark": "memory", "torch": torch.__version__, "device": device, "threads": threads,
+                       "rows": [{"system": s, "tokens": n, "peak_mib": v} for (s, n), v in peaks.items()]}, f, indent=1)
     fmt = lambda v: "failed" if v is None else f"{v:,.0f}"  # noqa: E731
     lines = ["| tokens | " + " | ".join(f"{s} MiB" for s in systems) + " | ours / lower peer |",
              "| --- |" + " --- |" * (len(systems) + 1)]
@@ -119,6 +123,7 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON (benchmarks/report.py reads it)")
     args = p.parse_args(argv)
     if args.child:
         torch.set_num_threads(args.threads)
@@ -126,7 +131,7 @@ def main(argv=None) -> None:
         return
     print(f"torch {torch.__version__}, {args.device}, fp32, batch 1, one forward + backward, "
           f"peak {'RSS' if args.device == 'cpu' else 'CUDA allocation'} above the step's start")
-    print(table(args.lengths, args.device, args.systems, args.threads))
+    print(table(args.lengths, args.device, args.systems, args.threads, args.json))
 
 
 if __name__ == "__main__":

@@ -123,6 +123,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--profile", action="store_true", help="cProfile one iteration of ours")
     parser.add_argument("--skip-seed", action="store_true")
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON (benchmarks/report.py reads it)")
     parser.add_argument("--no-tune-malloc", action="store_true",
                         help="leave glibc malloc at its defaults (the palm-rlhf command tunes it; this process "
                              "runs both systems, so the setting applies to both)")
@@ -161,6 +162,15 @@ def main() -> None:
         if mine and theirs:
             ratio = median(theirs, "total", True) / median(mine, "total", True)
             print(f"\nper collected rollout, ours is {ratio:.1f}x faster (ratio of medians)")
+        if args.json:
+            import json
+
+            summary = {name: {"rollouts": runs[0]["rollouts"], "runs": len(runs), "s_per_iter": median(runs, "total"),
+                              "ms_per_rollout": 1000 * median(runs, "total", True)}
+                       for name, runs in (("ours", mine), ("seed", theirs)) if runs}
+            with open(args.json, "w") as f:
+                json.dump({"benchmark": "rl", "torch": torch.__version__, "threads": torch.get_num_threads(),
+                           "systems": summary}, f, indent=1)
         if args.profile:
             print("\n" + profile(trainer))
         trainer.cleanup()

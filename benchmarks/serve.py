@@ -271,6 +271,7 @@ def main(argv=None):
     ap.add_argument("--family", choices=["llama"], default=None,
                     help="serve one Llama-family checkpoint (and its tokenizer) with both systems")
     ap.add_argument("--family-dir", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--json", metavar="PATH", help="also write the results as JSON (benchmarks/report.py reads it)")
     args = ap.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the `finally` that stops the servers
     if args.threads:
@@ -350,6 +351,16 @@ def report(table: dict, args) -> None:
             for level in args.levels:
                 ratio = med(ours, level, "concurrent", "tok_s") / med(other, level, "concurrent", "tok_s")
                 print(f"{ours} / {other} tokens/s at {level} clients: {ratio:.2f}x")
+    if args.json:
+        import json
+
+        rows = [{"system": system, "clients": level, "tok_s_concurrent": med(system, level, "concurrent", "tok_s"),
+                 "tok_s_sequential": med(system, level, "sequential", "tok_s"),
+                 "ttft_p50_s": med(system, level, "concurrent", "ttft50")}
+                for level in args.levels for system in args.systems]
+        with open(args.json, "w") as f:
+            json.dump({"benchmark": "serve", "torch": torch.__version__, "threads": args.threads,
+                       "family": args.family, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -200,6 +200,7 @@ def main(argv=None) -> None:
     p.add_argument("--memory-child", nargs=3, help=argparse.SUPPRESS)
     p.add_argument("--tune-malloc", action="store_true",
                    help="apply the glibc malloc settings the palm-rlhf command uses (to every system)")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON (benchmarks/report.py reads it)")
     args = p.parse_args(argv)
     if args.tune_malloc:
         from palm_rlhf.cli.allocator import tune_malloc
@@ -241,6 +242,8 @@ def _med(values, clock: int) -> float:
 
 def report(args, rows, speeds, peaks) -> None:
     fpt = flops_per_token()
+    payload = {"benchmark": "train", "torch": torch.__version__, "threads": args.threads, "repeats": args.repeats,
+               "steps": args.steps, "rows": [], "ratios": []}
     print(f"\ntorch {torch.__version__}, {args.threads} threads, {args.repeats} repeats x {args.steps} steps, "
           f"batch {BATCH} x seq {SEQ}; FLOPs/token = 6N + 12LHQT = {fpt / 1e6:.2f} M")
     for prec in peaks:
@@ -260,6 +263,8 @@ def report(args, rows, speeds, peaks) -> None:
         dnn = f"{100 * cpu * fpt / _med(peaks['fp32-onednn'], 1):.1f}%" if prec == "fp32" and "fp32-onednn" in peaks else "-"
         ratio = f"{cpu / _med(speeds[seed], 1):.2f}" if seed in speeds else "-"
         rss = f"{peak_rss(s, prec):.0f}" if args.memory else "-"
+        payload["rows"].append({"system": s, "precision": prec, "tok_s_wall": wall, "tok_s_cpu": cpu,
+                                "mfu_own_peak_pct": own})
         print(f"| {s} | {prec} | {wall:.0f} ({min(walls):.0f}-{max(walls):.0f}) | {cpu:.0f} | {mfu32} | "
               f"{own:.1f}% | {dnn} | {ratio} | {rss} |")  # one decimal: a target like 90% must not be met by rounding
     # per-repeat ratios (same repeat = same machine load) are steadier than ratios of medians
@@ -268,8 +273,13 @@ def report(args, rows, speeds, peaks) -> None:
             if ("ours", prec) in speeds and (other, prec) in speeds:
                 for clock, name in ((0, "wall"), (1, "cpu")):
                     rs = [a[clock] / b[clock] for a, b in zip(speeds[("ours", prec)], speeds[(other, prec)])]
+                    payload["ratios"].append({"other": other, "precision": prec, "clock": name,
+                                              "median": statistics.median(rs), "min": min(rs), "max": max(rs)})
                     print(f"ours/{other} {prec} {name}: median per-repeat ratio {statistics.median(rs):.2f} "
                           f"(range {min(rs):.2f}-{max(rs):.2f})")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(payload, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -101,3 +101,35 @@ def test_doc_examples_run(doc, tmp_path, monkeypatch, caplog):
             exec(compile(code, where, "exec"), namespace)  # a failure's traceback names the file and line
     if doc.name == "README.md":  # the first page a user runs warns about nothing they did not ask for
         assert [r.getMessage() for r in caplog.records if r.name.startswith("palm_rlhf")] == []
+
+
+LINK = re.compile(r"\]\(([^)\s#]*\.md)#([^)\s]+)\)")
+
+
+def heading_anchors(text: str) -> set[str]:
+    """GitHub's anchors for a page's headings: lower case, punctuation dropped, spaces to hyphens."""
+    anchors = set()
+    for line in text.splitlines():
+        if line.startswith("#"):
+            title = line.lstrip("#").strip().lower()
+            anchors.add(re.sub(r"\s", "-", re.sub(r"[^\w\s-]", "", title)))
+    return anchors
+
+
+def test_heading_anchors_follow_github():
+    assert heading_anchors("## Alignment presets: how they were tuned\n### Input checks (`x.py`)\n") == {
+        "alignment-presets-how-they-were-tuned", "input-checks-xpy"}
+
+
+MARKDOWN = sorted({*DOCS, ROOT / "CHANGELOG.md", *(ROOT / "benchmarks").glob("*.md")})
+
+
+@pytest.mark.parametrize("page", MARKDOWN, ids=[str(p.relative_to(ROOT)) for p in MARKDOWN])
+def test_links_to_sections_resolve(page):
+    """A link `[...](other.md#section)` points at a heading that exists (sections move; links must follow)."""
+    broken = []
+    for target, anchor in LINK.findall(page.read_text()):
+        path = (page.parent / target).resolve()
+        if not path.exists() or anchor not in heading_anchors(path.read_text()):
+            broken.append(f"{target}#{anchor}")
+    assert broken == []
