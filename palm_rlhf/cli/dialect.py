@@ -50,14 +50,15 @@ def _show(value) -> str:
     return str(value)
 
 
-def keys_help(config_cls) -> str:
-    """The `config keys:` section of `CMD --help`, generated from the config dataclass."""
+def keys_help(config_cls, columns: int | None = None) -> str:
+    """The `config keys:` section of `CMD --help`, generated from the config dataclass (`columns`: the
+    width to lay it out for; default the terminal's, docs/config.md uses 100)."""
     from ..runtime.config import config_help
 
     rows = [(key, tp, _show(default), text) for key, tp, default, text in config_help(config_cls)]
     left = [f"  {key}: {tp} = {default}" for key, tp, default, _ in rows]
     width = min(max(len(s) for s in left) + 2, 56)
-    term = shutil.get_terminal_size((120, 24)).columns
+    term = columns or shutil.get_terminal_size((120, 24)).columns
     lines = ["config keys (key=value, dotted for groups; type = default):"]
     for head, (_, _, _, text) in zip(left, rows):
         if not text:
