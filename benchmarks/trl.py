@@ -362,6 +362,7 @@ def child(impl: str, trainer: str, work: Path, run: Path, s: dict, threads: int)
 
     torch.set_num_threads(threads)
     result = (child_ours if impl == "ours" else child_trl)(trainer, work, run, s)
+    result["threads_after"] = torch.get_num_threads()  # a library that reset the thread count shows here
     (run / "result.json").write_text(json.dumps(result))
 
 
