@@ -15,7 +15,9 @@ Then, for SFT, reward, DPO and GRPO, it runs TRL's SFTTrainer / RewardTrainer / 
 GRPOTrainer (transformers generation) and our CLI (`finetune`, `reward train`, `dpo`, `grpo` with
 `reward_fn=module:function`) on that directory, interleaved (ours, trl, ours, trl, ...), each run in
 its own subprocess with `torch.set_num_threads(threads)`. The child reads its peak RSS (VmHWM) from
-/proc/self/status when training ends (ru_maxrss would be inherited from this parent).
+/proc/self/status when training ends (ru_maxrss would be inherited from this parent): ours after the
+CLI command returns (its end-of-run evaluation and final/ included), TRL's after `train()` and, for
+reward and DPO, `evaluate()` (before 2026-12-07 03:25 UTC TRL's peak excluded `evaluate()`).
 
 Seconds per optimizer step are timed per step (ours: the `time` column of metrics.jsonl with
 log_every=1; TRL: a TrainerCallback around each step); the first step (warm-up) and the last (which
@@ -341,17 +343,18 @@ def child_trl(trainer: str, work: Path, run: Path, s: dict) -> dict:
         t = trl.GRPOTrainer(model=ckpt, reward_funcs=score, args=args, train_dataset=load("grpo_prompts.jsonl"),
                             processing_class=tok, peft_config=peft_config, callbacks=[timer.callback()])
     t.train()
-    rss = peak_rss_mib()
     step_s = timer.times[1:-1]
     logs = t.state.log_history
-    if trainer == "sft":
-        model = t.model.eval()
-        outcome = sft_eval_loss(lambda x: model(input_ids=x).logits, tok, work)
-    elif trainer == "reward":
+    # the peak includes the held-out evaluation, as ours includes its end-of-run evaluation
+    if trainer == "reward":
         outcome = t.evaluate()["eval_accuracy"]
     elif trainer == "dpo":
         outcome = t.evaluate()["eval_rewards/accuracies"]
-    else:
+    rss = peak_rss_mib()
+    if trainer == "sft":
+        model = t.model.eval()
+        outcome = sft_eval_loss(lambda x: model(input_ids=x).logits, tok, work)
+    elif trainer == "grpo":
         rewards = [r["reward"] for r in logs if "reward" in r]
         outcome = statistics.mean(rewards[1:-1] or rewards)
     return {"step_s": step_s, "rss_mib": rss, "outcome": outcome}
