@@ -199,34 +199,32 @@ def sft_eval_loss(logits_fn, tokenizer, work: Path) -> float:
 
 
 def our_args(trainer: str, work: Path, run: Path, s: dict) -> list[str]:
+    """Our CLI command for `trainer`, in the shared vocabulary (optim.*, lora.*, eval.*, batch_size)."""
     ckpt = work / "llama"
     common = [f"model={ckpt}", f"out_dir={run}", f"max_steps={s['steps']}", "log_every=1", "seed=0",
-              "--no-progress"]
-    lora = [f"lora_r={s['lora_r']}", f"lora_alpha={s['lora_alpha']}"]
+              "--no-progress", "save_every=0"]
+    lora = [f"lora.r={s['lora_r']}", f"lora.alpha={s['lora_alpha']}"]
+    optim = [f"optim.lr={s['lr']}", "optim.warmup=0", "optim.schedule=constant", "optim.weight_decay=0.0",
+             "optim.betas=[0.9,0.999]", "optim.max_grad_norm=1.0"]
     if trainer == "sft":
-        return ["finetune", "--config", "lora", *common, f"data={work / 'sft_train.jsonl'}",
-                f"val_data={work / 'sft_val.jsonl'}", f"batch_size={s['batch']}", "grad_accum=1",
-                f"seq_len={s['max_len']}", f"lora.r={s['lora_r']}", f"lora.alpha={s['lora_alpha']}",
-                f"optim.lr={s['lr']}", "optim.warmup_steps=0", "optim.min_lr_ratio=1.0", "optim.weight_decay=0.0",
-                "optim.beta2=0.999", "optim.clip_grad_norm=1.0", f"eval_every={s['steps']}", "save_every=0"]
+        return ["finetune", "--config", "lora", *common, *lora, *optim, f"data={work / 'sft_train.jsonl'}",
+                f"eval.data={work / 'sft_val.jsonl'}", f"batch_size={s['batch']}", f"seq_len={s['max_len']}",
+                f"eval.every={s['steps']}"]
     if trainer == "reward":
-        return ["reward", "train", "--config", "pairwise", *common, *lora, f"data={work / 'rm_train.jsonl'}",
-                f"val_data={work / 'rm_val.jsonl'}", f"batch_size={s['batch']}", "grad_accum=1",
-                f"max_len={s['max_len']}", f"lr={s['lr']}", "warmup_steps=0", "min_lr_ratio=1.0",
-                "weight_decay=0.0", "clip_grad_norm=1.0", f"eval_every={s['steps']}", "save_every=0"]
+        return ["reward", "train", "--config", "pairwise", *common, *lora, *optim, f"data={work / 'rm_train.jsonl'}",
+                f"eval.data={work / 'rm_val.jsonl'}", f"batch_size={s['batch']}", f"max_len={s['max_len']}",
+                f"eval.every={s['steps']}"]
     if trainer == "dpo":
-        return ["dpo", "--config", "dpo", *common, *lora, f"data={work / 'dpo_train.jsonl'}",
-                f"heldout={work / 'dpo_val.jsonl'}", f"batch_size={s['batch']}", f"max_len={s['max_len']}",
-                f"lr={s['lr']}", "warmup_steps=0", "min_lr_ratio=1.0", "weight_decay=0.0", "max_grad_norm=1.0",
-                f"beta={s['dpo_beta']}", f"eval_every={s['steps']}", "kl_samples=0", "stop_at_kl_budget=false",
-                "save_every=0"]
+        return ["dpo", "--config", "dpo", *common, *lora, *optim, f"data={work / 'dpo_train.jsonl'}",
+                f"eval.data={work / 'dpo_val.jsonl'}", f"batch_size={s['batch']}", f"max_len={s['max_len']}",
+                f"beta={s['dpo_beta']}", f"eval.every={s['steps']}", "eval.samples=0", "kl_samples=0",
+                "stop_at_kl_budget=false"]
     rows = s["grpo_prompts"] * s["group"]
-    return ["grpo", "--config", "grpo", *common, *lora, f"prompts={work / 'grpo_prompts.jsonl'}",
+    return ["grpo", "--config", "grpo", *common, *lora, *optim, f"prompts={work / 'grpo_prompts.jsonl'}",
             "reward_fn=benchmark_rewards:score", f"prompts_per_step={s['grpo_prompts']}", f"group_size={s['group']}",
-            f"rollout_batch_size={rows}", f"minibatch_size={rows}", "epochs=1",
-            f"max_new_tokens={s['completion']}", f"temperature={s['temperature']}", f"lr={s['lr']}",
-            "weight_decay=0.0", "max_grad_norm=1.0", f"kl_coef={s['kl']}", f"clip_eps={s['clip']}",
-            "scale_by_std=true", "aggregation=seq_mean", "sample_every=0", "save_every=0"]
+            f"rollout_batch_size={rows}", f"batch_size={rows}", "epochs=1",
+            f"max_new_tokens={s['completion']}", f"temperature={s['temperature']}", f"kl_coef={s['kl']}",
+            f"clip_eps={s['clip']}", "scale_by_std=true", "aggregation=seq_mean", "sample_every=0"]
 
 
 def child_ours(trainer: str, work: Path, run: Path, s: dict) -> dict:
