@@ -15,20 +15,22 @@ from palm_rlhf.rl.tpo import tpo_loss, tpo_targets
 
 
 def test_spo_penalises_the_ratio_quadratically_instead_of_clipping():
-    """eps 0.2. Token 1: A = 1, ratio e^0.5 = 1.648721: -1.648721 + 1/0.4 * 0.648721^2
-    = -1.648721 + 2.5 * 0.420839 = -1.648721 + 1.052097 = -0.596624; PPO would clip it at -1.2 with
-    no gradient. Token 2: A = -2, ratio 1: 2 + 0 = 2. Padding: 0.
-    Gradients in logp: d/dlogp = ratio * (-A + |A|/eps * (ratio - 1)): token 1 1.648721 * (-1 + 5 *
-    0.648721) = 1.648721 * 2.243606 = 3.699075 (pushes the ratio back; PPO's is 0); token 2: 2 (= -A)."""
-    logp = torch.tensor([[0.5, 0.0, 0.0]], requires_grad=True)
-    old = torch.zeros(1, 3)
-    adv = torch.tensor([[1.0, -2.0, 5.0]])
-    mask = torch.tensor([[True, True, False]])
+    """eps 0.2, so |A| / (2 eps) = 2.5 |A|. Token 1: A = 1, ratio e^0.5 = 1.648721: -1.648721 + 2.5 *
+    0.648721^2 = -1.648721 + 2.5 * 0.420839 = -0.596624; PPO clips it at -1.2 with no gradient.
+    Token 2: A = -2, ratio 1: 2 + 0 = 2. Token 3: A = -1, ratio 0.5: 0.5 + 2.5 * 0.25 = 1.125 (the
+    penalty uses |A|: with A it would be 0.5 - 0.625 = -0.125). Padding: 0.
+    Gradients in logp: ratio * (-A + |A|/eps * (ratio - 1)): token 1 1.648721 * (-1 + 5 * 0.648721)
+    = 1.648721 * 2.243606 = 3.699075 (pushes the ratio back; PPO's is 0); token 2: 2 (= -A);
+    token 3: 0.5 * (1 + 5 * -0.5) = -0.75."""
+    logp = torch.tensor([[0.5, 0.0, math.log(0.5), 0.0]], requires_grad=True)
+    old = torch.zeros(1, 4)
+    adv = torch.tensor([[1.0, -2.0, -1.0, 5.0]])
+    mask = torch.tensor([[True, True, True, False]])
     terms = spo_policy_terms(logp, old, adv, mask, eps=0.2)
-    torch.testing.assert_close(terms.loss, torch.tensor([[-0.596624, 2.0, 0.0]]), atol=1e-5, rtol=0)
-    assert terms.clipped.tolist() == [[True, False, False]]
+    torch.testing.assert_close(terms.loss, torch.tensor([[-0.596624, 2.0, 1.125, 0.0]]), atol=1e-5, rtol=0)
+    assert terms.clipped.tolist() == [[True, False, True, False]]
     terms.loss.sum().backward()
-    torch.testing.assert_close(logp.grad, torch.tensor([[3.699075, 2.0, 0.0]]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(logp.grad, torch.tensor([[3.699075, 2.0, -0.75, 0.0]]), atol=1e-5, rtol=0)
     ppo = ppo_policy_terms(logp.detach(), old, adv, mask, 0.2)
     assert float(ppo.loss[0, 0]) == pytest.approx(-1.2)
     with pytest.raises(ConfigError, match="clip_eps"):
