@@ -86,7 +86,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # the RL tests, fastest first, so that most mutants die within seconds
 RL_TESTS = ["tests/rl", "tests/trainers/test_rlhf.py", "tests/trainers/test_dpo.py", "tests/trainers/test_ppo.py",
             "tests/trainers/test_grpo.py", "tests/trainers/test_reinforce.py", "tests/trainers/test_rl_progress.py",
-            "tests/trainers/test_rl_distributed.py"]
+            "tests/trainers/test_rl_distributed.py", "tests/trainers/test_grpo_options.py"]
 
 
 @dataclass(frozen=True)
@@ -225,6 +225,12 @@ MUTANTS = [
            "TPO's temperature multiplies the rewards"),
     Mutant("tpo-trains-flat-groups", TPO, "return torch.where(has_variance, loss, torch.zeros_like(loss))",
            "return loss", "groups without reward variance still move the policy"),
+    Mutant("grpo-spo-ignored", GRPO, 'if hp.policy_loss == "spo":', "if False:",
+           "GRPO's policy_loss=spo runs the clip"),
+    Mutant("grpo-entropy-advantage-ignored", GRPO, "if hp.entropy_scale > 0:", "if False:",
+           "GRPO's entropy_advantage does nothing"),
+    Mutant("grpo-advantage-norm-ignored", GRPO, "hp.group_size, hp.advantage_norm,", 'hp.group_size, "std",',
+           "GRPO's advantage_norm does nothing"),
     Mutant("tpo-entropy-sign", TPO, "loss = ce - ent_coef *", "loss = ce + ent_coef *",
            "TPO's entropy bonus becomes a penalty"),
 ]

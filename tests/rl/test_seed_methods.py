@@ -172,3 +172,25 @@ def test_tpo_target_tilts_the_old_policy_by_the_z_scored_reward():
     assert ent.grad[2:].tolist() == [0.0, 0.0]
     with pytest.raises(ConfigError, match="eta"):
         tpo_targets(old, scores, 2, eta=0.0)
+
+
+def test_grpo_loss_wires_the_options():
+    """One token, logp 0.5, old 0 (ratio e^0.5 = 1.648721), A = 1, entropy 0.5, no KL (reference = policy).
+    clip (eps 0.2): max(-1.648721, -1.2) = -1.2. spo: -0.596624 (as in the SPO test above).
+    entropy_advantage scale 0.4, kappa 2: A' = 1 + min(0.2, 0.5) = 1.2 -> clip: -1.2 * 1.2 = -1.44.
+    score_centering without the vocabulary-sized inputs is an InputError."""
+    from palm_rlhf.errors import InputError
+    from palm_rlhf.rl.grpo import GRPOHyperparams, grpo_loss
+    from palm_rlhf.rl.rollout import Rollout
+    logp = torch.tensor([[0.5]])
+    mb = Rollout(prompts=torch.ones(1, 1, dtype=torch.long), prompt_lengths=torch.ones(1, dtype=torch.long),
+                 responses=torch.ones(1, 1, dtype=torch.long), mask=torch.ones(1, 1, dtype=torch.bool),
+                 old_log_probs=torch.zeros(1, 1), ref_log_probs=logp.clone(), scores=torch.zeros(1),
+                 advantages=torch.ones(1, 1))
+    ent = torch.tensor([[0.5]])
+    loss = lambda **kw: float(grpo_loss(logp, ent, mb, GRPOHyperparams(group_size=2, kl_coef=0.0, **kw))[0])
+    assert loss() == pytest.approx(-1.2)
+    assert loss(policy_loss="spo") == pytest.approx(-0.596624, abs=1e-5)
+    assert loss(entropy_scale=0.4, entropy_kappa=2.0) == pytest.approx(-1.44)
+    with pytest.raises(InputError, match="score_centering"):
+        loss(policy_loss="score_centering")
