@@ -40,6 +40,7 @@ COMMAND_MODULES = [
     "grpo",
     "rloo",
     "reinforce_pp",
+    "tpo",
     "dpo",
     "feedback",
     "serve", "chat",

@@ -12,12 +12,17 @@ entirely: it leaves the policy unchanged.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import ConfigError
+from ..ops import masked_mean
+from .kl import kl_per_token
 from .reinforce import grouped
+from .rollout import Rollout
 
 
 def tpo_targets(old_seq_logp: Tensor, scores: Tensor, group_size: int, eta: float = 1.0
@@ -53,4 +58,44 @@ def tpo_loss(seq_logp: Tensor, seq_entropy: Tensor, targets: Tensor, has_varianc
     return torch.where(has_variance, loss, torch.zeros_like(loss))
 
 
-__all__ = ["tpo_targets", "tpo_loss"]
+@dataclass
+class TPOHyperparams:
+    """group_size: samples per prompt; eta: the target's temperature on z-scored rewards; ent_coef: entropy
+    bonus (the seed's beta_s); kl_coef: weight of GRPO's k3 KL to the reference, token mean per response,
+    averaged over the group (0: none, as the seed)."""
+
+    group_size: int = 8
+    eta: float = 1.0
+    ent_coef: float = 0.01
+    kl_coef: float = 0.0
+
+    def __post_init__(self):
+        if self.group_size < 2:
+            raise ConfigError(f"group_size={self.group_size} must be >= 2 (TPO compares the samples of a prompt)")
+        if self.eta <= 0:
+            raise ConfigError(f"eta={self.eta} must be > 0")
+        if self.ent_coef < 0 or self.kl_coef < 0:
+            raise ConfigError("ent_coef and kl_coef must be >= 0")
+
+
+def tpo_minibatch_loss(logp: Tensor, entropy: Tensor, mb: Rollout, hp: TPOHyperparams
+                       ) -> tuple[Tensor, dict[str, Tensor]]:
+    """Mean TPO loss over the minibatch's groups (mb holds whole groups, rows i*G .. i*G+G-1 sharing a
+    prompt). logp, entropy (b, T) under the current weights. The target comes from the rollout's own
+    old log-probs and scores, so it is fixed for every epoch over the rollout."""
+    mask = mb.mask
+    m = mask.to(logp.dtype)
+    targets, has_variance = tpo_targets(mb.old_log_probs.sum(-1), mb.scores.float(), hp.group_size, hp.eta)
+    seq_entropy = (entropy * m).sum(-1) / m.sum(-1).clamp(min=1.0)
+    per_group = tpo_loss((logp * m).sum(-1), seq_entropy, targets, has_variance, hp.group_size, hp.ent_coef)
+    kl = kl_per_token(logp, mb.ref_log_probs, "k3").masked_fill(~mask, 0.0)
+    if hp.kl_coef > 0:
+        seq_kl = (kl * m).sum(-1) / m.sum(-1).clamp(min=1.0)
+        per_group = per_group + hp.kl_coef * grouped(seq_kl, hp.group_size).mean(-1)
+    with torch.no_grad():
+        stats = {"policy_loss": per_group.mean(), "kl_k3": masked_mean(kl, mask), "entropy": masked_mean(entropy, mask),
+                 "target_max": targets.max(-1).values.mean(), "tokens": mask.sum().float()}
+    return per_group.mean(), stats
+
+
+__all__ = ["tpo_targets", "tpo_loss", "TPOHyperparams", "tpo_minibatch_loss"]

@@ -86,7 +86,8 @@ ROOT = Path(__file__).resolve().parents[2]
 # the RL tests, fastest first, so that most mutants die within seconds
 RL_TESTS = ["tests/rl", "tests/trainers/test_rlhf.py", "tests/trainers/test_dpo.py", "tests/trainers/test_ppo.py",
             "tests/trainers/test_grpo.py", "tests/trainers/test_reinforce.py", "tests/trainers/test_rl_progress.py",
-            "tests/trainers/test_rl_distributed.py", "tests/trainers/test_grpo_options.py"]
+            "tests/trainers/test_rl_distributed.py", "tests/trainers/test_grpo_options.py",
+            "tests/trainers/test_tpo.py"]
 
 
 @dataclass(frozen=True)
@@ -231,6 +232,9 @@ MUTANTS = [
            "GRPO's entropy_advantage does nothing"),
     Mutant("grpo-advantage-norm-ignored", GRPO, "hp.group_size, hp.advantage_norm,", 'hp.group_size, "std",',
            "GRPO's advantage_norm does nothing"),
+    Mutant("tpo-rows-shuffled", "palm_rlhf/trainers/tpo.py",
+           "return (groups[:, None] * g + torch.arange(g)[None, :]).reshape(-1)",
+           "return torch.randperm(n, generator=generator)", "TPO's minibatches split groups"),
     Mutant("tpo-entropy-sign", TPO, "loss = ce - ent_coef *", "loss = ce + ent_coef *",
            "TPO's entropy bonus becomes a penalty"),
 ]
