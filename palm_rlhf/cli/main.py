@@ -41,6 +41,7 @@ COMMAND_MODULES = [
     "rloo",
     "reinforce_pp",
     "tpo",
+    "flowrl",
     "dpo",
     "feedback",
     "serve", "chat",

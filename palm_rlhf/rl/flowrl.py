@@ -15,6 +15,8 @@ the prompt's mean final embedding; its gradient trains it, the policy's log-prob
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
@@ -71,4 +73,20 @@ def group_zscore(scores: Tensor, group_size: int, eps: float = 1e-8) -> Tensor:
     return group_advantages(scores.float(), group_size, "std", eps=eps)[0]
 
 
-__all__ = ["trajectory_balance_loss", "PartitionFunction", "group_zscore"]
+@dataclass
+class FlowRLHyperparams:
+    """group_size: samples per prompt (rewards are z-scored in each group); beta: inverse temperature of
+    the target; clip_eps: clip of the sequence importance weight."""
+
+    group_size: int = 8
+    beta: float = 15.0
+    clip_eps: float = 0.2
+
+    def __post_init__(self):
+        if self.group_size < 2:
+            raise ConfigError(f"group_size={self.group_size} must be >= 2 (rewards are z-scored within a group)")
+        if self.beta <= 0 or self.clip_eps <= 0:
+            raise ConfigError(f"beta={self.beta} and clip_eps={self.clip_eps} must be > 0")
+
+
+__all__ = ["FlowRLHyperparams", "trajectory_balance_loss", "PartitionFunction", "group_zscore"]

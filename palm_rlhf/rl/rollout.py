@@ -37,6 +37,8 @@ class Rollout:
     advantages: Tensor | None = None
     returns: Tensor | None = None
     sampler_probs: Tensor | None = None  # (b, T, V) the sampler's distribution (GRPO's score centring only)
+    prompt_embeddings: Tensor | None = None  # (b, d) mean final embedding of each prompt (FlowRL's log Z(x))
+    normalized_scores: Tensor | None = None  # (b,) scores z-scored within each group (FlowRL)
     stop_reasons: list = field(default_factory=list)
 
     def __len__(self) -> int:
@@ -55,7 +57,7 @@ class Rollout:
             value = getattr(self, f.name)
             if isinstance(value, Tensor):
                 value = value[index.to(value.device)]
-                if value.ndim >= 2 and f.name not in ("prompts",):
+                if value.ndim >= 2 and f.name not in ("prompts", "prompt_embeddings"):
                     value = value[:, :T]
             elif isinstance(value, list) and value:
                 value = [value[i] for i in index.tolist()]

@@ -87,7 +87,7 @@ ROOT = Path(__file__).resolve().parents[2]
 RL_TESTS = ["tests/rl", "tests/trainers/test_rlhf.py", "tests/trainers/test_dpo.py", "tests/trainers/test_ppo.py",
             "tests/trainers/test_grpo.py", "tests/trainers/test_reinforce.py", "tests/trainers/test_rl_progress.py",
             "tests/trainers/test_rl_distributed.py", "tests/trainers/test_grpo_options.py",
-            "tests/trainers/test_tpo.py"]
+            "tests/trainers/test_tpo.py", "tests/trainers/test_flowrl.py"]
 
 
 @dataclass(frozen=True)
@@ -235,6 +235,9 @@ MUTANTS = [
     Mutant("tpo-rows-shuffled", "palm_rlhf/trainers/tpo.py",
            "return (groups[:, None] * g + torch.arange(g)[None, :]).reshape(-1)",
            "return torch.randperm(n, generator=generator)", "TPO's minibatches split groups"),
+    Mutant("flowrl-log-z-not-trained", "palm_rlhf/trainers/flowrl.py",
+           "return super()._parameters() + list(self.log_z.parameters())", "return super()._parameters()",
+           "FlowRL's log Z is never optimised"),
     Mutant("tpo-entropy-sign", TPO, "loss = ce - ent_coef *", "loss = ce + ent_coef *",
            "TPO's entropy bonus becomes a penalty"),
 ]
