@@ -193,7 +193,7 @@ def snippets(pre: Path, tokenizer, n: int, size: int, seed: int) -> list[str]:
 
 class Policy(NamedTuple):
     """A model to sample from and score against its reference. A LoRA run is the base with its `actor`
-    scope, against the same model with LoRA disabled; a full-finetune run (`use_lora=false`) is its own
+    scope, against the same model with LoRA disabled; a full-finetune run (`lora.r=0`) is its own
     model, against the base (`reference`)."""
     model: torch.nn.Module
     scope: str | None = None
@@ -353,7 +353,7 @@ def job(pre: Path, rm_pre: Path, rule: str, seed: int, work: Path, more_pairs: d
     rm_dir = work / "rm"
     if not (rm_dir / "final").is_dir():
         cli(["reward", "train", "--config", "configs/reward/pairwise.yaml", f"model={rm_pre / 'final'}",
-             f"data={data / 'train.jsonl'}", f"val_data={data / 'val.jsonl'}", f"out_dir={rm_dir}",
+             f"data={data / 'train.jsonl'}", f"eval.data={data / 'val.jsonl'}", f"out_dir={rm_dir}",
              f"max_steps={args.rm_steps}", *common], log, threads)
     rm = RewardModel.from_pretrained(rm_dir / "final", dropout=0.0).eval()
     val = read_preferences(data / "val.jsonl")
@@ -386,7 +386,7 @@ def job(pre: Path, rm_pre: Path, rule: str, seed: int, work: Path, more_pairs: d
             keys = [f"out_dir={out}", f"max_steps={args.rl_steps if algo != 'dpo' else args.dpo_steps}", *common,
                     *extra]
             if algo == "dpo":
-                keys += [f"data={dpo_data / 'train.jsonl'}", f"heldout={data / 'val.jsonl'}"]
+                keys += [f"data={dpo_data / 'train.jsonl'}", f"eval.data={data / 'val.jsonl'}"]
             else:
                 keys += [f"prompts={data / 'prompts.jsonl'}", f"reward_model={rm_dir / 'final'}",
                          f"max_new_tokens={args.tokens}"]

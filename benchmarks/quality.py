@@ -85,7 +85,7 @@ def build(system: str, precision: str, lr: float, warmup: int):
 def bench_optim(lr: float):
     from palm_rlhf.runtime.optim import OptimConfig
 
-    return OptimConfig(lr=lr, beta1=0.9, beta2=0.95, weight_decay=0.1, clip_grad_norm=1.0)
+    return OptimConfig(lr=lr, betas=(0.9, 0.95), weight_decay=0.1, max_grad_norm=1.0)
 
 
 @torch.no_grad()

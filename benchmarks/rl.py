@@ -55,7 +55,7 @@ def build_ours(prompts: torch.Tensor, out_dir: str):
     reward = RewardModel(PaLM(dim=DIM, num_tokens=VOCAB, depth=DEPTH, heads=HEADS, dim_head=DIM_HEAD),
                          dropout=0.0).eval()
     config = PPOConfig(out_dir=out_dir, max_steps=1_000_000, prompts_per_step=ROLLOUTS, rollout_batch_size=ROLLOUTS,
-                       minibatch_size=MINIBATCH, epochs=1, max_new_tokens=NEW, eos_token=None, sample_every=0)
+                       batch_size=MINIBATCH, epochs=1, max_new_tokens=NEW, eos_token=None, sample_every=0)
     trainer = PPOTrainer(config, model=palm, reward=reward, prompts=list(prompts)).setup()
     state = {"step": 0}
 

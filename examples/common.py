@@ -55,8 +55,8 @@ def pretrain(out_dir: Path, sources: list, *, model: dict, steps: int, batch_siz
     re-running resumes it, and a finished run is only loaded."""
     config = PretrainConfig(out_dir=str(out_dir), data=DataConfig(sources=tuple(str(s) for s in sources)),
                             model=ModelConfig(**model), seq_len=seq_len, max_steps=steps, batch_size=batch_size,
-                            optim=OptimConfig(lr=lr, weight_decay=0.01, warmup_steps=max(1, steps // 10)),
-                            eval_every=0, eval_batches=4, save_every=0, log_every=max(1, steps // 5),
+                            optim=OptimConfig(lr=lr, weight_decay=0.01, warmup=max(1, steps // 10)),
+                            eval={"every": 0, "samples": 4 * batch_size}, save_every=0, log_every=max(1, steps // 5),
                             progress=progress, seed=seed)
     trainer = PretrainTrainer(config)
     try:  # Ctrl-C / SIGTERM: the trainer saves a checkpoint and raises RunInterrupted (rerun to resume)

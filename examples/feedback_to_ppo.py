@@ -98,8 +98,8 @@ def main() -> int:
 
     # 4. reward model on the exported file, the same file `palm-rlhf reward train` reads
     rm = RewardTrainer(RewardTrainConfig(model=str(base), data=str(out / "prefs.jsonl"),
-                                         out_dir=str(out / "reward"), val_fraction=0.2, max_steps=30 if q else 200,
-                                         lr=3e-3, eval_every=10_000, progress=not q, seed=args.seed,
+                                         out_dir=str(out / "reward"), eval={"fraction": 0.2, "every": 10_000},
+                                         max_steps=30 if q else 200, optim={"lr": 3e-3}, progress=not q, seed=args.seed,
                                          resume="never"))
     try:
         rm_metrics = rm.setup().train()
@@ -115,8 +115,8 @@ def main() -> int:
               "vowel_share": sample_and_score(model, tok, eval_prompts, truth, **score)}
     shutil.rmtree(out / "ppo", ignore_errors=True)  # a fresh PPO run each time (pretraining is reused)
     ppo = PPOTrainer(PPOConfig(out_dir=str(out / "ppo"), max_steps=3 if q else 40, prompts_per_step=16 if q else 32,
-                               minibatch_size=16, epochs=2, max_new_tokens=max_new, eos_token=tok.eos_id, lr=3e-3,
-                               critic_lr=3e-3, kl_coef=0.05, sample_every=0, seed=args.seed),
+                               batch_size=16, epochs=2, max_new_tokens=max_new, eos_token=tok.eos_id,
+                               optim={"lr": 3e-3}, critic_lr=3e-3, kl_coef=0.05, sample_every=0, seed=args.seed),
                      model=model, reward=reward_model, prompts=PROMPTS, tokenizer=tok)
     history = ppo.setup().train()
     ppo.cleanup()

@@ -82,8 +82,8 @@ def main() -> int:
 
     shutil.rmtree(out / "grpo", ignore_errors=True)  # a fresh GRPO run each time (pretraining is reused)
     config = GRPOConfig(out_dir=str(out / "grpo"), max_steps=4 if q else 150, prompts_per_step=4 if q else 16,
-                        group_size=8, minibatch_size=32, epochs=1, max_new_tokens=4, eos_token=NEWLINE,
-                        lr=1e-3, kl_coef=0.04, sample_every=0 if q else 20, seed=args.seed)
+                        group_size=8, batch_size=32, epochs=1, max_new_tokens=4, eos_token=NEWLINE,
+                        optim={"lr": 1e-3}, kl_coef=0.04, sample_every=0 if q else 20, seed=args.seed)
     trainer = GRPOTrainer(config, model=model, reward=check_answers, prompts=prompts, tokenizer=tok)
     history = trainer.setup().train()
     trainer.cleanup()

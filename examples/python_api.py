@@ -39,8 +39,8 @@ steps = 60 if q else 300
 pre = PretrainTrainer(PretrainConfig(
     out_dir=str(out / "pretrain"), data=DataConfig(sources=tuple(map(str, stdlib_files()[:40 if q else 300]))),
     model=ModelConfig(dim=32 if q else 96, depth=1 if q else 3, heads=2 if q else 4, dim_head=16 if q else 24),
-    seq_len=64 if q else 128, batch_size=16, max_steps=steps, eval_every=0, save_every=0,
-    optim=OptimConfig(lr=3e-3, weight_decay=0.01, warmup_steps=steps // 10), progress=not q))
+    seq_len=64 if q else 128, batch_size=16, max_steps=steps, eval={"every": 0}, save_every=0,
+    optim=OptimConfig(lr=3e-3, weight_decay=0.01, warmup=steps // 10), progress=not q))
 try:  # Ctrl-C saves a checkpoint and raises RunInterrupted: run the same command to resume
     pre_summary = pre.setup().train()  # writes out/pretrain/final: save_pretrained weights + tokenizer
 finally:
@@ -52,8 +52,9 @@ print(f"pretraining: {steps} steps" + (f", validation loss {loss:.3f} nats/byte"
 # 2. A reward model on simulated preferences: the rule annotator prefers the response with more vowels.
 write_preferences(out / "prefs.jsonl", rule_preference_pairs(300 if q else 1500, seed=0))
 rm_trainer = RewardTrainer(RewardTrainConfig(model=str(out / "pretrain" / "final"), data=str(out / "prefs.jsonl"),
-                                             out_dir=str(out / "reward"), max_steps=30 if q else 200, lr=3e-3,
-                                             eval_every=10_000, progress=not q))
+                                             out_dir=str(out / "reward"), max_steps=30 if q else 200,
+                                             optim={"lr": 3e-3},
+                                             eval={"every": 10_000}, progress=not q))
 rm_metrics = rm_trainer.setup().train()
 rm_trainer.cleanup()
 reward_model = RewardModel.from_pretrained(out / "reward" / "final")
@@ -64,7 +65,7 @@ shutil.rmtree(out / "ppo", ignore_errors=True)  # a fresh PPO run each time (a f
 prompts = ["def ", "class ", "import ", "return ", "# ", "if ", "for ", "with ", "print(", "self."]
 max_new = 16 if q else 24
 ppo = PPOTrainer(PPOConfig(out_dir=str(out / "ppo"), max_steps=3 if q else 40, prompts_per_step=16 if q else 32,
-                           minibatch_size=16, epochs=2, max_new_tokens=max_new, eos_token=tok.eos_id, lr=3e-3,
+                           batch_size=16, epochs=2, max_new_tokens=max_new, eos_token=tok.eos_id, optim={"lr": 3e-3},
                            critic_lr=3e-3, kl_coef=0.05, sample_every=0),
                  model=model, reward=reward_model, prompts=prompts, tokenizer=tok)
 history = ppo.setup().train()

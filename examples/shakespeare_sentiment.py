@@ -104,8 +104,8 @@ def main() -> int:
 
     shutil.rmtree(out / "ppo", ignore_errors=True)  # a fresh PPO run each time (pretraining is reused)
     config = PPOConfig(out_dir=str(out / "ppo"), max_steps=3 if q else 60, prompts_per_step=16 if q else 32,
-                       minibatch_size=16, epochs=2, max_new_tokens=score["max_new_tokens"], eos_token=NEWLINE,
-                       lr=3e-3, critic_lr=3e-3, kl_coef=0.05, sample_every=0 if q else 20, seed=args.seed)
+                       batch_size=16, epochs=2, max_new_tokens=score["max_new_tokens"], eos_token=NEWLINE,
+                       optim={"lr": 3e-3}, critic_lr=3e-3, kl_coef=0.05, sample_every=0 if q else 20, seed=args.seed)
     trainer = PPOTrainer(config, model=model, reward=reward, prompts=PROMPTS, tokenizer=tok)
     history = trainer.setup().train()
     trainer.cleanup()

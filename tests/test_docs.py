@@ -41,7 +41,10 @@ def test_block_extraction():
 # the spellings the one dialect replaced: flags of the training commands, and renamed keys
 TRAINING = re.compile(r"palm(?:-rlhf|_rlhf)\s+(pretrain|finetune|reward\s+train|ppo|grpo|rloo|reinforce-pp|tpo|flowrl|dpo)\b(.*)")
 OLD_SPELLINGS = re.compile(r"(?<![\w.-])(--base|--data|--out|--set|--no-resume|--resume|--val-data|steps=|"
-                           r"preferences=|base=)")
+                           r"preferences=|base=|lr=|weight_decay=|warmup_steps=|min_lr_ratio=|clip_grad_norm=|"
+                           r"max_grad_norm=|optimizer=|lora_r=|lora_alpha=|use_lora=|actor_scope=|val_data=|"
+                           r"val_fraction=|heldout=|heldout_fraction=|eval_every=|eval_batches=|grad_accum=|"
+                           r"minibatch_size=)")
 
 
 def old_spellings(text: str) -> list[str]:
@@ -68,6 +71,8 @@ def test_old_spelling_detector():
     assert old_spellings("`palm-rlhf ppo --config ppo steps=3`")
     assert old_spellings("palm-rlhf dpo --config dpo \\\n    preferences=p.jsonl")
     assert not old_spellings("palm-rlhf ppo --config ppo max_steps=3 model=runs/sft  # not steps=")
+    assert old_spellings("palm-rlhf dpo --config dpo lr=1e-3") and old_spellings("palm-rlhf ppo minibatch_size=8")
+    assert not old_spellings("palm-rlhf ppo --config ppo optim.lr=1e-3 critic_lr=1e-3 eval.every=5")
     assert not old_spellings("palm-rlhf reward score runs/rm --data p.jsonl --out s.jsonl")
     assert not old_spellings("palm-rlhf feedback export --db f.sqlite --out prefs.jsonl")
 

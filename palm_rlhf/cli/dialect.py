@@ -9,7 +9,7 @@ pretrain, finetune, reward train, ppo, grpo and dpo are built here, so they pars
     -h / --help          the examples, then every config key with type, default and meaning
 
 Yesterday's spellings keep working with a one-line deprecation notice: `--base X` (model=X),
-`--data X` (data=X), `--out X` (out_dir=X), `--val-data X` (val_data=X), `--set k=v ...`,
+`--data X` (data=X), `--out X` (out_dir=X), `--val-data X` (eval.data=X), `--set k=v ...`,
 `--no-resume` (resume=never) and `--resume` (resume=must). Old config keys (`steps=`,
 `preferences=`, `base=`) are the config dataclasses' ALIASES, translated by runtime.config.
 """
@@ -27,7 +27,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 # deprecated flag -> the config key it sets
-_VALUE_FLAGS = {"--base": "model", "--data": "data", "--out": "out_dir", "--val-data": "val_data"}
+_VALUE_FLAGS = {"--base": "model", "--data": "data", "--out": "out_dir", "--val-data": "eval.data"}
 _RESUME_FLAGS = {"--no-resume": "never", "--resume": "must"}
 OVERRIDES_DEST = "overrides"
 
@@ -66,11 +66,29 @@ def keys_help(config_cls) -> str:
             lines += [head, " " * 8 + text]
         else:
             lines.append(head.ljust(width) + text)
-    aliases = {k: v for klass in reversed(config_cls.__mro__)
-               for k, v in (getattr(klass, "ALIASES", None) or {}).items()}
+    aliases = _old_keys(config_cls)
     if aliases:
-        lines.append("deprecated keys (still accepted): " + ", ".join(f"{k}= -> {v}=" for k, v in aliases.items()))
+        lines.append("deprecated keys (still accepted): " + ", ".join(f"{k}= -> {v}" for k, v in aliases.items()))
     return "\n".join(lines)
+
+
+def _old_keys(config_cls, prefix: str = "") -> dict[str, str]:
+    """{old key: what to write instead} of a config and its sections."""
+    import dataclasses
+    import typing
+
+    from ..runtime.config import Converted
+
+    out = {}
+    for klass in reversed(config_cls.__mro__):
+        for old, new in (getattr(klass, "ALIASES", None) or {}).items():
+            out[prefix + old] = new.new if isinstance(new, Converted) else f"{prefix}{new}="
+    hints = typing.get_type_hints(config_cls)
+    for f in dataclasses.fields(config_cls):
+        tp = hints.get(f.name)
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+            out.update(_old_keys(tp, f"{prefix}{f.name}."))
+    return out
 
 
 class _HelpWithKeys(argparse.Action):

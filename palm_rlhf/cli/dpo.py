@@ -11,7 +11,7 @@ EXAMPLES = """examples:
   torchrun --nproc_per_node 2 -m palm_rlhf dpo --config dpo model=runs/sft data=prefs.jsonl
 
 Held-out implicit-reward accuracy and margin, and kl_ref (KL to the reference in nats per sequence,
-on completions the policy samples for held-out prompts) are logged every eval_every steps to
+on completions the policy samples for held-out prompts) are logged every eval.every steps to
 OUT/metrics.jsonl; past kl_budget a warning (stop_at_kl_budget=true: the run ends there).
 OUT/final/ holds the base with the trained actor merged, OUT/final/adapter.safetensors the actor alone.
 """

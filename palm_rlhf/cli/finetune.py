@@ -7,11 +7,12 @@ from .dialect import add_training_command, import_object, run_trainer
 EXAMPLES = """examples:
   palm-rlhf finetune --config lora model=runs/pretrain data=sft.jsonl out_dir=runs/sft
   palm-rlhf finetune --config full model=runs/pretrain data=sft.jsonl optim.lr=1e-4
-  palm-rlhf finetune --config lora model=runs/pretrain data=sft.jsonl val_data=val.jsonl max_steps=500
-  torchrun --nproc_per_node 2 -m palm_rlhf finetune --config lora model=runs/pretrain data=sft.jsonl batch_size=4
+  palm-rlhf finetune --config lora model=runs/pretrain data=sft.jsonl eval.data=val.jsonl max_steps=500
+  torchrun --nproc_per_node 2 -m palm_rlhf finetune --config lora model=runs/pretrain data=sft.jsonl batch_size=8
 
 Each line of data is {"prompt": "...", "response": "..."}; the loss covers the response and the EOS
-appended to it. With lora.scope=NAME only that LoRA scope trains; OUT/final holds the merged model and
+appended to it. With lora.r=8 only a LoRA scope (lora.scope, default sft) trains; OUT/final holds the
+merged model and
 OUT/final/adapter.safetensors the scope alone. model= is a run directory (its final/), a final/ or a
 checkpoint step directory; the tokenizer saved with it is used unless tokenizer= says otherwise.
 Resumes from OUT/checkpoints/latest (resume=never starts over).

@@ -11,7 +11,7 @@ EXAMPLES = """examples:
   palm-rlhf pretrain --config tiny-stdlib data.tokenizer=tok/ out_dir=runs/base   # a BPE tokenizer
   palm-rlhf pretrain --config tiny-stdlib resume=must      # continue OUT/checkpoints/latest, error if none
   palm-rlhf pretrain --config tiny-stdlib --print-config   # the resolved config, as YAML
-  torchrun --nproc_per_node 2 -m palm_rlhf pretrain --config shakespeare batch_size=8
+  torchrun --nproc_per_node 2 -m palm_rlhf pretrain --config shakespeare batch_size=16   # 8 per process
 
 An existing run directory resumes automatically (resume=auto); resume=never starts over.
 Writes OUT/config.yaml, OUT/metrics.jsonl, OUT/checkpoints/step_*/ and OUT/final/ (PaLM.from_pretrained).

@@ -9,7 +9,7 @@ from .dialect import add_training_command, import_object, run_trainer
 
 TRAIN_EXAMPLES = """examples:
   palm-rlhf reward train --config pairwise model=runs/sft data=prefs.jsonl out_dir=runs/rm
-  palm-rlhf reward train --config full_finetune model=runs/sft data=prefs.jsonl max_steps=500 lr=3e-4
+  palm-rlhf reward train --config full_finetune model=runs/sft data=prefs.jsonl max_steps=500 optim.lr=3e-4
   palm-rlhf reward train --config ratings model=runs/sft data=ratings.jsonl out_dir=runs/rm-ratings
   torchrun --nproc_per_node 2 -m palm_rlhf reward train --config pairwise model=runs/sft data=prefs.jsonl
 

@@ -29,7 +29,7 @@ from ..ops import eval_mode, gumbel_sample, masked_mean
 from ..files import load_state_dict_file
 from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, build_palm, load_into, palm_config, read_config, write_pretrained
 from .palm import PaLM
-from .scopes import adapter_on_frozen_base
+from .adapters import adapter_on_frozen_base
 
 POOLINGS = ("response_mean", "last", "response_mean_last", "mean")
 

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError, InputError
 from ..generation import SamplingConfig, generate
 from ..model.palm import PaLM
-from ..model.scopes import adapter_on_frozen_base
+from ..model.adapters import adapter_on_frozen_base
 from ..ops import eval_mode, top_k
 
 log = logging.getLogger(__name__)

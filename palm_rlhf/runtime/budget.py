@@ -52,14 +52,16 @@ class Budget:
     def _keep(self, step: int, value: float) -> dict:
         return {"step": step, self.key: value, "state": self.snapshot()}
 
-    def measure(self, step: int, value: float, over: bool | None = None) -> dict:
-        """Record a measurement after `step` steps; returns what the metrics row gets (the budget)."""
+    def measure(self, step: int, value: float, over: bool | None = None, row: int | None = None) -> dict:
+        """Record a measurement of the state after `step` steps (logged in metrics row `row`, default
+        `step`); returns what the metrics row gets (the budget)."""
         if self.limit is None:
             return {}
         over = value > self.limit if over is None else over
         if over and self.over_since is None:
             self.over_since = step
-            self.log.warning("%s step %d: %s %.2f %s passed %s=%g%s", self.who, step, self.key, value, self.unit,
+            self.log.warning("%s step %d: %s %.2f %s passed %s=%g%s", self.who, step if row is None else row,
+                             self.key, value, self.unit,
                              self.limit_key, self.limit, f"; stopping here ({self.stop_key}=true)" if self.stop else
                              f"; {self.advice}, or set {self.stop_key}=true to stop at the budget")
         self.stop_requested = self.stop and over

@@ -254,11 +254,13 @@ def _normalize(cls, values: dict, prefix: str, seen: set, convert: bool = True, 
         for name, value, _ in converted:
             out[name] = value
         return out
+    current = {**own_defaults, **out}  # every converter sees the keys as written, not another's output
+    updates: dict = {}
     for name, value, alias in converted:
         _warn_once(prefix + name, alias.new, seen)
-        current = {**own_defaults, **out}
-        for key, new_value in alias.fn(value, current).items():
-            _set_path(out, key, new_value)
+        updates.update(alias.fn(value, current))
+    for key, new_value in updates.items():
+        _set_path(out, key, new_value)
     return out
 
 
@@ -465,8 +467,9 @@ def _type_name(annotation, resolved) -> str:
     return getattr(resolved, "__name__", None) or str(resolved).replace("typing.", "")
 
 
-def config_help(cls, prefix: str = "") -> list[tuple[str, str, object, str]]:
-    """(dotted key, type, default, one-line meaning) for every key `cls` accepts, nested groups flattened."""
+def config_help(cls, prefix: str = "", defaults=None) -> list[tuple[str, str, object, str]]:
+    """(dotted key, type, default, one-line meaning) for every key `cls` accepts, nested groups flattened
+    (a section's defaults are the command's: `DPOConfig`'s optim.lr, not `OptimConfig`'s)."""
     comments: dict[str, str] = {}
     for klass in reversed(cls.__mro__):  # a subclass's comment wins; a redeclared field keeps its parent's
         if dataclasses.is_dataclass(klass):
@@ -476,9 +479,14 @@ def config_help(cls, prefix: str = "") -> list[tuple[str, str, object, str]]:
     for f in dataclasses.fields(cls):
         tp = types[f.name]
         if _is_dataclass_type(tp):
-            rows.extend(config_help(tp, f"{prefix}{f.name}."))
+            section = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+            if defaults is not None:
+                section = getattr(defaults, f.name, section)
+            rows.extend(config_help(tp, f"{prefix}{f.name}.", section))
             continue
-        if f.default is not dataclasses.MISSING:
+        if defaults is not None:
+            default = getattr(defaults, f.name)
+        elif f.default is not dataclasses.MISSING:
             default = f.default
         elif f.default_factory is not dataclasses.MISSING:
             default = f.default_factory()

@@ -21,7 +21,8 @@ from torch import nn
 from ..errors import ConfigError
 from .config import Converted, OldKeysAccepted
 
-__all__ = ["OPTIMIZERS", "SCHEDULES", "OptimConfig", "param_groups", "Lion", "build_optimizer", "warmup_cosine", "build_scheduler"]
+__all__ = ["OPTIMIZERS", "SCHEDULES", "OptimConfig", "param_groups", "Lion", "build_optimizer", "warmup_cosine",
+           "build_scheduler"]
 
 OPTIMIZERS = ("adamw", "lion")
 SCHEDULES = ("cosine", "constant")

@@ -38,7 +38,8 @@ class LoraConfig(metaclass=OldKeysAccepted):
     r: int = 8                       # LoRA rank; 0: no adapter, every weight trains
     alpha: float = DEFAULT_LORA_ALPHA  # output scale alpha / r: a learning rate transfers across ranks
     dropout: float = 0.0             # dropout on the adapter's input
-    targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))  # projections adapted: q k v o gate up down
+    targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS),
+                               metadata={"help": "projections adapted, from q k v o gate up down"})
     scope: str = ""                  # name of the trained scope; "": the command's own (sft, reward, actor)
 
     def __post_init__(self):

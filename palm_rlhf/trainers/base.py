@@ -161,6 +161,8 @@ class LMTrainer(OnRun):
                       source=str(latest))
         self.wrapped = self._wrap(self.model)
         self.forward_module = torch.compile(self.wrapped) if c.compile else self.wrapped
+        # evaluation forwards: DDP's own forward syncs with the other ranks, FSDP's gathers the weights
+        self.eval_forward = self.wrapped if fsdp.is_sharded(self.wrapped) else self.model
         self.optimizer = build_optimizer(self.model, c.optim)
         self.scheduler = build_scheduler(self.optimizer, c.optim, c.max_steps)
         self.run.stepper(self.wrapped, self.optimizer, self.scheduler, grad_accum=self.accum,

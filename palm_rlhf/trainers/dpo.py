@@ -3,7 +3,8 @@
 Trains the actor LoRA scope on pairwise preference records (the JSONL schema of
 `palm_rlhf.data.preferences`). The reference is the same model with the actor
 scope disabled (fresh scope) or a frozen snapshot of a pretrained adapter
-(`palm_rlhf.rl.reference`); `lora.r=0` trains every weight against a frozen copy. Reports held-out implicit-reward accuracy and margin,
+(`palm_rlhf.rl.reference`); `lora.r=0` trains every weight against a frozen copy. Reports
+held-out implicit-reward accuracy and margin,
 the policy's own preference accuracy (log p(chosen) > log p(rejected)), and its drift every
 `eval.every` steps: `kl_ref`, KL(policy || reference) in nats per sequence, measured on completions
 the policy samples (temperature 1, no filter) for the first `kl_samples` held-out prompts: the
@@ -28,7 +29,7 @@ from ..model.checkpoint import load_adapter
 from ..generation import SamplingConfig, generate
 from ..generation.scoring import Scorer, pack_sequences
 from ..model import PaLM
-from ..model.scopes import adapter_on_frozen_base
+from ..model.adapters import adapter_on_frozen_base
 from ..data.sampling import split_heldout, stream_indices
 from ..ops import eval_mode
 from ..rl.collect import right_pad

@@ -21,7 +21,7 @@ from ..data.sampling import split_heldout, stream_indices
 from ..data.sft import encode_sft, read_sft, sft_batch
 from ..errors import ConfigError
 from ..model import PaLM
-from ..model.scopes import adapter_on_frozen_base
+from ..model.adapters import adapter_on_frozen_base
 from ..ops import token_cross_entropy
 from ..runtime import distributed as rdist, fsdp
 from ..runtime.run import ADAPTER_NAME, MergedAdapter
@@ -108,15 +108,21 @@ class FinetuneTrainer(LMTrainer):
     def evaluate(self) -> dict:
         if not self.val_examples:
             return {}
-        c, env = self.config, self.env
+        env = self.env
         mine = self.val_examples[env.rank::env.world_size]
+        # every rank runs as many forwards (FSDP gathers weights in each): the short ranks score a
+        # repeated example with its mask zeroed, which counts for nothing
+        real = len(mine)
+        mine = mine + self.val_examples[:1] * (-(-len(self.val_examples) // env.world_size) - real)
         totals = torch.zeros(2, dtype=torch.float64, device=env.device)
         for i in range(0, len(mine), self.micro):
             tokens, mask = (t.to(env.device) for t in sft_batch(mine[i:i + self.micro], self.tokenizer.pad_id))
-            logits = self.wrapped(tokens[:, :-1], finetune_scope=self.scope)
+            mask[max(real - i, 0):] = False
+            logits = self.eval_forward(tokens[:, :-1], finetune_scope=self.scope)
             n = mask.sum()
-            totals[0] += token_cross_entropy(logits, tokens[:, 1:], mask).double() * n
-            totals[1] += n
+            if n:
+                totals[0] += token_cross_entropy(logits, tokens[:, 1:], mask).double() * n
+                totals[1] += n
         loss_sum, count = rdist.all_reduce_sum(totals).tolist()
         return {"val/loss": loss_sum / max(count, 1.0)}
 

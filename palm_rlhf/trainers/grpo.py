@@ -14,7 +14,7 @@ from typing import ClassVar
 import torch
 
 from ..model.checkpoint import load_adapter
-from ..model.scopes import adapter_on_frozen_base
+from ..model.adapters import adapter_on_frozen_base
 from ..ops import eval_mode
 from ..rl.collect import rollout_packed
 from ..rl.losses import aggregation_count

@@ -161,15 +161,17 @@ class PretrainTrainer(LMTrainer):
             return {}
         c, env = self.config, self.env
         last = len(self.val_tokens) - c.seq_len - 1
-        if c.eval.samples:  # eval.samples windows spread evenly over the split
-            starts = np.linspace(0, last, c.eval.samples).astype(np.int64)
-        else:  # all of it, window after window
+        world = env.world_size
+        if c.eval.samples:  # eval.samples windows (up to a multiple of the processes) spread over the split
+            starts = np.linspace(0, last, -(-c.eval.samples // world) * world).astype(np.int64)
+        else:  # all of it, window after window (less the last few that do not split over the processes)
             starts = np.arange(0, last + 1, c.seq_len, dtype=np.int64)
-        mine = starts[env.rank::env.world_size]
+            starts = starts[:max(world, len(starts) - len(starts) % world)]
+        mine = starts[env.rank::world]  # as many windows on every rank: FSDP gathers weights in each forward
         totals = torch.zeros(2, dtype=torch.float64, device=env.device)
         for i in range(0, len(mine), self.micro):
             batch = self._windows(self.val_tokens, mine[i:i + self.micro])
-            logits = self.wrapped(batch[:, :-1])
+            logits = self.eval_forward(batch[:, :-1])
             totals[0] += token_cross_entropy(logits, batch[:, 1:]).double() * batch[:, 1:].numel()
             totals[1] += batch[:, 1:].numel()
         loss_sum, count = rdist.all_reduce_sum(totals).tolist()

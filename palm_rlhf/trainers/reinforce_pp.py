@@ -27,7 +27,7 @@ class ReinforcePPConfig(RLRunConfig):
                                                                    warmup=0, schedule="constant"))  # GRPO's
     baseline: bool = False           # REINFORCE++-baseline: subtract each prompt's mean score (group_size >= 2)
     group_size: int = 1              # samples per prompt (each prompt is repeated group_size times)
-    kl_coef: float = 0.05            # weight of the per-token k1 KL to the reference in the reward
+    kl_coef: float = 2.0             # weight of the per-token k1 KL in the reward (configs/rl/reinforce-pp.yaml: why)
     gamma: float = 1.0               # discount of the reward-to-go
     clip_eps: float = 0.2            # ratio clip (low side, and high unless clip_eps_high)
     clip_eps_high: float | None = None  # upper ratio clip; null: clip_eps

@@ -68,7 +68,7 @@ class RLRunConfig(RunSettings):
     precision: str = "fp32"              # fp32 | bf16 (autocast) | fp16 (CUDA)
     sample_every: int = 10               # log a table of completions every N steps (0 = never)
     kl_budget: float | None = None       # nats/sequence: warn when a step's kl_ref passes it (null: no budget)
-    stop_at_kl_budget: bool = False      # end the run at the first kl_ref over kl_budget; final/ keeps the last within it
+    stop_at_kl_budget: bool = False      # stop at the first kl_ref over kl_budget; final/: the last policy within it
     # RL's optimizer steps are minibatches: optim.warmup counts them; the default is a constant lr
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, weight_decay=0.0, betas=(0.9, 0.999),
                                                                    warmup=0, schedule="constant"))
@@ -166,7 +166,8 @@ class RLTrainerBase(OnRun):
         self.optimizer = build_optimizer([(str(i), p) for i, p in enumerate(self.params)], c.optim,
                                          lr_of=self._lr_of())
         # the schedule runs over optimizer steps: epochs x minibatches of every RL step
-        self.scheduler = build_scheduler(self.optimizer, c.optim, c.max_steps * c.epochs * math.ceil(rows / c.batch_size))
+        updates = c.max_steps * c.epochs * math.ceil(rows / c.batch_size)
+        self.scheduler = build_scheduler(self.optimizer, c.optim, updates)
         self.run.stepper(self.model, self.optimizer, self.scheduler, grad_accum=self.accum,
                          clip_grad_norm=c.optim.max_grad_norm, precision=c.precision)
         self.budget = Budget(self.name, "kl_ref", c.kl_budget, c.stop_at_kl_budget, log=log,
@@ -216,7 +217,7 @@ class RLTrainerBase(OnRun):
         t1 = time.perf_counter()
         metrics = self._rollout_metrics(rollout, step)
         # kl_ref measures the policy that collected the rollouts: the one after `step` updates
-        metrics.update(self.budget.measure(step, metrics["kl_ref"]))
+        metrics.update(self.budget.measure(step, metrics["kl_ref"], row=step + 1))
         metrics.update(self._prepare(rollout))
         metrics.update(self._learn(rollout, step))
         metrics["seconds_generation"] = t1 - t0
@@ -268,6 +269,7 @@ class RLTrainerBase(OnRun):
                 for k, v in zip(keys, reduced[:-1]):
                     sums[k] = sums.get(k, 0.0) + v / max(reduced[-1], 1e-12)
                 sums["grad_norm"] = sums.get("grad_norm", 0.0) + result.grad_norm  # already global
+                sums["lr"] = sums.get("lr", 0.0) + result.lr  # the actor's, averaged over the step's updates
                 count += 1
         return {k: v / max(count, 1) for k, v in sums.items()}
 

@@ -23,8 +23,8 @@ class RLOOConfig(RLRunConfig):
     out_dir: str = "runs/rloo"
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-4, weight_decay=0.0, betas=(0.9, 0.999),
                                                                    warmup=0, schedule="constant"))  # GRPO's
-    group_size: int = 4              # samples per prompt (k); the baseline is the mean of the other k - 1
-    kl_coef: float = 0.05            # weight of the summed k1 KL to the reference in each sequence's reward
+    group_size: int = 8              # samples per prompt (k); the baseline is the mean of the other k - 1
+    kl_coef: float = 2.0             # weight of the summed k1 KL in each sequence's reward (configs/rl/rloo.yaml: why)
     clip_eps: float = 0.2            # ratio clip (low side, and high unless clip_eps_high)
     clip_eps_high: float | None = None  # upper ratio clip; null: clip_eps
     aggregation: str = "seq_mean"    # seq_mean (GRPO's) | token_mean | seq_sum_norm (REINFORCE's sum / max_new_tokens)

@@ -135,7 +135,7 @@ class _SeedGroupTrainer:
     def load(self, filepath="./checkpoint.pt") -> None:
         """Load what `save` wrote, through the one safe reader (a file that would run code is refused)."""
         from ..files import load_state_dict_file
-        from ..model.scopes import adapter_on_frozen_base
+        from ..model.adapters import adapter_on_frozen_base
 
         state = load_state_dict_file(Path(filepath), map_location=self.device)
         if self.scope not in self.palm.finetune_modules:

@@ -32,15 +32,15 @@ PROMPT = "def load(path):\n"
 _TRAIN = "--no-progress report_to=jsonl save_every=0"
 TINY = {  # appended to each command of the page (longest command names first)
     "tokenizer train": "--vocab-size 320",
-    "reward train": f"max_steps=2 batch_size=2 max_len=48 eval_every=2 {_TRAIN}",
+    "reward train": f"max_steps=2 batch_size=2 max_len=48 eval.every=2 {_TRAIN}",
     "reward score": "--max-len 48",
     "pretrain": f"max_steps=3 model.dim=32 model.depth=1 model.heads=2 model.dim_head=16 seq_len=32 batch_size=2 "
-                f"eval_every=0 eval_batches=1 sample_every=0 {_TRAIN}",
-    "finetune": f"max_steps=2 batch_size=2 seq_len=48 eval_every=0 eval_batches=1 sample_every=0 {_TRAIN}",
-    "ppo": f"max_steps=2 prompts_per_step=2 rollout_batch_size=2 minibatch_size=2 max_new_tokens=6 "
+                f"eval.every=0 eval.samples=2 sample_every=0 {_TRAIN}",
+    "finetune": f"max_steps=2 batch_size=2 seq_len=48 eval.every=0 sample_every=0 {_TRAIN}",
+    "ppo": f"max_steps=2 prompts_per_step=2 rollout_batch_size=2 batch_size=2 max_new_tokens=6 "
            f"sample_every=0 {_TRAIN}",
-    "grpo": f"max_steps=2 prompts_per_step=2 group_size=2 minibatch_size=4 max_new_tokens=6 sample_every=0 {_TRAIN}",
-    "dpo": f"max_steps=2 batch_size=2 max_len=48 eval_every=2 {_TRAIN}",
+    "grpo": f"max_steps=2 prompts_per_step=2 group_size=2 batch_size=4 max_new_tokens=6 sample_every=0 {_TRAIN}",
+    "dpo": f"max_steps=2 batch_size=2 max_len=48 eval.every=2 {_TRAIN}",
     "generate": "--max-new-tokens 6",
     "feedback serve": "--port 0 --max-new-tokens 6 --queue-size 2",
 }

@@ -132,7 +132,7 @@ def test_two_gpu_torchrun_pretrain_and_ppo(tmp_path):
     (tmp_path / "prompts.txt").write_text("".join(f"{w} and\n" for w in ["the", "cat", "sat", "on"]))
     run = _torchrun(["ppo", f"model={tmp_path / 'pre' / 'final'}", f"prompts={tmp_path / 'prompts.txt'}",
                      "reward_fn=gpu_rewards:length", "max_steps=2", "prompts_per_step=4", "rollout_batch_size=2",
-                     "minibatch_size=4", "max_new_tokens=8", "sample_every=0", "progress=false", "device=cuda",
+                     "batch_size=4", "max_new_tokens=8", "sample_every=0", "progress=false", "device=cuda",
                      f"out_dir={tmp_path / 'ppo'}"], tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     final = tmp_path / "ppo" / "final"  # the base with the actor merged, and the actor's adapter alone

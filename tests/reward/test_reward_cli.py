@@ -21,7 +21,7 @@ def test_train_then_score_from_the_command_line(tmp_path, capsys):
     write_preferences(prefs, rule_preference_pairs(20, seed=0))
     out = tmp_path / "run"
     assert main(["reward", "train", f"model={base}", f"data={prefs}", f"out_dir={out}", "--no-progress",
-                 "max_steps=2", "batch_size=4", "val_fraction=0.2"]) == 0
+                 "max_steps=2", "batch_size=4", "eval.fraction=0.2"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["final"] == str(out / "final")
 
     responses = tmp_path / "responses.jsonl"
@@ -54,13 +54,13 @@ def test_two_torchrun_processes_equal_one_process_with_the_same_global_batch(tmp
     prefs = tmp_path / "prefs.jsonl"
     write_preferences(prefs, rule_preference_pairs(40, seed=0))
     common = ["reward", "train", f"model={base}", f"data={prefs}", "--no-progress",
-              "max_steps=2", "val_fraction=0", "device=cpu", "log_every=1"]
+              "max_steps=2", "eval.fraction=0", "device=cpu", "log_every=1", "batch_size=8"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "palm_rlhf", *common, "batch_size=4", f"out_dir={tmp_path / 'two'}"],
+                          "-m", "palm_rlhf", *common, f"out_dir={tmp_path / 'two'}"],
                          env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
-    assert main([*common, "batch_size=8", f"out_dir={tmp_path / 'one'}"]) == 0
+    assert main([*common, f"out_dir={tmp_path / 'one'}"]) == 0
 
     one_state = RewardModel.from_pretrained(tmp_path / "one" / "final").state_dict()
     two_state = RewardModel.from_pretrained(tmp_path / "two" / "final").state_dict()

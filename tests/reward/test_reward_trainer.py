@@ -38,7 +38,8 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, base):
     (dropout on, so the RNG state must be restored too)."""
     data = tmp_path / "p.jsonl"
     write_preferences(data, rule_preference_pairs(40, seed=0))
-    kw = dict(max_steps=6, batch_size=4, grad_accum=2, dropout=0.1, save_every=100, val_fraction=0.0, lr=1e-2)
+    kw = {"max_steps": 6, "batch_size": 8, "micro_batch_size": 4, "dropout": 0.1, "save_every": 100,
+          "eval.fraction": 0.0, "optim.lr": 1e-2}
 
     whole = RewardTrainer(_config(base, data, tmp_path / "a", **kw), tokenizer=Bytes()).setup()
     whole.train()
@@ -63,8 +64,8 @@ def test_config_errors_name_the_field(tmp_path, base):
         load_config(RewardTrainConfig, None, ["lrr=1"])
     with pytest.raises(ConfigError, match="objective"):
         load_config(RewardTrainConfig, None, ["objective=hinge"])
-    cfg = load_config(RewardTrainConfig, CONFIGS / "pairwise.yaml", ["lr=1e-3"])
-    assert cfg.lr == 1e-3 and cfg.objective == "pairwise"
+    cfg = load_config(RewardTrainConfig, CONFIGS / "pairwise.yaml", ["optim.lr=1e-3"])
+    assert cfg.optim.lr == 1e-3 and cfg.objective == "pairwise"
     for name in ("ratings.yaml", "full_finetune.yaml"):
         load_config(RewardTrainConfig, CONFIGS / name)
     ratings = tmp_path / "r.jsonl"
@@ -77,7 +78,7 @@ def test_binned_ratings_train_and_report_accuracy_and_mae(tmp_path, base):
     data = tmp_path / "r.jsonl"
     write_preferences(data, [RatingRecord("p", "a" * (i % 3 + 1), i % 3) for i in range(12)])
     trainer = RewardTrainer(_config(base, data, tmp_path / "o", max_steps=2, batch_size=4, num_bins=3,
-                                    val_fraction=0.25, eval_every=1), tokenizer=Bytes()).setup()
+                                    **{"eval.fraction": 0.25, "eval.every": 1}), tokenizer=Bytes()).setup()
     metrics = trainer.train()
     assert trainer.objective == "binned" and set(metrics) == {"accuracy", "mae", "loss"}
     rows = [json.loads(line) for line in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
@@ -96,7 +97,8 @@ def test_learns_a_known_preference_rule_and_its_opposite(tmp_path, base):
     results = {}
     for name in ("train", "swapped"):
         trainer = RewardTrainer(_config(base, tmp_path / f"{name}.jsonl", tmp_path / name, max_steps=150,
-                                        batch_size=16, lr=3e-3, val_data=tmp_path / "val.jsonl", eval_every=150),
+                                        batch_size=16, **{"optim.lr": 3e-3, "eval.data": tmp_path / "val.jsonl",
+                                                          "eval.every": 150}),
                                 tokenizer=Bytes()).setup()
         trainer.train()
         rc, rr = score_records(RewardModel.from_pretrained(tmp_path / name / "final"), Bytes(), held_out)
@@ -112,13 +114,13 @@ def _pairs(tmp_path, n=40):
 
 
 def test_accumulated_micro_batches_equal_one_big_batch(tmp_path, base):
-    """batch_size 4 x grad_accum 2 reads the same 8 pairs per step as batch_size 8 x 1 (batches are
-    a function of the step), and TrainStep weights each micro-batch by its 4 pairs, so the weights
-    after 2 steps agree up to float summation order."""
+    """batch_size 8 in micro-batches of 4 reads the same 8 pairs per step as one micro-batch of 8
+    (batches are a function of the step), and TrainStep weights each micro-batch by its 4 pairs, so
+    the weights after 2 steps agree up to float summation order."""
     data = _pairs(tmp_path)
-    kw = dict(max_steps=2, val_fraction=0.0, lr=1e-2, warmup_steps=0)
-    small = RewardTrainer(_config(base, data, tmp_path / "a", batch_size=4, grad_accum=2, **kw), tokenizer=Bytes()).setup()
-    big = RewardTrainer(_config(base, data, tmp_path / "b", batch_size=8, grad_accum=1, **kw), tokenizer=Bytes()).setup()
+    kw = {"max_steps": 2, "eval.fraction": 0.0, "optim.lr": 1e-2, "optim.warmup": 0, "batch_size": 8}
+    small = RewardTrainer(_config(base, data, tmp_path / "a", micro_batch_size=4, **kw), tokenizer=Bytes()).setup()
+    big = RewardTrainer(_config(base, data, tmp_path / "b", **kw), tokenizer=Bytes()).setup()
     losses = [(small.run.advance(small)["train/loss"], big.run.advance(big)["train/loss"]) for _ in range(2)]
     assert all(abs(a - b) < 1e-6 for a, b in losses), losses
     a, b = small.model.state_dict(), big.model.state_dict()
@@ -132,7 +134,7 @@ def test_precision_runs_the_forward_under_autocast(tmp_path, base):
     data = _pairs(tmp_path)
     losses, dtypes = {}, {}
     for precision in ("fp32", "bf16"):
-        trainer = RewardTrainer(_config(base, data, tmp_path / precision, batch_size=8, val_fraction=0.0,
+        trainer = RewardTrainer(_config(base, data, tmp_path / precision, batch_size=8, **{"eval.fraction": 0.0},
                                         precision=precision), tokenizer=Bytes()).setup()
         seen = []
         trainer.model.to_pred.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
@@ -151,7 +153,8 @@ def test_tokenizer_saved_with_the_base_is_used_and_a_broken_one_raises(tmp_path,
     an unreadable one is an error, not a silent fall back to bytes."""
     data = _pairs(tmp_path, 20)
     ByteTokenizer().save(base)
-    trainer = RewardTrainer(_config(base, data, tmp_path / "o", max_steps=1, batch_size=4, val_fraction=0.0)).setup()
+    trainer = RewardTrainer(_config(base, data, tmp_path / "o", max_steps=1, batch_size=4,
+                                    **{"eval.fraction": 0.0})).setup()
     trainer.train()
     assert trainer.tokenizer == ByteTokenizer()
     assert load_tokenizer(tmp_path / "o" / "final") == ByteTokenizer()

@@ -143,7 +143,7 @@ MUTANTS = [
            f"        if step % 2 == 0:\n            {CONTROLLER_CALL}", "the controller is not updated every step"),
     Mutant("kl-controller-n-local-rows", PPO_T, "int(total[1]))", "len(kl))",
            "n_steps = this rank's rollouts, not the step's"),
-    Mutant("kl-controller-n-minibatch", PPO_T, "int(total[1]))", "self.config.minibatch_size)",
+    Mutant("kl-controller-n-minibatch", PPO_T, "int(total[1]))", "self.config.batch_size)",
            "n_steps = the minibatch size"),
     Mutant("kl-controller-token-mean", PPO_T, "torch.tensor(float(len(kl)), device=kl.device)",
            "rollout.mask.sum().to(kl.dtype)", "the controller sees the KL per token, not per sequence"),

@@ -43,7 +43,7 @@ def overrides(kind: str, tmp_path, out: str, max_steps: int = 4) -> list[str]:
               "report_to=[jsonl]", "log_every=1"]
     base = f"model={tmp_path / 'base'}"
     if kind == "pretrain":
-        return common + [f"data.sources=[{tmp_path / 'corpus.txt'}]", "data.val_fraction=0.1", "model.dim=16",
+        return common + [f"data.sources=[{tmp_path / 'corpus.txt'}]", "eval.fraction=0.1", "model.dim=16",
                          "model.depth=1", "model.heads=2", "model.dim_head=8", "seq_len=16", "batch_size=2",
                          "eval.every=0", "save_every=0", "optim.warmup=1", "threads=1"]
     if kind == "finetune":
