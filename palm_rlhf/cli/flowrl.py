@@ -17,5 +17,6 @@ OUT/final/adapter.safetensors the actor alone; metrics go to OUT/metrics.jsonl.
 
 
 def register(sub) -> None:
-    add_rl_command(sub, "flowrl", "RL fine-tuning with FlowRL (reward-distribution matching, learned log Z)", EXAMPLES,
+    add_rl_command(sub, "flowrl", "RL fine-tuning with FlowRL (reward-distribution matching, learned log Z)",
+                   EXAMPLES,
                    "palm_rlhf.trainers.flowrl.FlowRLConfig", "palm_rlhf.trainers.flowrl.FlowRLTrainer")

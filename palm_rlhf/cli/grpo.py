@@ -18,5 +18,6 @@ zero_variance_groups) go to OUT/metrics.jsonl.
 
 
 def register(sub) -> None:
-    add_rl_command(sub, "grpo", "RL fine-tuning with GRPO / Dr. GRPO / MaxRL / SPO (no critic, group advantages)", EXAMPLES,
+    add_rl_command(sub, "grpo", "RL fine-tuning with GRPO / Dr. GRPO / MaxRL / SPO (no critic, group advantages)",
+                   EXAMPLES,
                    "palm_rlhf.trainers.grpo.GRPOConfig", "palm_rlhf.trainers.grpo.GRPOTrainer")

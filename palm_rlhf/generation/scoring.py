@@ -157,4 +157,5 @@ class Scorer:
         return old_log_probs, ref, values
 
 
-__all__ = ["PackedSequences", "pack_sequences", "response_log_probs", "response_log_softmax", "response_values", "Scorer"]
+__all__ = ["PackedSequences", "pack_sequences", "response_log_probs", "response_log_softmax", "response_values",
+           "Scorer"]
