@@ -61,8 +61,8 @@ sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 import torch  # noqa: E402
 
-ALGOS = ("ppo", "grpo", "dpo")  # the default --algos; rloo and reinforce-pp run on request
-ALL_ALGOS = ("ppo", "grpo", "rloo", "reinforce-pp", "dpo")
+ALGOS = ("ppo", "grpo", "dpo")  # the default --algos; rloo, reinforce-pp, tpo and flowrl run on request
+ALL_ALGOS = ("ppo", "grpo", "rloo", "reinforce-pp", "tpo", "flowrl", "dpo")
 KEYWORDS = set(keyword.kwlist) | {"self", "None", "True", "False"}
 
 

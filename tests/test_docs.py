@@ -39,7 +39,7 @@ def test_block_extraction():
 
 
 # the spellings the one dialect replaced: flags of the training commands, and renamed keys
-TRAINING = re.compile(r"palm(?:-rlhf|_rlhf)\s+(pretrain|finetune|reward\s+train|ppo|grpo|rloo|reinforce-pp|dpo)\b(.*)")
+TRAINING = re.compile(r"palm(?:-rlhf|_rlhf)\s+(pretrain|finetune|reward\s+train|ppo|grpo|rloo|reinforce-pp|tpo|flowrl|dpo)\b(.*)")
 OLD_SPELLINGS = re.compile(r"(?<![\w.-])(--base|--data|--out|--set|--no-resume|--resume|--val-data|steps=|"
                            r"preferences=|base=|lr=|weight_decay=|warmup_steps=|min_lr_ratio=|clip_grad_norm=|"
                            r"max_grad_norm=|optimizer=|lora_r=|lora_alpha=|use_lora=|actor_scope=|val_data=|"

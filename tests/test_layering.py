@@ -26,7 +26,8 @@ import palm_rlhf
 
 PACKAGE = Path(palm_rlhf.__file__).parent
 LAYERS = {"errors": 0, "ops": 0, "files": 0, "model": 1, "data": 1, "runtime": 1, "backends": 1, "generation": 2,
-          "rl": 3, "trainers": 4, "cli": 5, "feedback": 5, "serving": 5}
+          "rl": 3, "trainers": 4, "cli": 5, "feedback": 5, "serving": 5,
+          "grpo": 5, "flowrl": 5, "tpo": 5}  # the seed's import paths (palm_rlhf_pytorch.grpo, ...): re-exports
 EXEMPT = {"palm_rlhf", "palm_rlhf.__main__"}  # the package root re-exports names from every layer
 MODEL_THIRD_PARTY = {"torch", "einops", "safetensors"}
 MODEL_EXTRA = {"palm_rlhf.model.presets": {"yaml"}, "palm_rlhf.model.palm": {"tqdm"}}

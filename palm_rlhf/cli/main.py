@@ -41,6 +41,8 @@ COMMAND_MODULES = [
     "grpo",
     "rloo",
     "reinforce_pp",
+    "tpo",
+    "flowrl",
     "dpo",
     "feedback",
     "serve", "chat",

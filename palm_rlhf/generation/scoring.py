@@ -6,7 +6,8 @@ Layout used everywhere: a row is its prompt immediately followed by its response
 generation exactly). Response token j of row i sits at position p_i + j (p_i = prompt length);
 the logits that predict it come from position p_i + j - 1. `PaLM.hidden_states(x, positions=...)`
 runs the last block only at those positions, and only the gathered per-token log-probs are kept:
-nothing vocabulary-sized outlives one call.
+nothing vocabulary-sized outlives one call (except `Scorer.policy_distribution`, which GRPO's
+score-centring loss asks for by name).
 
 `Scorer` binds the policy (model, LoRA scope, temperature), the reference and the critic of a run;
 every trainer (PPO, GRPO, RLOO, REINFORCE++, DPO) and rollout collection score through it, and the
@@ -84,6 +85,17 @@ def response_log_probs(model, packed: PackedSequences, *, finetune_scope: str | 
     return logp, entropy
 
 
+def response_log_softmax(model, packed: PackedSequences, *, finetune_scope: str | None = None,
+                         temperature: float = 1.0) -> Tensor:
+    """The whole distribution: log_softmax(logits / temperature) over the vocabulary at each response
+    position (b, T, V), 0 on padding. Vocabulary-sized: only GRPO's score-centring loss asks for it."""
+    hidden = model.hidden_states(packed.inputs, packed.index, finetune_scope)
+    logits = model.to_logits(hidden).float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    return logits.log_softmax(-1).masked_fill(~packed.mask[..., None], 0.0)
+
+
 def response_values(model, value_head, packed: PackedSequences, finetune_scope: str | None = None) -> Tensor:
     """Per-token values (b, T), 0 on padding: the value of the state before response token j is read
     from the hidden state that predicts j."""
@@ -109,6 +121,10 @@ class Scorer:
         """Log-probs (b, T) (and entropy) under the policy; differentiable when grad is enabled."""
         return response_log_probs(self.model, packed, finetune_scope=self.scope, temperature=self.temperature,
                                   with_entropy=with_entropy)
+
+    def policy_distribution(self, packed: PackedSequences) -> Tensor:
+        """The policy's log-softmax over the vocabulary (b, T, V); differentiable when grad is enabled."""
+        return response_log_softmax(self.model, packed, finetune_scope=self.scope, temperature=self.temperature)
 
     def values(self, packed: PackedSequences) -> Tensor:
         """Per-token values (b, T) under the critic; differentiable when grad is enabled."""
@@ -141,4 +157,5 @@ class Scorer:
         return old_log_probs, ref, values
 
 
-__all__ = ["PackedSequences", "pack_sequences", "response_log_probs", "response_values", "Scorer"]
+__all__ = ["PackedSequences", "pack_sequences", "response_log_probs", "response_log_softmax", "response_values",
+           "Scorer"]

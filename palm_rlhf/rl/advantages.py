@@ -105,10 +105,16 @@ def whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, reduce_sum: ReduceS
     return out.masked_fill(~mask.bool(), 0.0)
 
 
-def group_advantages(scores: Tensor, group_size: int, scale_by_std: bool = True, eps: float = 1e-6
-                     ) -> tuple[Tensor, int]:
-    """GRPO advantages (Shao et al. 2024, arXiv:2402.03300): each sample's score minus its group mean,
-    divided by the group's (unbiased) std unless `scale_by_std=False` (Dr. GRPO, arXiv:2503.20783).
+ADVANTAGE_NORMS = ("std", "mean", "constant")
+
+
+def group_advantages(scores: Tensor, group_size: int, norm: str = "std", eps: float = 1e-6,
+                     constant: float = 1.0) -> tuple[Tensor, int]:
+    """Group-relative advantages: each sample's score minus its group mean, divided by
+    norm="std":      the group's (unbiased) std + eps (GRPO, Shao et al. 2024, arXiv:2402.03300);
+    norm="mean":     |the group's mean score|, at least eps (MaxRL, arXiv:2602.02710: for rewards >= 0,
+                     such as pass/fail, a prompt the policy rarely solves gets larger advantages);
+    norm="constant": `constant` (Dr. GRPO, Liu et al. 2025, arXiv:2503.20783: no per-group rescaling).
 
     scores (b * G,) ordered group by group (rows i*G .. i*G+G-1 share prompt i).
     Returns (advantages (b * G,), number of groups whose scores are all equal: those groups
@@ -116,18 +122,40 @@ def group_advantages(scores: Tensor, group_size: int, scale_by_std: bool = True,
     """
     if group_size < 1:
         raise ConfigError(f"group_size={group_size} must be >= 1")
+    if norm not in ADVANTAGE_NORMS:
+        raise ConfigError(f"advantage_norm={norm!r}: use one of {', '.join(ADVANTAGE_NORMS)}")
+    if norm == "constant" and not constant > 0:
+        raise ConfigError(f"advantage constant={constant!r} must be > 0")
     if scores.ndim != 1 or scores.numel() % group_size:
         raise InputError(f"scores of shape {tuple(scores.shape)} cannot be split into groups of {group_size}; "
                          f"pass a flat tensor whose length is a multiple of group_size")
     groups = scores.double().view(-1, group_size)  # (b, G)
-    centered = groups - groups.mean(-1, keepdim=True)
+    mean = groups.mean(-1, keepdim=True)
+    centered = groups - mean
     spread = groups.max(-1).values - groups.min(-1).values
     zero_var = spread <= 1e-12 * groups.abs().max(-1).values.clamp(min=1.0)
     centered = centered.masked_fill(zero_var[:, None], 0.0)
-    if scale_by_std and group_size > 1:
-        std = groups.std(-1, keepdim=True)
-        centered = centered / (std + eps)
+    if norm == "std" and group_size > 1:
+        centered = centered / (groups.std(-1, keepdim=True) + eps)
+    elif norm == "mean":
+        centered = centered / mean.abs().clamp(min=eps)
+    elif norm == "constant":
+        centered = centered / constant
     return centered.view(-1).to(scores.dtype), int(zero_var.sum())
+
+
+def entropy_shaped_advantages(advantages: Tensor, entropy: Tensor, mask: Tensor, scale: float,
+                              kappa: float) -> Tensor:
+    """Advantages plus an entropy bonus per token (Cheng et al. 2025, "Reasoning with Exploration: An
+    Entropy Perspective"): A'_t = A_t + min(scale * H_t, |A_t| / kappa), H_t the policy's entropy at
+    token t with no gradient. The cap keeps the bonus from flipping the sign of a negative advantage
+    (for kappa > 1) and gives a zero-advantage token no bonus. scale 0: unchanged.
+    advantages, entropy, mask (b, T) -> (b, T), 0 on padding."""
+    if scale < 0 or kappa <= 0:
+        raise ConfigError(f"entropy_advantage scale={scale} must be >= 0 and kappa={kappa} > 0")
+    mask = mask.bool()
+    bonus = torch.minimum(scale * entropy.detach(), advantages.abs() / kappa)
+    return (advantages + bonus).masked_fill(~mask, 0.0)
 
 
 def explained_variance(values: Tensor, returns: Tensor, mask: Tensor, reduce_sum: ReduceSum | None = None) -> Tensor:
@@ -147,4 +175,4 @@ def explained_variance(values: Tensor, returns: Tensor, mask: Tensor, reduce_sum
 
 
 __all__ = ["last_token_index", "kl_shaped_rewards", "gae", "global_masked_mean_var", "whiten", "group_advantages",
-           "explained_variance"]
+           "ADVANTAGE_NORMS", "entropy_shaped_advantages", "explained_variance"]

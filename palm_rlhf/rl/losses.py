@@ -9,6 +9,7 @@ how a minibatch or a rank contributes exactly its share of a global mean.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -84,6 +85,72 @@ def ppo_policy_terms(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: T
     return PolicyTerms(loss, ratio.detach(), was_clipped, approx_kl)
 
 
+def spo_policy_terms(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
+                     eps: float = 0.2) -> PolicyTerms:
+    """Simple Policy Optimization (Xie et al., arXiv:2401.16025, Algorithm 1 line 14), per token:
+    loss = -A * ratio + |A| / (2 * eps) * (ratio - 1)^2.
+
+    The quadratic penalty replaces PPO's clip: its gradient keeps pulling the ratio back toward 1
+    (the loss is minimised at ratio = 1 + eps * sign(A)) instead of vanishing once the ratio leaves
+    [1 - eps, 1 + eps]. At ratio 1 its gradient is -A * grad(logp), as PPO's. `clipped` marks the
+    tokens whose ratio is outside [1 - eps, 1 + eps] (a trust-region diagnostic; no branch is cut)."""
+    if eps <= 0:
+        raise ConfigError(f"clip_eps={eps} must be > 0 (SPO's penalty is |A| / (2 * clip_eps))")
+    mask = mask.bool()
+    log_ratio = (logp - old_logp).masked_fill(~mask, 0.0)
+    ratio = log_ratio.exp()
+    adv = advantages.detach().masked_fill(~mask, 0.0)
+    loss = (-adv * ratio + adv.abs() / (2.0 * eps) * (ratio - 1.0) ** 2).masked_fill(~mask, 0.0)
+    outside = ((ratio.detach() - 1.0).abs() > eps) & mask
+    approx_kl = ((ratio - 1.0) - log_ratio).detach().masked_fill(~mask, 0.0)
+    return PolicyTerms(loss, ratio.detach(), outside, approx_kl)
+
+
+def score_centering_loss(log_probs: Tensor, sampler_probs: Tensor, actions: Tensor, advantages: Tensor,
+                         mask: Tensor, topk: int | None = None, weight_fn: Callable[[Tensor], Tensor] | None = None,
+                         eps: float = 1e-6) -> Tensor:
+    """Score-centred policy gradient (Marek & Ryabinin, arXiv:2609.20807), per token (b, T), 0 on padding.
+
+    log_probs (b, T, V): the policy's log-softmax over the vocabulary (differentiable); sampler_probs
+    (b, T, V): the distribution the tokens were sampled from (no gradient); actions (b, T) the sampled
+    ids; advantages (b, T); weight_fn: an importance weight f(ratio) (None: 1, no importance weighting;
+    e.g. `lambda r: r.clamp(max=2)` is truncated IS). With p = exp(log_probs), q = sampler_probs and
+    r = p / q (no gradient):
+
+        loss_t = -A_t * (f(r_a) * log p_a - sum_v c_v * log p_v),   c_v = q_v * f(r_v)   (no gradient)
+
+    The centring term removes the expected score under the sampler, so a training/inference mismatch
+    between p and q adds no systematic drift. Its gradient, with f = 1 and p = q, is exactly
+    REINFORCE's (sum_v p_v grad log p_v = 0). topk k < V: the sum runs over q's k most likely tokens,
+    and the rest of the vocabulary is one tail event of mass 1 - sum_k: the coefficients become
+    c_v = q_v f(r_v) - f(rho) / rho * p_v with rho = (1 - sum_k p) / (1 - sum_k q)."""
+    mask = mask.bool()
+    q = sampler_probs.detach()
+    w = weight_fn if weight_fn is not None else torch.ones_like
+    logp_a = log_probs.gather(-1, actions[..., None]).squeeze(-1)
+    q_a = q.gather(-1, actions[..., None]).squeeze(-1)
+    ratio_a = (logp_a.detach().exp() / q_a.clamp(min=eps))
+    weighted = w(ratio_a) * logp_a
+    vocab = log_probs.shape[-1]
+    if topk is not None and topk < 1:
+        raise ConfigError(f"score_centering_topk={topk} must be >= 1 (or null: the full vocabulary)")
+    use_topk = topk is not None and topk < vocab
+    if use_topk:
+        head_q, head_ids = q.topk(topk, dim=-1)
+        head_logp = log_probs.gather(-1, head_ids)
+    else:
+        head_q, head_logp = q, log_probs
+    head_p = head_logp.detach().exp()
+    coef = head_q * w(head_p / head_q.clamp(min=eps))
+    if use_topk:
+        tail_q = (1.0 - head_q.sum(-1)).clamp(min=eps)
+        tail_p = (1.0 - head_p.sum(-1)).clamp(min=eps)
+        rho = tail_p / tail_q
+        coef = coef - (w(rho) / rho)[..., None] * head_p
+    centred = weighted - (coef.detach() * head_logp).sum(-1)
+    return (-advantages.detach() * centred).masked_fill(~mask, 0.0)
+
+
 def clipped_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor,
                        clip_range: float | None = 0.2) -> tuple[Tensor, Tensor]:
     """0.5 * max((V - R)^2, (V_clipped - R)^2) per token, V_clipped = old + clip(V - old, -c, c).
@@ -149,5 +216,6 @@ def preference_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: 
     return PreferenceLossOutput(loss, beta * chosen_logratio.detach(), beta * rejected_logratio.detach())
 
 
-__all__ = ["AGGREGATIONS", "aggregate", "aggregation_count", "PolicyTerms", "ppo_policy_terms",
+__all__ = ["AGGREGATIONS", "aggregate", "aggregation_count", "PolicyTerms", "ppo_policy_terms", "spo_policy_terms",
+           "score_centering_loss",
            "clipped_value_loss", "PREFERENCE_LOSSES", "PreferenceLossOutput", "preference_loss"]

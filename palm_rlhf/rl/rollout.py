@@ -36,6 +36,9 @@ class Rollout:
     rewards: Tensor | None = None
     advantages: Tensor | None = None
     returns: Tensor | None = None
+    sampler_probs: Tensor | None = None  # (b, T, V) the sampler's distribution (GRPO's score centring only)
+    prompt_embeddings: Tensor | None = None  # (b, d) mean final embedding of each prompt (FlowRL's log Z(x))
+    normalized_scores: Tensor | None = None  # (b,) scores z-scored within each group (FlowRL)
     stop_reasons: list = field(default_factory=list)
 
     def __len__(self) -> int:
@@ -54,7 +57,7 @@ class Rollout:
             value = getattr(self, f.name)
             if isinstance(value, Tensor):
                 value = value[index.to(value.device)]
-                if value.ndim == 2 and f.name not in ("prompts",):
+                if value.ndim >= 2 and f.name not in ("prompts", "prompt_embeddings"):
                     value = value[:, :T]
             elif isinstance(value, list) and value:
                 value = [value[i] for i in index.tolist()]
@@ -76,9 +79,10 @@ def concat_rollouts(parts: list[Rollout]) -> Rollout:
         if all(v is None for v in values):
             out[f.name] = None
         elif isinstance(values[0], Tensor):
-            if values[0].ndim == 2:
+            if values[0].ndim >= 2:
                 width = max(v.shape[1] for v in values)
-                values = [torch.nn.functional.pad(v, (0, width - v.shape[1])) for v in values]
+                tail = (0, 0) * (values[0].ndim - 2)
+                values = [torch.nn.functional.pad(v, (*tail, 0, width - v.shape[1])) for v in values]
             out[f.name] = torch.cat(values)
         else:
             out[f.name] = [x for v in values for x in v]

@@ -9,17 +9,51 @@ prompts_per_step must divide by the number of processes, so every rank holds who
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
 from ..model.checkpoint import load_adapter
 from ..model.adapters import adapter_on_frozen_base
+from ..ops import eval_mode
 from ..rl.collect import rollout_packed
 from ..rl.losses import aggregation_count
 from ..rl.grpo import GRPOHyperparams, grpo_loss, grpo_prepare
 from ..runtime.distributed import all_reduce_sum
+from ..errors import ConfigError
+from ..runtime.config import Converted
 from ..runtime.optim import OptimConfig
 from .rl_base import RLRunConfig, RLTrainerBase
+
+
+@dataclass
+class EntropyAdvantageConfig:
+    """`entropy_advantage.*`: per-token entropy added to the advantage, min(scale * H_t, |A| / kappa)
+    (Cheng et al. 2025, arXiv:2506.14758; the seed package's `add_entropy_to_advantage`)."""
+
+    scale: float = 0.0               # 0: off; the paper uses 0.4 for GRPO (0.1 for PPO)
+    kappa: float = 2.0               # the bonus never exceeds |A| / kappa
+
+
+@dataclass
+class ScoreCenteringConfig:
+    """`score_centering.*`: options of policy_loss=score_centering (arXiv:2609.20807)."""
+
+    topk: int | None = None          # centre over the sampler's top-k tokens (+ one tail event); null: whole vocabulary
+    is_cap: float | None = None      # importance weight min(ratio, is_cap) (truncated IS); null: no weight
+
+    def weight_fn(self):
+        if self.is_cap is None:
+            return None
+        if not self.is_cap > 0:
+            raise ConfigError(f"score_centering.is_cap={self.is_cap} must be > 0 (or null: no importance weight)")
+        cap = float(self.is_cap)
+        return lambda ratio: ratio.clamp(max=cap)
+
+
+def _scale_by_std(value, values: dict) -> dict:
+    on = value.strip().lower() in ("true", "yes", "1", "on") if isinstance(value, str) else bool(value)
+    return {"advantage_norm": "std" if on else "constant"}
 
 
 @dataclass
@@ -31,9 +65,16 @@ class GRPOConfig(RLRunConfig):
     clip_eps: float = 0.2            # ratio clip (low side, and high unless clip_eps_high)
     clip_eps_high: float | None = None  # upper ratio clip, e.g. 0.28 (DAPO); null: clip_eps
     kl_coef: float = 0.3             # weight of the k3 KL to the reference in the loss (configs/rl/grpo.yaml: why)
-    scale_by_std: bool = True        # divide advantages by the group's std (false: Dr. GRPO)
+    advantage_norm: str = "std"      # std (GRPO) | mean (MaxRL: / the group's mean reward) | constant (Dr. GRPO)
+    advantage_constant: float = 1.0  # the divisor of advantage_norm=constant
     aggregation: str = "seq_mean"        # seq_mean (GRPO) | token_mean (DAPO) | seq_sum_norm (Dr. GRPO)
     ent_coef: float = 0.0            # entropy bonus weight
+    policy_loss: str = "clip"        # clip (PPO's ratio clip) | spo (quadratic ratio penalty) | score_centering
+    entropy_advantage: EntropyAdvantageConfig = field(default_factory=EntropyAdvantageConfig)
+    score_centering: ScoreCenteringConfig = field(default_factory=ScoreCenteringConfig)
+
+    ALIASES: ClassVar[dict] = {**RLRunConfig.ALIASES,
+                               "scale_by_std": Converted(_scale_by_std, "advantage_norm=std|mean|constant")}
 
     def __post_init__(self):
         super().__post_init__()
@@ -41,8 +82,12 @@ class GRPOConfig(RLRunConfig):
 
     def hyperparams(self) -> GRPOHyperparams:
         return GRPOHyperparams(group_size=self.group_size, clip_eps=self.clip_eps, clip_eps_high=self.clip_eps_high,
-                               kl_coef=self.kl_coef, scale_by_std=self.scale_by_std, aggregation=self.aggregation,
-                               ent_coef=self.ent_coef)
+                               kl_coef=self.kl_coef, advantage_norm=self.advantage_norm,
+                               advantage_constant=self.advantage_constant, aggregation=self.aggregation,
+                               ent_coef=self.ent_coef, policy_loss=self.policy_loss,
+                               entropy_scale=self.entropy_advantage.scale, entropy_kappa=self.entropy_advantage.kappa,
+                               score_centering_topk=self.score_centering.topk,
+                               score_centering_weight=self.score_centering.weight_fn())
 
 
 class GRPOTrainer(RLTrainerBase):
@@ -65,6 +110,9 @@ class GRPOTrainer(RLTrainerBase):
         return list(self.model.finetune_parameters(self.actor_scope))
 
     def _prepare(self, rollout) -> dict:
+        if self.hp.policy_loss == "score_centering":  # the sampler's whole distribution, as it sampled
+            with torch.no_grad(), eval_mode(self.model):
+                rollout.sampler_probs = self.scorer.policy_distribution(rollout_packed(rollout)).exp()
         stats = grpo_prepare(rollout, self.hp)  # each rank holds whole groups: advantages are local
         # the logged counts are the global batch's
         zero, groups = all_reduce_sum(torch.tensor(
@@ -76,7 +124,13 @@ class GRPOTrainer(RLTrainerBase):
         return float(aggregation_count(mb.mask, self.hp.aggregation))
 
     def _loss(self, mb):
-        logp, entropy = self.scorer.policy(rollout_packed(mb), with_entropy=True)
+        packed = rollout_packed(mb)
+        if self.hp.policy_loss == "score_centering":  # one forward, the whole distribution kept
+            log_probs_all = self.scorer.policy_distribution(packed)
+            logp = log_probs_all.gather(-1, mb.responses[..., None]).squeeze(-1).masked_fill(~mb.mask, 0.0)
+            entropy = -(log_probs_all.exp() * log_probs_all).sum(-1).masked_fill(~mb.mask, 0.0)
+            return grpo_loss(logp, entropy, mb, self.hp, self.config.max_new_tokens, log_probs_all=log_probs_all)
+        logp, entropy = self.scorer.policy(packed, with_entropy=True)
         return grpo_loss(logp, entropy, mb, self.hp, self.config.max_new_tokens)
 
     def _trainable_state(self):
@@ -86,4 +140,4 @@ class GRPOTrainer(RLTrainerBase):
         self.model.finetune_modules[self.actor_scope].load_state_dict(state)
 
 
-__all__ = ["GRPOConfig", "GRPOTrainer"]
+__all__ = ["GRPOConfig", "GRPOTrainer", "EntropyAdvantageConfig", "ScoreCenteringConfig"]

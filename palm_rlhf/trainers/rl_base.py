@@ -253,7 +253,7 @@ class RLTrainerBase(OnRun):
         count = 0
         self.model.train()
         for epoch in range(c.epochs):
-            order = torch.randperm(n, generator=seeded(c.seed, step * 131 + epoch, 3))
+            order = self._row_order(n, seeded(c.seed, step * 131 + epoch, 3))
             for start in range(0, n, local_mb):
                 rows = order[start:start + local_mb]
                 mb = rollout.select(rows)
@@ -283,6 +283,10 @@ class RLTrainerBase(OnRun):
                 sums["lr"] = sums.get("lr", 0.0) + result.lr  # the actor's, averaged over the step's updates
                 count += 1
         return {k: v / max(count, 1) for k, v in sums.items()}
+
+    def _row_order(self, n: int, generator: torch.Generator) -> Tensor:
+        """The order in which an epoch visits the rollout's rows (minibatches are consecutive slices)."""
+        return torch.randperm(n, generator=generator)
 
     def _weight(self, mb: Rollout) -> float:
         """How many units the minibatch's mean loss is over (tokens for a token mean)."""

@@ -63,6 +63,16 @@ the same machine: every mutant applies (none NOT APPLIED); those of the moved an
     reinforce-entropy-sign                rl/test_reinforce_maths.py::test_policy_gradient_loss_at_ratio_one_is_minus_the_mean_advantage
 (A first scorer mutant, `disable_lora=False` for the reference, survived and was dropped: with the
 reference's scope None no adapter runs anyway, so it changed nothing.)
+
+Issue 34 (the seed package's methods), 2026-12-07, the same machine, run with --pytest-args "-k seed_methods"
+(only tests/rl/test_seed_methods.py; unmutated 19 s): the 16 new mutants spo-* maxrl-* dr-grpo-* entropy-bonus-*
+score-centering-* flowrl-* tpo-* all killed, each by the test of its function in rl/test_seed_methods.py; the
+wiring mutants, run with --pytest-args="-k(seed_methods)or(grpo_options)" (or (tpo), (flowrl)), all killed:
+    grpo-spo-ignored, grpo-entropy-advantage-ignored   rl/test_seed_methods.py::test_grpo_loss_wires_the_options
+    grpo-advantage-norm-ignored           trainers/test_grpo_options.py::test_on_policy_spo_and_score_centering_...
+    tpo-rows-shuffled                     trainers/test_rl_distributed.py::test_two_torchrun_processes_equal_one_process[tpo]
+    flowrl-log-z-not-trained              trainers/test_flowrl.py::test_log_z_trains_and_is_part_of_the_trainable_state
+The whole list was not rerun after issue 34 (the unmutated RL tests take minutes on the shared cores).
 """
 
 from __future__ import annotations
@@ -82,7 +92,8 @@ ROOT = Path(__file__).resolve().parents[2]
 # the RL tests, fastest first, so that most mutants die within seconds
 RL_TESTS = ["tests/rl", "tests/trainers/test_rlhf.py", "tests/trainers/test_dpo.py", "tests/trainers/test_ppo.py",
             "tests/trainers/test_grpo.py", "tests/trainers/test_reinforce.py", "tests/trainers/test_rl_progress.py",
-            "tests/trainers/test_rl_distributed.py"]
+            "tests/trainers/test_rl_distributed.py", "tests/trainers/test_grpo_options.py",
+            "tests/trainers/test_tpo.py", "tests/trainers/test_flowrl.py"]
 
 
 @dataclass(frozen=True)
@@ -100,6 +111,7 @@ PPO_T, BASE_T, DPO_T, RLHF_T = "palm_rlhf/trainers/ppo.py", "palm_rlhf/trainers/
     "palm_rlhf/trainers/dpo.py", "palm_rlhf/trainers/rlhf.py"
 REINFORCE, RPP_T, SCORER = "palm_rlhf/rl/reinforce.py", "palm_rlhf/trainers/reinforce_pp.py", \
     "palm_rlhf/generation/scoring.py"
+FLOWRL, TPO = "palm_rlhf/rl/flowrl.py", "palm_rlhf/rl/tpo.py"
 CONTROLLER_CALL = "self.kl_ctl.update(float(total[0] / total[1]), int(total[1]))"
 
 MUTANTS = [
@@ -189,6 +201,51 @@ MUTANTS = [
            "reinforce_prepare(rollout, self.hp)", "each rank whitens REINFORCE++'s advantages over its own tokens"),
     Mutant("reinforce-entropy-sign", REINFORCE, "- hp.ent_coef * entropy", "+ hp.ent_coef * entropy",
            "RLOO's and REINFORCE++'s entropy bonus becomes a penalty"),
+    # the seed package's methods (issue 34)
+    Mutant("spo-penalty-sign", LOSSES, "-adv * ratio + adv.abs() / (2.0 * eps)", "-adv * ratio - adv.abs() / (2.0 * eps)",
+           "SPO's quadratic penalty rewards leaving the trust region"),
+    Mutant("spo-penalty-signed-advantage", LOSSES, "-adv * ratio + adv.abs() / (2.0 * eps)",
+           "-adv * ratio + adv / (2.0 * eps)", "SPO's penalty uses A instead of |A| (a negative A flips it)"),
+    Mutant("maxrl-divides-by-std", ADV, "centered = centered / mean.abs().clamp(min=eps)",
+           "centered = centered / groups.std(-1, keepdim=True)", "advantage_norm=mean divides by the std"),
+    Mutant("dr-grpo-constant-ignored", ADV, "centered = centered / constant", "centered = centered",
+           "advantage_norm=constant ignores its constant"),
+    Mutant("entropy-bonus-uncapped", ADV, "torch.minimum(scale * entropy.detach(), advantages.abs() / kappa)",
+           "scale * entropy.detach()", "the entropy bonus is not capped at |A| / kappa"),
+    Mutant("entropy-bonus-with-gradient", ADV, "scale * entropy.detach()", "scale * entropy",
+           "the entropy added to the advantage carries a gradient"),
+    Mutant("score-centering-not-centred", LOSSES, "centred = weighted - (coef.detach() * head_logp).sum(-1)",
+           "centred = weighted", "the score-centring term is dropped (plain REINFORCE)"),
+    Mutant("score-centering-tail-ignored", LOSSES, "coef = coef - (w(rho) / rho)[..., None] * head_p",
+           "coef = coef", "top-k score centring forgets the tail event"),
+    Mutant("score-centering-weight-ignored", LOSSES, "weighted = w(ratio_a) * logp_a", "weighted = logp_a",
+           "the importance weight is not applied to the sampled token"),
+    Mutant("flowrl-no-length-norm", FLOWRL, "mean_logp = (logp * m).sum(-1) / length",
+           "mean_logp = (logp * m).sum(-1)", "FlowRL's policy log-prob is not divided by |y|"),
+    Mutant("flowrl-weight-unclipped", FLOWRL, "weight = log_ratio.exp().clamp(1.0 - clip_eps, 1.0 + clip_eps)",
+           "weight = log_ratio.exp()", "FlowRL's importance weight is not clipped"),
+    Mutant("flowrl-reward-sign", FLOWRL, "- beta * rewards.detach()", "+ beta * rewards.detach()",
+           "FlowRL's target favours low rewards"),
+    Mutant("tpo-target-ignores-old-policy", TPO, "F.softmax(old + z / eta, -1)", "F.softmax(z / eta, -1)",
+           "TPO's target forgets the sampler's log-probs"),
+    Mutant("tpo-eta-multiplies", TPO, "F.softmax(old + z / eta, -1)", "F.softmax(old + z * eta, -1)",
+           "TPO's temperature multiplies the rewards"),
+    Mutant("tpo-trains-flat-groups", TPO, "return torch.where(has_variance, loss, torch.zeros_like(loss))",
+           "return loss", "groups without reward variance still move the policy"),
+    Mutant("grpo-spo-ignored", GRPO, 'if hp.policy_loss == "spo":', "if False:",
+           "GRPO's policy_loss=spo runs the clip"),
+    Mutant("grpo-entropy-advantage-ignored", GRPO, "if hp.entropy_scale > 0:", "if False:",
+           "GRPO's entropy_advantage does nothing"),
+    Mutant("grpo-advantage-norm-ignored", GRPO, "hp.group_size, hp.advantage_norm,", 'hp.group_size, "std",',
+           "GRPO's advantage_norm does nothing"),
+    Mutant("tpo-rows-shuffled", "palm_rlhf/trainers/tpo.py",
+           "return (groups[:, None] * g + torch.arange(g)[None, :]).reshape(-1)",
+           "return torch.randperm(n, generator=generator)", "TPO's minibatches split groups"),
+    Mutant("flowrl-log-z-not-trained", "palm_rlhf/trainers/flowrl.py",
+           "return super()._parameters() + list(self.log_z.parameters())", "return super()._parameters()",
+           "FlowRL's log Z is never optimised"),
+    Mutant("tpo-entropy-sign", TPO, "loss = ce - ent_coef *", "loss = ce + ent_coef *",
+           "TPO's entropy bonus becomes a penalty"),
 ]
 
 # name -> why it is not a real bug (mutants expected to survive; none at the last run)

@@ -119,7 +119,7 @@ def test_group_advantages():
     adv, zero = group_advantages(torch.tensor([1.0, 2.0, 3.0, 5.0, 5.0, 5.0]), 3)
     torch.testing.assert_close(adv, torch.tensor([-1.0, 0.0, 1.0, 0.0, 0.0, 0.0]), atol=1e-5, rtol=0)
     assert zero == 1
-    adv, zero = group_advantages(torch.tensor([1.0, 3.0, 8.0]), 3, scale_by_std=False)
+    adv, zero = group_advantages(torch.tensor([1.0, 3.0, 8.0]), 3, norm="constant")
     torch.testing.assert_close(adv, torch.tensor([-3.0, -1.0, 4.0]))
     assert zero == 0
     with pytest.raises(InputError, match="multiple of group_size"):

@@ -13,7 +13,7 @@ from palm_rlhf.data.tokenizer import ByteTokenizer
 from palm_rlhf.model import PaLM
 from palm_rlhf.runtime.config import load_config
 
-TRAINERS = ("pretrain", "finetune", "reward", "ppo", "grpo", "rloo", "reinforce-pp", "dpo",
+TRAINERS = ("pretrain", "finetune", "reward", "ppo", "grpo", "rloo", "reinforce-pp", "tpo", "flowrl", "dpo",
             "dpo-full")  # dpo-full: lora.r=0
 TINY = dict(num_tokens=256, dim=16, depth=1, heads=2, dim_head=8)
 TEXT = "".join(f"line {i}: the quick brown fox jumps over the lazy dog {i * 7 % 13}\n" for i in range(200))
@@ -52,7 +52,7 @@ def overrides(kind: str, tmp_path, out: str, max_steps: int = 4) -> list[str]:
     if kind == "reward":
         return common + [base, f"data={tmp_path / 'prefs.jsonl'}", "batch_size=2", "eval.fraction=0",
                          "dropout=0.1", "max_len=32", "optim.warmup=1"]
-    if kind in ("ppo", "grpo", "rloo", "reinforce-pp"):
+    if kind in ("ppo", "grpo", "rloo", "reinforce-pp", "tpo", "flowrl"):
         extra = ["prompts_per_step=2", "batch_size=2"] if kind == "ppo" else \
             ["prompts_per_step=2", "group_size=2", "batch_size=4"]
         if kind == "reinforce-pp":
@@ -84,6 +84,12 @@ def config_and_trainer_classes(kind: str):
     if kind == "rloo":
         from palm_rlhf.trainers.rloo import RLOOConfig, RLOOTrainer
         return RLOOConfig, RLOOTrainer
+    if kind == "flowrl":
+        from palm_rlhf.trainers.flowrl import FlowRLConfig, FlowRLTrainer
+        return FlowRLConfig, FlowRLTrainer
+    if kind == "tpo":
+        from palm_rlhf.trainers.tpo import TPOConfig, TPOTrainer
+        return TPOConfig, TPOTrainer
     if kind == "reinforce-pp":
         from palm_rlhf.trainers.reinforce_pp import ReinforcePPConfig, ReinforcePPTrainer
         return ReinforcePPConfig, ReinforcePPTrainer

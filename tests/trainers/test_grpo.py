@@ -24,7 +24,7 @@ def test_group_size_must_compare_samples():
 # KL coefficients: plain GRPO at 0.05 reached 20-26 nats/sequence in 3 of 4 trainer seeds; at 0.2 it
 # gained 0.17-0.39 with KL 7-14 over seeds 0-3. Dr. GRPO's smaller steps learn nothing at 0.2; it keeps 0.05.
 @pytest.mark.parametrize("variant, margin", [(dict(kl_coef=0.2), 0.15),
-                                             (dict(scale_by_std=False, aggregation="seq_sum_norm", lr=1e-2,
+                                             (dict(advantage_norm="constant", aggregation="seq_sum_norm", lr=1e-2,
                                                    kl_coef=0.05), 0.04)])
 def test_grpo_raises_vowel_reward_with_bounded_kl(tmp_path, tiny_model, variant, margin):
     """GRPO (and Dr. GRPO: no std scaling, sum / max_len): 8 prompts x 4 samples per step. After 20 steps

@@ -38,6 +38,7 @@ COMMON = {
     "grpo": ["max_steps=2", "prompts_per_step=4", "group_size=2"],
     "rloo": ["max_steps=2", "prompts_per_step=4", "group_size=2"],
     "reinforce-pp": ["max_steps=2", "prompts_per_step=8", "group_size=1"],
+    "tpo": ["max_steps=2", "prompts_per_step=4", "group_size=2"],
 }
 
 
@@ -54,7 +55,7 @@ def run_args(algo, tmp_path, out):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algo", ["ppo", "grpo", "rloo", "reinforce-pp"])
+@pytest.mark.parametrize("algo", ["ppo", "grpo", "rloo", "reinforce-pp", "tpo"])
 def test_two_torchrun_processes_equal_one_process(tmp_path, algo):
     torch.manual_seed(0)
     PaLM(num_tokens=256, dim=32, depth=1, heads=2, dim_head=16).save_pretrained(tmp_path / "base")
