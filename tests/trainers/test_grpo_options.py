@@ -60,13 +60,13 @@ def test_on_policy_spo_and_score_centering_have_the_clip_gradient(tmp_path, tiny
     """At ratio 1 (the first update on fresh rollouts) the three policy losses have the same gradient:
     the clip and SPO's penalty are inactive (d/dratio of (ratio - 1)^2 is 0 at 1), and score centring's
     term sum_v p_v grad log p_v is 0 when the sampler is the policy. Top-16 of the 256 tokens is an
-    approximation: nearly the same direction. MaxRL's, Dr. GRPO's and the entropy bonus's advantages
+    approximation: nearly the same direction (on this tiny model it can round to the same one). MaxRL's, Dr. GRPO's and the entropy bonus's advantages
     change the gradient."""
     g = _gradients(tmp_path, tiny_model)
     assert float(g["clip"].norm()) > 1e-3
     torch.testing.assert_close(g["spo"], g["clip"], atol=1e-6, rtol=1e-4)
     torch.testing.assert_close(g["score_centering"], g["clip"], atol=1e-6, rtol=1e-4)
     cos = torch.nn.functional.cosine_similarity(g["score_centering_top16"], g["clip"], dim=0)
-    assert 0.9 < float(cos) < 1.0 - 1e-7, float(cos)
+    assert float(cos) > 0.9, float(cos)  # at most as close as 1.0 in float rounding: the top 16 hold nearly all the mass
     for name in ("maxrl", "dr_grpo", "entropy"):
         assert float((g[name] - g["clip"]).abs().max()) > 1e-4 * float(g["clip"].abs().max()), name
