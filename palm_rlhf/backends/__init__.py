@@ -36,7 +36,7 @@ class PlainDecoder:
 
     def prefill(self, tokens: Tensor, packed) -> Tensor:
         """Packed prompts (`palm_rlhf.generation.PackedPrompts`), tokens (L,) -> last-token logits (prompts, V)."""
-        return self.model.forward_cached(tokens[None], packed, last_only=False, **self.scope)[0, packed.last_index()]
+        return self.model.forward_cached(tokens[None], packed, at=packed.last_index(), **self.scope)[0]
 
 
 def resolve(backend: str, device) -> str:

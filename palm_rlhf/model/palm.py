@@ -261,16 +261,21 @@ class PaLM(FinetuneScopes, InputChecks, nn.Module):
                        dtype=dtype or param.dtype, pad=pad)
 
     def forward_cached(self, x: Tensor, kv_cache: KVCache, *, finetune_scope=None, disable_lora=False,
-                       last_only: bool = True) -> Tensor:
+                       last_only: bool = True, at: Tensor | None = None) -> Tensor:
         """Run new tokens x (b, n) against `kv_cache` and append them to it.
 
-        Returns logits of the last position (b, V) when `last_only`, else (b, n, V).
+        Returns logits of the last position (b, V) when `last_only`, else (b, n, V); with `at`
+        (indices into n), only those positions' logits (b, len(at), V): a packed prefill needs
+        each prompt's last token only, and the vocabulary projection of every prompt token would
+        cost more than the blocks (32,000 x 384 per token against 6 x 1.6M for config S).
         Used by `palm_rlhf.generation` for prefill (n = prompt length) and decode (n = 1).
         """
         if not self.causal:
             raise InputError("KV-cached decoding needs a causal PaLM (causal=True)")
         h = self._forward_hidden(x, finetune_scope, disable_lora, kv_cache=kv_cache)
-        if last_only:
+        if at is not None:
+            h = h[:, at]
+        elif last_only:
             h = h[:, -1]
         return self.to_logits(h)
 

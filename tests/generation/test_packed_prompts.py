@@ -13,6 +13,7 @@ from tests.helpers.models import tiny_palm
 @pytest.mark.parametrize("scope", [None, "actor"])
 def test_packed_prefill_equals_one_prompt_at_a_time(scope):
     """Prompts of 1, 7, 3 and 12 tokens in one packed forward: each prompt's last-token logits
+    (`at=`: projected at those positions only, the same as every position's logits indexed there)
     and its keys/values equal a prefill of that prompt alone in a KV cache of the same length
     (same xpos centre), with and without a LoRA scope."""
     model = tiny_palm(seed=0)
@@ -26,8 +27,11 @@ def test_packed_prefill_equals_one_prompt_at_a_time(scope):
     packed = PackedPrompts.like(alone, [len(p) for p in prompts])
     assert packed.center == alone.center == 24
     with torch.inference_mode():
-        logits = model.forward_cached(torch.cat(prompts)[None], packed, finetune_scope=scope, last_only=False)
-        logits = logits[0, packed.last_index()]  # (4, V)
+        logits = model.forward_cached(torch.cat(prompts)[None], packed, finetune_scope=scope,
+                                      at=packed.last_index())[0]  # (4, V): the vocabulary projection at 4 tokens only
+        again = PackedPrompts.like(alone, [len(p) for p in prompts])
+        every = model.forward_cached(torch.cat(prompts)[None], again, finetune_scope=scope, last_only=False)
+        torch.testing.assert_close(logits, every[0, packed.last_index()], rtol=1e-6, atol=1e-6)
         for i, prompt in enumerate(prompts):
             alone.reset()
             expected = model.forward_cached(prompt[None], alone, finetune_scope=scope)[0]

@@ -101,5 +101,4 @@ class FamilyDecoder(Decoder):
 
     def prefill(self, tokens: Tensor, packed) -> Tensor:
         """Packed prompts through the model's own forward (see `PlainDecoder.prefill`)."""
-        logits = self.model.forward_cached(tokens[None], packed, last_only=False, **self.scope)
-        return logits[0, packed.last_index()]
+        return self.model.forward_cached(tokens[None], packed, at=packed.last_index(), **self.scope)[0]
