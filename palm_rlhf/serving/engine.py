@@ -279,14 +279,15 @@ class Engine:
         want = [j for j, row in enumerate(rows) if row.request.params.logprobs is not None]
         if not want:
             return out
-        raw = logits[want].float().log_softmax(-1)  # (w, V)
+        raw = logits[want].float()  # (w, V)
+        norm = raw.logsumexp(-1, keepdim=True)  # log-probs are raw - norm; only k + 1 of them are formed
         chosen = tokens[want]
-        values = raw.gather(1, chosen[:, None]).squeeze(1).tolist()
+        values = (raw.gather(1, chosen[:, None]) - norm).squeeze(1).tolist()
         k_max = max(rows[j].request.params.logprobs for j in want)
         top_values = top_ids = None
         if k_max:
             top = raw.topk(k_max)
-            top_values, top_ids = top.values.tolist(), top.indices.tolist()
+            top_values, top_ids = (top.values - norm).tolist(), top.indices.tolist()
         decode = self.tokenizer.decode
         for w, (j, token) in enumerate(zip(want, chosen.tolist())):
             k = rows[j].request.params.logprobs

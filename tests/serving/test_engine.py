@@ -174,3 +174,25 @@ def test_load_for_inference_resolves_run_directories(model, tmp_path):
     save_adapter(tuned, "actor", final / "adapter.safetensors")
     with pytest.raises(ConfigError, match="already has this adapter merged"):
         load_for_inference(tmp_path / "ppo", tmp_path / "ppo")
+
+
+def test_logprobs_are_the_models_log_softmax(model):
+    """Greedy, logprobs=3: each token's log-prob and its 3 alternatives equal log_softmax of the
+    model's own logits at that position (the engine forms them as logit - logsumexp)."""
+    prompt = TOK.encode("The quick brown")
+    q = queue.Queue()
+    engine = Engine(model, TOK, context=64, gather_s=0.0).start()
+    try:
+        engine.submit(prompt, Params(max_tokens=5, temperature=0, stop_at_eos=False, logprobs=3), 1, q.put)
+        events = [q.get(timeout=30) for _ in range(5)]
+    finally:
+        engine.stop()
+    entries = [entry for event in events for entry in event.logprobs]
+    tokens = [TOK.encode(text)[0] for text, _, _ in entries]
+    with torch.no_grad():
+        expected = model(torch.tensor([prompt + tokens[:-1]])).float().log_softmax(-1)[0, len(prompt) - 1:]
+    for (text, value, alternatives), token, row in zip(entries, tokens, expected):
+        assert value == pytest.approx(row[token].item(), abs=1e-4) and value == pytest.approx(row.max().item(), abs=1e-4)
+        top = row.topk(3)
+        assert list(alternatives.values()) == pytest.approx(top.values.tolist(), abs=1e-4)
+        assert list(alternatives) == [TOK.decode([i]) for i in top.indices.tolist()]
