@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,9 +22,7 @@ from safetensors.torch import load_file
 from palm_rlhf.runtime.config import config_to_dict, load_config
 from palm_rlhf.runtime.metrics import read_metrics
 from run_testing import config_and_trainer_classes, make_trainer, overrides, write_inputs
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime"))
-from dist_testing import run_workers  # noqa: E402
+from tests.runtime.dist_testing import run_workers
 
 KINDS = ("pretrain", "finetune", "reward", "ppo", "grpo", "rloo", "reinforce-pp", "tpo", "flowrl", "dpo")
 
@@ -96,31 +93,55 @@ def test_optim_keys_reach_the_optimizer_and_the_step(tmp_path, kind):
         trainer.cleanup()
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("kind", KINDS)
-def test_micro_batches_times_accumulation_equal_one_big_batch(tmp_path, kind):
-    """batch_size=8 in one forward, and in 4 micro-batches of 2 (accumulation 4): the same two steps."""
-    write_inputs(tmp_path)
-    _run(kind, tmp_path, "big")
-    small = _run(kind, tmp_path, "small", "micro_batch_size=2")
-    assert small.run.stepper_.grad_accum == 4
-    _assert_same_run(kind, tmp_path / "big", tmp_path / "small")
-
-
-def _in_group(rank, world, kind, tmp, out):
+def _in_group(rank, world, tmp):
+    """Every kind's batch_size=8 run, one after another, in this rank of one process group."""
     torch.set_num_threads(1)
-    _run(kind, Path(tmp), out)
+    for kind in KINDS:
+        _run(kind, Path(tmp), f"{kind}-two")
     return rank
 
 
+class Runs:
+    """The runs these tests compare, on one set of inputs, each made once per module:
+    `one(kind)`: batch_size=8 in one process; `two(kind)`: the same in 2 gloo processes, every
+    kind in ONE launch (starting the processes and the group costs more than a tiny run)."""
+
+    def __init__(self, tmp: Path):
+        self.tmp, self.done = tmp, set()
+        write_inputs(tmp)
+
+    def one(self, kind) -> Path:
+        if (kind, "one") not in self.done:
+            _run(kind, self.tmp, f"{kind}-one")
+            self.done.add((kind, "one"))
+        return self.tmp / f"{kind}-one"
+
+    def two(self, kind) -> Path:
+        if "two" not in self.done:
+            assert run_workers(_in_group, 2, str(self.tmp)) == [0, 1]
+            self.done.add("two")
+        return self.tmp / f"{kind}-two"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return Runs(tmp_path_factory.mktemp("shared-keys"))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
-def test_two_processes_at_batch_size_8_take_the_steps_of_one(tmp_path, kind):
+def test_micro_batches_times_accumulation_equal_one_big_batch(runs, kind):
+    """batch_size=8 in one forward, and in 4 micro-batches of 2 (accumulation 4): the same two steps."""
+    small = _run(kind, runs.tmp, f"{kind}-small", "micro_batch_size=2")
+    assert small.run.stepper_.grad_accum == 4
+    _assert_same_run(kind, runs.one(kind), runs.tmp / f"{kind}-small")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", KINDS)
+def test_two_processes_at_batch_size_8_take_the_steps_of_one(runs, kind):
     """2 gloo processes (4 examples each per step) and 1 process, both at batch_size=8: the same run."""
-    write_inputs(tmp_path)
-    assert run_workers(_in_group, 2, kind, str(tmp_path), "two") == [0, 1]
-    _run(kind, tmp_path, "one")
-    _assert_same_run(kind, tmp_path / "one", tmp_path / "two")
+    _assert_same_run(kind, runs.one(kind), runs.two(kind))
 
 
 # kind, old spellings, the same in the new keys
