@@ -44,3 +44,26 @@ def wait_healthy(url: str, proc, lines, timeout: float = 30.0) -> None:
         time.sleep(0.1)
     proc.kill()
     raise RuntimeError("feedback server never answered /healthz:\n" + "".join(lines))
+
+
+def torchrun_under_nccl_rule(argv: list[str], log: str, *, nproc: int = 2, device: str = "cpu",
+                             pythonpath: tuple = (), timeout: float = 600) -> list[list[str]]:
+    """`palm-rlhf ARGV` in `nproc` torchrun processes under the NCCL rule (tests/runtime/nccl_rule.py,
+    which must be importable: it is added to PYTHONPATH with `pythonpath`); returns the collectives it
+    let through, one (name, caller file:line, device) per line of `log`.rankN, after checking it saw
+    some on `device` only."""
+    import os
+    import sys
+    from pathlib import Path
+
+    rule_dir = Path(__file__).resolve().parents[1] / "runtime"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NCCL_RULE_DEVICE": device, "NCCL_RULE_LOG": log,
+           "PYTHONPATH": os.pathsep.join([str(rule_dir), *map(str, pythonpath), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "nccl_rule", *argv]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    seen = [line.split("\t") for r in range(nproc) for line in Path(f"{log}.rank{r}").read_text().splitlines()]
+    assert seen, "the rule saw no collective: it was not armed"
+    assert {d for _, _, d in seen} == {device if device == "cpu" else "cuda:0"}
+    return seen

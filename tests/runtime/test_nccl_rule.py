@@ -1,6 +1,7 @@
 """The NCCL rule on CPU (see nccl_rule.py): collectives only through runtime.distributed, on the
-model's device; the helpers pick a device the group serves (CUDA under NCCL); and the RL and DPO
-trainers' distributed paths run under the rule in 2 gloo processes, DPO equal to 1 process."""
+model's device; the helpers pick a device the group serves (CUDA under NCCL); and the DPO and reward trainers'
+distributed paths run under the rule in 2 gloo processes, equal to 1 process (the RL trainers'
+in tests/trainers/test_rl_distributed.py)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch.distributed as dist
 import nccl_rule
 from dist_testing import run_workers
 from palm_rlhf.runtime import distributed as rdist
+from tests.helpers.processes import torchrun_under_nccl_rule
 
 
 @pytest.fixture
@@ -143,20 +145,7 @@ def _argv(algo: str, inputs: list[str], out: Path, nproc: int) -> list[str]:
 
 
 def _launch(algo: str, inputs: list[str], out: Path, nproc: int, device: str):
-    import os
-    import subprocess
-    import sys
-
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "NCCL_RULE_DEVICE": device, "NCCL_RULE_LOG": str(out) + ".rule",
-           "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "nccl_rule", *_argv(algo, inputs, out, nproc)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    seen = [line.split("\t") for r in range(nproc) for line in Path(f"{out}.rule.rank{r}").read_text().splitlines()]
-    assert seen, "the rule saw no collective: it was not armed"
-    assert {d for _, _, d in seen} == {device if device == "cpu" else "cuda:0"}
-    return seen
+    return torchrun_under_nccl_rule(_argv(algo, inputs, out, nproc), str(out) + ".rule", nproc=nproc, device=device)
 
 
 def _trained(algo: str, run_dir: Path) -> dict:
@@ -167,20 +156,18 @@ def _trained(algo: str, run_dir: Path) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algo", ["ppo", "grpo", "rloo", "reinforce-pp", "dpo", "dpo-full", "reward"])
+@pytest.mark.parametrize("algo", ["dpo", "dpo-full", "reward"])
 def test_trainers_in_two_gloo_processes_obey_the_nccl_rule(tmp_path, algo):
-    """Every collective of the RL, DPO and reward runs goes through the runtime on the model's
-    device; the gradients go through DDP (C++), so the rule sees only statistics. DPO and reward
-    training in 2 processes equal 1 process with the same global batch (PPO/GRPO/RLOO/REINFORCE++:
-    tests/trainers/test_rl_distributed.py)."""
+    """Every collective of the DPO and reward runs goes through the runtime on the model's device;
+    the gradients go through DDP (C++), so the rule sees only statistics. DPO and reward training
+    in 2 processes equal 1 process with the same global batch. (The RL trainers run under the rule
+    in tests/trainers/test_rl_distributed.py, which launches them once for both checks.)"""
     from palm_rlhf.cli.main import main
     from palm_rlhf.runtime.metrics import read_metrics
 
     inputs = _inputs(tmp_path)
     seen = _launch(algo, inputs, tmp_path / "two", 2, "cpu")
     assert any(name == "all_reduce" and where.startswith(nccl_rule.RUNTIME_FILE) for name, where, _ in seen)
-    if algo in ("ppo", "grpo", "rloo", "reinforce-pp"):  # 2 == 1: tests/trainers/test_rl_distributed.py
-        return
     assert main(_argv(algo, inputs, tmp_path / "one", 1)) == 0
     one, two = _trained(algo, tmp_path / "one"), _trained(algo, tmp_path / "two")
     assert one.keys() == two.keys()

@@ -1,5 +1,6 @@
-"""PPO, GRPO, RLOO and REINFORCE++ under torchrun: 2 CPU processes train exactly what 1 process trains
-with the same global batch.
+"""PPO, GRPO, RLOO, REINFORCE++ and TPO under torchrun: 2 CPU processes train exactly what 1 process
+trains with the same global batch, under the NCCL rule (tests/runtime/nccl_rule.py: every collective
+goes through `palm_rlhf.runtime.distributed`, on the model's device).
 
 Why it holds: the step's prompts come from a generator seeded by (seed, step); each rollout row's
 sampling noise from one seeded by (seed, step, global row index) (`rl_base.row_generators`), so a
@@ -29,7 +30,11 @@ from safetensors.torch import load_file
 
 from palm_rlhf.cli.main import main
 from palm_rlhf.model import PaLM
+from palm_rlhf.runtime import distributed as rdist
 from palm_rlhf.runtime.metrics import read_metrics
+from tests.helpers.processes import torchrun_under_nccl_rule
+
+RUNTIME_FILE = str(Path(rdist.__file__).resolve())
 
 HERE = Path(__file__).resolve().parent
 
@@ -61,12 +66,10 @@ def test_two_torchrun_processes_equal_one_process(tmp_path, algo):
     PaLM(num_tokens=256, dim=32, depth=1, heads=2, dim_head=16).save_pretrained(tmp_path / "base")
     (tmp_path / "prompts.txt").write_text("".join(f"{w} and\n" for w in
                                                   ["the", "cat", "sat", "on", "a", "red", "mat", "now"]))
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "palm_rlhf", *run_args(algo, tmp_path, tmp_path / "two")],
-                         env=env, capture_output=True, text=True, timeout=500)
-    assert two.returncode == 0, two.stderr[-3000:]
+    # launched under the NCCL rule: every collective goes through the runtime, on the model's device
+    seen = torchrun_under_nccl_rule(run_args(algo, tmp_path, tmp_path / "two"), str(tmp_path / "rule"),
+                                    pythonpath=(HERE,))
+    assert any(name == "all_reduce" and where.startswith(RUNTIME_FILE) for name, where, _ in seen)
     assert main(run_args(algo, tmp_path, tmp_path / "one")) == 0
 
     one_adapter, two_adapter = (load_file(tmp_path / run / "final" / "adapter.safetensors") for run in ("one", "two"))
