@@ -317,7 +317,6 @@ def child_trl(trainer: str, work: Path, run: Path, s: dict) -> dict:
         t = trl.SFTTrainer(model=ckpt, args=args, train_dataset=load("sft_train_trl.jsonl"), processing_class=tok,
                            peft_config=peft_config, callbacks=[timer.callback()])
     elif trainer == "reward":
-        common["adam_beta2"] = 0.95  # our reward trainer's AdamW betas are (0.9, 0.95)
         args = trl.RewardConfig(**common, per_device_train_batch_size=s["batch"], per_device_eval_batch_size=s["batch"],
                                 max_length=s["max_len"], eval_strategy="no")
         t = trl.RewardTrainer(model=ckpt, args=args, train_dataset=load("rm_train.jsonl"),
