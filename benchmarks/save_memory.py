@@ -8,6 +8,10 @@ transformers writes a random Llama checkpoint (hidden 384, 6 layers, 6/2 heads, 
 and takes two steps. The process's peak resident memory (`VmHWM`) is then reset
 (`/proc/self/clear_refs`) before each save, and the figure is the peak above the resident memory
 just before it: what the save itself adds to a run's peak.
+
+2026-12-07, torch 2.13.0+cpu: full finetuning (`--lora-r 0`, 10.2M parameters, AdamW state 78 MiB)
+added 75 MiB at the checkpoint when `state.pt` was serialised into memory first, 0 MiB since it
+streams into its file; final/ 0 MiB either way; LoRA r 8: 0 MiB either way.
 """
 
 from __future__ import annotations
@@ -15,8 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import tempfile
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's palm_rlhf
 
 
 def _status(key: str) -> int:

@@ -102,18 +102,32 @@ os.umask(_UMASK)
 FILE_MODE = 0o666 & ~_UMASK
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, write) -> None:
+    """`write(f)` into a temporary file beside `path`, fsync, rename onto `path`: readers see the old
+    file or the whole new one, never part of it. `write` streams into `f` as it goes, so nothing
+    needs the whole file in memory first."""
     path = Path(path)
     fd, tmp = create_temporary(path)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    """`torch.save(obj)` to `path` atomically. torch's zip writer copies each tensor's storage from its
+    memory to the file, one record at a time, so the save holds no serialised copy of `obj` (saving
+    into a `BytesIO` first held one: the size of the optimizer state, at the end of a run)."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def atomic_save_tensors(tensors: dict, path: Path, metadata: dict | None = None) -> None:
