@@ -1,7 +1,6 @@
 """CheckpointManager: atomic step directories, keep-last-K, `latest` never broken, RNG round trip."""
 
 import random
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +10,7 @@ from palm_rlhf.data.tokenizer import ByteTokenizer, load_tokenizer
 from palm_rlhf.errors import CheckpointError
 from palm_rlhf.model import PaLM
 from palm_rlhf.runtime.checkpoint import CheckpointManager, rng_state, set_rng_state
+from tests.helpers.memory import peak_mib_added
 
 
 def test_save_load_keep_last(tmp_path):
@@ -27,19 +27,6 @@ def test_save_load_keep_last(tmp_path):
     assert load_tokenizer(mgr.latest()) == ByteTokenizer()
 
 
-def _peak_mib_added(fn) -> float:
-    """MiB that fn() adds to this process's peak resident memory (Linux: VmHWM reset by clear_refs)."""
-    def status(key):
-        return int(Path("/proc/self/status").read_text().split(f"{key}:")[1].split()[0]) / 1024
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # peak := current
-    except OSError:
-        pytest.skip("needs Linux's /proc/self/clear_refs to reset the peak RSS")
-    before = status("VmRSS")
-    fn()
-    return status("VmHWM") - before
-
-
 def test_optimizer_state_streams_to_disk_without_a_copy_in_memory(tmp_path):
     """AdamW state of 2 x 32 MiB goes into state.pt exactly, and the save adds under 8 MiB to the peak
     resident memory: torch.save writes into the checkpoint's temporary file as it goes (saving into a
@@ -52,7 +39,7 @@ def test_optimizer_state_streams_to_disk_without_a_copy_in_memory(tmp_path):
     optimizer.step()
     state = {"step": 1, "optimizer": optimizer.state_dict()}
     mgr = CheckpointManager(tmp_path)
-    added = _peak_mib_added(lambda: mgr.save(1, state))
+    added = peak_mib_added(lambda: mgr.save(1, state))
     assert added < 8, f"saving 64 MiB of optimizer state added {added:.0f} MiB to the peak RSS"
     loaded = mgr.load()["optimizer"]["state"]
     for i, saved in optimizer.state_dict()["state"].items():
