@@ -79,7 +79,8 @@ def _padded(prompts, responses, side):
 def test_score_is_the_head_on_the_last_real_tokens_hidden_state_whatever_the_padding(kind, llama_dir):
     """By hand: each row alone through the decoder, its last position's final hidden state times the
     head's weight. Right padding, left padding and `score()` all give that number; the segment
-    embeddings (random here) are not read, while pooling='last' reads them."""
+    embeddings (random here) are not read, while pooling='last' reads them (and equals it when
+    they are zero, as built)."""
     palm = _base(kind, llama_dir)
     rm = _randomize_head(RewardModel(palm, dropout=0.0, use_lora=False, pooling=SEQ)).eval()
     prompts, responses = _rows(palm.num_tokens)
@@ -92,7 +93,10 @@ def test_score_is_the_head_on_the_last_real_tokens_hidden_state_whatever_the_pad
             torch.testing.assert_close(rm(x, mask=mask, prompt_lengths=plens), by_hand, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(rm.score(prompts, responses), by_hand, atol=1e-5, rtol=1e-5)
         last = _randomize_head(RewardModel(palm, dropout=0.0, use_lora=False, pooling="last")).eval()
+        last.to_pred[0].weight.copy_(rm.to_pred[0].weight)
         assert (last.score(prompts, responses) - by_hand).abs().min() > 1e-3
+        last.prompt_embed.zero_(), last.response_embed.zero_()  # as built: then 'last' is the same head
+        torch.testing.assert_close(last.score(prompts, responses), by_hand, atol=1e-5, rtol=1e-5)
 
 
 def test_equals_transformers_llama_for_sequence_classification(llama_dir):
