@@ -212,6 +212,7 @@ def our_args(trainer: str, work: Path, run: Path, s: dict) -> list[str]:
                 f"eval.every={s['steps']}"]
     if trainer == "reward":
         return ["reward", "train", "--config", "pairwise", *common, *lora, *optim, f"data={work / 'rm_train.jsonl'}",
+                "pooling=sequence_classification",  # TRL's head: the last token, token ids only
                 f"eval.data={work / 'rm_val.jsonl'}", f"batch_size={s['batch']}", f"max_len={s['max_len']}",
                 f"eval.every={s['steps']}"]
     if trainer == "dpo":

@@ -2,7 +2,9 @@
 
 - Writes go to a temporary name `.NAME.XXXXXXXX.tmp` beside the target and are renamed into
   place; `remove_temporaries` deletes what a killed writer left behind (each atomic write does
-  so for its own target, `CheckpointManager` for a whole run at start-up).
+  so for its own target, `CheckpointManager` for a whole run at start-up). Large writes stream
+  into the temporary file (`atomic_write`, `atomic_torch_save`, `atomic_save_tensors`): none
+  builds the whole file in memory first, and safetensors take one tensor at a time to the host.
 - `.pt` files are read with `weights_only=True`; a pickle that asks to run code is refused with
   one line naming what it asked for (`load_plain`). A corrupt safetensors file is a
   `CheckpointError` naming the file.
@@ -28,7 +30,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .errors import CheckpointError
 
@@ -102,12 +104,15 @@ os.umask(_UMASK)
 FILE_MODE = 0o666 & ~_UMASK
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, write) -> None:
+    """`write(f)` into a temporary file beside `path`, fsync, rename onto `path`: readers see the old
+    file or the whole new one, never part of it. `write` streams into `f` as it goes, so nothing
+    needs the whole file in memory first."""
     path = Path(path)
     fd, tmp = create_temporary(path)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -116,17 +121,60 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    """`torch.save(obj)` to `path` atomically. torch's zip writer copies each tensor's storage from its
+    memory to the file, one record at a time, so the save holds no serialised copy of `obj` (saving
+    into a `BytesIO` first held one: the size of the optimizer state, at the end of a run)."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+# safetensors' dtype names, in the order its writer lays tensors out (then by name within a dtype)
+_SAFETENSORS_NAMES = {torch.uint64: "U64", torch.int64: "I64", torch.float64: "F64", torch.float32: "F32",
+                       torch.uint32: "U32", torch.int32: "I32", torch.bfloat16: "BF16", torch.float16: "F16",
+                       torch.uint16: "U16", torch.int16: "I16", torch.float8_e4m3fn: "F8_E4M3",
+                       torch.float8_e5m2: "F8_E5M2", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+_SAFETENSORS_ORDER = {dtype: i for i, dtype in enumerate(_SAFETENSORS_NAMES)}
+
+
+def write_safetensors(f, tensors: dict, metadata: dict | None = None) -> None:
+    """The safetensors file of `tensors` into the open binary file `f`, byte for byte what
+    `safetensors.torch.save_file` writes, one tensor at a time: a tensor on a GPU (or a
+    non-contiguous one) is copied to host memory only while its own bytes are written, where
+    `save_file` needs every tensor in host memory at once."""
+    for name, t in tensors.items():
+        if t.dtype not in _SAFETENSORS_NAMES or t.layout != torch.strided:
+            raise CheckpointError(f"cannot save tensor {name!r} ({t.dtype}, {t.layout}) as safetensors: make it a "
+                                  f"dense tensor of a real or integer dtype first (e.g. .to_dense().float())")
+    if metadata and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise CheckpointError(f"safetensors metadata must map strings to strings, got {metadata!r}")
+    order = sorted(tensors, key=lambda k: (_SAFETENSORS_ORDER[tensors[k].dtype], k))
+    header: dict = {"__metadata__": dict(metadata)} if metadata is not None else {}
+    offset = 0
+    for name in order:
+        t = tensors[name]
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": _SAFETENSORS_NAMES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors pads it
+    f.write(struct.pack("<Q", len(text)))
+    f.write(text)
+    for name in order:
+        t = tensors[name].detach()
+        if t.numel():
+            host = t.contiguous().cpu().reshape(-1)  # (numel,): this tensor only
+            f.write(memoryview(host.view(torch.uint8).numpy()))
+            del host  # freed before the next one is copied
+
+
 def atomic_save_tensors(tensors: dict, path: Path, metadata: dict | None = None) -> None:
-    path = Path(path)
-    fd, tmp = create_temporary(path)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.chmod(tmp, FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """A safetensors file written atomically and streamed (`write_safetensors`)."""
+    atomic_write(Path(path), lambda f: write_safetensors(f, tensors, metadata))
 
 
 # ---------------------------------------------------------------- reading

@@ -9,7 +9,11 @@ checkpoints load unchanged. Behaviour fixed on purpose (see docs/reward.md):
   sampled a random bin by default, so the same response got different rewards);
 * ``pooling='response_mean'`` (default) averages the response tokens only, ``'last'`` takes the
   last non-pad token, ``'response_mean_last'`` adds the two, ``'mean'`` is the seed's mean over
-  prompt *and* response;
+  prompt *and* response; ``'sequence_classification'`` is transformers' ``*ForSequenceClassification``
+  head as TRL's RewardTrainer trains it: the linear head on the last non-pad token, and the model
+  sees the token ids only (no prompt/response embeddings are added);
+* leading padding is moved out of the way before the forward, so a left-padded row scores what
+  the same row right-padded scores (a causal model never lets a real token see trailing padding);
 * the caller's PaLM is deep-copied before dropout is set or a LoRA scope is added, so the
   model passed in is never modified.
 """
@@ -31,7 +35,9 @@ from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, build_palm, load_into, palm_c
 from .palm import PaLM
 from .adapters import adapter_on_frozen_base
 
-POOLINGS = ("response_mean", "last", "response_mean_last", "mean")
+POOLINGS = ("response_mean", "last", "response_mean_last", "mean", "sequence_classification")
+# poolings that read one position, the last real token of each row
+_LAST_TOKEN = ("last", "sequence_classification")
 
 
 class _SqueezeLast(nn.Module):
@@ -69,6 +75,27 @@ def pack_prompt_response(prompts: Sequence[Tensor], responses: Sequence[Tensor],
         x[i, : row.numel()] = row
         mask[i, : row.numel()] = True
     return x, mask, torch.tensor(plens, dtype=torch.long)
+
+
+def _drop_leading_padding(x: Tensor, mask: Tensor, prompt_mask: Tensor | None
+                          ) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Shift each row left by its number of leading pads (mask False before the first real token),
+    so every row starts at column 0 and its padding trails it, where causal attention never reads
+    it. Rows that start with a real token (right padding) are unchanged; so are all rows when
+    none has leading padding (no copy)."""
+    n = x.shape[1]
+    lead = torch.where(mask.any(-1), mask.long().argmax(-1), 0)  # (b,) index of the first real token
+    if not bool(lead.any()):
+        return x, mask, prompt_mask
+    cols = torch.arange(n, device=x.device)[None, :]  # (1, n)
+    src = cols + lead[:, None]  # (b, n) column j reads column j + lead
+    inside = src < n
+    src = src.clamp(max=n - 1)
+    x = x.gather(1, src)
+    mask = mask.gather(1, src) & inside
+    if prompt_mask is not None:
+        prompt_mask = prompt_mask.bool().gather(1, src) & inside
+    return x, mask, prompt_mask
 
 
 class RewardModel(nn.Module):
@@ -128,11 +155,13 @@ class RewardModel(nn.Module):
     def finetune_parameters(self) -> list[nn.Parameter]:
         """The head, the prompt/response embeddings, and the LoRA scope (or the whole PaLM without LoRA).
 
-        (The seed left out prompt_embed/response_embed, so they never trained.)
+        (The seed left out prompt_embed/response_embed, so they never trained. Under
+        ``pooling='sequence_classification'`` they are not used, so they are not listed.)
         """
         body = (self.palm.finetune_parameters(self.reward_lora_scope) if self.reward_lora_scope is not None
                 else self.palm.parameters())
-        return [*self.to_pred.parameters(), self.prompt_embed, self.response_embed, *body]
+        segments = [] if self.pooling == "sequence_classification" else [self.prompt_embed, self.response_embed]
+        return [*self.to_pred.parameters(), *segments, *body]
 
     # ------------------------------------------------------------------ forward
 
@@ -142,8 +171,6 @@ class RewardModel(nn.Module):
         if prompt_lengths is not None:
             positions = torch.arange(x.shape[1], device=x.device)
             return positions[None, :] < prompt_lengths.to(x.device)[:, None]  # (b, n)
-        if prompt_mask is not None and prompt_mask.shape != x.shape:
-            raise InputError(f"prompt_mask {tuple(prompt_mask.shape)} must match x {tuple(x.shape)}")
         return None if prompt_mask is None else prompt_mask.bool()
 
     def _pooled_positions(self, x: Tensor, mask: Tensor | None, prompt_mask: Tensor | None
@@ -157,7 +184,7 @@ class RewardModel(nn.Module):
         mask = mask.bool()
         if self.pooling == "mean":
             return None, mask
-        if self.pooling == "last":
+        if self.pooling in _LAST_TOKEN:
             # index of the last real token; argmax picks the first maximum, so weight by position
             last = (mask.long() * torch.arange(1, n + 1, device=x.device)).argmax(dim=1)  # (b,)
             return last[:, None], torch.ones(b, 1, dtype=torch.bool, device=x.device)
@@ -170,12 +197,20 @@ class RewardModel(nn.Module):
 
     def head(self, x: Tensor, mask: Tensor | None = None, prompt_mask: Tensor | None = None,
              prompt_lengths: Tensor | None = None, disable_lora: bool = False) -> Tensor:
-        """Raw head output: rewards (b,) or bin logits (b, K)."""
-        prompt_mask = self._prompt_mask(x, prompt_mask, prompt_lengths)
+        """Raw head output: rewards (b,) or bin logits (b, K).
+
+        A row may be padded on either side: its leading padding (mask False before its first real
+        token) is moved to its end before the forward, and `prompt_lengths` count from the first
+        real token."""
         if mask is not None and mask.shape != x.shape:
             raise InputError(f"mask {tuple(mask.shape)} must match x {tuple(x.shape)}")
+        if prompt_mask is not None and prompt_mask.shape != x.shape:
+            raise InputError(f"prompt_mask {tuple(prompt_mask.shape)} must match x {tuple(x.shape)}")
+        if mask is not None and self.palm.causal:
+            x, mask, prompt_mask = _drop_leading_padding(x, mask.bool(), prompt_mask)
+        prompt_mask = self._prompt_mask(x, prompt_mask, prompt_lengths)
         extra_embed = None
-        if prompt_mask is not None:
+        if prompt_mask is not None and self.pooling != "sequence_classification":
             # tell the model which tokens are prompt and which are response
             extra_embed = torch.where(prompt_mask[..., None], self.prompt_embed, self.response_embed)  # (b, n, d)
         positions, counted = self._pooled_positions(x, mask, prompt_mask)

@@ -23,7 +23,6 @@ touch its files.
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import shutil
@@ -32,7 +31,8 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
-from ..files import TEMP_SUFFIX, atomic_save_tensors, atomic_write_bytes, load_plain, remove_temporaries
+from ..files import (TEMP_SUFFIX, atomic_save_tensors, atomic_torch_save, atomic_write_bytes, load_plain,
+                     remove_temporaries)
 from .seed import rng_state, set_rng_state  # noqa: F401 - re-exported: checkpoints carry RNG states
 
 log = logging.getLogger(__name__)
@@ -107,9 +107,7 @@ class CheckpointManager:
                     model.save_pretrained(tmp)
             if tokenizer is not None:
                 tokenizer.save(tmp)
-            buf = io.BytesIO()
-            torch.save(state, buf)
-            atomic_write_bytes(tmp / STATE_NAME, buf.getvalue())
+            atomic_torch_save(state, tmp / STATE_NAME)  # streamed: no in-memory copy of the optimizer state
             _fsync_dir(tmp)
             trash = None
             if final.exists():  # re-saving a step (e.g. after resume): move the old one aside first

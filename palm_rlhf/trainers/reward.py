@@ -46,7 +46,7 @@ class RewardTrainConfig(RunSettings):
     data: str = ""                 # preference JSONL (palm_rlhf.data.preferences)
     objective: str = "auto"        # auto: pairwise for pairwise records, binned for ratings
     num_bins: int = 5              # binned head: ratings are whole numbers in [0, num_bins - 1]
-    pooling: str = "response_mean"   # how response positions become one score (palm_rlhf.model.reward.POOLINGS)
+    pooling: str = "response_mean"  # response_mean | last | response_mean_last | mean | sequence_classification
     dropout: float = 0.0             # dropout in the reward model
     use_margin: bool = True        # subtract each record's margin inside the Bradley-Terry loss
     max_len: int = 256               # prompt + response tokens per record (prompt cut from the left)

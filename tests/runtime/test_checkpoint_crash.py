@@ -1,8 +1,8 @@
 """SIGKILL at exact points inside a save or a prune leaves no debris after the next start (issue 16, 4-5).
 
 Each scenario runs in a child process that kills itself (SIGKILL: no `finally`, no clean-up)
-at one exact call: between writing `latest`'s temporary file and renaming it, and in the middle
-of deleting a pruned step directory. The parent then starts a new CheckpointManager, as a
+at one exact call: between writing `latest`'s temporary file and renaming it, in the middle of
+streaming `state.pt` into its temporary file, and in the middle of deleting a pruned step directory. The parent then starts a new CheckpointManager, as a
 resumed run does, and checks what is on disk.
 """
 
@@ -44,7 +44,16 @@ def rmtree(path, *args, **kwargs):
         os.kill(os.getpid(), signal.SIGKILL)   # ... then killed
     return real_rmtree(path, *args, **kwargs)
 
+real_save = model_ckpt.torch.save
+
+def save(obj, f, *args, **kwargs):
+    if kill_at == "state" and obj.get("step") == 3:
+        f.write(b"partial"); f.flush()       # state.pt streams straight into its temporary file ...
+        os.kill(os.getpid(), signal.SIGKILL) # ... and the process dies half way
+    return real_save(obj, f, *args, **kwargs)
+
 model_ckpt.os.replace = replace
+model_ckpt.torch.save = save
 run_ckpt.shutil.rmtree = rmtree
 mgr.save(3, {"step": 3})
 print("not killed")
@@ -70,6 +79,18 @@ def test_kill_before_latest_is_renamed_leaves_a_temporary_that_start_up_removes(
     mgr = CheckpointManager(tmp_path, keep_last=5)  # the writer's start-up
     assert names(mgr.dir) == {"latest", "step_00000001", "step_00000002", "step_00000003"}
     assert mgr.load()["step"] == 2  # `latest` still names a complete step
+
+
+def test_kill_while_state_streams_to_disk_keeps_the_previous_checkpoint(tmp_path):
+    """state.pt is written by torch.save straight into a file (no copy in memory), inside the step's
+    temporary directory: a kill half way leaves that directory, which start-up removes."""
+    killed_child(tmp_path, 5, "state")
+    checkpoints = tmp_path / "checkpoints"
+    assert [n for n in names(checkpoints) if n.startswith(".step_00000003.")], names(checkpoints)
+    assert CheckpointManager(tmp_path, is_main=False).latest().name == "step_00000002"
+    mgr = CheckpointManager(tmp_path, keep_last=5)
+    assert names(mgr.dir) == {"latest", "step_00000001", "step_00000002"}
+    assert mgr.load()["step"] == 2
 
 
 def test_kill_mid_prune_keeps_keep_last_after_restart(tmp_path):
