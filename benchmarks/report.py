@@ -1,5 +1,5 @@
-"""The headline figures in one command: decode, training, the RL iteration, serving and memory, each
-side by side with its peers, with quick settings (about 10-15 minutes on 2 idle cores; pass `--threads 1` when they are busy).
+"""The headline figures in one command: decode, training, the RL iteration, serving, memory and the
+trainers against TRL, each side by side with its peers, with quick settings (about 10-15 minutes on 2 idle cores; pass `--threads 1` when they are busy).
 
     python benchmarks/report.py                      # run everything, write benchmarks/results.md, update README.md
     python benchmarks/report.py --threads 1          # on a busy 2-core machine
@@ -53,6 +53,7 @@ BENCHMARKS: dict[str, list[str]] = {
     "serve": ["benchmarks/serve.py", "--systems", "ours", "hf", "--levels", "1", "16", "--repeats", "1",
               "--threads", "1"],
     "memory": ["benchmarks/memory.py", "--lengths", "2048"],
+    "trl": ["benchmarks/trl.py", "--quick", "--repeats", "1"],
 }
 
 
@@ -144,8 +145,22 @@ def _memory_rows(r: dict, name: str) -> list[dict]:
     return rows
 
 
+def _trl_rows(r: dict, name: str) -> list[dict]:
+    rows = []
+    for row in r["rows"]:
+        rows.append({"what": f"{row['trainer'].upper()} on a Llama checkpoint, seconds per optimizer step "
+                             f"(--quick: 3.2M parameters)", "ours": f"{row['ours_s_per_step']:.3f}",
+                     "peer": f"TRL 1.16: {row['trl_s_per_step']:.3f}",
+                     "ratio": f"{row['trl_s_per_step'] / row['ours_s_per_step']:.2f}x", "command": name})
+        rows.append({"what": f"{row['trainer'].upper()} peak RSS, MiB (lower is better)", "ours": _fmt(row["ours_rss_mib"]),
+                     "peer": f"TRL 1.16: {_fmt(row['trl_rss_mib'])}", "ratio": _ratio(row["ours_rss_mib"], row["trl_rss_mib"]),
+                     "command": name})
+    return rows
+
+
 ROWS = {"decode": _decode_rows, "decode-seed": _decode_rows, "train": _train_rows, "rl": _rl_rows,
-        "serve": _serve_rows, "memory": _memory_rows}
+        "serve": _serve_rows, "memory": _memory_rows,
+        "trl": _trl_rows}
 
 
 def rows(data: dict) -> list[dict]:
@@ -233,7 +248,7 @@ def readme_block(data: dict) -> str:
 
 # benchmarks/README.md: each section's current table, between <!-- results:SECTION:start/end --> markers
 SECTIONS = {"decode": ("decode", "decode-seed"), "train": ("train",), "rl": ("rl",), "serve": ("serve",),
-            "memory": ("memory",)}
+            "memory": ("memory",), "trl": ("trl",)}
 
 
 def markers(section: str | None = None) -> tuple[str, str]:

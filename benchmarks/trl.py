@@ -431,6 +431,7 @@ def main() -> None:
                    help="TRL with its own defaults (bf16 autocast, gradient checkpointing) instead of fp32")
     p.add_argument("--trainers", default=",".join(TRAINERS))
     p.add_argument("--work", default=None, help="working directory (default: a temporary one)")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON (benchmarks/report.py reads it)")
     p.add_argument("--child", nargs=2, metavar=("IMPL", "TRAINER"), help=argparse.SUPPRESS)
     p.add_argument("--run", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -466,7 +467,21 @@ def main() -> None:
                       flush=True)
     print()
     print(table(results))
-    (work / "results.json").write_text(json.dumps({f"{k[0]}/{k[1]}": v for k, v in results.items()}, indent=1))
+    raw = {f"{k[0]}/{k[1]}": v for k, v in results.items()}
+    (work / "results.json").write_text(json.dumps(raw, indent=1))
+    if args.json:
+        rows = []
+        for trainer in TRAINERS:
+            runs = {impl: results.get((impl, trainer)) for impl in ("ours", "trl")}
+            if not all(runs.values()):
+                continue
+            rows.append({"trainer": trainer, "outcome": OUTCOME[trainer], "target": TARGET[trainer],
+                         **{f"{impl}_{key}": value for impl, rs in runs.items() for key, value in (
+                             ("s_per_step", statistics.median(t for r in rs for t in r["step_s"])),
+                             ("rss_mib", max(r["rss_mib"] for r in rs)),
+                             ("outcome", statistics.mean(r["outcome"] for r in rs)))}})
+        Path(args.json).write_text(json.dumps({"rows": rows, "raw": raw, "threads": args.threads,
+                                               "steps": s["steps"], "repeats": repeats, "quick": args.quick}, indent=1))
 
 
 if __name__ == "__main__":

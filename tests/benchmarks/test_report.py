@@ -27,6 +27,9 @@ CANNED = {
         {"system": "ours", "tokens": 2048, "peak_mib": 200.0},
         {"system": "seed", "tokens": 2048, "peak_mib": 500.0},
         {"system": "llama", "tokens": 2048, "peak_mib": None}]},
+    "trl": {"rows": [{"trainer": "dpo", "outcome": "DPO held-out accuracy", "target": 1.3, "ours_s_per_step": 0.4,
+                      "ours_rss_mib": 450.0, "ours_outcome": 1.0, "trl_s_per_step": 0.6, "trl_rss_mib": 600.0,
+                      "trl_outcome": 1.0}], "raw": {}, "threads": 2, "steps": 6, "repeats": 1, "quick": True},
 }
 META = {"cpu": "Test CPU", "cores": 2, "torch": "2.13.0", "python": "3.12.0", "threads": "2", "date": "2026-12-07 03:00 UTC",
         "loadavg_start": [1.0, 1.5, 2.0], "loadavg_end": [3.0, 2.5, 2.0], "load_start": 1.0, "load_end": 3.0,
@@ -47,7 +50,9 @@ def test_ratios_from_canned_output():
     assert any(w.startswith("PPO iteration") and r == "20.0x faster" for w, r in figures)  # 200 / 10 ms
     assert ("serving, 16 concurrent clients, completion tokens/s", "3.00x") in figures  # 900 / 300
     assert any(w.startswith("training step peak memory, 2,048") and r == "0.40x" for w, r in figures)  # 200 / 500
-    assert len(figures) == 6
+    assert any(w.startswith("DPO on a Llama checkpoint, seconds per") and r == "1.50x" for w, r in figures)  # 0.6 / 0.4
+    assert any(w.startswith("DPO peak RSS") and r == "0.75x" for w, r in figures)  # 450 / 600
+    assert len(figures) == 8
 
 
 def test_results_md_round_trips_and_names_host_load_and_commands():
