@@ -193,10 +193,11 @@ def load_family(directory, config: dict, dtype=None, device="cpu", model_cls=Non
     return model
 
 
-def export_family(model, out, dtype=None, shard_bytes: int = SHARD_BYTES) -> list[Path]:
-    """Write `model` as a Hugging Face checkpoint: config.json (the family's, with this model's
-    sizes) and model.safetensors, sharded with an index above `shard_bytes`. LoRA scopes are
-    not exported (merge them first, or write them with `export_adapter`)."""
+def export_family(model, out, dtype=None, shard_bytes: int = SHARD_BYTES, score=None, **config_updates) -> list[Path]:
+    """Write `model` as a Hugging Face checkpoint: config.json (the family's with this model's sizes,
+    then `config_updates`) and model.safetensors, sharded with an index above `shard_bytes`; with `score`
+    (num_labels, dim) as `score.weight` and no lm_head (a *ForSequenceClassification's weights). LoRA
+    scopes are not exported (merge them first, or write them with `export_adapter`)."""
     if getattr(model, "block", "parallel") != "sequential" or model.family not in FAMILIES:
         raise CheckpointError("a PaLM model has no transformers class: export writes Llama, Mistral and Qwen "
                               "family models; keep PaLM models in palm-rlhf's own format (save_pretrained)")
@@ -208,6 +209,9 @@ def export_family(model, out, dtype=None, shard_bytes: int = SHARD_BYTES) -> lis
     for ours, parts in hf_layout(model).items():
         for theirs, start, end in parts:
             tensors[theirs] = state[ours].detach()[start:end].to(dtype)
+    if score is not None:  # transformers' GenericForSequenceClassification: model.* and score, no lm_head
+        tensors.pop("lm_head.weight", None)
+        tensors["score.weight"] = score.detach().to(dtype)
     shards, current, size = [], {}, 0
     for name, tensor in tensors.items():
         nbytes = tensor.numel() * tensor.element_size()
@@ -237,6 +241,7 @@ def export_family(model, out, dtype=None, shard_bytes: int = SHARD_BYTES) -> lis
                   num_key_value_heads=model.kv_heads, head_dim=model.dim_head,
                   intermediate_size=model.layers[0].ff_inner, tie_word_embeddings=model.tie_embeddings,
                   dtype=str(dtype).removeprefix("torch."))
+    config.update(config_updates)
     config.pop("torch_dtype", None)
     atomic_write_bytes(out / "config.json", json.dumps(config, indent=2).encode())
     written.append(out / "config.json")
