@@ -229,10 +229,11 @@ def test_private_access_checker_catches_planted_reads(tmp_path, monkeypatch):
 
 
 def test_model_layer_stays_small():
-    """The size budget: `model/` plus `ops.py` at most 2,350 lines, no file over 400
+    """The size budget: `model/` plus `ops.py` at most 2,400 lines, no file over 400
     (ARCHITECTURE.md: a file past that is two ideas). PaLM alone took 1,600; the Llama family
-    (its block, checkpoint mapping, export, grouped-query attention, rope scaling) about 600."""
+    (its block, checkpoint mapping, export, grouped-query attention, rope scaling) about 600;
+    the reward model's transformers head, padding on either side and its export about 60."""
     files = [*sorted((PACKAGE / "model").glob("*.py")), PACKAGE / "ops.py"]
     lines = {f.relative_to(PACKAGE).as_posix(): len(f.read_text().splitlines()) for f in files}
-    assert sum(lines.values()) <= 2350, lines
+    assert sum(lines.values()) <= 2400, lines
     assert not {f: n for f, n in lines.items() if n > 400}

@@ -265,9 +265,7 @@ class PaLM(FinetuneScopes, InputChecks, nn.Module):
         """Run new tokens x (b, n) against `kv_cache` and append them to it.
 
         Returns logits of the last position (b, V) when `last_only`, else (b, n, V); with `at`
-        (indices into n), only those positions' logits (b, len(at), V): a packed prefill needs
-        each prompt's last token only, and the vocabulary projection of every prompt token would
-        cost more than the blocks (32,000 x 384 per token against 6 x 1.6M for config S).
+        (indices into n) those positions' only (b, len(at), V), as a packed prefill needs.
         Used by `palm_rlhf.generation` for prefill (n = prompt length) and decode (n = 1).
         """
         if not self.causal:
