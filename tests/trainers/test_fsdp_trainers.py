@@ -4,7 +4,8 @@ trains with the same global batch: every trained weight of final/ within 5e-5 (a
 1e-6, but Adam's normalised step, at lr 0.01, magnifies the reduction-order noise of a near-zero gradient
 entry), every logged metric within 1e-4 (relative or absolute: DPO's held-out margins are differences of
 log-probabilities summed over whole sequences) -- fp32 sums in another order, nothing more. And an FSDP checkpoint resumes
-in one process to the same final/.
+in one process to the same final/, and a one-process checkpoint continues under FSDP (both directions for
+each trainer, on one family or the other).
 
 All 2-process runs share ONE launch (`fsdp_worker.train_all`, under the NCCL rule: every collective of
 ours goes through palm_rlhf.runtime.distributed); the one-process runs are in this process.
@@ -37,7 +38,7 @@ ARGS = {
     "reward": (["reward", "train"], ["max_steps=2", "eval.every=2", "max_len=24", "optim.lr=0.003", "batch_size=8"]),
     "dpo": (["dpo"], ["max_steps=2", "batch_size=4", "eval.every=2", "max_len=24", "optim.lr=0.01", "kl_samples=3",
                       "kl_max_new_tokens=4"]),
-    "grpo": (["grpo"], [*RL, "prompts_per_step=4", "group_size=2", "save_every=1"]),
+    "grpo": (["grpo"], [*RL, "prompts_per_step=4", "group_size=2"]),
     "ppo": (["ppo"], [*RL, "prompts_per_step=4", "kl_target=1.0", "kl_horizon=100"]),
 }
 
@@ -66,7 +67,7 @@ def _argv(tmp_path, family, algo, out, *extra):
     # the Llama's larger gradients at lr 0.01 clip half the ratios: a regime that magnifies float noise
     family_args = (["lora.targets=[q,v,up,down]", *["optim.lr=0.002"] * rl] if family == "llama"
                    else ["eos_token=10"] * rl)
-    return [*command, f"model={tmp_path / family}", data, *args, *family_args, "progress=false",
+    return [*command, f"model={tmp_path / family}", data, *args, *family_args, "progress=false", "save_every=1",
             f"out_dir={tmp_path / out}", *extra]
 
 
@@ -88,27 +89,46 @@ def _same_run(one_dir, two_dir, algo):
                 assert b[key] == pytest.approx(value, rel=METRIC_TOL, abs=METRIC_TOL), (two_dir.name, key)
 
 
+def _rewind_to_step_1(run_dir, copy_to=None):
+    """A run as if interrupted after step 1 (optionally a copy of it)."""
+    if copy_to is not None:
+        shutil.copytree(run_dir, copy_to)
+        run_dir = copy_to
+    shutil.rmtree(run_dir / "checkpoints" / "step_00000002")
+    shutil.rmtree(run_dir / "final")
+    (run_dir / "checkpoints" / "latest").write_text("step_00000001")
+    return run_dir
+
+
+# (family, trainer) whose one-process checkpoint continues under FSDP; the others' FSDP checkpoint in one process
+ONE_TO_FSDP = {("palm", "grpo"), ("llama", "reward"), ("llama", "dpo"), ("llama", "ppo")}
+
+
 def test_fsdp_in_two_processes_equals_one_process_for_every_family(tmp_path):
     _inputs(tmp_path)
     runs = [(family, algo) for family in ("palm", "llama") for algo in ARGS]
-    seen = run_workers(fsdp_worker_train_all(), 2, [_argv(tmp_path, f, a, f"{f}-{a}-fsdp", "distributed=fsdp")
-                                                    for f, a in runs])
-    for where in seen:  # the rule was armed, and every collective of ours came through the runtime
-        assert any(w.startswith(nccl_rule.RUNTIME_FILE) for w in where)
     for family, algo in runs:
         assert main(_argv(tmp_path, family, algo, f"{family}-{algo}-one")) == 0
-        _same_run(tmp_path / f"{family}-{algo}-one", tmp_path / f"{family}-{algo}-fsdp", algo)
+    commands = [_argv(tmp_path, f, a, f"{f}-{a}-fsdp", "distributed=fsdp") for f, a in runs]
+    for family, algo in sorted(ONE_TO_FSDP):
+        resumed = _rewind_to_step_1(tmp_path / f"{family}-{algo}-one", tmp_path / f"{family}-{algo}-one-then-fsdp")
+        commands.append(_argv(tmp_path, family, algo, resumed.name, "distributed=fsdp"))
+    seen = run_workers(fsdp_worker_train_all(), 2, commands)  # ONE launch of 2 processes for all of them
+    for where in seen:  # the rule was armed, and every collective of ours came through the runtime
+        assert any(w.startswith(nccl_rule.RUNTIME_FILE) for w in where)
 
-    # the FSDP checkpoints hold full tensors: GRPO's step-1 checkpoint continues in one process
-    for family in ("palm", "llama"):
-        run = tmp_path / f"{family}-grpo-fsdp"
-        shutil.rmtree(run / "checkpoints" / "step_00000002")
-        shutil.rmtree(run / "final")
-        (run / "checkpoints" / "latest").write_text("step_00000001")
-        assert main(_argv(tmp_path, family, "grpo", run.name)) == 0
-        one, resumed = _trained(tmp_path / f"{family}-grpo-one", "grpo"), _trained(run, "grpo")
-        for k in one:
-            torch.testing.assert_close(resumed[k], one[k], atol=TOL, rtol=0)
+    for family, algo in runs:
+        one = tmp_path / f"{family}-{algo}-one"
+        _same_run(one, tmp_path / f"{family}-{algo}-fsdp", algo)
+        # checkpoints hold full tensors: they move between one process and FSDP, both ways
+        if (family, algo) in ONE_TO_FSDP:
+            resumed = tmp_path / f"{family}-{algo}-one-then-fsdp"
+        else:
+            resumed = _rewind_to_step_1(tmp_path / f"{family}-{algo}-fsdp")
+            assert main(_argv(tmp_path, family, algo, resumed.name)) == 0
+        expected, got = _trained(one, algo), _trained(resumed, algo)
+        for k in expected:
+            torch.testing.assert_close(got[k], expected[k], atol=TOL, rtol=0, msg=f"{resumed.name}: {k}")
 
 
 def fsdp_worker_train_all():
