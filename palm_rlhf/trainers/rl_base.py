@@ -154,6 +154,7 @@ class RLTrainerBase(OnRun):
         self.run = Run(config, self.name)
         self._first_length = None
         self.sharded = False  # FSDP (distributed=fsdp under torchrun), decided in setup
+        self.sharded_rewards: list = []  # the reward models sharded with it
 
     # ------------------------------------------------------------------ setup
 
@@ -203,12 +204,20 @@ class RLTrainerBase(OnRun):
 
     def _shard(self) -> bool:
         """distributed=fsdp under torchrun: shard the policy (its frozen base, the reference, the
-        LoRA scopes) by block, and each module of `_sharded_modules` (PPO's value head)."""
+        LoRA scopes) by block, each module of `_sharded_modules` (PPO's value head), and the frozen
+        reward models (every rank scores as many rows, in as many forwards, so they stay sharded
+        while the rollout is collected)."""
+        from .rl_setup import reward_models
+
         if self.env.world_size == 1 or self.config.distributed != "fsdp":
             return False
         fsdp.shard(self.model, fsdp.PALM_METHODS)
         for module in self._sharded_modules():
             fsdp.shard(module)
+        self.sharded_rewards = reward_models(self.reward)
+        for model in self.sharded_rewards:
+            if not fsdp.is_sharded(model):
+                fsdp.shard(model.to(self.env.device))
         return True
 
     def _sharded_modules(self) -> list:
@@ -260,6 +269,8 @@ class RLTrainerBase(OnRun):
             rollout = concat_rollouts([
                 collect_rollout(self.scorer, rows[i:i + chunk], self.sampling, self.reward,
                                 generator=gens[i:i + chunk]) for i in range(0, len(rows), chunk)])
+        for model in self.sharded_rewards:  # a no-grad forward leaves the root unit gathered
+            fsdp.reshard(model)
         t1 = time.perf_counter()
         metrics = self._rollout_metrics(rollout, step)
         # kl_ref measures the policy that collected the rollouts: the one after `step` updates

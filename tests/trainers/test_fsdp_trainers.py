@@ -11,7 +11,8 @@ All 2-process runs share ONE launch (`fsdp_worker.train_all`, under the NCCL rul
 ours goes through palm_rlhf.runtime.distributed); the one-process runs are in this process.
 
 What is sharded: the policy (its frozen base, the LoRA scopes, hence the reference: the same model with
-the actor scope off), PPO's value head, the reward model; rollouts and DPO's evaluation run with the
+the actor scope off), PPO's value head, the trained reward model, and the frozen one PPO scores with
+(PaLM's PPO runs take `reward_model=` beside `reward_fn=`); rollouts and DPO's evaluation run with the
 model unsharded (`runtime.fsdp.gathered`), the learning forwards sharded.
 """
 
@@ -62,6 +63,8 @@ def _inputs(tmp_path):
 
 def _argv(tmp_path, family, algo, out, *extra):
     command, args = ARGS[algo]
+    if algo == "ppo" and family == "palm":  # plus the reward model the palm-reward runs trained (sharded too)
+        args = [*args, f"reward_model={tmp_path / 'palm-reward-one'}"]
     data = f"prompts={tmp_path / 'prompts.txt'}" if algo in ("grpo", "ppo") else f"data={tmp_path / 'prefs.jsonl'}"
     rl = algo in ("grpo", "ppo")
     # the Llama's larger gradients at lr 0.01 clip half the ratios: a regime that magnifies float noise
