@@ -1,5 +1,5 @@
 """`distributed=fsdp` (FSDP2, sharded by block) for reward training, DPO, GRPO and PPO, on PaLM's
-parallel block and on a Llama checkpoint's sequential block: 2 gloo processes train what 1 process
+parallel block and on a Llama checkpoint's sequential block (and FlowRL on the Llama, against DDP): 2 gloo processes train what 1 process
 trains with the same global batch: every trained weight of final/ within 5e-5 (absolute; most agree to
 1e-6, but Adam's normalised step, at lr 0.01, magnifies the reduction-order noise of a near-zero gradient
 entry), every logged metric within 1e-4 (relative or absolute: DPO's held-out margins are differences of
@@ -41,6 +41,10 @@ ARGS = {
                       "kl_max_new_tokens=4"]),
     "grpo": (["grpo"], [*RL, "prompts_per_step=4", "group_size=2"]),
     "ppo": (["ppo"], [*RL, "prompts_per_step=4", "kl_target=1.0", "kl_horizon=100"]),
+    # GRPO's loop plus a log Z network beside the policy (sharded as a module of its own), against DDP in the same
+    # launch: FlowRL's 2 processes differ from 1 by ~1e-4 under DDP too (its log Z reads prompt embeddings whose
+    # rank-dependent padding moves PaLM's xPos centre, and Adam magnifies that), a FlowRL matter, not FSDP's
+    "flowrl": (["flowrl"], [*RL, "prompts_per_step=4", "group_size=2", "log_z.hidden=16", "log_z.layers=1"]),
 }
 
 
@@ -65,8 +69,8 @@ def _argv(tmp_path, family, algo, out, *extra):
     command, args = ARGS[algo]
     if algo == "ppo" and family == "palm":  # plus the reward model the palm-reward runs trained (sharded too)
         args = [*args, f"reward_model={tmp_path / 'palm-reward-one'}"]
-    data = f"prompts={tmp_path / 'prompts.txt'}" if algo in ("grpo", "ppo") else f"data={tmp_path / 'prefs.jsonl'}"
-    rl = algo in ("grpo", "ppo")
+    rl = algo in ("grpo", "ppo", "flowrl")
+    data = f"prompts={tmp_path / 'prompts.txt'}" if rl else f"data={tmp_path / 'prefs.jsonl'}"
     # the Llama's larger gradients at lr 0.01 clip half the ratios: a regime that magnifies float noise
     family_args = (["lora.targets=[q,v,up,down]", *["optim.lr=0.002"] * rl] if family == "llama"
                    else ["eos_token=10"] * rl)
@@ -109,10 +113,11 @@ ONE_TO_FSDP = {("palm", "grpo"), ("llama", "reward"), ("llama", "dpo"), ("llama"
 
 def test_fsdp_in_two_processes_equals_one_process_for_every_family(tmp_path):
     _inputs(tmp_path)
-    runs = [(family, algo) for family in ("palm", "llama") for algo in ARGS]
+    runs = [(family, algo) for family in ("palm", "llama") for algo in ARGS if algo != "flowrl"]
     for family, algo in runs:
         assert main(_argv(tmp_path, family, algo, f"{family}-{algo}-one")) == 0
     commands = [_argv(tmp_path, f, a, f"{f}-{a}-fsdp", "distributed=fsdp") for f, a in runs]
+    commands += [_argv(tmp_path, "llama", "flowrl", f"llama-flowrl-{how}", f"distributed={how}") for how in ("ddp", "fsdp")]
     for family, algo in sorted(ONE_TO_FSDP):
         resumed = _rewind_to_step_1(tmp_path / f"{family}-{algo}-one", tmp_path / f"{family}-{algo}-one-then-fsdp")
         commands.append(_argv(tmp_path, family, algo, resumed.name, "distributed=fsdp"))
@@ -120,6 +125,7 @@ def test_fsdp_in_two_processes_equals_one_process_for_every_family(tmp_path):
     for where in seen:  # the rule was armed, and every collective of ours came through the runtime
         assert any(w.startswith(nccl_rule.RUNTIME_FILE) for w in where)
 
+    _same_run(tmp_path / "llama-flowrl-ddp", tmp_path / "llama-flowrl-fsdp", "flowrl")
     for family, algo in runs:
         one = tmp_path / f"{family}-{algo}-one"
         _same_run(one, tmp_path / f"{family}-{algo}-fsdp", algo)
