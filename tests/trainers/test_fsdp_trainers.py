@@ -42,8 +42,8 @@ ARGS = {
     "grpo": (["grpo"], [*RL, "prompts_per_step=4", "group_size=2"]),
     "ppo": (["ppo"], [*RL, "prompts_per_step=4", "kl_target=1.0", "kl_horizon=100"]),
     # GRPO's loop plus a log Z network beside the policy (sharded as a module of its own), against DDP in the same
-    # launch: FlowRL's 2 processes differ from 1 by ~1e-4 under DDP too (its log Z reads prompt embeddings whose
-    # rank-dependent padding moves PaLM's xPos centre, and Adam magnifies that), a FlowRL matter, not FSDP's
+    # launch: FlowRL's 2 processes differ from 1 by ~1e-4 (log Z after one step) under DDP too, a FlowRL matter
+    # (docs/scaling.md), not FSDP's
     "flowrl": (["flowrl"], [*RL, "prompts_per_step=4", "group_size=2", "log_z.hidden=16", "log_z.layers=1"]),
 }
 
