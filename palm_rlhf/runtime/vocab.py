@@ -25,7 +25,9 @@ log = logging.getLogger(__name__)
 
 __all__ = ["LoraConfig", "EvalConfig", "LORA_TARGETS", "DEFAULT_TARGETS", "OPTIM_ALIASES", "LORA_ALIASES",
            "EVAL_ALIASES", "BATCH_ALIASES", "micro_batches_per_step", "step_positions", "lora_kwargs",
-           "check_batch_keys"]
+           "check_batch_keys", "DISTRIBUTED", "check_distributed"]
+
+DISTRIBUTED = ("ddp", "fsdp")  # `distributed=`: how the trained weights are spread over torchrun's processes
 
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 DEFAULT_TARGETS = ("q", "k", "v", "o")
@@ -115,6 +117,12 @@ def check_batch_keys(batch_size: int, micro_batch_size: int) -> None:
         raise ConfigError(f"batch_size={batch_size} is not a multiple of micro_batch_size={micro_batch_size}; "
                           f"batch_size counts examples per optimizer step over all processes, micro_batch_size "
                           f"per process per forward")
+
+
+def check_distributed(value: str) -> None:
+    """`distributed=`: ddp (every process holds the whole model) or fsdp (FSDP2: sharded by block)."""
+    if value not in DISTRIBUTED:
+        raise ConfigError(f"distributed={value!r}: use ddp or fsdp")
 
 
 def micro_batches_per_step(batch_size: int, micro_batch_size: int, world_size: int) -> tuple[int, int]:

@@ -31,7 +31,8 @@ from ..runtime.config import Converted
 from ..runtime.optim import OptimConfig, build_optimizer, build_scheduler
 from ..runtime.run import OnRun, Run, RunSettings
 from ..runtime.step import PRECISIONS
-from ..runtime.vocab import BATCH_ALIASES, EVAL_ALIASES, EvalConfig, check_batch_keys, micro_batches_per_step
+from ..runtime.vocab import (BATCH_ALIASES, EVAL_ALIASES, EvalConfig, check_batch_keys, check_distributed,
+                             micro_batches_per_step)
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +102,7 @@ class RunConfig(RunSettings):
                 raise ConfigError(f"{name}={v!r}: must be an integer >= 0")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision={self.precision!r}: use one of {', '.join(PRECISIONS)}")
-        if self.distributed not in ("ddp", "fsdp"):
-            raise ConfigError(f"distributed={self.distributed!r}: use ddp or fsdp")
+        check_distributed(self.distributed)
 
 
 class LMTrainer(OnRun):

@@ -12,6 +12,11 @@ summed log-ratio of each sampled response (`palm_rlhf.rl.kl.sequence_kl`, the k1
 unbiased). `kl_budget` / `stop_at_kl_budget` are run control (`palm_rlhf.runtime.budget`). The
 optimizer and its schedule are `optim.*` (`runtime.optim`), like every other trainer's.
 The policy learns with dropout off (step 1 on a fresh scope has loss ln 2 exactly).
+
+`distributed=fsdp` under torchrun shards the policy by block with FSDP2, and the reference with it
+(the same model with the scope off or a frozen sibling scope; with `lora.r=0` the frozen copy is
+sharded the same way). Evaluation and the kl_ref completions run with the models unsharded
+(`runtime.fsdp.gathered`: the ranks' shares and generation lengths differ).
 """
 
 from __future__ import annotations
@@ -38,13 +43,15 @@ from ..rl.collect import right_pad
 from ..rl.kl import SequenceKL, sequence_kl
 from ..rl.losses import PREFERENCE_LOSSES, preference_loss
 from ..rl.reference import Reference
+from ..runtime import fsdp
 from ..runtime.distributed import all_reduce_mean, all_reduce_sum
 from ..runtime.budget import Budget, check_budget
 from ..runtime.optim import OptimConfig, build_optimizer, build_scheduler
 from ..runtime.resolve import resolve_model
 from ..runtime.run import MergedAdapter, OnRun, Run, RunSettings
 from ..runtime.vocab import (BATCH_ALIASES, EVAL_ALIASES, LORA_ALIASES, OPTIM_ALIASES, EvalConfig, LoraConfig,
-                             check_batch_keys, lora_kwargs, micro_batches_per_step, step_positions)
+                             check_batch_keys, check_distributed, lora_kwargs, micro_batches_per_step,
+                             step_positions)
 from .rl_base import eos_token, start_policy
 
 log = logging.getLogger(__name__)
@@ -69,6 +76,7 @@ class DPOConfig(RunSettings):
     label_smoothing: float = 0.0     # conservative DPO: assumed share of flipped labels
     max_len: int = 256                   # prompt + response tokens per sequence (prompt cut from the left)
     precision: str = "fp32"          # fp32 | bf16 (autocast) | fp16 (CUDA)
+    distributed: str = "ddp"         # ddp | fsdp (FSDP2 fully_shard by block, the reference too), under torchrun
     kl_samples: int = 32             # held-out prompts the policy completes to measure kl_ref (0: no kl_ref)
     kl_max_new_tokens: int = 64      # length of those completions
     kl_budget: float | None = None   # nats/sequence: warn when kl_ref passes it (null: no budget)
@@ -81,6 +89,7 @@ class DPOConfig(RunSettings):
     def __post_init__(self):
         super().__post_init__()
         check_batch_keys(self.batch_size, self.micro_batch_size)
+        check_distributed(self.distributed)
         if int(self.max_len) < 1:
             raise ConfigError(f"max_len={self.max_len} must be >= 1")
         if self.beta <= 0:
@@ -132,6 +141,7 @@ class DPOTrainer(OnRun):
         self.config, self.model, self.tokenizer = config, model, tokenizer
         self.train_records, self.heldout_records = train_records, heldout_records
         self.run = Run(config, self.name)
+        self.sharded = False  # FSDP (distributed=fsdp under torchrun), decided in setup
 
     def setup(self) -> "DPOTrainer":
         c = self.config
@@ -152,6 +162,10 @@ class DPOTrainer(OnRun):
             for p in self.model.palm_parameters():
                 p.requires_grad_(True)
         self.reference = Reference(self.model, self.scope)  # scope None: a frozen copy of the start
+        self.sharded = self.env.world_size > 1 and c.distributed == "fsdp"
+        if self.sharded:  # before the optimizer, which must hold the sharded parameters
+            for model in self._models():
+                fsdp.shard(model, fsdp.PALM_METHODS)
         self.scorer = Scorer(self.model, self.scope, reference=self.reference)  # temperature 1
         trainable = self.trainable()
         self.optimizer = build_optimizer(trainable if self.scope is not None else
@@ -174,6 +188,10 @@ class DPOTrainer(OnRun):
     @property
     def stop_requested(self) -> bool:
         return self.budget.stop_requested
+
+    def _models(self) -> list:
+        """The policy, and the reference when it is a model of its own (lora.r=0)."""
+        return [self.model] + ([self.reference.model] if self.reference.model is not self.model else [])
 
     def _load_records(self) -> None:
         c = self.config
@@ -273,7 +291,7 @@ class DPOTrainer(OnRun):
         keep = max(1, c.max_len - c.kl_max_new_tokens)  # prompts lose tokens from the left, as in training
         prompts = [torch.tensor((prompt_of(r, self.tokenizer, self.template) or [self.eos])[-keep:])
                    for r in records]
-        with eval_mode(self.model):
+        with eval_mode(self.model), fsdp.gathered(*self._models()):  # each rank's generation has its own length
             stop = [self.eos] if c.eos_token is not None else list(getattr(self.tokenizer, "eos_ids", [self.eos]))
             sampling = SamplingConfig(max_new_tokens=c.kl_max_new_tokens, temperature=1.0, eos_token=stop,
                                       seed=seed)
@@ -288,7 +306,7 @@ class DPOTrainer(OnRun):
         """Held-out implicit-reward accuracy/margin and policy preference accuracy (all ranks' rows)."""
         records = self.heldout_records if records is None else records
         sums = torch.zeros(4, dtype=torch.float64)
-        with eval_mode(self.model):
+        with eval_mode(self.model), fsdp.gathered(*self._models()):  # the ranks' shares may differ in size
             mine = records[self.env.rank::self.env.world_size]
             for i in range(0, len(mine), batch_size):
                 out, prefers = self._loss(mine[i:i + batch_size])
@@ -302,18 +320,34 @@ class DPOTrainer(OnRun):
     # ------------------------------------------------------------------ what a checkpoint holds
 
     def state_dict(self) -> dict:
-        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 **self.budget.state_dict()}
+        """Under FSDP the sharded tensors are gathered: the checkpoint loads into any number of processes."""
+        for model in self._models():
+            fsdp.reshard(model)
+        gather = fsdp.full_tensors if self.sharded else dict
+        state = {"optimizer": fsdp.full_optimizer_state(self.optimizer) if self.sharded else self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), **self.budget.state_dict()}
+        if state.get("within_budget") and self.sharded:
+            state["within_budget"] = {**state["within_budget"], "state": gather(state["within_budget"]["state"])}
         if self.scope is not None:  # every weight trains: the checkpoint's model.safetensors holds them
-            state["trainable"] = dict(self.trainable().state_dict())
+            state["trainable"] = gather(self.trainable().state_dict())
         return state
 
     def load_state_dict(self, state: dict, directory: Path) -> None:
+        for model in self._models():
+            fsdp.reshard(model)
+        live = self.trainable().state_dict()
+        if self.sharded and state.get("within_budget"):
+            state = {**state, "within_budget": {**state["within_budget"],
+                                                "state": fsdp.shard_like(state["within_budget"]["state"], live)}}
         if self.scope is None:
-            self.model.load_state_dict(PaLM.from_pretrained(directory).state_dict())
+            fsdp.load_full_model_state(self.model, PaLM.from_pretrained(directory).state_dict())
         else:
-            self.trainable().load_state_dict(state["trainable"])
-        self.optimizer.load_state_dict(state["optimizer"])
+            self.trainable().load_state_dict(fsdp.shard_like(state["trainable"], live) if self.sharded
+                                             else state["trainable"])
+        if self.sharded:
+            fsdp.load_full_optimizer_state(self.optimizer, state["optimizer"])
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         if "scheduler" in state:  # checkpoints written before DPO had a schedule have none
             self.scheduler.load_state_dict(state["scheduler"])
         self.budget.load_state_dict(state)
@@ -321,7 +355,13 @@ class DPOTrainer(OnRun):
     def saveable(self, final: bool = False):
         if final:  # at a stop over kl_budget, final/ holds the last policy measured within it
             self.budget.roll_back(self.step)
-        return self.model if self.scope is None else MergedAdapter(self.model, self.scope)
+        model = self.model
+        if self.sharded:  # every rank gathers; rank 0 writes a plain copy
+            state = fsdp.full_model_state(self.model)
+            if not self.is_main:
+                return None
+            model = fsdp.unsharded_copy(self.model, state)
+        return model if self.scope is None else MergedAdapter(model, self.scope)
 
     def final_record(self) -> dict:
         return {"scope": self.scope, "actor_adapter": self.config.actor_adapter,

@@ -144,7 +144,10 @@ class FinetuneTrainer(LMTrainer):
         return text + " => " + self.tokenizer.decode([t for t in out.sequences()[0] if t not in eos])
 
     def saveable(self, final: bool = False):
-        if final and self.scope and not fsdp.is_sharded(self.wrapped):
+        if final and self.scope:  # the base with the scope merged + adapter.safetensors, under FSDP too
+            if fsdp.is_sharded(self.wrapped):
+                gathered = super().saveable(final)  # every rank gathers; None off rank 0
+                return MergedAdapter(gathered, self.scope) if gathered is not None else None
             return MergedAdapter(self.model, self.scope)
         return super().saveable(final)
 

@@ -73,6 +73,9 @@ class FlowRLTrainer(GRPOTrainer):
     def _parameters(self):
         return super()._parameters() + list(self.log_z.parameters())
 
+    def _sharded_modules(self):
+        return [self.log_z]
+
     @torch.no_grad()
     def _prompt_embeddings(self, rollout):
         prompts, lengths = rollout.prompts, rollout.prompt_lengths

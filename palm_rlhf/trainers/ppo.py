@@ -84,6 +84,9 @@ class PPOTrainer(RLTrainerBase):
     def _critic(self):
         return self.actor_critic
 
+    def _sharded_modules(self):
+        return [self.actor_critic.value_head]
+
     def _prepare(self, rollout) -> dict:
         stats = ppo_prepare(rollout, self.hp, self.kl_ctl.value, all_reduce_sum)
         stats["kl_coef"] = self.kl_ctl.value

@@ -4,6 +4,9 @@ Pairwise records train with the Bradley-Terry loss, rating records with binned c
 or MSE. The loop is thin: batches come from `reward_data` (a pure function of the step, so
 resume is exact); the run itself (out_dir, signals, checkpoints, resume, metrics, final/) is
 `palm_rlhf.runtime.run`, THE optimizer step and the optimizer and schedule `palm_rlhf.runtime`.
+Under torchrun, `distributed=fsdp` shards the reward model by block with FSDP2 (its head, prompt and
+response embeddings and LoRA scope sit in the root unit); checkpoints and final/ hold the full
+model gathered onto rank 0.
 """
 
 from __future__ import annotations
@@ -18,11 +21,13 @@ from ..data.preferences import read_preferences
 from ..errors import CheckpointError, ConfigError, DataError
 from ..model.reward import POOLINGS, RewardModel
 from ..data.sampling import split_heldout, stream_indices
+from ..runtime import fsdp
 from ..runtime.optim import OptimConfig, build_optimizer, build_scheduler
 from ..runtime.run import OnRun, Run, RunSettings
 from ..runtime.step import PRECISIONS, StepResult
 from ..runtime.vocab import (BATCH_ALIASES, EVAL_ALIASES, LORA_ALIASES, OPTIM_ALIASES, EvalConfig, LoraConfig,
-                             check_batch_keys, lora_kwargs, micro_batches_per_step, step_positions)
+                             check_batch_keys, check_distributed, lora_kwargs, micro_batches_per_step,
+                             step_positions)
 from .reward_data import encode_records, evaluate, make_batch, record_kind, reward_loss
 from .rl_setup import check_tokenizer, load_start
 
@@ -53,6 +58,7 @@ class RewardTrainConfig(RunSettings):
     batch_size: int = 16           # examples per optimizer step, over all processes
     micro_batch_size: int = 0      # examples per process per forward (accumulation); 0: batch_size / processes
     precision: str = "fp32"        # fp32 | bf16 (autocast, CPU or CUDA) | fp16 (CUDA, with a grad scaler)
+    distributed: str = "ddp"       # ddp | fsdp (FSDP2 fully_shard by block), used under torchrun
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, weight_decay=0.0, warmup=10))
     lora: LoraConfig = field(default_factory=LoraConfig)
     eval: EvalConfig = field(default_factory=lambda: EvalConfig(every=50, fraction=0.1))
@@ -64,6 +70,7 @@ class RewardTrainConfig(RunSettings):
         if self.pooling not in POOLINGS:
             raise ConfigError(f"pooling={self.pooling!r}: use one of {', '.join(POOLINGS)}")
         check_batch_keys(self.batch_size, self.micro_batch_size)
+        check_distributed(self.distributed)
         if isinstance(self.max_len, bool) or not isinstance(self.max_len, int) or self.max_len <= 0:
             raise ConfigError(f"max_len={self.max_len!r}: must be a positive integer")
         if self.num_bins < 2:
@@ -85,6 +92,7 @@ class RewardTrainer(OnRun):
         self.tokenizer = tokenizer
         self.run = Run(config, self.name)
         self.metrics_: dict = {}
+        self.sharded = False  # FSDP (distributed=fsdp under torchrun), decided in setup
 
     # ------------------------------------------------------------------ setup
 
@@ -138,6 +146,12 @@ class RewardTrainer(OnRun):
         trainable = {id(p) for p in self.model.finetune_parameters()}
         for p in self.model.parameters():
             p.requires_grad_(id(p) in trainable)
+        self.sharded = self.env.world_size > 1 and c.distributed == "fsdp"
+        if self.sharded:  # before the optimizer, which must hold the sharded parameters
+            latest = self.run.resume_point()
+            if latest is not None:  # weights before sharding: FSDP shards what it is given
+                self.model.load_state_dict(RewardModel.from_pretrained(latest).state_dict())
+            fsdp.shard(self.model, ("head",))
         self.optimizer = build_optimizer(self.model, c.optim)
         self.scheduler = build_scheduler(self.optimizer, c.optim, c.max_steps)
         self.run.stepper(self.model, self.optimizer, self.scheduler, grad_accum=self.accum,
@@ -183,8 +197,11 @@ class RewardTrainer(OnRun):
 
     def validate(self, step: int | None = None) -> dict:
         """Held-out metrics under the training precision (every rank computes them; rank 0 logs)."""
-        with self.run.stepper_.autocast():
-            metrics = evaluate(self.model, self.val_data, self.micro, self.config.max_len, self.env.device)
+        try:  # every rank scores the whole held-out set: as many forwards on each (FSDP gathers in each)
+            with self.run.stepper_.autocast():
+                metrics = evaluate(self.model, self.val_data, self.micro, self.config.max_len, self.env.device)
+        finally:
+            fsdp.reshard(self.model)
         step = self.step if step is None else step
         self.run.log({f"val/{k}": v for k, v in metrics.items()}, step=step)
         log.info("step %d validation: %s", step, metrics)
@@ -194,7 +211,8 @@ class RewardTrainer(OnRun):
 
     def state_dict(self) -> dict:
         c = self.config
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+        optimizer = fsdp.optimizer_state(self.model, self.optimizer)  # FSDP: gathered, index-keyed
+        return {"optimizer": optimizer, "scheduler": self.scheduler.state_dict(),
                 "data": {k: _get(c, k) for k in _DATA_FIELDS}}
 
     def load_state_dict(self, state: dict, directory: Path) -> None:
@@ -204,14 +222,18 @@ class RewardTrainer(OnRun):
             log.warning("resuming %s with different %s: later batches differ from the interrupted run", directory,
                         ", ".join(changed))
         try:
-            self.model.load_state_dict(RewardModel.from_pretrained(directory).state_dict())
-            self.optimizer.load_state_dict(state["optimizer"])
+            if not self.sharded:  # under FSDP the weights were loaded before sharding (setup)
+                self.model.load_state_dict(RewardModel.from_pretrained(directory).state_dict())
+            fsdp.load_optimizer_state(self.model, self.optimizer, state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
         except (KeyError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"{directory}: does not fit this run ({e}); resume with the same model settings "
                                   f"(lora.*, objective, num_bins, optim.name), or set resume=never") from e
 
     def saveable(self, final: bool = False):
+        if self.sharded:  # every rank gathers; rank 0 writes a plain copy
+            state = fsdp.full_model_state(self.model)
+            return fsdp.unsharded_copy(self.model, state) if self.is_main else None
         return self.model
 
     def cleanup(self) -> None:

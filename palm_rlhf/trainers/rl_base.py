@@ -8,7 +8,12 @@ seeded by (seed, s), and the sampling noise of each row from one seeded by
 what an uninterrupted one would do; a checkpoint holds the trainable weights, the
 optimizer, the KL controller, the step and RNG states (and, for use, the merged model).
 Under torchrun each rank collects its share of the prompts, whitening statistics
-and loss normalisers are summed across ranks, and gradients are averaged.
+and loss normalisers are summed across ranks, and gradients are averaged: by DDP over the trained
+parameters (`distributed=ddp`), or by FSDP2 with the model sharded by block (`distributed=fsdp`;
+the reference, being the same model with the actor scope off or a frozen sibling scope, is
+sharded with it). Under FSDP the rollout is collected with the model unsharded
+(`runtime.fsdp.gathered`: generation stops at a different step on each rank), the learning
+forwards run sharded, and checkpoints and final/ hold full tensors gathered onto rank 0.
 """
 
 from __future__ import annotations
@@ -28,12 +33,14 @@ from ..errors import ConfigError
 from ..data.sampling import seeded
 from ..generation import SamplingConfig
 from ..generation.scoring import Scorer
+from ..runtime import fsdp
 from ..runtime.budget import Budget, check_budget
 from ..runtime.distributed import all_reduce_sum
 from ..runtime.optim import OptimConfig, build_optimizer, build_scheduler
 from ..runtime.resolve import resolve_model
 from ..runtime.run import MergedAdapter, OnRun, Run, RunSettings
-from ..runtime.vocab import OPTIM_ALIASES, LoraConfig, check_batch_keys, lora_kwargs, micro_batches_per_step
+from ..runtime.vocab import (OPTIM_ALIASES, LoraConfig, check_batch_keys, check_distributed, lora_kwargs,
+                             micro_batches_per_step)
 from ..rl.collect import collect_rollout, policy_temperature, strip_eos
 from ..rl.kl import kl_per_token, negative_kl_is_significant
 from ..rl.reference import Reference
@@ -68,6 +75,7 @@ class RLRunConfig(RunSettings):
     temperature: float = 1.0         # sampling temperature of rollouts (the policy optimised)
     eos_token: int | None = None         # None: the tokenizer's EOS id
     precision: str = "fp32"              # fp32 | bf16 (autocast) | fp16 (CUDA)
+    distributed: str = "ddp"             # ddp | fsdp (FSDP2 fully_shard by block), used under torchrun
     sample_every: int = 10               # log a table of completions every N steps (0 = never)
     kl_budget: float | None = None       # nats/sequence: warn when a step's kl_ref passes it (null: no budget)
     stop_at_kl_budget: bool = False      # stop at the first kl_ref over kl_budget; final/: the last policy within it
@@ -82,6 +90,7 @@ class RLRunConfig(RunSettings):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
         check_batch_keys(self.batch_size, self.micro_batch_size)
+        check_distributed(self.distributed)
         if self.temperature <= 0:
             raise ConfigError(f"temperature={self.temperature} must be > 0 for RL (a greedy policy has no "
                               f"log-probs to optimise)")
@@ -144,6 +153,8 @@ class RLTrainerBase(OnRun):
         self.model, self.reward, self.prompt_list, self.tokenizer = model, reward, prompts, tokenizer
         self.run = Run(config, self.name)
         self._first_length = None
+        self.sharded = False  # FSDP (distributed=fsdp under torchrun), decided in setup
+        self.sharded_rewards: list = []  # the reward models sharded with it
 
     # ------------------------------------------------------------------ setup
 
@@ -169,6 +180,7 @@ class RLTrainerBase(OnRun):
         self.temperature = policy_temperature(self.sampling)
         self._build()  # adds the actor (and critic) scopes, loads actor_adapter
         self.reference = Reference(self.model, self.actor_scope)
+        self.sharded = self._shard()
         # the one model forward of this run: old/reference log-probs and values at collection, and the
         # log-probs (entropy, values) each loss reads under the current weights
         self.scorer = Scorer(self.model, self.actor_scope, temperature=self.temperature, reference=self.reference,
@@ -189,6 +201,37 @@ class RLTrainerBase(OnRun):
         self.budget.begin()
         self.run.start(self)
         return self
+
+    def _shard(self) -> bool:
+        """distributed=fsdp under torchrun: shard the policy (its frozen base, the reference, the
+        LoRA scopes) by block, each module of `_sharded_modules` (PPO's value head), and the frozen
+        reward models (every rank scores as many rows, in as many forwards, so they stay sharded
+        while the rollout is collected)."""
+        from .rl_setup import reward_models
+
+        if self.env.world_size == 1 or self.config.distributed != "fsdp":
+            return False
+        fsdp.shard(self.model, fsdp.PALM_METHODS)
+        for module in self._sharded_modules():
+            fsdp.shard(module)
+        self.sharded_rewards = reward_models(self.reward)
+        for model in self.sharded_rewards:
+            if not fsdp.is_sharded(model):
+                fsdp.shard(model.to(self.env.device))
+        return True
+
+    def _sharded_modules(self) -> list:
+        """Trained modules beside the policy model, sharded (and gathered) with it."""
+        return []
+
+    def _reshard(self) -> None:
+        """Back to the sharded parameters (a no-grad forward leaves the root unit gathered)."""
+        for module in (self.model, *self._sharded_modules()):
+            fsdp.reshard(module)
+
+    def _gathered(self):
+        """The context the rollout is collected in: under FSDP every unit unsharded on every rank."""
+        return fsdp.gathered(self.model, *self._sharded_modules())
 
     @property
     def stop_requested(self) -> bool:
@@ -222,9 +265,12 @@ class RLTrainerBase(OnRun):
         first = self.env.rank * len(rows)  # global index of this rank's first row
         gens = row_generators(c.seed, step, range(first, first + len(rows)), self.model.token_emb.weight.device)
         chunk = c.rollout_batch_size
-        rollout = concat_rollouts([
-            collect_rollout(self.scorer, rows[i:i + chunk], self.sampling, self.reward, generator=gens[i:i + chunk])
-            for i in range(0, len(rows), chunk)])
+        with self._gathered():  # FSDP: a rank's generation stops when its own rows are done
+            rollout = concat_rollouts([
+                collect_rollout(self.scorer, rows[i:i + chunk], self.sampling, self.reward,
+                                generator=gens[i:i + chunk]) for i in range(0, len(rows), chunk)])
+        for model in self.sharded_rewards:  # a no-grad forward leaves the root unit gathered
+            fsdp.reshard(model)
         t1 = time.perf_counter()
         metrics = self._rollout_metrics(rollout, step)
         # kl_ref measures the policy that collected the rollouts: the one after `step` updates
@@ -331,12 +377,32 @@ class RLTrainerBase(OnRun):
     def state_dict(self) -> dict:
         """Trainable weights, optimizer, KL controller (PPO). Rollout randomness is a function of
         (seed, step, row), so the RNG states the run saves are all it needs for an exact resume."""
-        return {"trainable": self._trainable_state(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "extra": self._extra_state(), **self.budget.state_dict()}
+        if not self.sharded:
+            return {"trainable": self._trainable_state(), "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(), "extra": self._extra_state(), **self.budget.state_dict()}
+        # FSDP: full tensors (gathered on every rank), so the checkpoint loads into any number of processes
+        self._reshard()
+        budget = self.budget.state_dict()
+        if budget.get("within_budget"):
+            budget["within_budget"] = {**budget["within_budget"],
+                                       "state": fsdp.full_tensors(budget["within_budget"]["state"])}
+        return {"trainable": fsdp.full_tensors(self._trainable_state()),
+                "optimizer": fsdp.full_optimizer_state(self.optimizer), "scheduler": self.scheduler.state_dict(),
+                "extra": self._extra_state(), **budget}
 
     def load_state_dict(self, state: dict, directory: Path) -> None:
-        self._load_trainable_state(state["trainable"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.sharded:  # full tensors in, this rank's shards kept
+            self._reshard()
+            live = self._trainable_state()
+            state = {**state, "trainable": fsdp.shard_like(state["trainable"], live)}
+            if state.get("within_budget"):
+                state["within_budget"] = {**state["within_budget"],
+                                          "state": fsdp.shard_like(state["within_budget"]["state"], live)}
+            self._load_trainable_state(state["trainable"])
+            fsdp.load_full_optimizer_state(self.optimizer, state["optimizer"])
+        else:
+            self._load_trainable_state(state["trainable"])
+            self.optimizer.load_state_dict(state["optimizer"])
         if "scheduler" in state:  # checkpoints written before RL had a schedule have none
             self.scheduler.load_state_dict(state["scheduler"])
         self._load_extra_state(state["extra"])
@@ -347,6 +413,9 @@ class RLTrainerBase(OnRun):
         over kl_budget, final/ holds the last policy measured within it."""
         if final:
             self.budget.roll_back(self.step)
+        if self.sharded:  # every rank gathers; rank 0 merges and writes a plain copy
+            state = fsdp.full_model_state(self.model)
+            return MergedAdapter(fsdp.unsharded_copy(self.model, state), self.actor_scope) if self.is_main else None
         return MergedAdapter(self.model, self.actor_scope)
 
     def final_record(self) -> dict:

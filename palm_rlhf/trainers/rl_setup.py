@@ -11,7 +11,7 @@ from ..data.chat import check_messages, prompt_ids, template_for
 from ..data.prompts import read_prompts
 from ..model.palm import PaLM
 from ..model.reward import RewardModel
-from ..rl.rewards import MissingEOSPenalty, as_reward_source, import_reward_function
+from ..rl.rewards import MissingEOSPenalty, ModelReward, WeightedReward, as_reward_source, import_reward_function
 from ..runtime.resolve import check_tokenizer_fits, load_tokenizer_for, resolve_model
 
 
@@ -75,3 +75,14 @@ def load_reward(reward, config, tokenizer):
     if config.missing_eos_penalty:
         source = MissingEOSPenalty(source, config.missing_eos_penalty)
     return source
+
+
+def reward_models(source) -> list[RewardModel]:
+    """The RewardModels a reward source scores with (inside weighted sums and the EOS penalty)."""
+    if isinstance(source, ModelReward):
+        return [source.model]
+    if isinstance(source, WeightedReward):
+        return [m for part, _ in source.parts for m in reward_models(part)]
+    if isinstance(source, MissingEOSPenalty):
+        return reward_models(source.source)
+    return []
