@@ -10,24 +10,15 @@ that reproduces the run's model on the original checkpoint; a PaLM model is refu
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from tests.helpers.families import make_hf_checkpoint
+from tests.helpers.processes import palm_rlhf_cli as cli
 from tests.helpers.hf_tokenizers import llama3
 
 transformers = pytest.importorskip("transformers")
-
-
-def cli(*args, check=True):
-    out = subprocess.run([sys.executable, "-m", "palm_rlhf", *map(str, args)], capture_output=True, text=True,
-                         timeout=300)
-    if check:
-        assert out.returncode == 0, out.stderr[-2000:]
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,6 @@ class (another pooling, a rating-bin head, a PaLM base) and --adapter-only are r
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -20,19 +18,12 @@ from palm_rlhf.data.preferences import write_preferences
 from palm_rlhf.data.synthetic import rule_preference_pairs
 from palm_rlhf.model.reward import RewardModel
 from tests.helpers.families import make_hf_checkpoint
+from tests.helpers.processes import palm_rlhf_cli as cli
 from tests.helpers.hf_tokenizers import chatml, llama3
 
 transformers = pytest.importorskip("transformers")
 SEQ = "sequence_classification"
 VOCAB = 400
-
-
-def cli(*args, check=True):
-    out = subprocess.run([sys.executable, "-m", "palm_rlhf", *map(str, args)], capture_output=True, text=True,
-                         timeout=300)
-    if check:
-        assert out.returncode == 0, out.stderr[-2000:]
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -67,3 +67,14 @@ def torchrun_under_nccl_rule(argv: list[str], log: str, *, nproc: int = 2, devic
     assert seen, "the rule saw no collective: it was not armed"
     assert {d for _, _, d in seen} == {device if device == "cpu" else "cuda:0"}
     return seen
+
+
+def palm_rlhf_cli(*args, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python -m palm_rlhf ARGS` in a fresh process, as a user runs it; with `check`, assert it exited 0."""
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "palm_rlhf", *map(str, args)], capture_output=True, text=True,
+                         timeout=timeout)
+    if check:
+        assert out.returncode == 0, out.stderr[-2000:]
+    return out
