@@ -245,6 +245,10 @@ class SeedFlowRLTrainer(_SeedGroupTrainer):
         self.options = dict(beta=beta, clip_eps=eps_clip, log_z={"hidden": partition_function_hidden_dim})
         self.log_z = None
 
+    def _batch_size(self, update_timesteps: int) -> int:
+        # the seed's minibatches count sequences; ours hold whole groups (log Z is evaluated once per group)
+        return max(1, min(self.minibatch_size, update_timesteps * self.group_size) // self.group_size) * self.group_size
+
     def _config(self, **common):
         return FlowRLConfig(**common, **self.options)
 
