@@ -1,5 +1,7 @@
 """Do the shipped presets align? RM accuracy, PPO/GRPO reward gain vs KL, DPO accuracy vs KL.
-(`--algos grpo,rloo,reinforce-pp` measures RLOO's and REINFORCE++'s presets next to GRPO's.)
+(`--algos grpo,rloo,reinforce-pp` measures RLOO's and REINFORCE++'s presets next to GRPO's;
+`grpo@policy_loss=spo` is GRPO's preset with that key; `--family llama` makes the policy's base a Llama
+checkpoint written by transformers and pretrained like the PaLM one.)
 
     python benchmarks/alignment.py --quick                     # smoke run: minutes on a laptop CPU
     nice -n 5 python benchmarks/alignment.py                   # the presets' own step counts, 3 seeds
