@@ -1,5 +1,7 @@
 """Do the shipped presets align? RM accuracy, PPO/GRPO reward gain vs KL, DPO accuracy vs KL.
-(`--algos grpo,rloo,reinforce-pp` measures RLOO's and REINFORCE++'s presets next to GRPO's.)
+(`--algos grpo,rloo,reinforce-pp` measures RLOO's and REINFORCE++'s presets next to GRPO's;
+`grpo@policy_loss=spo` is GRPO's preset with that key; `--family llama` makes the policy's base a Llama
+checkpoint written by transformers and pretrained like the PaLM one.)
 
     python benchmarks/alignment.py --quick                     # smoke run: minutes on a laptop CPU
     nice -n 5 python benchmarks/alignment.py                   # the presets' own step counts, 3 seeds
@@ -155,13 +157,32 @@ def mean_se(values) -> tuple[float, float]:
     return statistics.fmean(values), se
 
 
-def pretrain(cache: Path, preset: str, steps: int, threads: int) -> Path:
-    out = cache / f"pretrain-{preset}-{steps}"
+def pretrain(cache: Path, preset: str, steps: int, threads: int, family: str = "palm") -> Path:
+    """The preset pretrained for `steps`; `family=llama` starts it from a Llama checkpoint that transformers
+    builds with the preset's sizes (`llama_checkpoint`), so the policy is a family model."""
+    out = cache / f"pretrain-{preset}-{steps}" if family == "palm" else cache / f"pretrain-{preset}-{family}-{steps}"
     if not (out / "final" / "config.json").is_file():
         out.mkdir(parents=True, exist_ok=True)
+        init = [f"init_from={llama_checkpoint(out / 'llama', preset)}"] if family == "llama" else []
         cli(["pretrain", "--config", f"configs/pretrain/{preset}.yaml", f"out_dir={out}", f"max_steps={steps}",
-             "progress=false"],
+             "progress=false", *init],
             cache / "pretrain.log", threads)
+    return out
+
+
+def llama_checkpoint(out: Path, preset: str) -> Path:
+    """A LlamaForCausalLM written by transformers (random weights, seed 0) with the preset's width, depth and
+    heads, half as many KV heads (grouped-query attention), untied embeddings and the byte vocabulary."""
+    import transformers
+    import yaml
+
+    m = yaml.safe_load((REPO / "configs" / "pretrain" / f"{preset}.yaml").read_text())["model"]
+    config = transformers.LlamaConfig(vocab_size=256, hidden_size=m["dim"], num_hidden_layers=m["depth"],
+                                      num_attention_heads=m["heads"], num_key_value_heads=max(1, m["heads"] // 2),
+                                      head_dim=m["dim_head"], intermediate_size=4 * m["dim"],
+                                      max_position_embeddings=512, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(out)
     return out
 
 
@@ -379,8 +400,9 @@ def job(pre: Path, rm_pre: Path, rule: str, seed: int, work: Path, more_pairs: d
     rule_before = mean_se(map(score, texts))
     rm_before = mean_se(rm.score([enc(p) for p in prompts], [enc(t) for t in texts]).tolist())
     result["before"] = {"rule": rule_before, "rm": rm_before}
-    for algo in args.algos.split(","):  # train, then measure at once: an interrupted benchmark keeps what finished
-        extra = [kv.split(":", 1)[1] for kv in args.set if kv.split(":", 1)[0] == algo]
+    for spec in args.algos.split(","):  # train, then measure at once: an interrupted benchmark keeps what finished
+        algo, *variant = spec.split("@")  # grpo@policy_loss=spo: the preset with keys of its own
+        extra = [kv.split(":", 1)[1] for kv in args.set if kv.split(":", 1)[0] == algo] + variant
         out = work / ((dpo_run_name(args) if algo == "dpo" else algo) + "".join(f"-{kv}" for kv in extra))
         if not finished(out):
             keys = [f"out_dir={out}", f"max_steps={args.rl_steps if algo != 'dpo' else args.dpo_steps}", *common,
@@ -411,10 +433,10 @@ def job(pre: Path, rm_pre: Path, rule: str, seed: int, work: Path, more_pairs: d
                 result["more"][key]["dpo_accuracy"] = float((dpo_margins(policy, tok, records) > 0).float().mean())
             row["curve"] = curve(out, "heldout_reward_accuracy")
             row["kl_curve"] = curve(out, "kl_ref")
-        result[algo] = row
+        result[spec] = row
         if policy.scope:
             model.remove_finetune_params(policy.scope)
-        stage(args, {"rule": rule, "seed": seed, "stage": algo, **{k: v for k, v in row.items() if k != "sample"}})
+        stage(args, {"rule": rule, "seed": seed, "stage": spec, **{k: v for k, v in row.items() if k != "sample"}})
     (work / "result.json").write_text(json.dumps(result, indent=2))
     return result
 
@@ -495,7 +517,8 @@ def more_table(results: list[dict]) -> list[str]:
 
 
 def report(results: list[dict], out: Path) -> str:
-    algos = [a for a in ALL_ALGOS if results and all(a in r for r in results)]
+    specs = dict.fromkeys(k for r in results for k in r if k.split("@")[0] in ALL_ALGOS)
+    algos = [a for a in specs if all(a in r for r in results)]
     lines = ["| rule | seeds | RM acc | algo | rule gain (x SE) | RM gain (x SE) | KL nats/seq | DPO held-out acc |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for rule in dict.fromkeys(r["rule"] for r in results):
@@ -573,7 +596,10 @@ def main() -> None:
                    help="pretrain preset of the reward model's base (same tokenizer as tiny-stdlib's)")
     p.add_argument("--rm-steps", type=int, default=2000)       # the issue's bound (the preset's max_steps: 300)
     p.add_argument("--algos", default=",".join(ALGOS),
-                   help=f"comma-separated, of {', '.join(ALL_ALGOS)} (each through its configs/rl preset)")
+                   help=f"comma-separated, of {', '.join(ALL_ALGOS)} (each through its configs/rl preset); "
+                        f"ALGO@KEY=VALUE[@KEY=VALUE] runs the preset with those keys (grpo@policy_loss=spo)")
+    p.add_argument("--family", choices=("palm", "llama"), default="palm",
+                   help="the policy's base: the PaLM preset, or a Llama built by transformers and pretrained alike")
     p.add_argument("--set", action="append", default=[], metavar="ALGO:KEY=VALUE",
                    help="a key for one algorithm's runs, after its preset (e.g. rloo:kl_coef=1.0); repeatable")
     p.add_argument("--rl-steps", type=int, default=200)        # configs/rl/{ppo,grpo}.yaml's
@@ -601,16 +627,16 @@ def main() -> None:
                        heldout_pairs=32, eval_prompts=32, tokens=16, seeds="0", more_draws=2,
                        new_completion_prompts=32)
     args = p.parse_args()
-    unknown = set(args.algos.split(",")) - set(ALL_ALGOS)
+    unknown = {a.split("@")[0] for a in args.algos.split(",")} - set(ALL_ALGOS)
     if unknown:
         p.error(f"--algos: unknown {sorted(unknown)}; use some of {', '.join(ALL_ALGOS)}")
     cache, out = Path(args.cache), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    cores = os.cpu_count() or 1
+    cores = int(os.environ.get("OMP_NUM_THREADS") or 0) or os.cpu_count() or 1  # OMP_NUM_THREADS=1 on a shared box
     threads = max(1, cores // max(1, args.jobs))
-    print(f"torch {torch.__version__}, {cores} cores, {args.jobs} jobs x {threads} threads, "
+    print(f"torch {torch.__version__}, {os.cpu_count()} cores, {args.jobs} jobs x {threads} threads, "
           f"cuda={torch.cuda.is_available()}", flush=True)
-    pre = pretrain(cache, "tiny-stdlib", args.pretrain_steps, cores)
+    pre = pretrain(cache, "tiny-stdlib", args.pretrain_steps, cores, args.family)
     rm_pre = pretrain(cache, args.rm_base, args.pretrain_steps, cores)
     rules, seeds = args.rules.split(","), [int(s) for s in args.seeds.split(",")]
     tag = pairs_tag(args, args.samples_per_prompt)

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from .reinforce import check_group_size
 
 
 def trajectory_balance_loss(log_z: Tensor, logp: Tensor, ref_logp: Tensor, old_logp: Tensor, mask: Tensor,
@@ -83,8 +83,7 @@ class FlowRLHyperparams:
     clip_eps: float = 0.2
 
     def __post_init__(self):
-        if self.group_size < 2:
-            raise ConfigError(f"group_size={self.group_size} must be >= 2 (rewards are z-scored within a group)")
+        check_group_size(self.group_size, "rewards are z-scored within a group")
         if self.beta <= 0 or self.clip_eps <= 0:
             raise ConfigError(f"beta={self.beta} and clip_eps={self.clip_eps} must be > 0")
 

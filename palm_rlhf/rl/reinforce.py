@@ -32,6 +32,12 @@ from .losses import AGGREGATIONS, aggregate, ppo_policy_terms
 from .rollout import Rollout
 
 
+def check_group_size(group_size: int, why: str) -> None:
+    """A group-relative method needs at least 2 samples per prompt; `why` says what it compares."""
+    if group_size < 2:
+        raise ConfigError(f"group_size={group_size} must be >= 2 ({why})")
+
+
 def grouped(scores: Tensor, group_size: int) -> Tensor:
     """(b * G,) -> (b, G): rows i*G .. i*G+G-1 are the samples of prompt i."""
     if scores.ndim != 1 or scores.numel() % group_size:

@@ -21,7 +21,7 @@ from torch import Tensor
 from ..errors import ConfigError
 from ..ops import masked_mean
 from .kl import kl_per_token
-from .reinforce import grouped
+from .reinforce import check_group_size, grouped
 from .rollout import Rollout
 
 
@@ -70,8 +70,7 @@ class TPOHyperparams:
     kl_coef: float = 0.0
 
     def __post_init__(self):
-        if self.group_size < 2:
-            raise ConfigError(f"group_size={self.group_size} must be >= 2 (TPO compares the samples of a prompt)")
+        check_group_size(self.group_size, "TPO compares the samples of a prompt")
         if self.eta <= 0:
             raise ConfigError(f"eta={self.eta} must be > 0")
         if self.ent_coef < 0 or self.kl_coef < 0:

@@ -6,7 +6,17 @@ learned log-partition function log Z(x). Each prompt is sampled `group_size` tim
 z-scored within the group; log Z(x) is a small MLP (`log_z.hidden`, `log_z.layers`) on the prompt's mean
 final embedding under the actor (no gradient into the model), trained by the same optimizer as the
 actor. Checkpoints hold both; final/ holds the actor (log Z is only needed for training).
-The setup (one actor LoRA scope, whole groups per rank) is GRPO's.
+The setup (one actor LoRA scope, whole groups per rank) is GRPO's; minibatches hold whole groups
+(TPO's order), so batch_size and the per-process micro-batch must be multiples of group_size.
+
+log Z's first update: until the first update after sampling, the policy is the sampler, so the
+importance weight is exactly 1, log Z = 0 and the group's z-scored rewards sum to 0: log Z's gradient
+is 0 in exact arithmetic. Computed, it is rounding noise, and Adam's per-parameter normalisation
+turns noise into an lr-sized step of random sign (1 and 2 processes differed by 8e-4 after two steps).
+So the on-policy weight is taken as exactly 1 (the stored sampler log-probs come from other batch
+shapes and differ by ~4e-6 nats a sequence, which times beta * r_hat ~ 10 was most of that noise),
+and log Z is evaluated once per group, so each group's terms are summed, always in the same order,
+before groups meet (a row-wise log Z summed ±10 terms of all groups in batch order).
 """
 
 from __future__ import annotations
@@ -22,7 +32,7 @@ from ..rl.collect import rollout_packed
 from ..rl.flowrl import FlowRLHyperparams, PartitionFunction, group_zscore, trajectory_balance_loss
 from ..runtime.distributed import all_reduce_sum
 from ..runtime.optim import OptimConfig
-from .grpo import GRPOTrainer
+from .grpo import WholeGroupTrainer, check_whole_groups
 from .rl_base import RLRunConfig
 
 
@@ -47,6 +57,7 @@ class FlowRLConfig(RLRunConfig):
     def __post_init__(self):
         super().__post_init__()
         self.hyperparams()
+        check_whole_groups(self, "FlowRL evaluates log Z once per group")
         if self.log_z.hidden < 1 or self.log_z.layers < 0:
             raise ConfigError(f"log_z.hidden={self.log_z.hidden} must be >= 1 and log_z.layers={self.log_z.layers} "
                               f">= 0")
@@ -56,8 +67,9 @@ class FlowRLConfig(RLRunConfig):
         return FlowRLHyperparams(group_size=self.group_size, beta=self.beta, clip_eps=self.clip_eps)
 
 
-class FlowRLTrainer(GRPOTrainer):
-    """GRPO's actor-only setup and groups; a log Z(x) network; the trajectory-balance loss."""
+class FlowRLTrainer(WholeGroupTrainer):
+    """GRPO's actor-only setup and groups, minibatches of whole groups; a log Z(x) network; the
+    trajectory-balance loss."""
 
     name = "flowrl"
 
@@ -88,6 +100,7 @@ class FlowRLTrainer(GRPOTrainer):
     def _prepare(self, rollout) -> dict:
         g = self.hp.group_size
         rollout.prompt_embeddings = self._prompt_embeddings(rollout)
+        self._sampled_at = self.scheduler.last_epoch  # optimizer updates so far: the policy that sampled
         rollout.normalized_scores = group_zscore(rollout.scores, g)  # each rank holds whole groups
         _, zero = group_advantages(rollout.scores, g)
         zero, groups = all_reduce_sum(torch.tensor([float(zero), float(len(rollout) // g)], dtype=torch.float64,
@@ -100,8 +113,11 @@ class FlowRLTrainer(GRPOTrainer):
     def _loss(self, mb):
         hp = self.hp
         logp, _ = self.scorer.policy(rollout_packed(mb))
-        log_z = self.log_z(mb.prompt_embeddings)
-        loss, balance = trajectory_balance_loss(log_z, logp, mb.ref_log_probs, mb.old_log_probs, mb.mask,
+        g = hp.group_size
+        log_z = self.log_z(mb.prompt_embeddings[::g])[:, None].expand(-1, g).reshape(-1)  # once per group (b,)
+        on_policy = self.scheduler.last_epoch == self._sampled_at  # no update since sampling: weight exactly 1
+        old_logp = logp.detach() if on_policy else mb.old_log_probs
+        loss, balance = trajectory_balance_loss(log_z, logp, mb.ref_log_probs, old_logp, mb.mask,
                                                 mb.normalized_scores, hp.beta, hp.clip_eps)
         with torch.no_grad():
             stats = {"policy_loss": loss.mean(), "balance": balance.mean(), "balance_abs": balance.abs().mean(),

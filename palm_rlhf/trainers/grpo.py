@@ -140,4 +140,26 @@ class GRPOTrainer(RLTrainerBase):
         self.model.finetune_modules[self.actor_scope].load_state_dict(state)
 
 
-__all__ = ["GRPOConfig", "GRPOTrainer", "EntropyAdvantageConfig", "ScoreCenteringConfig"]
+def check_whole_groups(config, why: str) -> None:
+    """batch_size and micro_batch_size must hold whole groups (for a trainer whose minibatches are groups)."""
+    g = config.group_size
+    if config.batch_size % g or (config.micro_batch_size and config.micro_batch_size % g):
+        raise ConfigError(f"batch_size={config.batch_size} and micro_batch_size={config.micro_batch_size} must be "
+                          f"multiples of group_size={g}: {why}")
+
+
+class WholeGroupTrainer(GRPOTrainer):
+    """GRPO's setup with minibatches of whole groups: an epoch shuffles the groups, not the rows, and a
+    group's rows stay consecutive (rows i*G .. i*G+G-1 of a minibatch share a prompt)."""
+
+    def _row_order(self, n, generator):
+        g = self.hp.group_size
+        if self.micro % g:
+            raise ConfigError(f"each process's micro-batch holds {self.micro} rows, not a multiple of "
+                              f"group_size={g}; choose batch_size / processes (or micro_batch_size) as a multiple")
+        groups = torch.randperm(n // g, generator=generator)
+        return (groups[:, None] * g + torch.arange(g)[None, :]).reshape(-1)
+
+
+__all__ = ["GRPOConfig", "GRPOTrainer", "WholeGroupTrainer", "check_whole_groups", "EntropyAdvantageConfig",
+           "ScoreCenteringConfig"]

@@ -55,6 +55,24 @@ def _prompt_rows(prompts, prompts_path, prompt_token_ids, tokenizer, pad_value) 
     return rows
 
 
+def seed_schedule(name: str, prompt_rows: list[Tensor], num_episodes: int, max_timesteps: int,
+                  update_timesteps: int, max_seq_len: int) -> tuple[int, int]:
+    """The seed trainers' `train(...)` schedule: (updates, max_new_tokens). num_episodes * max_timesteps
+    rollouts in all, one update per `update_timesteps` (a leftover is not learned from, as in the seed; 0
+    updates is logged); `max_seq_len` counts the longest prompt."""
+    total = num_episodes * max_timesteps
+    updates = total // update_timesteps
+    longest = max(r.numel() for r in prompt_rows)
+    max_new = max_seq_len - longest
+    if max_new < 1:
+        raise ConfigError(f"max_seq_len={max_seq_len} leaves no room to generate after a {longest}-token "
+                          f"prompt; raise max_seq_len")
+    if updates == 0:
+        log.warning("%s.train: %d timesteps < update_timesteps=%d: nothing to learn from", name, total,
+                    update_timesteps)
+    return updates, max_new
+
+
 class RLHFTrainer:
     def __init__(self, *, prompts: list[str] | None = None, prompts_path: str | None = None,
                  prompt_token_ids: Tensor | None = None, tokenizer=None, palm: PaLM, reward_model: RewardModel,
@@ -109,16 +127,9 @@ class RLHFTrainer:
         `update_timesteps` rollouts (a leftover smaller than that is not learned from, as in the seed).
         Rollouts are generated `max_batch_size` at a time; sequences end at `max_seq_len` tokens
         including the prompt."""
-        total = num_episodes * max_timesteps
-        updates = total // update_timesteps
-        longest_prompt = max(r.numel() for r in self.prompt_rows)
-        max_new = max_seq_len - longest_prompt
-        if max_new < 1:
-            raise ConfigError(f"max_seq_len={max_seq_len} leaves no room to generate after a {longest_prompt}-token "
-                              f"prompt; raise max_seq_len")
+        updates, max_new = seed_schedule("RLHFTrainer", self.prompt_rows, num_episodes, max_timesteps,
+                                         update_timesteps, max_seq_len)
         if updates == 0:
-            log.warning("RLHFTrainer.train: %d rollouts < update_timesteps=%d: nothing to learn from", total,
-                        update_timesteps)
             return self.history
         s = self.settings
         config = PPOConfig(out_dir=self.out_dir or tempfile.mkdtemp(prefix="rlhf-"), max_steps=updates,

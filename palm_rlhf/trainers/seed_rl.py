@@ -33,10 +33,21 @@ from ..runtime.optim import OptimConfig
 from ..runtime.vocab import LoraConfig
 from .flowrl import FlowRLConfig, FlowRLTrainer
 from .grpo import GRPOConfig, GRPOTrainer
-from .rlhf import _prompt_rows
+from .rlhf import _prompt_rows, seed_schedule
 from .tpo import TPOConfig, TPOTrainer
 
 log = logging.getLogger(__name__)
+
+
+# the constructor arguments every seed group trainer takes and hands to _SeedGroupTrainer as they are
+SHARED_ARGUMENTS = ("prompts", "prompts_path", "prompt_token_ids", "tokenizer", "palm", "reward_model", "actor_lr",
+                    "actor_wd", "actor_lora", "actor_lora_r", "actor_dropout", "betas", "max_norm", "pad_value",
+                    "minibatch_size", "epochs", "accelerate_kwargs", "out_dir", "seed")
+
+
+def _shared_arguments(arguments: dict) -> dict:
+    """The shared constructor arguments out of a subclass constructor's `locals()`."""
+    return {name: arguments[name] for name in SHARED_ARGUMENTS}
 
 
 class _SeedGroupTrainer:
@@ -91,16 +102,9 @@ class _SeedGroupTrainer:
               temperature: float = 1.0, **ignored) -> list[dict]:
         if ignored:
             log.warning("%s.train: %s ignored (no replay buffer on disk here)", type(self).__name__, sorted(ignored))
-        total = num_episodes * max_timesteps
-        updates = total // update_timesteps
-        longest = max(r.numel() for r in self.prompt_rows)
-        max_new = max_seq_len - longest
-        if max_new < 1:
-            raise ConfigError(f"max_seq_len={max_seq_len} leaves no room to generate after a {longest}-token "
-                              f"prompt; raise max_seq_len")
+        updates, max_new = seed_schedule(type(self).__name__, self.prompt_rows, num_episodes, max_timesteps,
+                                         update_timesteps, max_seq_len)
         if updates == 0:
-            log.warning("%s.train: %d timesteps < update_timesteps=%d: nothing to learn from", type(self).__name__,
-                        total, update_timesteps)
             return self.history
         config = self._config(out_dir=self.out_dir or tempfile.mkdtemp(prefix=f"{self.kind}-"), max_steps=updates,
                               prompts_per_step=update_timesteps, group_size=self.group_size,
@@ -190,12 +194,7 @@ class SeedGRPOTrainer(_SeedGroupTrainer):
                               "the group's mean reward); pick one")
         if use_simple_policy_optimization and use_score_centering:
             raise ConfigError("use_simple_policy_optimization and use_score_centering are exclusive; pick one")
-        super().__init__(prompts=prompts, prompts_path=prompts_path, prompt_token_ids=prompt_token_ids,
-                         tokenizer=tokenizer, palm=palm, reward_model=reward_model,
-                         num_times=grpo_num_times_sample_rewards, actor_lr=actor_lr, actor_wd=actor_wd,
-                         actor_lora=actor_lora, actor_lora_r=actor_lora_r, actor_dropout=actor_dropout, betas=betas,
-                         max_norm=max_norm, pad_value=pad_value, minibatch_size=minibatch_size, epochs=epochs,
-                         accelerate_kwargs=accelerate_kwargs, out_dir=out_dir, seed=seed)
+        super().__init__(num_times=grpo_num_times_sample_rewards, **_shared_arguments(locals()))
         self.options = dict(
             clip_eps=eps_clip, ent_coef=beta_s, kl_coef=kl_div_loss_weight,
             advantage_norm="constant" if dr_grpo else "mean" if use_max_rl else "std",
@@ -232,18 +231,17 @@ class SeedFlowRLTrainer(_SeedGroupTrainer):
                  minibatch_size: int = 16, epochs: int = 1, kl_div_loss_weight: float = 0.1,
                  partition_function_hidden_dim: int = 768, partition_function_lr: float = 1e-4,
                  accelerate_kwargs: dict | None = None, out_dir: str | None = None, seed: int = 0):
-        super().__init__(prompts=prompts, prompts_path=prompts_path, prompt_token_ids=prompt_token_ids,
-                         tokenizer=tokenizer, palm=palm, reward_model=reward_model,
-                         num_times=flowrl_num_times_sample, actor_lr=actor_lr, actor_wd=actor_wd,
-                         actor_lora=actor_lora, actor_lora_r=actor_lora_r, actor_dropout=actor_dropout, betas=betas,
-                         max_norm=max_norm, pad_value=pad_value, minibatch_size=minibatch_size, epochs=epochs,
-                         accelerate_kwargs=accelerate_kwargs, out_dir=out_dir, seed=seed)
+        super().__init__(num_times=flowrl_num_times_sample, **_shared_arguments(locals()))
         if partition_function_lr != actor_lr:
             log.warning("FlowRLTrainer(partition_function_lr=%g): log Z trains with the actor's optimizer and "
                         "lr (%g) here", partition_function_lr, actor_lr)
         # the seed's beta_s and kl_div_loss_weight are stored but never enter its FlowRL loss; so here too
         self.options = dict(beta=beta, clip_eps=eps_clip, log_z={"hidden": partition_function_hidden_dim})
         self.log_z = None
+
+    def _batch_size(self, update_timesteps: int) -> int:
+        # the seed's minibatches count sequences; ours hold whole groups (log Z is evaluated once per group)
+        return max(1, min(self.minibatch_size, update_timesteps * self.group_size) // self.group_size) * self.group_size
 
     def _config(self, **common):
         return FlowRLConfig(**common, **self.options)
@@ -272,12 +270,7 @@ class SeedTPOTrainer(_SeedGroupTrainer):
                  max_norm: float | None = None, beta_s: float = 0.01, pad_value: float = 0.0,
                  minibatch_size: int = 16, epochs: int = 1, tpo_eta: float = 1.0,
                  accelerate_kwargs: dict | None = None, out_dir: str | None = None, seed: int = 0):
-        super().__init__(prompts=prompts, prompts_path=prompts_path, prompt_token_ids=prompt_token_ids,
-                         tokenizer=tokenizer, palm=palm, reward_model=reward_model,
-                         num_times=num_times_sample_rewards, actor_lr=actor_lr, actor_wd=actor_wd,
-                         actor_lora=actor_lora, actor_lora_r=actor_lora_r, actor_dropout=actor_dropout, betas=betas,
-                         max_norm=max_norm, pad_value=pad_value, minibatch_size=minibatch_size, epochs=epochs,
-                         accelerate_kwargs=accelerate_kwargs, out_dir=out_dir, seed=seed)
+        super().__init__(num_times=num_times_sample_rewards, **_shared_arguments(locals()))
         self.options = dict(eta=tpo_eta, ent_coef=beta_s, kl_coef=0.0)  # the seed's TPO has no KL term
 
     def _batch_size(self, update_timesteps: int) -> int:

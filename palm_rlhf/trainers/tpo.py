@@ -15,13 +15,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import ConfigError
 from ..rl.advantages import group_advantages
 from ..rl.collect import rollout_packed
 from ..rl.tpo import TPOHyperparams, tpo_minibatch_loss
 from ..runtime.distributed import all_reduce_sum
 from ..runtime.optim import OptimConfig
-from .grpo import GRPOTrainer
+from .grpo import WholeGroupTrainer, check_whole_groups
 from .rl_base import RLRunConfig
 
 
@@ -38,26 +37,16 @@ class TPOConfig(RLRunConfig):
     def __post_init__(self):
         super().__post_init__()
         self.hyperparams()
-        if self.batch_size % self.group_size or (self.micro_batch_size and self.micro_batch_size % self.group_size):
-            raise ConfigError(f"batch_size={self.batch_size} and micro_batch_size={self.micro_batch_size} must be "
-                              f"multiples of group_size={self.group_size}: TPO's loss compares a prompt's whole group")
+        check_whole_groups(self, "TPO's loss compares a prompt's whole group")
 
     def hyperparams(self) -> TPOHyperparams:
         return TPOHyperparams(group_size=self.group_size, eta=self.eta, ent_coef=self.ent_coef, kl_coef=self.kl_coef)
 
 
-class TPOTrainer(GRPOTrainer):
+class TPOTrainer(WholeGroupTrainer):
     """GRPO's actor-only setup and groups; TPO's group targets and loss over whole groups."""
 
     name = "tpo"
-
-    def _row_order(self, n, generator):
-        g = self.hp.group_size
-        if self.micro % g:
-            raise ConfigError(f"each process's micro-batch holds {self.micro} rows, not a multiple of "
-                              f"group_size={g}; choose batch_size / processes (or micro_batch_size) as a multiple")
-        groups = torch.randperm(n // g, generator=generator)
-        return (groups[:, None] * g + torch.arange(g)[None, :]).reshape(-1)
 
     def _prepare(self, rollout) -> dict:
         _, zero = group_advantages(rollout.scores, self.hp.group_size)  # only the count of flat groups

@@ -114,3 +114,29 @@ def test_dpo_margins_of_a_lora_run_and_of_a_full_finetune_run(tmp_path):
         assert margins.abs().min() > 1e-3  # a policy that differs from its reference
         if policy.scope:
             base.remove_finetune_params(policy.scope)
+
+
+def test_llama_base_is_a_family_checkpoint_with_the_presets_sizes(tmp_path):
+    """--family llama: transformers writes a Llama with tiny-stdlib's width, depth and heads (half the KV
+    heads); our decoder loads it as a sequential-block family model whose logits are transformers'."""
+    import transformers
+
+    from palm_rlhf.model import PaLM
+
+    path = alignment.llama_checkpoint(tmp_path / "llama", "tiny-stdlib")
+    ours = PaLM.from_pretrained(path).eval()
+    theirs = transformers.LlamaForCausalLM.from_pretrained(path).eval()
+    assert (ours.block, ours.dim, ours.kv_heads, ours.num_tokens) == ("sequential", 64, 2, 256)
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(ours.logits(ids), theirs(ids).logits, atol=1e-4)
+
+
+def test_report_lists_each_preset_variant_beside_its_preset(tmp_path):
+    """`--algos grpo,grpo@policy_loss=spo`: the variant is a row of its own, named by its keys."""
+    row = {"kl": 1.0, "kl_se": 0.1, "rule_gain": 0.05, "rule_gain_se": 0.02, "rm_gain": 2.0, "rm_gain_se": 1.0}
+    result = {"rule": "vowel", "seed": 0, "rm_accuracy": 0.7, "rm_curve": [], "grpo": row,
+              "grpo@policy_loss=spo": {**row, "rule_gain": 0.1}}
+    table = alignment.report([result], tmp_path).splitlines()
+    assert table[2].startswith("| vowel | 0 | 0.700 | grpo | +0.050 (+2.5) |")
+    assert table[3].startswith("| vowel | 0 | 0.700 | grpo@policy_loss=spo | +0.100 (+5.0) |")

@@ -73,6 +73,10 @@ wiring mutants, run with --pytest-args="-k(seed_methods)or(grpo_options)" (or (t
     tpo-rows-shuffled                     trainers/test_rl_distributed.py::test_two_torchrun_processes_equal_one_process[tpo]
     flowrl-log-z-not-trained              trainers/test_flowrl.py::test_log_z_trains_and_is_part_of_the_trainable_state
 The whole list was not rerun after issue 34 (the unmutated RL tests take minutes on the shared cores).
+FlowRL's 1-vs-2-process fix (2026-12-07, --pytest-args="-k (flowrl)or(tpo)"), all killed:
+    tpo-rows-shuffled (now in trainers/grpo.py, TPO's and FlowRL's)   ...[tpo]
+    flowrl-stored-old-on-policy, flowrl-log-z-per-row   trainers/test_rl_distributed.py::...[flowrl]
+(flowrl-log-z-per-row survived the test at group_size 2, so FlowRL's torchrun case uses groups of 4.)
 """
 
 from __future__ import annotations
@@ -238,9 +242,16 @@ MUTANTS = [
            "GRPO's entropy_advantage does nothing"),
     Mutant("grpo-advantage-norm-ignored", GRPO, "hp.group_size, hp.advantage_norm,", 'hp.group_size, "std",',
            "GRPO's advantage_norm does nothing"),
-    Mutant("tpo-rows-shuffled", "palm_rlhf/trainers/tpo.py",
+    Mutant("tpo-rows-shuffled", "palm_rlhf/trainers/grpo.py",
            "return (groups[:, None] * g + torch.arange(g)[None, :]).reshape(-1)",
-           "return torch.randperm(n, generator=generator)", "TPO's minibatches split groups"),
+           "return torch.randperm(n, generator=generator)", "TPO's (and FlowRL's) minibatches split groups"),
+    Mutant("flowrl-stored-old-on-policy", "palm_rlhf/trainers/flowrl.py",
+           "old_logp = logp.detach() if on_policy else mb.old_log_probs", "old_logp = mb.old_log_probs",
+           "FlowRL's on-policy weight from the stored sampler log-probs (Adam amplifies their rounding in log Z)"),
+    Mutant("flowrl-log-z-per-row", "palm_rlhf/trainers/flowrl.py",
+           "log_z = self.log_z(mb.prompt_embeddings[::g])[:, None].expand(-1, g).reshape(-1)",
+           "log_z = self.log_z(mb.prompt_embeddings)",
+           "FlowRL's log Z per row: its first gradient sums rounding across groups"),
     Mutant("flowrl-log-z-not-trained", "palm_rlhf/trainers/flowrl.py",
            "return super()._parameters() + list(self.log_z.parameters())", "return super()._parameters()",
            "FlowRL's log Z is never optimised"),

@@ -96,3 +96,18 @@ def assert_rollout_metrics_match(history: list[dict], reward: RecordingReward) -
         assert row["response_length"] == sum(lengths) / len(lengths)
         assert row["eos_rate"] == sum(eos) / len(eos)
     assert abs(history[0]["kl_ref"]) <= 1e-5, history[0]["kl_ref"]
+
+
+def assert_learns_vowel_rule(trainer_cls, config, model, prompts, min_gain: float = 0.1, max_kl: float = 20.0) -> None:
+    """Train `config` on the vowel reward: the mean reward of the last 3 steps is >= `min_gain` above the first
+    step's, with KL <= `max_kl` nats/sequence in those steps, and the logged rollout metrics are the reward's."""
+    reward = RecordingReward()
+    trainer = trainer_cls(config, model=model, reward=reward, prompts=prompts)
+    try:
+        history = trainer.setup().train()
+    finally:
+        trainer.cleanup()
+    assert_rollout_metrics_match(history, reward)
+    gain = sum(h["reward_mean"] for h in history[-3:]) / 3 - history[0]["reward_mean"]
+    assert gain >= min_gain, [round(h["reward_mean"], 3) for h in history]
+    assert max(h["kl_ref"] for h in history[-3:]) <= max_kl, [round(h["kl_ref"], 2) for h in history]

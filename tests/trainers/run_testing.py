@@ -3,6 +3,7 @@ runtime's promises can be checked for each: signals, exact resume, the NaN step,
 
 from __future__ import annotations
 
+import importlib
 import json
 
 import torch
@@ -65,36 +66,20 @@ def overrides(kind: str, tmp_path, out: str, max_steps: int = 4) -> list[str]:
     raise ValueError(kind)
 
 
+# kind -> (module of palm_rlhf.trainers, its config class, its trainer class)
+CLASSES = {"pretrain": ("pretrain", "PretrainConfig", "PretrainTrainer"),
+           "finetune": ("finetune", "FinetuneConfig", "FinetuneTrainer"),
+           "reward": ("reward", "RewardTrainConfig", "RewardTrainer"), "ppo": ("ppo", "PPOConfig", "PPOTrainer"),
+           "grpo": ("grpo", "GRPOConfig", "GRPOTrainer"), "rloo": ("rloo", "RLOOConfig", "RLOOTrainer"),
+           "flowrl": ("flowrl", "FlowRLConfig", "FlowRLTrainer"), "tpo": ("tpo", "TPOConfig", "TPOTrainer"),
+           "reinforce-pp": ("reinforce_pp", "ReinforcePPConfig", "ReinforcePPTrainer"),
+           "dpo": ("dpo", "DPOConfig", "DPOTrainer")}
+
+
 def config_and_trainer_classes(kind: str):
-    if kind == "pretrain":
-        from palm_rlhf.trainers.pretrain import PretrainConfig, PretrainTrainer
-        return PretrainConfig, PretrainTrainer
-    if kind == "finetune":
-        from palm_rlhf.trainers.finetune import FinetuneConfig, FinetuneTrainer
-        return FinetuneConfig, FinetuneTrainer
-    if kind == "reward":
-        from palm_rlhf.trainers.reward import RewardTrainConfig, RewardTrainer
-        return RewardTrainConfig, RewardTrainer
-    if kind == "ppo":
-        from palm_rlhf.trainers.ppo import PPOConfig, PPOTrainer
-        return PPOConfig, PPOTrainer
-    if kind == "grpo":
-        from palm_rlhf.trainers.grpo import GRPOConfig, GRPOTrainer
-        return GRPOConfig, GRPOTrainer
-    if kind == "rloo":
-        from palm_rlhf.trainers.rloo import RLOOConfig, RLOOTrainer
-        return RLOOConfig, RLOOTrainer
-    if kind == "flowrl":
-        from palm_rlhf.trainers.flowrl import FlowRLConfig, FlowRLTrainer
-        return FlowRLConfig, FlowRLTrainer
-    if kind == "tpo":
-        from palm_rlhf.trainers.tpo import TPOConfig, TPOTrainer
-        return TPOConfig, TPOTrainer
-    if kind == "reinforce-pp":
-        from palm_rlhf.trainers.reinforce_pp import ReinforcePPConfig, ReinforcePPTrainer
-        return ReinforcePPConfig, ReinforcePPTrainer
-    from palm_rlhf.trainers.dpo import DPOConfig, DPOTrainer
-    return DPOConfig, DPOTrainer
+    module, config, trainer = CLASSES.get(kind, CLASSES["dpo"])  # dpo-full is DPO's
+    module = importlib.import_module(f"palm_rlhf.trainers.{module}")
+    return getattr(module, config), getattr(module, trainer)
 
 
 def make_trainer(kind: str, tmp_path, out: str, *extra: str, max_steps: int = 4):

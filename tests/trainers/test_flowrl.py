@@ -7,7 +7,7 @@ import torch
 from palm_rlhf.errors import ConfigError
 from palm_rlhf.trainers.flowrl import FlowRLConfig, FlowRLTrainer
 from rl_fixtures import EOS, pretrained_tiny_state, rl_prompts, tiny_model  # noqa: F401
-from rl_stubs import RecordingReward, assert_rollout_metrics_match
+from rl_stubs import RecordingReward, assert_learns_vowel_rule
 
 
 def test_config_names_what_is_wrong():
@@ -41,19 +41,12 @@ def test_log_z_trains_and_is_part_of_the_trainable_state(tmp_path, tiny_model):
 
 
 @pytest.mark.slow
-# Measured (seed 0, 2026-12-07): at lr 1e-3 FlowRL (beta 15, the preset's) gained 0.31 with KL 10-11 over the
-# last 3 steps; at RLOO's lr 3e-3 it also gained but drifted to 113 nats (beta 15 weighs the reward heavily
-# against the reference inside the target).
+# Measured (seed 0, 2026-12-07, whole-group minibatches, log Z once per group): at the preset's lr 5e-4
+# FlowRL (beta 15) gained 0.16 with KL <= 5.5 over the last 3 steps; at lr 1e-3 it gained 0.52 but drifted
+# to 58 nats (beta 15 weighs the reward heavily against the reference inside the target).
 def test_flowrl_raises_vowel_reward_with_bounded_kl(tmp_path, tiny_model):
-    """8 prompts x 4 samples per step, 16 tokens, 20 steps (RLOO's test setting, lr 1e-3): the mean reward of the
-    last 3 steps is >= 0.1 above the first step's, with KL <= 20 nats/sequence."""
-    reward = RecordingReward()
+    """8 prompts x 4 samples per step, 16 tokens, 20 steps (RLOO's test setting, the preset's lr 5e-4): the mean
+    reward of the last 3 steps is >= 0.1 above the first step's, with KL <= 20 nats/sequence."""
     config = FlowRLConfig(out_dir=str(tmp_path / "flowrl"), prompts_per_step=8, group_size=4, batch_size=16,
-                          max_new_tokens=16, eos_token=EOS, sample_every=5, optim={"lr": 1e-3}, max_steps=20)
-    trainer = FlowRLTrainer(config, model=tiny_model, reward=reward, prompts=rl_prompts())
-    history = trainer.setup().train()
-    trainer.cleanup()
-    assert_rollout_metrics_match(history, reward)
-    gain = sum(h["reward_mean"] for h in history[-3:]) / 3 - history[0]["reward_mean"]
-    assert gain >= 0.1, [round(h["reward_mean"], 3) for h in history]
-    assert max(h["kl_ref"] for h in history[-3:]) <= 20.0, [round(h["kl_ref"], 2) for h in history]
+                          max_new_tokens=16, eos_token=EOS, sample_every=5, optim={"lr": 5e-4}, max_steps=20)
+    assert_learns_vowel_rule(FlowRLTrainer, config, tiny_model, rl_prompts())

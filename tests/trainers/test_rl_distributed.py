@@ -1,6 +1,6 @@
-"""PPO, GRPO, RLOO, REINFORCE++ and TPO under torchrun: 2 CPU processes train exactly what 1 process
-trains with the same global batch, under the NCCL rule (tests/runtime/nccl_rule.py: every collective
-goes through `palm_rlhf.runtime.distributed`, on the model's device).
+"""PPO, GRPO, RLOO, REINFORCE++, TPO and FlowRL under torchrun: 2 CPU processes train exactly what 1
+process trains with the same global batch, under the NCCL rule (tests/runtime/nccl_rule.py: every
+collective goes through `palm_rlhf.runtime.distributed`, on the model's device).
 
 Why it holds: the step's prompts come from a generator seeded by (seed, step); each rollout row's
 sampling noise from one seeded by (seed, step, global row index) (`rl_base.row_generators`), so a
@@ -10,6 +10,16 @@ controller and the loss normalisers are summed over ranks (REINFORCE++ whitens i
 both ranks' tokens; RLOO's groups, like GRPO's, stay whole on one rank), and `TrainStep` weights every
 rank's loss by its token (PPO) or sequence (GRPO) count. With one minibatch per epoch (batch_size =
 the global batch), what differs is only float summation order.
+
+FlowRL needed two more things (trainers/flowrl.py): log Z's first gradient is 0 in exact arithmetic
+(log Z = 0, weight 1, z-scores summing to 0 in each group), so its float value is rounding noise that
+Adam's per-parameter normalisation turns into an lr-sized step; with the stored sampler log-probs in
+the weight and a row-wise log Z, 1 and 2 processes differed by up to 8e-4 in the adapter. With the
+on-policy weight taken as exactly 1 and log Z evaluated once per group the adapters agree within 2e-7
+(measured 2026-12-07 at group_size 2 and 4, and with micro_batch_size=2). Either change alone left
+9e-4 and 8e-4 at group_size 2; a row-wise log Z passes at group_size 2 with whole-group minibatches
+(a group's two terms are exact negatives, added next to each other) but leaves 9e-5 at group_size 4,
+so FlowRL runs here with groups of 4.
 
 In those runs every rank holds as many response tokens as the other and the KL controller sits at
 its clip; the second test (`rl_dist_worker`, stub rollouts) makes the token counts and the KLs of the
@@ -44,6 +54,8 @@ COMMON = {
     "rloo": ["max_steps=2", "prompts_per_step=4", "group_size=2"],
     "reinforce-pp": ["max_steps=2", "prompts_per_step=8", "group_size=1"],
     "tpo": ["max_steps=2", "prompts_per_step=4", "group_size=2"],
+    # the preset's log Z (2 hidden layers); groups of 4, whose z-scores sum to 0 only up to rounding
+    "flowrl": ["max_steps=2", "prompts_per_step=4", "group_size=4", "batch_size=16"],
 }
 
 
@@ -60,7 +72,7 @@ def run_args(algo, tmp_path, out):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algo", ["ppo", "grpo", "rloo", "reinforce-pp", "tpo"])
+@pytest.mark.parametrize("algo", ["ppo", "grpo", "rloo", "reinforce-pp", "tpo", "flowrl"])
 def test_two_torchrun_processes_equal_one_process(tmp_path, algo):
     torch.manual_seed(0)
     PaLM(num_tokens=256, dim=32, depth=1, heads=2, dim_head=16).save_pretrained(tmp_path / "base")

@@ -33,8 +33,7 @@ EIGHT = {"pretrain": ["batch_size=8"], "finetune": ["batch_size=8"], "reward": [
          "rloo": ["prompts_per_step=4", "group_size=2", "batch_size=8"],
          "reinforce-pp": ["prompts_per_step=4", "group_size=2", "batch_size=8"],
          "tpo": ["prompts_per_step=4", "group_size=2", "batch_size=8"],
-         # FlowRL with a linear log Z: with hidden layers its update differs by batch layout (docs/rl.md)
-         "flowrl": ["prompts_per_step=4", "group_size=2", "batch_size=8", "log_z.layers=0"], "dpo": ["batch_size=8"]}
+         "flowrl": ["prompts_per_step=4", "group_size=2", "batch_size=8"], "dpo": ["batch_size=8"]}
 # what each trainer trains, as final/ writes it
 TRAINED = {"pretrain": "model", "finetune": "adapter", "reward": "model", "ppo": "adapter", "grpo": "adapter",
            "rloo": "adapter", "reinforce-pp": "adapter", "tpo": "adapter", "flowrl": "adapter", "dpo": "adapter"}
@@ -192,7 +191,7 @@ def test_old_keyword_arguments_build_the_same_config_in_python(kind):
     config_cls, _ = config_and_trainer_classes(kind)
     old = {"eval_every": 7} if kind in ("pretrain", "finetune", "reward", "dpo") else {"minibatch_size": 4}
     new = {"eval": {"every": 7}} if "eval_every" in old else {"batch_size": 4}
-    if kind == "tpo":  # its batch holds whole groups
+    if kind in ("tpo", "flowrl"):  # their batches hold whole groups
         old["group_size"] = new["group_size"] = 2
     if kind not in ("pretrain", "finetune"):  # their lr was optim.lr already
         old["lr"], new["optim"] = 0.01, {"lr": 0.01}
