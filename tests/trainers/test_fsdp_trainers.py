@@ -26,6 +26,7 @@ from safetensors.torch import load_file
 
 from palm_rlhf.cli.main import main
 from palm_rlhf.runtime.metrics import read_metrics
+from tests.helpers.runs import assert_same_metrics
 from tests.runtime import nccl_rule
 from tests.runtime.dist_testing import run_workers
 
@@ -98,12 +99,7 @@ def _same_run(one_dir, two_dir, algo):
         assert any(v.abs().max() > 1e-4 for k, v in one.items() if k.endswith("B")), "LoRA B starts at 0: nothing learned"
     for k in one:
         torch.testing.assert_close(two[k], one[k], atol=TOL, rtol=0, msg=f"{two_dir.name}: {k}")
-    rows_one, rows_two = read_metrics(one_dir), read_metrics(two_dir)
-    assert [r["step"] for r in rows_one] == [r["step"] for r in rows_two] and rows_one
-    for a, b in zip(rows_one, rows_two):
-        for key, value in a.items():
-            if isinstance(value, float) and key != "time" and not key.startswith("seconds") and "per_s" not in key:
-                assert b[key] == pytest.approx(value, rel=METRIC_TOL, abs=METRIC_TOL), (two_dir.name, key)
+    assert_same_metrics(read_metrics(one_dir), read_metrics(two_dir), rel=METRIC_TOL, abs=METRIC_TOL, what=two_dir.name)
 
 
 def _rewind_to_step_1(run_dir, copy_to=None):

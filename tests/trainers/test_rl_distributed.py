@@ -43,6 +43,7 @@ from palm_rlhf.model import PaLM
 from palm_rlhf.runtime import distributed as rdist
 from palm_rlhf.runtime.metrics import read_metrics
 from tests.helpers.processes import torchrun_under_nccl_rule
+from tests.helpers.runs import assert_same_metrics
 
 RUNTIME_FILE = str(Path(rdist.__file__).resolve())
 
@@ -90,12 +91,9 @@ def test_two_torchrun_processes_equal_one_process(tmp_path, algo):
     assert any(v.abs().max() > 1e-4 for k, v in one_adapter.items() if k.endswith("B"))
     assert all((one_adapter[k] - two_adapter[k]).abs().max() <= 1e-5 for k in one_adapter)
 
-    one, two_rows = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
-    assert [r["step"] for r in one] == [r["step"] for r in two_rows] == [1, 2]
-    for a, b in zip(one, two_rows):
-        for key, value in a.items():
-            if isinstance(value, float) and key != "time" and not key.startswith("seconds"):
-                assert abs(value - b[key]) <= 1e-5 * max(1.0, abs(value)), (key, value, b[key])
+    one = read_metrics(tmp_path / "one")
+    assert [r["step"] for r in one] == [1, 2]
+    assert_same_metrics(one, read_metrics(tmp_path / "two"), rel=1e-5, abs=1e-5, what=algo)
 
 
 @pytest.mark.slow
@@ -124,10 +122,7 @@ def test_two_ranks_with_uneven_tokens_and_kl_equal_one_process(tmp_path):
     for step in range(2):
         assert ranks[0]["noise"][step] + ranks[1]["noise"][step] == one["noise"][step]
         assert len(set(one["noise"][step])) == 4
-    for a, b in zip(one["history"], ranks[0]["history"]):
-        for key, value in a.items():
-            if isinstance(value, float) and not key.startswith("seconds"):
-                assert abs(value - b[key]) <= 1e-5 * max(1.0, abs(value)), (key, value, b[key])
+    assert_same_metrics(one["history"], ranks[0]["history"], rel=1e-5, abs=1e-5)
     two_state = torch.load(tmp_path / "state.pt", weights_only=True)
     assert any(float(v.abs().max()) > 1e-4 for k, v in one["state"].items() if k.endswith("B"))
     for k, v in one["state"].items():

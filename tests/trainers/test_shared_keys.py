@@ -12,7 +12,6 @@ way the CLI builds them (`run_testing`):
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,7 @@ from safetensors.torch import load_file
 
 from palm_rlhf.runtime.config import config_to_dict, load_config
 from palm_rlhf.runtime.metrics import read_metrics
+from tests.helpers.runs import assert_same_metrics
 from run_testing import config_and_trainer_classes, make_trainer, overrides, write_inputs
 from tests.runtime.dist_testing import run_workers
 
@@ -37,7 +37,6 @@ EIGHT = {"pretrain": ["batch_size=8"], "finetune": ["batch_size=8"], "reward": [
 # what each trainer trains, as final/ writes it
 TRAINED = {"pretrain": "model", "finetune": "adapter", "reward": "model", "ppo": "adapter", "grpo": "adapter",
            "rloo": "adapter", "reinforce-pp": "adapter", "tpo": "adapter", "flowrl": "adapter", "dpo": "adapter"}
-_TIMING = ("time", "tokens_per_s", "seconds_generation", "seconds_learning")
 
 
 def _run(kind, tmp_path, out, *extra, max_steps=2):
@@ -54,21 +53,13 @@ def _trained(kind, run_dir: Path) -> dict:
     return load_file(run_dir / "final" / f"{TRAINED[kind]}.safetensors")
 
 
-def _rows(run_dir: Path) -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in _TIMING} for r in read_metrics(run_dir)]
-
 
 def _assert_same_run(kind, one: Path, other: Path, atol: float = 1e-5) -> None:
     a, b = _trained(kind, one), _trained(kind, other)
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=atol, rtol=0, msg=f"{kind}: {k}")
-    rows_a, rows_b = _rows(one), _rows(other)
-    assert [r["step"] for r in rows_a] == [r["step"] for r in rows_b] and rows_a
-    for ra, rb in zip(rows_a, rows_b):
-        for key, value in ra.items():
-            if isinstance(value, float) and math.isfinite(value) and key != "grad_norm":
-                assert rb[key] == pytest.approx(value, rel=1e-4, abs=1e-5), (kind, key)
+    assert_same_metrics(read_metrics(one), read_metrics(other), rel=1e-4, abs=1e-5, skip={"grad_norm"}, what=kind)
 
 
 @pytest.mark.parametrize("kind", KINDS)
