@@ -41,11 +41,14 @@ def base_layout(w: Tensor, rows: int, sliced: bool) -> tuple[str, Tensor]:
 
     RL builds a decoder for every rollout, and the oneDNN reorder of every projection cost ~4% of a
     GRPO step (benchmarks/README.md "Against TRL"); the frozen base weights a LoRA scope leaves
-    untouched (feedforward, vocabulary projection) keep their layout. A weight changed in place
-    (optimizer step, `load_state_dict`) bumps its version, a new tensor its data pointer: either
-    rebuilds the layout (inference tensors, which have no version, are never cached). One layout
-    per (weight, rows, sliced) is kept while the weight lives."""
-    if w.is_inference():  # no version counter to tell a change: no cache
+    untouched (feedforward, vocabulary projection) keep their layout. Only frozen weights are cached
+    (requires_grad False): a trained one changes every step, and the fused AdamW the runtime uses
+    updates it in place without bumping its version. A frozen weight changed in place
+    (`load_state_dict`) bumps its version, a new tensor its data pointer: either rebuilds the
+    layout (inference tensors, which have no version, are never cached). One layout per (weight,
+    rows, sliced) is kept while the weight lives."""
+    if w.requires_grad or w.is_inference():  # see the docstring: no cache, and none left behind
+        _LAYOUTS.pop(w, None)
         return Decoder._layout(w.detach().t(), rows, sliced=sliced)
     stamp = (w.data_ptr(), w._version, w.dtype, tuple(w.shape))
     key = (rows, sliced)
