@@ -138,6 +138,16 @@ def gumbel_sample(logits: Tensor, temperature: float = 1.0, dim: int = -1, gener
     return ((logits / max(temperature, 1e-10)) + gumbel).argmax(dim=dim)
 
 
+def masked_positions(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """mask (b, n) bool -> (positions (b, T), kept (b, T)): each row's True columns in order, then
+    filler columns with kept False; T = the most True in a row (at least 1). A model asked for its
+    outputs at `positions` only (`PaLM.forward(x, positions=...)`) skips the rest's last block and
+    vocabulary projection: SFT's loss needs the assistant tokens alone."""
+    T = max(int(mask.sum(-1).max()), 1) if mask.numel() else 1
+    positions = torch.sort((~mask).to(torch.uint8), dim=-1, stable=True).indices[:, :T]  # True columns first
+    return positions, mask.gather(-1, positions)
+
+
 def token_cross_entropy(logits: Tensor, targets: Tensor, mask: Tensor | None = None) -> Tensor:
     """Mean next-token cross entropy (nats) over the positions where `mask` is True.
 

@@ -1,7 +1,7 @@
 """Batched, KV-cached generation: `generate` for rollouts, `stream` for interactive use.
 
-One prefill runs all (left-padded) prompts through the model and fills the
-cache; then each decode step feeds one token per row. Rows that finish (EOS or
+One prefill runs all (left-padded) prompts through the model, each distinct prompt once
+(`prefill`: a GRPO group repeats its prompt), and fills the cache; then each decode step feeds one token per row. Rows that finish (EOS or
 a stop sequence) keep decoding in lock-step, since a batched matmul costs the same,
 but their outputs are overwritten with padding and masked out.
 """
@@ -91,7 +91,7 @@ class _Decode:
     def __iter__(self) -> Iterator[Tensor]:
         """Yield each step's tokens (b,) (0 for rows already finished)."""
         config, T = self.config, self.config.max_new_tokens
-        logits = self.model.forward_cached(self.ids, self.cache, **self.scope)  # (b, V)
+        logits = prefill(self.model, self.ids, self.cache, **self.scope)  # (b, V)
         # without EOS or stop sequences no row can finish early: skip the bookkeeping
         can_stop = config.eos_token is not None or bool(self.stops)
         for t in range(T):
@@ -156,6 +156,29 @@ class _Decode:
         return GenerationOutput(tokens=self.tokens[:, :T].clone(), log_probs=self.log_probs[:, :T].clone(),
                                 lengths=self.lengths.clone(), mask=mask.clone(), stop_reasons=list(self.reasons),
                                 prompt_lengths=self.prompt_lengths.clone())
+
+
+def prefill(model, ids: Tensor, cache, **scope) -> Tensor:
+    """Left-padded prompts ids (b, n) into an empty `cache` (its `pad` set): their keys and values,
+    and each row's last-token logits (b, V), as `model.forward_cached(ids, cache)` gives them.
+
+    A prompt repeated in the batch (GRPO samples each prompt group_size times) runs through the
+    model once: its keys, values and logits are copied to its other rows (rows of a batched forward
+    are independent, so the result is the same up to float rounding; tests/generation/test_generate.py)."""
+    if cache.length:
+        raise InputError(f"prefill needs an empty cache; this one holds {cache.length} slots")
+    b, n = ids.shape
+    rows = torch.cat([ids, cache.pad[:, None]], dim=1)  # a prompt is its ids and its padding
+    distinct, inverse = torch.unique(rows, dim=0, return_inverse=True)  # (u, n + 1), (b,)
+    if distinct.shape[0] == b:
+        return model.forward_cached(ids, cache, **scope)
+    # the same max_len: the xpos centre (PaLM's block) is the cache's max_len // 2
+    once = model.new_kv_cache(distinct.shape[0], cache.max_len, pad=distinct[:, -1], dtype=cache.k.dtype)
+    logits = model.forward_cached(distinct[:, :-1], once, **scope)  # (u, V)
+    cache.k[:, :, :n] = once.k[:, inverse, :n]  # (depth, b, n, kv_dim)
+    cache.v[:, :, :n] = once.v[:, inverse, :n]
+    cache.advance(n)
+    return logits[inverse]
 
 
 def _check_model(model) -> None:

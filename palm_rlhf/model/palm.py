@@ -233,10 +233,14 @@ class PaLM(FinetuneScopes, InputChecks, nn.Module):
         return F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=self.cross_entropy_ignore_index)
 
     def forward(self, x, return_loss=False, disable_lora=False, finetune_scope=None, extra_embed=None,
-                return_only_embedding=False, return_logits_with_embedding=False):
+                return_only_embedding=False, return_logits_with_embedding=False, positions=None):
+        """positions (b, T) (not the seed's): the outputs at these positions of each row only (`hidden_states`)."""
         kwargs = dict(finetune_scope=finetune_scope, disable_lora=disable_lora, extra_embed=extra_embed)
         if return_loss:
+            if positions is not None:
+                raise InputError("positions= selects outputs; return_loss=True scores every position")
             return self.loss(x, **kwargs)
+        kwargs["positions"] = positions
         if return_only_embedding:
             return self.embed(x, **kwargs)
         if return_logits_with_embedding:

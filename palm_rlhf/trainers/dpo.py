@@ -212,15 +212,20 @@ class DPOTrainer(OnRun):
 
     # ------------------------------------------------------------------ log-probs of pairs
 
-    def _sequence_log_probs(self, records, policy: bool):
-        """(chosen, rejected) log-probs (b,) each: summed over response tokens (DPO) or averaged (IPO)."""
+    def _pack(self, records):
+        """The pairs of `records` as model inputs (`PackedSequences`), rows chosen0, rejected0, chosen1, ...;
+        encoded once per micro-batch: the reference and the policy score the same rows."""
         rows = [encode_pair(r, self.tokenizer, self.config.max_len, self.eos, self.template) for r in records]
         pairs = [side for row in rows for side in row]  # chosen0, rejected0, chosen1, ...
         device = self.model.token_emb.weight.device
         prompts, prompt_lengths = right_pad([torch.tensor(p, dtype=torch.long) for p, _ in pairs])
         responses, response_lengths = right_pad([torch.tensor(r, dtype=torch.long) for _, r in pairs])
         mask = torch.arange(responses.shape[1])[None, :] < response_lengths[:, None]  # (2b, n_r)
-        packed = pack_sequences(prompts.to(device), prompt_lengths.to(device), responses.to(device), mask.to(device))
+        return pack_sequences(prompts.to(device), prompt_lengths.to(device), responses.to(device), mask.to(device))
+
+    def _sequence_log_probs(self, packed, policy: bool):
+        """(chosen, rejected) log-probs (b,) each of `_pack`'s rows: summed over response tokens (DPO) or
+        averaged (IPO)."""
         logp = self.scorer.policy(packed)[0] if policy else self.scorer.reference_log_probs(packed)
         total = logp.sum(-1)
         if self.config.loss_type == "ipo":
@@ -229,9 +234,10 @@ class DPOTrainer(OnRun):
 
     def _loss(self, records):
         c = self.config
+        packed = self._pack(records)
         with torch.no_grad():
-            ref_c, ref_r = self._sequence_log_probs(records, policy=False)
-        pol_c, pol_r = self._sequence_log_probs(records, policy=True)
+            ref_c, ref_r = self._sequence_log_probs(packed, policy=False)
+        pol_c, pol_r = self._sequence_log_probs(packed, policy=True)
         out = preference_loss(pol_c, pol_r, ref_c, ref_r, c.beta, c.loss_type, c.label_smoothing)
         return out, (pol_c.detach() > pol_r.detach()).float()
 

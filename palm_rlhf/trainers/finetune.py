@@ -23,7 +23,7 @@ from ..data.sft import encode_sft, read_sft, sample_prompt, sft_batch
 from ..errors import ConfigError
 from ..model import PaLM
 from ..model.adapters import adapter_on_frozen_base
-from ..ops import token_cross_entropy
+from ..ops import masked_positions, token_cross_entropy
 from ..runtime import distributed as rdist, fsdp
 from ..runtime.resolve import resolve_model
 from ..runtime.run import ADAPTER_NAME, MergedAdapter
@@ -106,8 +106,11 @@ class FinetuneTrainer(LMTrainer):
 
     def loss(self, batch):
         tokens, mask = batch
-        logits = self.forward_module(tokens[:, :-1], finetune_scope=self.scope)  # (b, n, V)
-        return token_cross_entropy(logits, tokens[:, 1:], mask), mask.sum()
+        # logits at the loss positions only (the assistant's tokens): the last block and the vocabulary
+        # projection skip the prompt's positions; the same mean over the same tokens
+        positions, kept = masked_positions(mask)  # (b, T)
+        logits = self.forward_module(tokens[:, :-1], finetune_scope=self.scope, positions=positions)  # (b, T, V)
+        return token_cross_entropy(logits, tokens[:, 1:].gather(1, positions), kept), mask.sum()
 
     def evaluate(self) -> dict:
         if not self.val_examples:

@@ -41,3 +41,51 @@ def test_family_decoder_equals_the_plain_engine(tmp_path, case, rows):
         outs[engine] = torch.stack(logits)
     for r in range(rows):  # a padded row's logits before its first token are never read
         torch.testing.assert_close(outs["cpu"][1:, r], outs["plain"][1:, r], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("rows", [1, 4])
+def test_frozen_weight_layouts_are_reused_across_decoders_until_a_weight_changes(tmp_path, rows):
+    """RL builds a decoder per rollout: the frozen base weights a LoRA scope leaves alone keep their
+    bound layout (the same tensor), the folded LoRA projections are rebuilt, and a base weight changed in
+    place (an optimizer step, load_state_dict) or replaced gets a new layout: every decoder equals
+    the plain engine after each change."""
+    make_hf_checkpoint("llama-linear-bias", tmp_path)
+    model = PaLM.from_pretrained(tmp_path).eval()
+    model.add_finetune_params("actor", lora_r=4, lora_alpha=8.0, targets=["q", "v"])
+    model.requires_grad_(False)  # a frozen base, as LoRA training leaves it
+    gen = torch.Generator().manual_seed(rows)
+    prompt = torch.randint(3, model.num_tokens, (rows, 6), generator=gen)
+    tokens = torch.randint(3, model.num_tokens, (rows,), generator=gen)
+
+    def logits(engine):
+        model.backend = engine
+        cache = model.new_kv_cache(rows, 16)
+        decoder = decoder_for(model, cache, finetune_scope="actor")
+        with torch.no_grad():
+            model.forward_cached(prompt, cache, finetune_scope="actor")
+            return decoder, decoder.step(tokens)
+
+    first, _ = logits("cpu")
+    with torch.no_grad():
+        for p in model.finetune_parameters("actor"):
+            p.normal_(0, 0.05)  # the scope trains: folded projections change
+    second, out = logits("cpu")
+    torch.testing.assert_close(out, logits("plain")[1], atol=1e-4, rtol=1e-4)
+    assert second.weights[0][4][1] is first.weights[0][4][1]  # the feedforward's layout, kept
+    assert second.logits_weight_t[1] is first.logits_weight_t[1]
+    assert second.weights[0][0][1] is not first.weights[0][0][1]  # q/k/v: LoRA folded in anew
+    with torch.no_grad():
+        model.layers[0].ff_down.weight.mul_(1.5)  # in place: a new version
+        model.to_logits.weight.data = model.to_logits.weight.data * 0.5  # a new tensor
+    third, out = logits("cpu")
+    assert third.weights[0][6][1] is not second.weights[0][6][1]
+    assert third.logits_weight_t[1] is not second.logits_weight_t[1]
+    torch.testing.assert_close(out, logits("plain")[1], atol=1e-4, rtol=1e-4)
+    # a trained weight is never cached: fused AdamW changes it in place without a new version
+    down = model.layers[0].ff_down.weight
+    down.requires_grad_(True)
+    down.grad = torch.randn_like(down)
+    torch.optim.AdamW([down], lr=0.1, fused=True).step()
+    fourth, out = logits("cpu")
+    torch.testing.assert_close(out, logits("plain")[1], atol=1e-4, rtol=1e-4)
+    assert fourth.weights[0][6][1] is not third.weights[0][6][1]

@@ -256,3 +256,60 @@ def test_per_row_uniforms_are_drawn_once_per_generate_from_each_rows_generator()
     for i, g in enumerate(gens()):
         expected = torch.rand(5, generator=g, dtype=torch.float64)
         assert torch.equal(torch.stack([uniforms(t)[i] for t in range(5)]), expected)
+
+
+@pytest.mark.parametrize("family", [False, True])
+def test_prefill_runs_a_repeated_prompt_once_and_equals_the_full_forward(tmp_path, family):
+    """`prefill` (what `generate` runs first) on a batch with repeated prompts, as GRPO's groups are,
+    fills the same keys and values and gives the same last-token logits as the model's forward over
+    every row; a prompt with the same ids but other padding is a different prompt."""
+    from palm_rlhf.generation.generate import prefill
+
+    if family:
+        pytest.importorskip("transformers")
+        from palm_rlhf import PaLM
+        from tests.helpers.families import make_hf_checkpoint
+
+        make_hf_checkpoint("llama-linear-bias", tmp_path)
+        model = PaLM.from_pretrained(tmp_path).eval()
+    else:
+        model = tiny().eval()
+    model.add_finetune_params("actor", lora_r=4, lora_alpha=8.0)
+    with torch.no_grad():
+        for p in model.finetune_parameters("actor"):
+            p.normal_(0, 0.05)
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randint(1, model.num_tokens, (2, 7), generator=g)
+    ids = torch.stack([a, b, a, a, b, a])  # two distinct prompts of 7 tokens, 3 + 2 + 1 times
+    ids[5, :2] = 0  # left padding: row 5 is a's last 5 tokens, another prompt
+    pad = torch.tensor([0, 0, 0, 0, 0, 2])
+    with torch.no_grad():
+        full, once = model.new_kv_cache(6, 20, pad=pad), model.new_kv_cache(6, 20, pad=pad)
+        expected = model.forward_cached(ids, full, finetune_scope="actor")
+        orig = model.forward_cached
+        rows = []
+        model.forward_cached = lambda x, cache, **kw: rows.append(x.shape[0]) or orig(x, cache, **kw)
+        got = prefill(model, ids, once, finetune_scope="actor")
+        del model.forward_cached
+    assert rows == [3]  # a, b and the padded a ran once each
+    assert once.length == full.length == 7
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(once.k[:, :, :7], full.k[:, :, :7], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(once.v[:, :, :7], full.v[:, :, :7], atol=1e-5, rtol=1e-5)
+    with pytest.raises(InputError, match="empty cache"):
+        prefill(model, ids, once)
+
+
+def test_generate_with_repeated_prompts_equals_each_prompt_alone():
+    """GRPO's batches (each prompt group_size times, one generator per row): every row samples what
+    that prompt alone samples with its generator, although the batch prefills each prompt once."""
+    model, (p, q) = tiny(), prompts(4, 6)
+    cfg = SamplingConfig(max_new_tokens=6)
+    ps = [p, p, q, p, q]
+    gens = lambda: [torch.Generator().manual_seed(40 + i) for i in range(len(ps))]  # noqa: E731
+    batch = generate(model, ps, cfg, generator=gens())
+    for i, (x, gen) in enumerate(zip(ps, gens())):
+        alone = generate(model, [x], cfg, generator=[gen])
+        assert batch.sequences()[i] == alone.sequences()[0]
+        torch.testing.assert_close(batch.log_probs[i, :alone.log_probs.shape[1]], alone.log_probs[0],
+                                   atol=1e-5, rtol=0)

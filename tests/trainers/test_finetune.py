@@ -89,3 +89,42 @@ def test_lora_trains_only_its_scope_and_saves_it_alone(tmp_path, base_and_data):
     x = torch.randint(1, 256, (2, 12))
     torch.testing.assert_close(merged(x), reloaded(x, finetune_scope="sft"), atol=1e-5, rtol=1e-5)
     assert any("val/loss" in r for r in read_metrics(tmp_path / "sft"))
+
+
+def test_masked_positions_lists_each_rows_true_columns_first():
+    """Row 0 has loss at columns 1, 3; row 1 at 0, 1, 2; row 2 nowhere: T = 3, fillers not kept."""
+    from palm_rlhf.ops import masked_positions
+
+    mask = torch.tensor([[False, True, False, True], [True, True, True, False], [False] * 4])
+    positions, kept = masked_positions(mask)
+    assert positions[0, :2].tolist() == [1, 3] and positions[1].tolist() == [0, 1, 2]
+    assert kept.tolist() == [[True, True, False], [True, True, True], [False, False, False]]
+
+
+def test_sft_loss_at_assistant_positions_equals_the_full_logits_loss():
+    """`FinetuneTrainer.loss` asks the model for logits at the masked (assistant) positions only; its
+    loss and LoRA gradients equal the mean cross-entropy over the full (b, n, V) logits under the mask."""
+    from types import SimpleNamespace
+
+    from palm_rlhf.ops import token_cross_entropy
+
+    torch.manual_seed(0)
+    model = PaLM(dim=32, num_tokens=64, depth=2, heads=2, dim_head=16)
+    model.add_finetune_params("sft", lora_r=4, lora_alpha=8.0)
+    params = list(model.finetune_parameters("sft"))
+    with torch.no_grad():
+        for p in params:
+            p.normal_(0, 0.1)
+    tokens = torch.randint(1, 64, (3, 12))
+    mask = torch.zeros(3, 11, dtype=torch.bool)
+    mask[0, 4:9], mask[1, 7:], mask[2, 2:5] = True, True, True  # prompts, then replies (row 1 to the end)
+
+    def grads(loss):
+        return [g.clone() for g in torch.autograd.grad(loss, params)]
+
+    full = token_cross_entropy(model(tokens[:, :-1], finetune_scope="sft"), tokens[:, 1:], mask)
+    loss, count = FinetuneTrainer.loss(SimpleNamespace(forward_module=model, scope="sft"), (tokens, mask))
+    assert int(count) == 12
+    torch.testing.assert_close(loss, full, atol=1e-6, rtol=1e-5)
+    for a, b in zip(grads(loss), grads(full)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)

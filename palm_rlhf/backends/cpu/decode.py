@@ -25,9 +25,40 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ...errors import InputError
 from .onednn import onednn_linear, onednn_packed
+
+
+# weight -> {(rows, sliced): (stamp, layout)}: a frozen weight's layout, kept across decoders
+_LAYOUTS = WeakIdKeyDictionary()  # keyed by identity (a tensor's == is elementwise)
+
+
+def base_layout(w: Tensor, rows: int, sliced: bool) -> tuple[str, Tensor]:
+    """`Decoder._layout` of an (out, in) CPU weight with nothing folded in, computed once per weight,
+    row count and contents, not once per decoder.
+
+    RL builds a decoder for every rollout, and the oneDNN reorder of every projection cost ~4% of a
+    GRPO step (benchmarks/README.md "Against TRL"); the frozen base weights a LoRA scope leaves
+    untouched (feedforward, vocabulary projection) keep their layout. Only frozen weights are cached
+    (requires_grad False): a trained one changes every step, and the fused AdamW the runtime uses
+    updates it in place without bumping its version. A frozen weight changed in place
+    (`load_state_dict`) bumps its version, a new tensor its data pointer: either rebuilds the
+    layout (inference tensors, which have no version, are never cached). One layout per (weight,
+    rows, sliced) is kept while the weight lives."""
+    if w.requires_grad or w.is_inference():  # see the docstring: no cache, and none left behind
+        _LAYOUTS.pop(w, None)
+        return Decoder._layout(w.detach().t(), rows, sliced=sliced)
+    stamp = (w.data_ptr(), w._version, w.dtype, tuple(w.shape))
+    key = (rows, sliced)
+    cached = _LAYOUTS.setdefault(w, {})
+    hit = cached.get(key)
+    if hit is not None and hit[0] == stamp:
+        return hit[1]
+    layout = Decoder._layout(w.detach().t(), rows, sliced=sliced)
+    cached[key] = (stamp, layout)
+    return layout
 
 
 class Decoder:
@@ -90,10 +121,9 @@ class Decoder:
             """(out, in) weight (+ an (in, out) LoRA delta) -> (kind, tensor) for `_project`."""
             if not copy:
                 return "mm", w.t()
-            w_t = w.detach().t()
-            if delta is not None:
-                w_t = w_t + delta.detach().to(w_t.dtype)
-            return self._layout(w_t, rows, sliced=split)
+            if delta is None:
+                return base_layout(w, rows, split)
+            return self._layout(w.detach().t() + delta.detach().to(w.dtype), rows, sliced=split)
 
         self.weights, self.step_loras = [], []
         for blk, lora in self.layers:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .decode import Decoder
+from .decode import Decoder, base_layout
 
 
 class FamilyDecoder(Decoder):
@@ -52,6 +52,8 @@ class FamilyDecoder(Decoder):
 
         def layout(w: Tensor, loras=(), sizes=()) -> tuple[str, Tensor]:
             w_t = w.detach().t()
+            if copy and all(lora is None for lora in loras):  # a frozen weight: its layout is kept (base_layout)
+                return base_layout(w, rows, split)
             if any(lora is not None for lora in loras):
                 w_t = w_t + torch.cat([w.new_zeros(w.shape[1], n) if lora is None else lora.weight.detach()
                                        for lora, n in zip(loras, sizes)], dim=1).to(w.dtype)
