@@ -7,8 +7,7 @@ for one or two rows, where MKL's matrix-vector product runs on one thread; oneDN
 from three rows), a LoRA scope folded into those copies, rotary tables per slot built once with
 1/sqrt(d) folded into the query rows, and the queries and keys of a step rotated in one op.
 Grouped-query attention is one batched product per key head: the h / g query heads of a group
-share its keys, read in place from the cache (one product over all heads would need the
-cache's (b, j, g, d) keys permuted to (b, g, d, j), a copy of the whole cache every step). Prefill goes through the model's own forward.
+share its keys without copying them. Prefill goes through the model's own forward.
 """
 
 from __future__ import annotations
@@ -79,7 +78,7 @@ class FamilyDecoder(Decoder):
         b, h, g, d = tokens.shape[0], self.heads, self.kv_heads, self.dim_head
         end, rep = slot + 1, self.heads // self.kv_heads
         cos, sin = self._rotary(slot)  # (b or 1, h + g, d)
-        bias = self.bias[:, :, :end] if self.padded else None  # (b, 1, j)
+        bias = self.bias[:, None, :, :end] if self.padded else None  # (b, 1, 1, j)
         x = F.embedding(tokens, self.model.token_emb.weight)  # (b, dim)
         for (blk, _), (w_qkv, b_qkv, w_o, b_o, w_gu, b_gu, w_down, b_down), (k_layer, v_layer) in \
                 zip(self.layers, self.weights, self.kv):
@@ -90,16 +89,13 @@ class FamilyDecoder(Decoder):
             qk = torch.addcmul(qk * cos, qk.roll(self.half, -1), sin)  # rotary (+ 1/sqrt(d) on q)
             k_layer[:, slot] = qk[:, h:].reshape(b, g * d)
             v_layer[:, slot] = qkv[:, (h + g) * d:]
-            keys = k_layer[:, :end].view(b, end, g, d)  # views of the cache, strided by g * d
-            values = v_layer[:, :end].view(b, end, g, d)
-            q = qk[:, :h].view(b, g, rep, d)  # a group's query heads share its keys
-            ctx = qkv.new_empty(b, g, rep, d)
-            for group in range(g):  # one product per key head, reading the cache in place
-                sim = torch.bmm(q[:, group], keys[:, :, group].transpose(1, 2))  # (b, rep, j)
-                if bias is not None:
-                    sim = sim + bias
-                torch.bmm(sim.softmax(-1), values[:, :, group], out=ctx[:, group])
-            ctx = ctx.view(b, h * d)
+            keys = k_layer[:, :end].view(b, end, g, d).permute(0, 2, 3, 1)  # (b, g, d, j)
+            values = v_layer[:, :end].view(b, end, g, d).transpose(1, 2)  # (b, g, j, d)
+            q = qk[:, :h].reshape(b, g, rep, d)  # a group's query heads share its keys
+            sim = torch.matmul(q, keys)  # (b, g, rep, j)
+            if bias is not None:
+                sim = sim + bias
+            ctx = torch.matmul(sim.softmax(-1), values).reshape(b, h * d)
             x = self._linear(ctx, w_o, b_o, residual=x)
             up, gate = self._linear(blk.ff_norm(x), w_gu, b_gu).chunk(2, dim=-1)
             x = self._linear(F.silu(gate) * up, w_down, b_down, residual=x)
