@@ -6,8 +6,10 @@ product with this many rows streams fastest (`Decoder._layout`: slices spread ov
 for one or two rows, where MKL's matrix-vector product runs on one thread; oneDNN-prepacked
 from three rows), a LoRA scope folded into those copies, rotary tables per slot built once with
 1/sqrt(d) folded into the query rows, and the queries and keys of a step rotated in one op.
-Grouped-query attention is one batched product per key head: the h / g query heads of a group
-share its keys without copying them. Prefill goes through the model's own forward.
+Grouped-query attention is one batched product over all key heads, the h / g query heads of a
+group sharing its keys (the permuted cache is copied once per layer and step: one product per key
+head reading the cache in place was slower, 219 against 408 tok/s in `benchmarks/serve.py --family
+llama`, 2 threads). Prefill goes through the model's own forward.
 """
 
 from __future__ import annotations
