@@ -1,6 +1,6 @@
 """`distributed=fsdp` (FSDP2, sharded by block) for reward training, DPO, GRPO and PPO, on PaLM's
-parallel block and on a Llama checkpoint's sequential block (and FlowRL on the Llama, against DDP): 2 gloo processes train what 1 process
-trains with the same global batch: every trained weight of final/ within 5e-5 (absolute; most agree to
+parallel block and on a Llama checkpoint's sequential block (RLOO and REINFORCE++ on the Llama,
+and FlowRL there against DDP): 2 gloo processes train what 1 process trains with the same global batch: every trained weight of final/ within 5e-5 (absolute; most agree to
 1e-6, but Adam's normalised step, at lr 0.01, magnifies the reduction-order noise of a near-zero gradient
 entry), every logged metric within 1e-4 (relative or absolute: DPO's held-out margins are differences of
 log-probabilities summed over whole sequences) -- fp32 sums in another order, nothing more. And an FSDP checkpoint resumes
@@ -49,7 +49,11 @@ ARGS = {
     # launch: FlowRL's 2 processes differ from 1 by ~1e-4 (log Z after one step) under DDP too, a FlowRL matter
     # (docs/scaling.md), not FSDP's
     "flowrl": (["flowrl"], [*RL, "prompts_per_step=4", "group_size=2", "log_z.hidden=16", "log_z.layers=1"]),
+    # the other RL trainers on the same shared code (rl_base): the Llama only
+    "rloo": (["rloo"], [*RL, "prompts_per_step=4", "group_size=2"]),
+    "reinforce-pp": (["reinforce-pp"], [*RL, "prompts_per_step=8", "group_size=1"]),
 }
+PALM_ONLY, LLAMA_ONLY = {"dpo-full"}, {"rloo", "reinforce-pp"}
 
 
 def _inputs(tmp_path):
@@ -73,7 +77,7 @@ def _argv(tmp_path, family, algo, out, *extra):
     command, args = ARGS[algo]
     if algo == "ppo" and family == "palm":  # plus the reward model the palm-reward runs trained (sharded too)
         args = [*args, f"reward_model={tmp_path / 'palm-reward-one'}"]
-    rl = algo in ("grpo", "ppo", "flowrl")
+    rl = algo in ("grpo", "ppo", "flowrl", "rloo", "reinforce-pp")
     data = f"prompts={tmp_path / 'prompts.txt'}" if rl else f"data={tmp_path / 'prefs.jsonl'}"
     # the Llama's larger gradients at lr 0.01 clip half the ratios: a regime that magnifies float noise
     family_args = (["lora.targets=[q,v,up,down]", *["optim.lr=0.002"] * rl] if family == "llama"
@@ -120,7 +124,7 @@ ONE_TO_FSDP = {("palm", "grpo"), ("llama", "reward"), ("llama", "dpo"), ("llama"
 def test_fsdp_in_two_processes_equals_one_process_for_every_family(tmp_path):
     _inputs(tmp_path)
     runs = [(family, algo) for family in ("palm", "llama") for algo in ARGS
-            if algo != "flowrl" and (family, algo) != ("llama", "dpo-full")]
+            if algo != "flowrl" and algo not in (LLAMA_ONLY if family == "palm" else PALM_ONLY)]
     for family, algo in runs:
         assert main(_argv(tmp_path, family, algo, f"{family}-{algo}-one")) == 0
     commands = [_argv(tmp_path, f, a, f"{f}-{a}-fsdp", "distributed=fsdp") for f, a in runs]
