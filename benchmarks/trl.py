@@ -38,7 +38,6 @@ import argparse
 import json
 import os
 import random
-import re
 import shutil
 import statistics
 import subprocess
@@ -52,16 +51,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 TRAINERS = ("sft", "reward", "dpo", "grpo")
 
-# Llama-3-style chat template: BOS first, header tokens, <|eot_id|> ends a turn
-TEMPLATE = (
-    "{%- for message in messages %}"
-    "{%- set turn = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim"
-    " + '<|eot_id|>' %}"
-    "{%- if loop.first %}{%- set turn = bos_token + turn %}{%- endif %}"
-    "{{ turn }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
-)
+sys.path.insert(0, str(ROOT))  # the repository: the tests' tokenizer helpers
+from tests.helpers.hf_tokenizers import LLAMA3 as TEMPLATE  # noqa: E402  (Llama-3-style: BOS first, <|eot_id|> ends a turn)
+
 SPECIALS = ["<|begin_of_text|>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>", "<|pad|>"]
 
 REWARDS_MODULE = '''"""The verifiable GRPO task: 1 for the right sum as the first number of the reply, 0.1 for a reply
@@ -251,7 +243,6 @@ def child_ours(trainer: str, work: Path, run: Path, s: dict) -> dict:
         return next(r[key] for r in reversed(rows) if key in r)
 
     if trainer == "sft":
-        import torch
         import transformers
         from palm_rlhf import load_model
 
@@ -289,7 +280,6 @@ class StepTimer:
 
 def child_trl(trainer: str, work: Path, run: Path, s: dict) -> dict:
     import datasets
-    import torch
     import transformers
     import trl
     from peft import LoraConfig
