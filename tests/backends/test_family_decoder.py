@@ -89,3 +89,34 @@ def test_frozen_weight_layouts_are_reused_across_decoders_until_a_weight_changes
     fourth, out = logits("cpu")
     torch.testing.assert_close(out, logits("plain")[1], atol=1e-4, rtol=1e-4)
     assert fourth.weights[0][6][1] is not third.weights[0][6][1]
+
+
+@pytest.mark.parametrize("rows", [1, 4])
+@pytest.mark.parametrize("case", ["llama-linear-bias", "qwen3"])
+@torch.no_grad()
+def test_family_packed_prefill_equals_each_prompt_prefilled_alone(tmp_path, case, rows):
+    """`FamilyDecoder.prefill` of prompts of 1, 9, 4 and 17 tokens packed into one row (bound
+    weights, attention per prompt) gives each prompt's last-token logits and keys/values as the
+    model's own `forward_cached` of that prompt alone, with a LoRA scope on every projection."""
+    from palm_rlhf.generation import PackedPrompts
+
+    make_hf_checkpoint(case, tmp_path)
+    model = PaLM.from_pretrained(tmp_path).eval()
+    model.add_finetune_params("actor", lora_r=4, lora_alpha=8.0, targets=["q", "k", "v", "o", "gate", "up", "down"])
+    for p in model.finetune_parameters("actor"):
+        p.normal_(0, 0.05)
+    gen = torch.Generator().manual_seed(rows)
+    prompts = [torch.randint(3, model.num_tokens, (n,), generator=gen) for n in (1, 9, 4, 17)]
+    cache = model.new_kv_cache(rows, 40)
+    decoder = FamilyDecoder(model, cache, finetune_scope="actor")
+    packed = PackedPrompts.like(cache, [len(p) for p in prompts])
+    logits = decoder.prefill(torch.cat(prompts), packed)
+    assert logits.shape == (4, model.num_tokens)
+    alone = model.new_kv_cache(1, 40)
+    for i, prompt in enumerate(prompts):
+        alone.reset()
+        expected = model.forward_cached(prompt[None], alone, finetune_scope="actor")[0]
+        torch.testing.assert_close(logits[i], expected, atol=1e-4, rtol=0)
+        k, v = packed.prompt(i)
+        torch.testing.assert_close(k, alone.k[:, 0, :len(prompt)], atol=1e-4, rtol=0)
+        torch.testing.assert_close(v, alone.v[:, 0, :len(prompt)], atol=1e-4, rtol=0)
