@@ -9,10 +9,11 @@
   CPU the cpu engine decodes faster than the plain one (benchmarks/generate.py, ``ours`` vs
   ``ours-plain``; figures in benchmarks/README.md).
 
-A decoder has two methods: ``step(tokens (b,)) -> next-token logits (b, V)``, which appends the
-tokens to its KV cache, and ``prefill(tokens (L,), packed)``, which runs prompts packed into one
+A decoder has three methods: ``step(tokens (b,)) -> next-token logits (b, V)``, which appends the
+tokens to its KV cache; ``prefill(tokens (L,), packed)``, which runs prompts packed into one
 row (`palm_rlhf.generation.PackedPrompts`, the server's way to prefill every waiting request at once)
-and returns each prompt's last-token logits. Both engines are tested against each other (tests/backends/).
+and returns each prompt's last-token logits; and ``rebind(pad)``, called after the cache's rows
+changed their padding (the server's rows join and leave). Both engines are tested against each other (tests/backends/).
 """
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ class PlainDecoder:
 
     def step(self, tokens: Tensor) -> Tensor:
         return self.model.forward_cached(tokens[:, None], self.cache, **self.scope)
+
+    def rebind(self, pad: Tensor) -> None:
+        """Nothing is bound: each step reads the cache's padding itself (the serving batch calls this
+        after its slots change)."""
 
     def prefill(self, tokens: Tensor, packed) -> Tensor:
         """Packed prompts (`palm_rlhf.generation.PackedPrompts`), tokens (L,) -> last-token logits (prompts, V)."""

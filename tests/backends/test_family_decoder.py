@@ -95,9 +95,10 @@ def test_frozen_weight_layouts_are_reused_across_decoders_until_a_weight_changes
 @pytest.mark.parametrize("case", ["llama-linear-bias", "qwen3"])
 @torch.no_grad()
 def test_family_packed_prefill_equals_each_prompt_prefilled_alone(tmp_path, case, rows):
-    """`FamilyDecoder.prefill` of prompts of 1, 9, 4 and 17 tokens packed into one row (bound
-    weights, attention per prompt) gives each prompt's last-token logits and keys/values as the
-    model's own `forward_cached` of that prompt alone, with a LoRA scope on every projection."""
+    """`FamilyDecoder.prefill` of prompts of 1, 9, 4 and 17 tokens packed into one row (the
+    server's prefill: a block-diagonal causal mask, grouped-query keys) gives each prompt's
+    last-token logits and keys/values as `forward_cached` of that prompt alone, with a LoRA scope
+    on every projection."""
     from palm_rlhf.generation import PackedPrompts
 
     make_hf_checkpoint(case, tmp_path)

@@ -44,20 +44,24 @@ def greedy_reference(model, prompt, max_tokens):
 
 @pytest.mark.parametrize("which", ["model", "family_model"], ids=["palm", "qwen2"])
 @pytest.mark.parametrize("context", [256, 40])
-def test_greedy_rows_joining_and_leaving_match_generate_alone(request, which, context):
+@pytest.mark.parametrize("backend", ["auto", "plain"])
+def test_greedy_rows_joining_and_leaving_match_generate_alone(request, which, context, backend):
     """Prompts of 1-30 tokens with 3-9 new tokens, all submitted at once to a batch of 4: rows
     join a running batch, leave early, the bucket grows and shrinks; with context 40 the shared
     slot counter also has to be compacted and shifted. Each row's greedy text equals `generate`
-    on its prompt alone, for PaLM and for a Qwen2-family model (grouped-query KV cache)."""
+    on its prompt alone, for PaLM and for a Qwen2-family model (grouped-query KV cache), with the
+    CPU backend and with the plain one (the model's own forward, what a GPU runs)."""
     model = request.getfixturevalue(which)
     prompts = [TOK.encode("abcdefghijklmnopqrstuvwxyz0123"[: 1 + (7 * i) % 30]) for i in range(12)]
     max_tokens = [3 + (5 * i) % 7 for i in range(12)]
+    model.backend = backend
     engine = Engine(model, TOK, context=context, max_batch=4, gather_s=0.0).start()
     try:
         got = run_all(engine, [(p, Params(max_tokens=m, temperature=0, stop_at_eos=False), 1)
                                for p, m in zip(prompts, max_tokens)])
     finally:
         engine.stop()
+        model.backend = "auto"
     for (texts, reasons, used), p, m in zip(got, prompts, max_tokens):
         assert texts[0] == greedy_reference(model, p, m)
         assert reasons == ["length"] and used == [m]

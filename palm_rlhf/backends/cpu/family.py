@@ -83,58 +83,27 @@ class FamilyDecoder(Decoder):
         cos, sin = self._rotary(slot)  # (b or 1, h + g, d)
         bias = self.bias[:, None, :, :end] if self.padded else None  # (b, 1, 1, j)
         x = F.embedding(tokens, self.model.token_emb.weight)  # (b, dim)
-        for i, (k_layer, v_layer) in enumerate(self.kv):
-            qk, v = self._rotated_qkv(i, x, cos, sin)
+        for (blk, _), (w_qkv, b_qkv, w_o, b_o, w_gu, b_gu, w_down, b_down), (k_layer, v_layer) in \
+                zip(self.layers, self.weights, self.kv):
+            qkv = self._linear(blk.attn_norm(x), w_qkv, b_qkv)  # (b, (h + 2g) d)
+            qk = qkv[:, :(h + g) * d].view(b, h + g, d)  # queries, then keys
+            if blk.qk_norm:
+                qk = torch.cat([blk.q_norm(qk[:, :h]), blk.k_norm(qk[:, h:])], dim=1)
+            qk = torch.addcmul(qk * cos, qk.roll(self.half, -1), sin)  # rotary (+ 1/sqrt(d) on q)
             k_layer[:, slot] = qk[:, h:].reshape(b, g * d)
-            v_layer[:, slot] = v
+            v_layer[:, slot] = qkv[:, (h + g) * d:]
             keys = k_layer[:, :end].view(b, end, g, d).transpose(1, 2)  # (b, g, j, d): views of the cache
             values = v_layer[:, :end].view(b, end, g, d).transpose(1, 2)
             ctx = F.scaled_dot_product_attention(qk[:, :h, None], keys, values, attn_mask=bias, scale=1.0,
                                                  enable_gqa=True)  # (b, h, 1, d); the scale is in the tables
-            x = self._after_attention(i, x, ctx.reshape(b, h * d))
+            x = self._linear(ctx.reshape(b, h * d), w_o, b_o, residual=x)
+            up, gate = self._linear(blk.ff_norm(x), w_gu, b_gu).chunk(2, dim=-1)
+            x = self._linear(F.silu(gate) * up, w_down, b_down, residual=x)
         return self._project(self.model.norm(x), self.logits_weight_t)  # (b, V)
 
-    def _rotated_qkv(self, i: int, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-        """x (n, dim) -> rotated queries then keys (n, h + g, d) (1/sqrt(d) on the queries) and values (n, g * d)."""
-        (blk, _), (w_qkv, b_qkv, *_) = self.layers[i], self.weights[i]
-        n, h, g, d = x.shape[0], self.heads, self.kv_heads, self.dim_head
-        qkv = self._linear(blk.attn_norm(x), w_qkv, b_qkv)  # (n, (h + 2g) d)
-        qk = qkv[:, :(h + g) * d].view(n, h + g, d)
-        if blk.qk_norm:
-            qk = torch.cat([blk.q_norm(qk[:, :h]), blk.k_norm(qk[:, h:])], dim=1)
-        return torch.addcmul(qk * cos, qk.roll(self.half, -1), sin), qkv[:, (h + g) * d:]
-
-    def _after_attention(self, i: int, x: Tensor, ctx: Tensor) -> Tensor:
-        """The rest of block i after attention: x + attn_out(ctx), then its feedforward."""
-        (blk, _), (_, _, w_o, b_o, w_gu, b_gu, w_down, b_down) = self.layers[i], self.weights[i]
-        x = self._linear(ctx, w_o, b_o, residual=x)
-        up, gate = self._linear(blk.ff_norm(x), w_gu, b_gu).chunk(2, dim=-1)
-        return self._linear(F.silu(gate) * up, w_down, b_down, residual=x)
-
     def prefill(self, tokens: Tensor, packed) -> Tensor:
-        """Prompts packed into one row (`palm_rlhf.generation.PackedPrompts`), tokens (L,) -> each
-        prompt's last-token logits (prompts, V); their keys/values are written to `packed`.
-
-        As `Decoder.prefill`: this decoder's bound weights, attention per prompt (sum(n_i^2) work,
-        where the model's forward attends over the whole row under a block-diagonal mask), and
-        the vocabulary projection at the last tokens only. 16 prompts of 539 tokens in all, config-S
-        Llama, 2 threads: 130 ms through the model's forward, of which 22 ms attention and 9 ms
-        the last tokens' logits through MKL (benchmarks/decode_profile.py --prefill)."""
-        n, h, g, d = tokens.shape[0], self.heads, self.kv_heads, self.dim_head
-        if packed.center != self.cache.center:
-            raise ValueError(f"packed prompts use centre {packed.center}, this decoder's cache {self.cache.center}")
-        positions = packed.positions(n)[0]  # (L,)
-        cos, sin = self.cos.index_select(0, positions), self.sin.index_select(0, positions)  # (L, h + g, d)
-        bounds = list(zip(packed.starts.tolist(), packed.ends.tolist()))
-        x = F.embedding(tokens, self.model.token_emb.weight)  # (L, dim)
-        for i in range(len(self.layers)):
-            qk, v = self._rotated_qkv(i, x, cos, sin)
-            packed.update(i, qk[None, :, h:].flatten(2), v[None])
-            q, k, v = qk[:, :h].transpose(0, 1), qk[:, h:].transpose(0, 1), v.view(n, g, d).transpose(0, 1)
-            ctx = torch.empty_like(q)  # (h, L, d)
-            for start, end in bounds:
-                ctx[:, start:end] = F.scaled_dot_product_attention(
-                    q[:, start:end], k[:, start:end], v[:, start:end], is_causal=True, scale=1.0, enable_gqa=True)
-            x = self._after_attention(i, x, ctx.transpose(0, 1).reshape(n, h * d))
-        packed.advance(n)
-        return self._project(self.model.norm(x[packed.last_index()]), self.logits_weight_t)
+        """Packed prompts through the model's own forward (see `PlainDecoder.prefill`). A prefill with
+        the bound weights and attention per prompt, as `Decoder.prefill`, was tried (2026-12-07) and
+        measured no faster than this on the serving benchmark's 16 prompts, within noise: oneDNN
+        weights packed for few rows run 539-row products slower than MKL's."""
+        return self.model.forward_cached(tokens[None], packed, at=packed.last_index(), **self.scope)[0]
