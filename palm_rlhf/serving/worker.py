@@ -8,12 +8,12 @@
 Both have the `Engine` interface (`submit`, `dispatch`, `steps`, `active_rows`, `queued_rows`,
 `start`, `stop`). An `EngineProcess` runs an `Engine` in a child process (started with "spawn")
 that loads the model itself; an `EnginePool` sends each request to the replica with the fewest
-rows, then the fewest tokens left to decode. Why replicas: under the HTTP server, a decode step with two torch threads waits at every
-op for the slower thread, and the HTTP side and the clients preempt one of them now and then.
-On the 2-core development CPU the engine thread of a 2-thread engine was on the CPU only ~70%
-of the time, in the server's process and in a process of its own alike, and 16 streaming
-clients got 1.5x the tokens/s of HF's pipeline; two replicas of one thread each have nothing to
-wait for (benchmarks/README.md "Serving").
+rows, then the fewest tokens left to decode. Why replicas: under the HTTP server, a decode step with
+two torch threads waits at every op for the slower thread, and the HTTP side and the clients preempt
+one of them now and then; two replicas of one thread each have nothing to wait for. On the 2-core
+development CPU, 16 streaming clients of a config-S Llama get 2.11x the tokens/s of HF's pipeline
+from two replicas and 2.09x from one 2-thread engine (benchmarks/README.md "Model families"): since
+the engine's own step got cheaper, the replicas' gain is within noise there.
 
 Messages: the parent sends ("submit", id, prompt, params, n), ("cancel", id) and ("stop",);
 the child sends ("ready",) or ("error", class name, message) once, then once per decode step
