@@ -121,3 +121,39 @@ def test_family_packed_prefill_equals_each_prompt_prefilled_alone(tmp_path, case
         k, v = packed.prompt(i)
         torch.testing.assert_close(k, alone.k[:, 0, :len(prompt)], atol=1e-4, rtol=0)
         torch.testing.assert_close(v, alone.v[:, 0, :len(prompt)], atol=1e-4, rtol=0)
+
+
+def test_a_servers_buckets_share_one_layout_per_weight(tmp_path, monkeypatch):
+    """The server's decoders (one per bucket of rows: 1, 2, 4, ... 64) of a frozen model share the
+    one oneDNN-packed (or plain) copy of each weight from 3 rows on, and `load_for_inference`
+    freezes the model so that they can; a model past `gemv_copy_limit` keeps no sliced copies for
+    one or two rows either. Every bucket still equals the plain engine."""
+    from palm_rlhf.serving.batch import DecodeBatch
+    from palm_rlhf.serving.loading import load_for_inference
+
+    make_hf_checkpoint("llama", tmp_path)
+    model = load_for_inference(tmp_path).model
+    assert not any(p.requires_grad for p in model.parameters())
+    batch = DecodeBatch(model, 16, 64)
+    decoders = {cap: batch._entry(cap)[1] for cap in (1, 2, 4, 16, 64)}
+    many = [decoders[cap] for cap in (4, 16, 64)]
+    assert all(d.logits_weight_t[1] is many[0].logits_weight_t[1] for d in many)
+    assert all(d.weights[0][6][1] is many[0].weights[0][6][1] for d in many)  # the feedforward's output
+    if torch.get_num_threads() >= 2:  # sliced copies for one and two rows, each its own
+        assert decoders[1].logits_weight_t[1] is not many[0].logits_weight_t[1]
+    monkeypatch.setattr(FamilyDecoder, "gemv_copy_limit", 0)  # as if the model were large
+    big = DecodeBatch(model, 16, 64)
+    one, four = big._entry(1)[1], big._entry(4)[1]
+    assert one.logits_weight_t[1] is four.logits_weight_t[1]  # one copy for every bucket
+    prompt = torch.randint(3, model.num_tokens, (1, 5))
+    for decoder in (one, decoders[1], decoders[16]):
+        rows = decoder.cache.batch
+        tokens = torch.randint(3, model.num_tokens, (rows,))
+        outs = []
+        for engine in (decoder, None):
+            cache = decoder.cache if engine is not None else model.new_kv_cache(rows, 16)
+            cache.reset()
+            with torch.no_grad():
+                model.forward_cached(prompt.expand(rows, -1), cache)
+                outs.append(engine.step(tokens) if engine is not None else model.forward_cached(tokens[:, None], cache))
+        torch.testing.assert_close(outs[0], outs[1], atol=1e-4, rtol=1e-4)

@@ -31,27 +31,41 @@ from ...errors import InputError
 from .onednn import onednn_linear, onednn_packed
 
 
-# weight -> {(rows, sliced): (stamp, layout)}: a frozen weight's layout, kept across decoders
+# weight -> {layout key (see `_layout_key`): (stamp, layout)}: a frozen weight's layouts, kept across decoders
 _LAYOUTS = WeakIdKeyDictionary()  # keyed by identity (a tensor's == is elementwise)
+
+# the row count oneDNN packs a weight for, whatever the rows of the product: the packed format is the same,
+# and a weight packed for 4 rows runs products of 1-64 rows as fast as one packed for their count (within
+# noise, dev CPU), so every decoder of 3 rows or more (a server's buckets 4, 8, ... 64) shares one copy
+PACK_ROWS = 4
+
+
+def _layout_key(rows: int, sliced: bool) -> tuple:
+    """What `Decoder._layout` of a weight depends on besides the weight: the row count only where
+    one or two rows may take a sliced layout."""
+    return ("few", rows) if sliced and rows <= 2 else ("many", sliced)
 
 
 def base_layout(w: Tensor, rows: int, sliced: bool) -> tuple[str, Tensor]:
     """`Decoder._layout` of an (out, in) CPU weight with nothing folded in, computed once per weight,
-    row count and contents, not once per decoder.
+    layout and contents, not once per decoder.
 
     RL builds a decoder for every rollout, and the oneDNN reorder of every projection cost ~4% of a
     GRPO step (benchmarks/README.md "Against TRL"); the frozen base weights a LoRA scope leaves
-    untouched (feedforward, vocabulary projection) keep their layout. Only frozen weights are cached
-    (requires_grad False): a trained one changes every step, and the fused AdamW the runtime uses
+    untouched (feedforward, vocabulary projection) keep their layout. A server builds a decoder for
+    each bucket of rows (1, 2, 4, ... 64): those of 3 rows or more share one copy (`PACK_ROWS`). Before,
+    each bucket kept its own: serving a Qwen2.5-0.5B-sized model (1.84 GiB of weights) took 10.84 GiB
+    at 16 rows, now 4.28 (`benchmarks/serve_memory.py`). Only frozen weights are cached (requires_grad False; the server freezes its model):
+    a trained one changes every step, and the fused AdamW the runtime uses
     updates it in place without bumping its version. A frozen weight changed in place
     (`load_state_dict`) bumps its version, a new tensor its data pointer: either rebuilds the
     layout (inference tensors, which have no version, are never cached). One layout per (weight,
-    rows, sliced) is kept while the weight lives."""
+    layout key) is kept while the weight lives."""
     if w.requires_grad or w.is_inference():  # see the docstring: no cache, and none left behind
         _LAYOUTS.pop(w, None)
         return Decoder._layout(w.detach().t(), rows, sliced=sliced)
     stamp = (w.data_ptr(), w._version, w.dtype, tuple(w.shape))
-    key = (rows, sliced)
+    key = _layout_key(rows, sliced)
     cached = _LAYOUTS.setdefault(w, {})
     hit = cached.get(key)
     if hit is not None and hit[0] == stamp:
@@ -178,7 +192,7 @@ class Decoder:
         # without slices (one thread) oneDNN beats MKL from one row on: a config-S decode step of 2 rows
         # takes 2.2-2.6 ms against 8.0-8.5 with `mm`, of 1 row 2.9-3.0 against 3.1 (benchmarks/README.md "Serving")
         many = rows > 2 or not sliced
-        packed = onednn_packed(w_t, rows) if many or w_t.dtype == torch.bfloat16 else None
+        packed = onednn_packed(w_t, PACK_ROWS) if many or w_t.dtype == torch.bfloat16 else None
         if packed is not None:
             return "onednn", packed
         if sliced and n % 2 == 0:

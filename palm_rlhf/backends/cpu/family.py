@@ -46,11 +46,19 @@ class FamilyDecoder(Decoder):
         self.rebind(cache.pad)
 
     def bind_weights(self) -> None:
-        """Every projection's weight in its fastest layout, LoRA folded in (see `Decoder.bind_weights`)."""
+        """Every projection's weight in its fastest layout, LoRA folded in (see `Decoder.bind_weights`).
+
+        The sliced layouts of one or two rows are a copy each of every weight, beside the oneDNN copy
+        that every larger batch shares (`base_layout`): a model whose projection weights pass
+        `gemv_copy_limit` bytes (1 GiB) decodes one or two rows through the oneDNN copy too (a
+        Qwen2.5-0.5B-sized model would otherwise hold its weights four times when serving)."""
         weight = self.model.token_emb.weight
         rows = self.cache.batch
         copy = weight.device.type == "cpu"
-        split = copy and weight.dtype == torch.float32 and torch.get_num_threads() >= 2
+        projections = [self.model.to_logits.weight] + [w for blk, _ in self.layers for w in (
+            blk.qkv.weight, blk.attn_out.weight, blk.gate_up.weight, blk.ff_down.weight)]
+        small = sum(w.numel() * w.element_size() for w in projections) <= self.gemv_copy_limit
+        split = copy and small and weight.dtype == torch.float32 and torch.get_num_threads() >= 2
 
         def layout(w: Tensor, loras=(), sizes=()) -> tuple[str, Tensor]:
             w_t = w.detach().t()
