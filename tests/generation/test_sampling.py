@@ -87,6 +87,35 @@ def test_inverse_cdf_draws_match_the_probabilities_and_skip_zero_probability_ids
     assert edges.tolist() == [1, 5]
 
 
+def test_two_level_inverse_cdf_over_a_large_vocabulary():
+    """Past 256 entries `sample` searches block sums, then one block: the same draw as the full
+    cumulative sum for the same u (vocabularies that are and are not multiples of 256), mass spread
+    over several blocks drawn in proportion, and zero-probability ids never drawn, also at block
+    edges, before the first id with mass and after the last, with u = 0 and u = 1 - 2**-53."""
+    from palm_rlhf.generation.sampling import SAMPLE_BLOCK
+
+    gen = torch.Generator().manual_seed(3)
+    for vocab in (SAMPLE_BLOCK + 1, 1000, 32000):
+        logits = torch.randn(64, vocab, generator=gen) * 3
+        logits[:, ::7] = float("-inf")
+        u = torch.rand(64, generator=gen, dtype=torch.float64)
+        cdf = logits.softmax(-1).double().cumsum(-1)
+        full = torch.searchsorted(cdf, torch.minimum(u[:, None] * cdf[:, -1:], torch.nextafter(
+            cdf[:, -1:], torch.zeros(()).double())), right=True).squeeze(-1)
+        assert torch.equal(sample(logits, False, uniform=u), full)
+    ids = torch.tensor([3, 255, 256, 700, 1999])  # the first and last ids with mass, two of them at a block edge
+    p = torch.tensor([0.1, 0.2, 0.3, 0.15, 0.25])
+    logits = torch.full((2000,), float("-inf"))
+    logits[ids] = p.log()
+    draws = sample(logits.expand(40000, -1), False, generator=torch.Generator().manual_seed(2))
+    counts = torch.bincount(draws, minlength=2000).double()
+    assert counts.sum() == counts[ids].sum()  # nothing else drawn
+    freq, se = counts[ids] / draws.numel(), (p.double() * (1 - p.double()) / draws.numel()).sqrt()
+    assert ((freq - p.double()).abs() <= 4 * se).all(), freq
+    edges = sample(logits.expand(2, -1), False, uniform=torch.tensor([0.0, 1 - 2 ** -53], dtype=torch.float64))
+    assert edges.tolist() == [3, 1999]
+
+
 def test_seeded_generator_repeats_draws():
     logits = torch.randn(4, 50)
     a = sample(logits, False, torch.Generator().manual_seed(7))
