@@ -36,8 +36,8 @@ def set_threads(threads: int) -> None:
 def load_for_inference(path, adapter=None, tokenizer: str | None = None, *, weights: bool = True,
                        dtype=None) -> Loaded:
     """A run directory, final/ or checkpoint step directory (see `runtime.resolve.resolve_model`), plus
-    an optional LoRA adapter -> the model in eval mode with its weights frozen, its tokenizer (the one saved with it unless
-    `tokenizer` overrides it) and its chat template (the tokenizer's Jinja template, else
+    an optional LoRA adapter -> the model in eval mode with its weights frozen, its tokenizer (the one
+    saved with it unless `tokenizer` overrides it) and its chat template (the tokenizer's Jinja template, else
     `chat_template.json` there, else the default; see `data.chat.template_for`).
     `weights=False`: only the tokenizer, template and name (`model` is None; the engine process
     loads and checks the rest, see `worker.EngineProcess`)."""

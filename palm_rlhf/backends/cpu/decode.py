@@ -53,11 +53,11 @@ def base_layout(w: Tensor, rows: int, sliced: bool) -> tuple[str, Tensor]:
     RL builds a decoder for every rollout, and the oneDNN reorder of every projection cost ~4% of a
     GRPO step (benchmarks/README.md "Against TRL"); the frozen base weights a LoRA scope leaves
     untouched (feedforward, vocabulary projection) keep their layout. A server builds a decoder for
-    each bucket of rows (1, 2, 4, ... 64): those of 3 rows or more share one copy (`PACK_ROWS`). Before,
-    each bucket kept its own: serving a Qwen2.5-0.5B-sized model (1.84 GiB of weights) took 10.84 GiB
-    at 16 rows, now 4.28 (`benchmarks/serve_memory.py`). Only frozen weights are cached (requires_grad False; the server freezes its model):
-    a trained one changes every step, and the fused AdamW the runtime uses
-    updates it in place without bumping its version. A frozen weight changed in place
+    each bucket of rows (1, 2, 4, ... 64): those of 3 rows or more share one copy (`PACK_ROWS`).
+    Before, each bucket kept its own: serving a Qwen2.5-0.5B-sized model (1.84 GiB of weights) took
+    10.84 GiB at 16 rows, now 4.28 (`benchmarks/serve_memory.py`). Only frozen weights are cached
+    (requires_grad False; the server freezes its model): a trained one changes every step, and the
+    fused AdamW the runtime uses updates it in place without bumping its version. A frozen weight changed in place
     (`load_state_dict`) bumps its version, a new tensor its data pointer: either rebuilds the
     layout (inference tensors, which have no version, are never cached). One layout per (weight,
     layout key) is kept while the weight lives."""
