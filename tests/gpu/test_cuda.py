@@ -1,6 +1,7 @@
 """CUDA readiness (marker `gpu`; every test skips cleanly without CUDA): CPU and CUDA logits
 agree, bf16 and fp16 (grad scaler) training steps learn, attention runs on SDPA's flash or
-memory-efficient kernel, compiled decoding equals eager decoding, and torchrun trains on 2 GPUs.
+memory-efficient kernel, compiled decoding equals eager decoding, torchrun trains on 2 GPUs, a
+Llama-family checkpoint matches transformers on CUDA, and the serving engine runs there.
 
 Run them with `pytest -m gpu` on a machine with a GPU (CI has none; see benchmarks/README.md
 for when they last ran and on which card).
@@ -11,6 +12,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 import warnings
 
 import pytest
@@ -164,3 +166,38 @@ def test_family_checkpoint_on_cuda_matches_transformers(tmp_path, case):
     on_cpu = generate(PaLM.from_pretrained(tmp_path).eval(), prompts, config)
     on_cuda = generate(model, [p.cuda() for p in prompts], config)
     assert torch.equal(on_cpu.tokens, on_cuda.tokens.cpu())
+
+
+def _serve_greedy_rows(model):
+    """The serving engine over `model` (on its device): 8 prompts submitted at once to a batch of 4,
+    rows joining and leaving; returns each row's text and the text `generate` gives its prompt alone."""
+    from palm_rlhf.data.tokenizer import ByteTokenizer
+    from palm_rlhf.serving import Engine, Params
+
+    tok = ByteTokenizer()
+    prompts = [tok.encode("abcdefghijklmnopqrstuvwxyz"[: 1 + 3 * i]) for i in range(8)]
+    max_tokens = [3 + (5 * i) % 7 for i in range(8)]
+    events = [[] for _ in prompts]
+    engine = Engine(model, tok, context=64, max_batch=4, gather_s=0.0).start()
+    try:
+        requests = [engine.submit(p, Params(max_tokens=m, temperature=0, stop_at_eos=False), 1, events[i].append)
+                    for i, (p, m) in enumerate(zip(prompts, max_tokens))]
+        deadline = time.monotonic() + 120
+        while not all(e and e[-1].finish_reason for e in events) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        engine.stop()
+    assert len(requests) == len(prompts)
+    served = ["".join(d.text for d in e) for e in events]
+    alone = [tok.decode(generate(model, [torch.tensor(p, device=model.device)],
+                                 SamplingConfig(max_new_tokens=m, temperature=0)).sequences()[0])
+             for p, m in zip(prompts, max_tokens)]
+    return served, alone
+
+
+@torch.no_grad()
+def test_serving_engine_on_cuda_equals_generate():
+    """`palm-rlhf serve`'s engine on a CUDA model (the plain decoder, the model's own forward): rows
+    joining and leaving a running batch give the greedy text `generate` gives each prompt alone."""
+    served, alone = _serve_greedy_rows(model_on("cuda").eval())
+    assert served == alone
