@@ -24,7 +24,7 @@ from ..model.checkpoint import load_into
 
 __all__ = ["shard", "is_sharded", "reshard", "gathered", "full_model_state", "unsharded_copy", "optimizer_state",
            "load_optimizer_state", "full_tensors", "shard_like", "full_optimizer_state", "load_full_optimizer_state",
-           "load_full_model_state", "PALM_METHODS"]
+           "load_full_model_state", "gathered_copy", "full_budget_state", "budget_state_like", "PALM_METHODS"]
 
 # the PaLM methods RL, DPO and generation call instead of `forward` (FSDP's hooks run on these too)
 PALM_METHODS = ("hidden_states", "forward_cached")
@@ -128,6 +128,29 @@ def unsharded_copy(model: nn.Module, state: dict) -> nn.Module:
         copy = _palm_like(model)
     load_into(copy, state, source="gathered FSDP state")
     return copy
+
+
+def gathered_copy(model: nn.Module, main: bool) -> nn.Module | None:
+    """What a sharded trainer writes: every rank gathers `model`'s full state (a collective), the
+    main rank gets a plain CPU copy (`unsharded_copy`), the others None."""
+    state = full_model_state(model)
+    return unsharded_copy(model, state) if main else None
+
+
+def _budget_weights(budget: dict, convert) -> dict:
+    """A `Budget.state_dict()` with its saved weights (`within_budget`'s state) passed through `convert`."""
+    within = budget.get("within_budget")
+    return {**budget, "within_budget": {**within, "state": convert(within["state"])}} if within else budget
+
+
+def full_budget_state(budget: dict) -> dict:
+    """`Budget.state_dict()` with the weights it keeps gathered (see `full_tensors`)."""
+    return _budget_weights(budget, full_tensors)
+
+
+def budget_state_like(budget: dict, like: dict) -> dict:
+    """Inverse of `full_budget_state`: the kept weights cut into this rank's shards (see `shard_like`)."""
+    return _budget_weights(budget, lambda state: shard_like(state, like))
 
 
 def load_full_model_state(model: nn.Module, state: dict) -> None:

@@ -206,8 +206,7 @@ class LMTrainer(OnRun):
     def saveable(self, final: bool = False):
         """The model to write, gathered from every rank under FSDP (None off rank 0 there)."""
         if fsdp.is_sharded(self.wrapped):
-            state = fsdp.full_model_state(self.wrapped)
-            return fsdp.unsharded_copy(self.model, state) if self.is_main else None
+            return fsdp.gathered_copy(self.wrapped, self.is_main)
         return self.final_model() if final else self.model
 
     # ------------------------------------------------------------------ one step

@@ -329,22 +329,22 @@ class DPOTrainer(OnRun):
         """Under FSDP the sharded tensors are gathered: the checkpoint loads into any number of processes."""
         for model in self._models():
             fsdp.reshard(model)
-        gather = fsdp.full_tensors if self.sharded else dict
-        state = {"optimizer": fsdp.full_optimizer_state(self.optimizer) if self.sharded else self.optimizer.state_dict(),
-                 "scheduler": self.scheduler.state_dict(), **self.budget.state_dict()}
-        if state.get("within_budget") and self.sharded:
-            state["within_budget"] = {**state["within_budget"], "state": gather(state["within_budget"]["state"])}
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 **self.budget.state_dict()}
         if self.scope is not None:  # every weight trains: the checkpoint's model.safetensors holds them
-            state["trainable"] = gather(self.trainable().state_dict())
+            state["trainable"] = dict(self.trainable().state_dict())
+        if self.sharded:
+            state = {**fsdp.full_budget_state(state), "optimizer": fsdp.full_optimizer_state(self.optimizer)}
+            if "trainable" in state:
+                state["trainable"] = fsdp.full_tensors(state["trainable"])
         return state
 
     def load_state_dict(self, state: dict, directory: Path) -> None:
         for model in self._models():
             fsdp.reshard(model)
         live = self.trainable().state_dict()
-        if self.sharded and state.get("within_budget"):
-            state = {**state, "within_budget": {**state["within_budget"],
-                                                "state": fsdp.shard_like(state["within_budget"]["state"], live)}}
+        if self.sharded:
+            state = fsdp.budget_state_like(state, live)
         if self.scope is None:
             fsdp.load_full_model_state(self.model, PaLM.from_pretrained(directory).state_dict())
         else:
@@ -361,12 +361,9 @@ class DPOTrainer(OnRun):
     def saveable(self, final: bool = False):
         if final:  # at a stop over kl_budget, final/ holds the last policy measured within it
             self.budget.roll_back(self.step)
-        model = self.model
-        if self.sharded:  # every rank gathers; rank 0 writes a plain copy
-            state = fsdp.full_model_state(self.model)
-            if not self.is_main:
-                return None
-            model = fsdp.unsharded_copy(self.model, state)
+        model = fsdp.gathered_copy(self.model, self.is_main) if self.sharded else self.model  # None off rank 0
+        if model is None:
+            return None
         return model if self.scope is None else MergedAdapter(model, self.scope)
 
     def final_record(self) -> dict:

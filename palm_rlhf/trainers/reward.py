@@ -232,8 +232,7 @@ class RewardTrainer(OnRun):
 
     def saveable(self, final: bool = False):
         if self.sharded:  # every rank gathers; rank 0 writes a plain copy
-            state = fsdp.full_model_state(self.model)
-            return fsdp.unsharded_copy(self.model, state) if self.is_main else None
+            return fsdp.gathered_copy(self.model, self.is_main)
         return self.model
 
     def cleanup(self) -> None:

@@ -382,22 +382,15 @@ class RLTrainerBase(OnRun):
                     "scheduler": self.scheduler.state_dict(), "extra": self._extra_state(), **self.budget.state_dict()}
         # FSDP: full tensors (gathered on every rank), so the checkpoint loads into any number of processes
         self._reshard()
-        budget = self.budget.state_dict()
-        if budget.get("within_budget"):
-            budget["within_budget"] = {**budget["within_budget"],
-                                       "state": fsdp.full_tensors(budget["within_budget"]["state"])}
         return {"trainable": fsdp.full_tensors(self._trainable_state()),
                 "optimizer": fsdp.full_optimizer_state(self.optimizer), "scheduler": self.scheduler.state_dict(),
-                "extra": self._extra_state(), **budget}
+                "extra": self._extra_state(), **fsdp.full_budget_state(self.budget.state_dict())}
 
     def load_state_dict(self, state: dict, directory: Path) -> None:
         if self.sharded:  # full tensors in, this rank's shards kept
             self._reshard()
             live = self._trainable_state()
-            state = {**state, "trainable": fsdp.shard_like(state["trainable"], live)}
-            if state.get("within_budget"):
-                state["within_budget"] = {**state["within_budget"],
-                                          "state": fsdp.shard_like(state["within_budget"]["state"], live)}
+            state = {**fsdp.budget_state_like(state, live), "trainable": fsdp.shard_like(state["trainable"], live)}
             self._load_trainable_state(state["trainable"])
             fsdp.load_full_optimizer_state(self.optimizer, state["optimizer"])
         else:
@@ -414,8 +407,8 @@ class RLTrainerBase(OnRun):
         if final:
             self.budget.roll_back(self.step)
         if self.sharded:  # every rank gathers; rank 0 merges and writes a plain copy
-            state = fsdp.full_model_state(self.model)
-            return MergedAdapter(fsdp.unsharded_copy(self.model, state), self.actor_scope) if self.is_main else None
+            model = fsdp.gathered_copy(self.model, self.is_main)
+            return MergedAdapter(model, self.actor_scope) if model is not None else None
         return MergedAdapter(self.model, self.actor_scope)
 
     def final_record(self) -> dict:

@@ -40,13 +40,15 @@ RL = ["rollout_batch_size=3", "batch_size=8", "epochs=2", "max_new_tokens=5", "o
       "reward_fn=fsdp_worker:ascii_fraction", "max_steps=2"]
 ARGS = {
     "reward": (["reward", "train"], ["max_steps=2", "eval.every=2", "max_len=24", "optim.lr=0.003", "batch_size=8"]),
+    # a kl_budget never reached, with the stop: checkpoints also hold the last weights within it (gathered, sharded)
     "dpo": (["dpo"], ["max_steps=2", "batch_size=4", "eval.every=2", "max_len=24", "optim.lr=0.01", "kl_samples=3",
-                      "kl_max_new_tokens=4"]),
+                      "kl_max_new_tokens=4", "kl_budget=1000", "stop_at_kl_budget=true"]),
     # every weight trains: the reference is a frozen copy of the model, sharded the same way; PaLM only
     "dpo-full": (["dpo"], ["max_steps=2", "batch_size=4", "eval.every=2", "max_len=24", "optim.lr=0.003", "kl_samples=3",
                            "kl_max_new_tokens=4", "lora.r=0"]),
     "grpo": (["grpo"], [*RL, "prompts_per_step=4", "group_size=2"]),
-    "ppo": (["ppo"], [*RL, "prompts_per_step=4", "kl_target=1.0", "kl_horizon=100"]),
+    "ppo": (["ppo"], [*RL, "prompts_per_step=4", "kl_target=1.0", "kl_horizon=100", "kl_budget=1000",
+                      "stop_at_kl_budget=true"]),
     # GRPO's loop plus a log Z network beside the policy (sharded as a module of its own), against DDP in the same
     # launch: FlowRL's 2 processes differ from 1 by ~1e-4 (log Z after one step) under DDP too, a FlowRL matter
     # (docs/scaling.md), not FSDP's
