@@ -1,8 +1,8 @@
 """Batched, KV-cached generation: `generate` for rollouts, `stream` for interactive use.
 
 One prefill runs all (left-padded) prompts through the model, each distinct prompt once
-(`prefill`: a GRPO group repeats its prompt), and fills the cache; then each decode step feeds one token per row. Rows that finish (EOS or
-a stop sequence) keep decoding in lock-step, since a batched matmul costs the same,
+(`prefill`: a GRPO group repeats its prompt), and fills the cache; then each decode step feeds
+one token per row. Rows that finish (EOS or a stop sequence) keep decoding in lock-step, since a batched matmul costs the same,
 but their outputs are overwritten with padding and masked out.
 """
 

@@ -2,10 +2,11 @@
 parallel block and on a Llama checkpoint's sequential block (RLOO and REINFORCE++ on the Llama,
 and FlowRL and TPO there against DDP): 2 gloo processes train what 1 process trains with the same
 global batch: every trained weight of final/ within 1e-4 (absolute; most agree to 1e-6, but Adam's
-normalised step magnifies the reduction-order noise of a near-zero gradient entry), every logged metric within 1e-4 (relative or absolute: DPO's held-out margins are differences of
-log-probabilities summed over whole sequences) -- fp32 sums in another order, nothing more. And an FSDP checkpoint resumes
-in one process to the same final/, and a one-process checkpoint continues under FSDP (both directions for
-each trainer, on one family or the other).
+normalised step magnifies the reduction-order noise of a near-zero gradient entry), every logged
+metric within 1e-4 (relative or absolute: DPO's held-out margins are differences of
+log-probabilities summed over whole sequences) -- fp32 sums in another order, nothing more. And an
+FSDP checkpoint resumes in one process to the same final/, and a one-process checkpoint continues
+under FSDP (both directions for each trainer, on one family or the other).
 
 All 2-process runs share ONE launch (`fsdp_worker.train_all`, under the NCCL rule: every collective of
 ours goes through palm_rlhf.runtime.distributed); the one-process runs are in this process.
